@@ -1,0 +1,99 @@
+"""`ctray` command line: parse, build, run. The work lives in the modules each command names."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ctray.errors import CtrayError
+
+log = logging.getLogger("ctray")
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    from ctray.config import load_config
+    from ctray.ingest.config import IngestConfig
+    from ctray.ingest.job import run_ingest
+
+    run_ingest(load_config(IngestConfig, args.config, args.overrides))
+
+
+def _phantoms(args: argparse.Namespace) -> None:
+    from ctray.data.phantoms import write_dataset
+
+    write_dataset(args.out, args.n, args.seed, tuple(args.shape), tuple(args.spacing), args.lesion_rate, args.dicom)
+    log.info("wrote %d phantoms to %s (scans/, masks/, reports.jsonl)", args.n, args.out)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from ctray.bench import run_bench
+
+    run_bench(args.what, args)
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from ctray.quickstart import run_quickstart
+
+    run_quickstart(args.dir, args.scans)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ctray", description=__doc__.split("\n")[0] + " See README.md.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ing = sub.add_parser("ingest", help="scans + masks + reports -> preprocessed Parquet shards + manifest.json",
+                         description="Preprocess scans once into Parquet shards (local folder or s3://). "
+                         "Resumable: re-running skips committed scans. Example: "
+                         "ctray ingest jobs/ingest-local.yaml output.uri=s3://bucket/shards")
+    ing.add_argument("config", help="YAML config (see jobs/ingest.yaml)")
+    ing.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output.scans_per_shard=32")
+    ing.set_defaults(fn=_ingest)
+
+    ph = sub.add_parser("phantoms", help="write synthetic CT phantoms with masks and reports",
+                        description="Synthetic CTs with TotalSegmentator label maps, known lesions and reports.")
+    ph.add_argument("out", help="output folder (gets scans/, masks/, reports.jsonl)")
+    ph.add_argument("--n", type=int, default=8, help="number of phantoms (default 8)")
+    ph.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ph.add_argument("--shape", type=int, nargs=3, default=[48, 128, 128], metavar=("Z", "Y", "X"), help="voxels (default 48 128 128)")
+    ph.add_argument("--spacing", type=float, nargs=3, default=[3.0, 2.5, 2.5], metavar=("Z", "Y", "X"), help="mm (default 3 2.5 2.5)")
+    ph.add_argument("--lesion-rate", type=float, default=0.5, help="probability of each finding (default 0.5)")
+    ph.add_argument("--dicom", type=int, default=0, help="write the first K phantoms as DICOM series")
+    ph.set_defaults(fn=_phantoms)
+
+    from ctray.bench import add_bench_arguments
+
+    be = sub.add_parser("bench", help="measure ctray against the reference pipelines",
+                        description="Benchmarks; each prints its figures and ends with one JSON line.")
+    add_bench_arguments(be)
+    be.set_defaults(fn=_bench)
+
+    qs = sub.add_parser("quickstart", help="phantoms -> ingest on a local Ray, in a few minutes on a laptop",
+                        description="The README's main job: synthetic phantoms, then ingest, on a local Ray and local folders.")
+    qs.add_argument("--dir", default="quickstart", help="working folder (default ./quickstart)")
+    qs.add_argument("--scans", type=int, default=8, help="number of phantoms (default 8)")
+    qs.set_defaults(fn=_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.fn(args)
+    except CtrayError as e:
+        print(f"ctray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ctray: interrupted; committed shards and checkpoints are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Synthetic CT phantoms with TotalSegmentator label maps, known lesions and matching reports.
+
+Used by the quickstart, the tests and the benchmarks. Geometry is defined in millimetres as
+fractions of the field of view, so any shape and spacing (tiny test volumes up to 512x512x300 at
+0.7x0.7x1 mm) gives the same anatomy. Volumes are built one axial slice at a time, so a clinical
+size costs its own int16 array and no more.
+
+Arrays are (z, y, x) in SPL orientation: z toward superior, y toward posterior, x toward the
+patient's left. HU values: air -1000, lung -850, fat -100, soft tissue 40-60, bone 400-700.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+
+from ctray.ingest.anatomy import CLASS_IDS
+
+# finding label -> the anatomy whose report sentence describes it
+FINDINGS: dict[str, str] = {
+    "lung_nodule": "lung",
+    "cardiomegaly": "heart",
+    "aortic_dilation": "aorta",
+    "liver_lesion": "liver",
+    "splenomegaly": "spleen",
+    "kidney_cyst": "kidney",
+    "bone_lesion": "bone",
+}
+
+_NORMAL = {
+    "lung": ["The lungs are clear without nodules or consolidation.", "No pleural effusion is seen."],
+    "heart": ["Heart size is normal.", "No pericardial effusion."],
+    "aorta": ["The thoracic aorta has a normal caliber."],
+    "liver": ["The liver is normal in size and attenuation."],
+    "spleen": ["The spleen is normal in size."],
+    "kidney": ["Both kidneys are unremarkable."],
+    "bone": ["Bone structures are intact.", "Vertebral body heights are preserved."],
+}
+_ABNORMAL = {
+    "lung_nodule": "A {d} mm solid nodule is seen in the {side} lung {lobe} lobe.",
+    "cardiomegaly": "The heart is enlarged (cardiomegaly).",
+    "aortic_dilation": "The descending aorta is dilated, measuring {d} mm.",
+    "liver_lesion": "A {d} mm hypodense lesion is present in the liver.",
+    "splenomegaly": "The spleen is enlarged (splenomegaly).",
+    "kidney_cyst": "A {d} mm simple cyst is seen in the {side} kidney.",
+    "bone_lesion": "A sclerotic lesion is noted in the {level} vertebral body.",
+}
+_VERTEBRA_LEVELS = ["L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8", "T7", "T6", "T5", "T4", "T3", "T2", "T1"]
+
+
+@dataclass
+class Phantom:
+    scan_id: str
+    hu: np.ndarray
+    """int16 HU, (z, y, x), SPL."""
+    labels: np.ndarray
+    """uint8 TotalSegmentator v2 "total" ids, same grid."""
+    spacing: tuple[float, float, float]
+    """mm along z, y, x."""
+    findings: dict[str, int]
+    """finding label -> 1 present / 0 absent."""
+    sentences: dict[str, list[str]] = field(default_factory=dict)
+    """anatomy -> report sentences (normal, or describing the lesion)."""
+
+    @property
+    def affine(self) -> np.ndarray:
+        """voxel (z, y, x) -> RAS mm for the SPL array, origin at the volume's centre."""
+        sz, sy, sx = self.spacing
+        a = np.zeros((4, 4))
+        a[0, 2], a[1, 1], a[2, 0], a[3, 3] = -sx, -sy, sz, 1.0
+        a[:3, 3] = -a[:3, :3] @ (np.array(self.hu.shape) / 2.0)
+        return a
+
+    @property
+    def report(self) -> str:
+        return " ".join(s for a in _NORMAL for s in self.sentences.get(a, []))
+
+
+class _Shape:
+    """An ellipsoid (or a z-cylinder when rz is None) in mm, labelled and filled with one HU."""
+
+    def __init__(self, label: int, hu: float, c: tuple[float, float, float], r: tuple[float | None, float, float]):
+        self.label, self.hu, self.c, self.r = label, hu, c, r
+
+    def mask(self, z: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray | None:
+        cz, cy, cx = self.c
+        rz, ry, rx = self.r
+        dz = 0.0 if rz is None else ((z - cz) / rz) ** 2
+        if dz > 1.0:
+            return None
+        return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0 - dz
+
+
+def make_phantom(
+    scan_id: str,
+    seed: int,
+    shape: tuple[int, int, int] = (48, 128, 128),
+    spacing: tuple[float, float, float] = (3.0, 2.5, 2.5),
+    lesion_rate: float = 0.5,
+    noise_hu: float = 12.0,
+) -> Phantom:
+    """One phantom; each finding is present with probability `lesion_rate` (seeded)."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape
+    sz, sy, sx = spacing
+    H, W, L = ny * sy / 2, nx * sx / 2, nz * sz  # half-widths (mm) and length
+    findings = {f: int(rng.random() < lesion_rate) for f in FINDINGS}
+    jitter = lambda s=0.03: 1.0 + rng.uniform(-s, s)  # noqa: E731 - anatomy varies a little per scan
+
+    ids = CLASS_IDS
+    shapes: list[_Shape] = []
+    # Lungs: two ellipsoids in the upper half, split into TotalSegmentator's lobes below.
+    lung_c = 0.75 * L
+    for side, cx in (("right", -0.38 * W), ("left", 0.38 * W)):
+        shapes.append(_Shape(-1 if side == "right" else -2, -850, (lung_c, 0.0, cx), (0.24 * L * jitter(), 0.5 * H, 0.27 * W * jitter())))
+    heart_scale = 1.35 if findings["cardiomegaly"] else 1.0
+    shapes.append(_Shape(ids["heart"], 40, (0.6 * L, -0.15 * H, 0.06 * W), tuple(heart_scale * v for v in (0.12 * L, 0.24 * H, 0.25 * W))))
+    aorta_r = (0.1 if findings["aortic_dilation"] else 0.06) * W
+    shapes.append(_Shape(ids["aorta"], 50, (0.62 * L, 0.3 * H, 0.12 * W), (0.26 * L, aorta_r, aorta_r)))
+    shapes.append(_Shape(ids["liver"], 60, (0.4 * L, 0.0, -0.35 * W), (0.14 * L * jitter(), 0.45 * H, 0.4 * W * jitter())))
+    spleen_scale = 1.4 if findings["splenomegaly"] else 1.0
+    shapes.append(_Shape(ids["spleen"], 50, (0.42 * L, 0.3 * H, 0.5 * W), tuple(spleen_scale * v for v in (0.08 * L, 0.18 * H, 0.15 * W))))
+    for side, cx in (("right", -0.35 * W), ("left", 0.35 * W)):
+        shapes.append(_Shape(ids[f"kidney_{side}"], 30, (0.27 * L, 0.45 * H, cx), (0.09 * L, 0.14 * H, 0.11 * W)))
+
+    sentences = {a: list(v) for a, v in _NORMAL.items()}
+    lesions: list[_Shape] = []
+    if findings["lung_nodule"]:
+        side = rng.choice(["right", "left"])
+        lobe = rng.choice(["upper", "lower"])
+        d = int(rng.integers(8, 20))
+        cz = lung_c + (0.1 if lobe == "upper" else -0.1) * L
+        cx = (-0.38 if side == "right" else 0.38) * W
+        lesions.append(_Shape(0, 30, (cz, 0.0, cx), (d / 2, d / 2, d / 2)))
+        sentences["lung"] = [_ABNORMAL["lung_nodule"].format(d=d, side=side, lobe=lobe), _NORMAL["lung"][1]]
+    if findings["cardiomegaly"]:
+        sentences["heart"] = [_ABNORMAL["cardiomegaly"], _NORMAL["heart"][1]]
+    if findings["aortic_dilation"]:
+        sentences["aorta"] = [_ABNORMAL["aortic_dilation"].format(d=int(2 * aorta_r))]
+    if findings["liver_lesion"]:
+        d = int(rng.integers(14, 30))
+        lesions.append(_Shape(0, 10, (0.4 * L, 0.05 * H, -0.35 * W), (d / 2, d / 2, d / 2)))
+        sentences["liver"] = [_ABNORMAL["liver_lesion"].format(d=d)]
+    if findings["splenomegaly"]:
+        sentences["spleen"] = [_ABNORMAL["splenomegaly"]]
+    if findings["kidney_cyst"]:
+        side = rng.choice(["right", "left"])
+        d = int(rng.integers(10, 20))
+        cx = (-0.35 if side == "right" else 0.35) * W
+        lesions.append(_Shape(ids[f"kidney_cyst_{side}"], 0, (0.27 * L, 0.45 * H, cx), (d / 2, d / 2, d / 2)))
+        sentences["kidney"] = [_ABNORMAL["kidney_cyst"].format(d=d, side=side)]
+    bone_level = None
+    if findings["bone_lesion"]:
+        bone_level = int(rng.integers(0, len(_VERTEBRA_LEVELS)))
+        sentences["bone"] = [_ABNORMAL["bone_lesion"].format(level=_VERTEBRA_LEVELS[bone_level]), _NORMAL["bone"][1]]
+
+    hu = np.empty(shape, dtype=np.int16)
+    labels = np.zeros(shape, dtype=np.uint8)
+    yy = ((np.arange(ny) + 0.5) * sy - H)[:, None]  # posterior positive
+    xx = ((np.arange(nx) + 0.5) * sx - W)[None, :]  # patient-left positive
+    body = (yy / (0.72 * H)) ** 2 + (xx / (0.92 * W)) ** 2
+    spine_r = 0.1 * W
+    spine = (yy - 0.55 * H) ** 2 + xx**2 <= spine_r**2
+    spine_rim = spine & ((yy - 0.55 * H) ** 2 + xx**2 >= (0.75 * spine_r) ** 2)
+    level_len = L / len(_VERTEBRA_LEVELS)
+    for k in range(nz):
+        z = (k + 0.5) * sz
+        sl = np.full((ny, nx), -1000.0, dtype=np.float32)
+        lab = labels[k]
+        sl[body <= 1.0] = -100.0
+        sl[body <= 0.8] = 40.0
+        for s in shapes:
+            m = s.mask(z, yy, xx)
+            if m is None:
+                continue
+            sl[m] = s.hu
+            if s.label > 0:
+                lab[m] = s.label
+            else:  # lungs: lobes by height (and the right middle lobe anteriorly)
+                right = s.label == -1
+                upper = z > lung_c + (0.02 if right else -0.03) * L
+                if right:
+                    middle = (not upper) and z > lung_c - 0.08 * L
+                    lab[m] = ids["lung_upper_lobe_right"] if upper else ids["lung_lower_lobe_right"]
+                    if middle:
+                        lab[m & (yy < 0)] = ids["lung_middle_lobe_right"]
+                else:
+                    lab[m] = ids["lung_upper_lobe_left"] if upper else ids["lung_lower_lobe_left"]
+        level = min(int(z / level_len), len(_VERTEBRA_LEVELS) - 1)
+        if (z % level_len) > 0.12 * level_len:  # the rest is the disc
+            sl[spine] = 400.0
+            sl[spine_rim] = 700.0
+            lab[spine] = ids[f"vertebrae_{_VERTEBRA_LEVELS[level]}"]
+            if bone_level == level:
+                zc = (level + 0.55) * level_len
+                core = (yy - 0.55 * H) ** 2 + xx**2 + (z - zc) ** 2 <= (0.6 * spine_r) ** 2
+                sl[core] = 1200.0
+        for s in lesions:
+            m = s.mask(z, yy, xx)
+            if m is not None:
+                m &= lab > 0  # lesions sit inside their organ
+                sl[m] = s.hu
+                if s.label > 0:
+                    lab[m] = s.label
+        if noise_hu:
+            sl += rng.standard_normal(sl.shape, dtype=np.float32) * noise_hu
+        hu[k] = np.clip(np.rint(sl), -1024, 3071)
+    sentences = {a: s for a, s in sentences.items()}
+    return Phantom(scan_id, hu, labels, tuple(float(s) for s in spacing), findings, sentences)
+
+
+def to_axcodes(array: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient an array (and its affine) to `axcodes`, as a scanner's export might store it."""
+    current = nib.orientations.io_orientation(affine)
+    transform = nib.orientations.ornt_transform(current, nib.orientations.axcodes2ornt(tuple(axcodes)))
+    out = nib.orientations.apply_orientation(array, transform)
+    return np.ascontiguousarray(out), affine @ nib.orientations.inv_ornt_aff(transform, array.shape)
+
+
+def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, axcodes: str = "RAS") -> None:
+    data, aff = to_axcodes(array, affine, axcodes)
+    img = nib.Nifti1Image(data, aff)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, path)
+
+
+def write_dicom_series(folder: str, phantom: Phantom) -> None:
+    """Write the phantom as an axial CT series (uint16 + RescaleIntercept -1024, as scanners do)."""
+    from pydicom.dataset import FileMetaDataset, Dataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    os.makedirs(folder, exist_ok=True)
+    series_uid, study_uid = generate_uid(), generate_uid()
+    sz, sy, sx = phantom.spacing
+    affine = phantom.affine
+    # SPL arrays are already DICOM's axial layout: rows run A->P, columns R->L (LPS +y, +x).
+    for k in range(phantom.hu.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID = "CT", phantom.scan_id
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ras = affine @ np.array([k, 0, 0, 1.0])
+        ds.ImagePositionPatient = [float(-ras[0]), float(-ras[1]), float(ras[2])]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing = [sy, sx]
+        ds.SliceThickness = sz
+        ds.InstanceNumber = k + 1
+        ds.Rows, ds.Columns = phantom.hu.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = (phantom.hu[k].astype(np.int32) + 1024).astype(np.uint16).tobytes()
+        ds.save_as(os.path.join(folder, f"slice{k:04d}.dcm"), enforce_file_format=True)
+
+
+def write_dataset(
+    out_dir: str,
+    n: int,
+    seed: int = 0,
+    shape: tuple[int, int, int] = (48, 128, 128),
+    spacing: tuple[float, float, float] = (3.0, 2.5, 2.5),
+    lesion_rate: float = 0.5,
+    dicom: int = 0,
+) -> list[Phantom]:
+    """`n` phantoms as scans/<id>.nii.gz (RAS, like most exports), masks/<id>.nii.gz and
+    reports.jsonl (scan_id, report, one 0/1 key per finding). The first `dicom` scans are
+    written as DICOM series folders instead of NIfTI."""
+    os.makedirs(os.path.join(out_dir, "scans"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
+    phantoms = []
+    with open(os.path.join(out_dir, "reports.jsonl"), "w") as reports:
+        for i in range(n):
+            p = make_phantom(f"phantom{i:04d}", seed * 100003 + i, shape, spacing, lesion_rate)
+            if i < dicom:
+                write_dicom_series(os.path.join(out_dir, "scans", p.scan_id), p)
+            else:
+                write_nifti(os.path.join(out_dir, "scans", p.scan_id + ".nii.gz"), p.hu, p.affine)
+            write_nifti(os.path.join(out_dir, "masks", p.scan_id + ".nii.gz"), p.labels, p.affine)
+            reports.write(json.dumps({"scan_id": p.scan_id, "report": p.report, **p.findings}) + "\n")
+            phantoms.append(p)
+    return phantoms

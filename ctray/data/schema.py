@@ -1,0 +1,49 @@
+"""The shard format shared by ingest (writer) and the training data pipeline (reader).
+
+One Parquet row per scan, one row group per row (so readers stream scan by scan), zstd.
+Bump SCHEMA_VERSION on any incompatible change; readers check it against manifest.json.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+_BOX = pa.struct([("anatomy", pa.string()), ("box", pa.list_(pa.int32())), ("voxels", pa.int64())])
+_TEXT = pa.struct([("anatomy", pa.string()), ("sentences", pa.list_(pa.string()))])
+_LABEL = pa.struct([("name", pa.string()), ("value", pa.int8())])
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("volume", pa.large_binary(), nullable=False),  # int16 HU, C order (z, y, x)
+        pa.field("shape", pa.list_(pa.int32()), nullable=False),  # [z, y, x]
+        pa.field("spacing", pa.list_(pa.float32()), nullable=False),  # mm along z, y, x
+        pa.field("orientation", pa.string(), nullable=False),  # axis codes, e.g. SPL
+        pa.field("affine", pa.list_(pa.float64()), nullable=False),  # 4x4 voxel -> RAS, row-major
+        pa.field("label_map", pa.large_binary()),  # uint8 TotalSegmentator ids, same grid; null: no mask
+        pa.field("anatomy_boxes", pa.list_(_BOX)),  # [z0, y0, x0, z1, y1, x1), half-open voxels
+        pa.field("anatomy_texts", pa.list_(_TEXT)),  # finding sentences per anatomy
+        pa.field("report_text", pa.string()),
+        pa.field("report_parser", pa.string()),  # "rules", "llm:<model>", "rules (llm failed: ...)"
+        pa.field("labels", pa.list_(_LABEL)),  # 0/1 finding labels from the reports table
+        pa.field("source", pa.string(), nullable=False),  # URI of the scan (file or series folder)
+        pa.field("mask_source", pa.string()),
+        pa.field("content_hash", pa.string(), nullable=False),  # sha256 of the source bytes
+    ],
+    metadata={"ctray.schema_version": str(SCHEMA_VERSION)},
+)
+
+
+def volume_of(row: dict) -> np.ndarray:
+    """The int16 HU volume of a shard row, as a read-only (z, y, x) array (no copy)."""
+    return np.frombuffer(row["volume"], dtype=np.int16).reshape(tuple(row["shape"]))
+
+
+def label_map_of(row: dict) -> np.ndarray | None:
+    """The uint8 label map of a shard row, or None when the scan had no mask."""
+    if row.get("label_map") is None:
+        return None
+    return np.frombuffer(row["label_map"], dtype=np.uint8).reshape(tuple(row["shape"]))

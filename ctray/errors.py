@@ -1,0 +1,17 @@
+"""Errors that the CLI turns into one clear line (no traceback) for the user."""
+
+
+class CtrayError(Exception):
+    """Base of errors a user can act on: bad config, unreachable storage, missing weights."""
+
+
+class ConfigError(CtrayError):
+    """A config file or override is invalid."""
+
+
+class StorageError(CtrayError):
+    """Storage stayed unreachable after the configured retries."""
+
+
+class BadInput(CtrayError):
+    """One input (scan, mask or report) cannot be used; batch jobs quarantine it and go on."""
