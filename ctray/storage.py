@@ -24,8 +24,12 @@ from ctray.errors import CtrayError, StorageError
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
-# Errors that retrying cannot fix: the object is not there or not ours to touch.
-_PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, CtrayError)
+# Errors that retrying cannot fix: the object is not there or not ours to touch, or a bug (which
+# must surface as itself, not as "storage unreachable").
+_PERMANENT = (
+    FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, CtrayError,
+    TypeError, AttributeError, NameError,
+)
 
 
 def is_remote(uri: str) -> bool:
@@ -51,8 +55,7 @@ def filesystem(uri: str, cfg: StorageConfig) -> tuple[fsspec.AbstractFileSystem,
             # Fresh listings every call: resume logic must see what other workers just wrote.
             skip_instance_cache=True,
             use_listings_cache=False,
-            # Our own retry loop (with_retries) owns backoff; keep s3fs/botocore from stacking theirs.
-            retries=1,
+            # Our own retry loop (with_retries) owns backoff; keep botocore from stacking its own.
             config_kwargs={
                 "connect_timeout": cfg.connect_timeout_s,
                 "read_timeout": max(60.0, cfg.connect_timeout_s),

@@ -6,9 +6,10 @@ float64) first and resample it in one piece, so a 512x512x300 int16 scan (157 MB
 slice here is built from its two input slices: lerp along z, then y, then x, written straight
 into the int16 output. Peak memory is the input plus the (smaller) output plus a few slices.
 
-Grid convention (same as MONAI's Spacing / torch `align_corners=False`): the output covers the
-same physical extent; output voxel i samples input coordinate (i + 0.5) * s_out / s_in - 0.5,
-clamped to the input (edge voxels are repeated, never extrapolated).
+Grid convention: MONAI's Spacing (what CT-FM's chain runs), so shards match the reference
+preprocessing voxel for voxel. The first voxel's centre stays where it was; output voxel i samples
+input coordinate i * s_out / s_in; the output has ceil((n - 1) * s_in / s_out) + 1 voxels, so it
+covers the input's voxel centres; samples past the last voxel take its value (border padding).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class AxisMap:
 
 def axis_map(n_in: int, s_in: float, s_out: float) -> AxisMap:
     ratio = s_out / s_in
-    n_out = max(1, int(round(n_in / ratio)))
-    pos = np.clip((np.arange(n_out) + 0.5) * ratio - 0.5, 0.0, n_in - 1)
+    n_out = int(np.ceil(round((n_in - 1) / ratio, 6))) + 1
+    pos = np.clip(np.arange(n_out) * ratio, 0.0, n_in - 1)
     lo = np.floor(pos).astype(np.intp)
     hi = np.minimum(lo + 1, n_in - 1)
     nearest = np.minimum(np.floor(pos + 0.5).astype(np.intp), n_in - 1)
@@ -53,7 +54,6 @@ def grid_affine(affine: np.ndarray, maps: tuple[AxisMap, AxisMap, AxisMap]) -> n
     scale = np.eye(4)
     for ax, m in enumerate(maps):
         scale[ax, ax] = m.ratio
-        scale[ax, 3] = 0.5 * m.ratio - 0.5
     return affine @ scale
 
 

@@ -46,6 +46,14 @@ def preprocess_fingerprint(cfg: IngestConfig) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def file_sha256(path: str) -> "hashlib._Hash":
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest
+
+
 class ShardWriter:
     """Ray Data callable class (an actor keeps the report parser and segmenter warm)."""
 
@@ -130,14 +138,10 @@ class ShardWriter:
             fs, path = filesystem(uri, self.cfg.storage)
             local = os.path.join(tmp, os.path.basename(path))
             with_retries(lambda: fs.get_file(path, local), f"download {uri}", self.cfg.storage)
-        digest = hashlib.sha256()
         try:
-            with open(local, "rb") as f:
-                while chunk := f.read(_HASH_CHUNK):
-                    digest.update(chunk)
+            return local, file_sha256(local)
         except FileNotFoundError as e:
             raise BadInput(f"{uri}: file vanished before it could be read") from e
-        return local, digest
 
     def _row(self, scan: dict, tmp: str) -> dict:
         cfg = self.cfg

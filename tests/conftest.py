@@ -1,0 +1,89 @@
+"""Shared fixtures: one real local Ray, a real S3 API (moto server over HTTP on 127.0.0.1),
+phantom data sets, and the real CT/reports in ../shared/data (skipped when absent)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ctray.config import load_config
+from ctray.data.phantoms import write_dataset
+from ctray.ingest.config import IngestConfig
+
+# Before any Ray starts, so its workers inherit them: the moto server accepts any credentials.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Small phantoms keep the suite fast; geometry is resolution independent.
+PHANTOM_SHAPE = (32, 80, 80)
+PHANTOM_SPACING = (3.0, 4.0, 4.0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    write_dataset(str(out), 6, seed=1, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, dicom=1)
+    return out
+
+
+def ingest_cfg(scans, out, *overrides: str, masks=None, reports=None) -> IngestConfig:
+    items = [f"input.scans={scans}", f"output.uri={out}", "output.scans_per_shard=2", "preprocess.spacing=[3,2,2]"]
+    if masks:
+        items.append(f"input.masks={masks}")
+    if reports:
+        items.append(f"input.reports={reports}")
+    return load_config(IngestConfig, None, items + list(overrides))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on loopback: real HTTP, real botocore/s3fs client code."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto server did not start")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "ct" / "example_ct_sm.nii.gz").exists():
+        pytest.skip(f"real CT data not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,60 @@
+"""The installed `ctray` command: help everywhere, one-line errors, and the segment-weights check."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ctray.errors import ConfigError
+
+
+def ctray(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "ctray.cli", *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.mark.parametrize("cmd", [[], ["ingest"], ["phantoms"], ["bench"], ["bench", "ingest"], ["quickstart"]])
+def test_every_command_has_help(cmd):
+    done = ctray(*cmd, "--help")
+    assert done.returncode == 0 and "usage: ctray" in done.stdout
+
+
+def test_bad_config_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: {scans: x}\noutput: {uri: y}\npreprocess: {spacingg: [1, 1, 1]}\n")
+    done = ctray("ingest", str(bad))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "preprocess.spacingg" in done.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(f"input: {{scans: {tmp_path}/none}}\noutput: {{uri: {tmp_path}/out}}\n")
+    done = ctray("ingest", str(good))
+    assert done.returncode == 2 and "does not exist" in done.stderr.splitlines()[-1]
+
+
+def test_phantoms_command_writes_a_dataset(tmp_path):
+    done = ctray("phantoms", str(tmp_path / "p"), "--n", "2", "--shape", "16", "32", "32", "--dicom", "1")
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(tmp_path / "p" / "scans")) == ["phantom0000", "phantom0001.nii.gz"]
+    assert len((tmp_path / "p" / "reports.jsonl").read_text().splitlines()) == 2
+
+
+def test_segment_without_weights_is_a_clear_error(tmp_path, monkeypatch):
+    """TotalSegmentator weights cannot be downloaded here; the check must say what to do."""
+    from ctray.ingest import segment
+
+    try:
+        import totalsegmentator  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"pip install 'ctray\[segment\]'"):
+            segment.check_weights(fast=False)
+        return
+    monkeypatch.setenv("TOTALSEG_WEIGHTS_PATH", str(tmp_path))
+    with pytest.raises(ConfigError, match="totalseg_download_weights -t total"):
+        segment.check_weights(fast=False)
+
+
+def test_class_table_matches_totalsegmentator():
+    ts = pytest.importorskip("totalsegmentator.map_to_binary", reason="TotalSegmentator not installed (extra [segment])")
+    from ctray.ingest.anatomy import TOTAL_CLASSES
+
+    assert ts.class_map["total"] == {i + 1: n for i, n in enumerate(TOTAL_CLASSES)}

@@ -1,0 +1,183 @@
+"""`ctray ingest` end to end on a real local Ray: phantoms -> shards -> manifest, resume, bad input."""
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ctray.data.phantoms import make_phantom, write_nifti
+from ctray.data.schema import SCHEMA_VERSION, label_map_of, volume_of
+from ctray.errors import ConfigError
+from ctray.ingest.job import run_ingest
+
+from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, ingest_cfg
+
+
+def read_rows(out: Path) -> dict[str, dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = {}
+    for shard in manifest["shards"]:
+        for row in pq.read_table(out / shard["path"]).to_pylist():
+            assert row["scan_id"] not in rows, "a scan was written twice"
+            rows[row["scan_id"]] = row
+    return rows
+
+
+def test_phantoms_to_local_shards(ray_local, phantom_dir, tmp_path):
+    out = tmp_path / "shards"
+    cfg = ingest_cfg(phantom_dir / "scans", out, masks=phantom_dir / "masks", reports=phantom_dir / "reports.jsonl")
+    result = run_ingest(cfg)
+    assert (result.scans, result.quarantined, result.shards) == (6, 0, 3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    assert manifest["counts"]["scans"] == 6 and manifest["config"]["output"]["uri"] == str(out)
+    rows = read_rows(out)
+    reports = {json.loads(l)["scan_id"]: json.loads(l) for l in (phantom_dir / "reports.jsonl").read_text().splitlines()}
+    for sid, row in rows.items():
+        vol, labels = volume_of(row), label_map_of(row)
+        assert vol.dtype == np.int16 and vol.shape == labels.shape == tuple(row["shape"])
+        assert row["spacing"] == pytest.approx([3.0, 2.0, 2.0])
+        assert row["orientation"] == "SPL"
+        # lungs are air-filled and bone is dense: the HU survived orientation and resampling
+        lung = np.isin(labels, [10, 11, 12, 13, 14])
+        assert np.median(vol[lung]) < -700 and np.median(vol[labels == 27]) > 250
+        boxes = {b["anatomy"]: b for b in row["anatomy_boxes"]}
+        assert {"lung", "heart", "liver", "spleen", "kidney", "aorta", "bone"} <= set(boxes)
+        z0, y0, x0, z1, y1, x1 = boxes["liver"]["box"]
+        assert (labels[z0:z1, y0:y1, x0:x1] == 5).sum() == boxes["liver"]["voxels"] == (labels == 5).sum()
+        texts = {t["anatomy"]: t["sentences"] for t in row["anatomy_texts"]}
+        expected = reports[sid]
+        assert {l["name"]: l["value"] for l in row["labels"]} == {k: v for k, v in expected.items() if k not in ("scan_id", "report")}
+        if expected["liver_lesion"]:
+            assert any("hypodense lesion" in s for s in texts["liver"])
+        assert row["report_parser"] == "rules" and len(row["content_hash"]) == 64
+    dicom_row = rows["phantom0000"]
+    assert dicom_row["source"].endswith("scans/phantom0000") and dicom_row["label_map"] is not None
+
+    # Re-running the same command commits nothing new and rewrites nothing.
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    again = run_ingest(cfg)
+    assert again.scans == 6
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").iterdir()} == mtimes
+
+
+def test_changed_preprocessing_refuses_to_mix(ray_local, phantom_dir, tmp_path):
+    out = tmp_path / "shards"
+    run_ingest(ingest_cfg(phantom_dir / "scans", out, "output.scans_per_shard=6"))
+    with pytest.raises(ConfigError, match="other preprocessing settings"):
+        run_ingest(ingest_cfg(phantom_dir / "scans", out, "preprocess.spacing=[3,1,1]"))
+
+
+def _bad_inputs(root: Path) -> dict[str, str]:
+    """Write good and bad scans; return scan id -> the words its quarantine reason must hold."""
+    scans, masks = root / "scans", root / "masks"
+    scans.mkdir()
+    masks.mkdir()
+    reports = []
+    good = make_phantom("good", 7, shape=(16, 40, 40), spacing=(3.0, 4.0, 4.0))
+    for sid in ("good", "good2", "corrupt", "truncated", "flat2d", "fourd", "nan", "mr", "badmask", "noreport", "emptyreport", "badutf8", "nomask"):
+        if sid != "nomask":
+            write_nifti(str(masks / f"{sid}.nii.gz"), good.labels, good.affine)
+        reports.append((sid, good.report.encode()))
+        write_nifti(str(scans / f"{sid}.nii.gz"), good.hu, good.affine)
+    (scans / "corrupt.nii.gz").write_bytes(b"this is not a nifti file at all" * 10)
+    data = (scans / "truncated.nii.gz").read_bytes()
+    (scans / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+    nib.save(nib.Nifti1Image(good.hu[8], np.eye(4)), str(scans / "flat2d.nii.gz"))
+    nib.save(nib.Nifti1Image(np.stack([good.hu, good.hu], -1), good.affine), str(scans / "fourd.nii.gz"))
+    nan = good.hu.astype(np.float32)
+    nan[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(nan, good.affine), str(scans / "nan.nii.gz"))
+    nib.save(nib.Nifti1Image((good.hu.astype(np.int32) + 1024).astype(np.int16), good.affine), str(scans / "mr.nii.gz"))
+    write_nifti(str(masks / "badmask.nii.gz"), good.labels[:, :30], good.affine)
+    reports = [(s, r) for s, r in reports if s != "noreport"]
+    reports = [(s, b"   " if s == "emptyreport" else (b"Lung \xff\xfe nodule." if s == "badutf8" else r)) for s, r in reports]
+    with open(root / "reports.csv", "wb") as f:
+        f.write(b"scan_id,report\n")
+        for sid, text in reports:
+            f.write(sid.encode() + b',"' + text + b'"\n')
+    return {
+        "corrupt": "not a readable NIfTI",
+        "truncated": "truncated or corrupt",
+        "flat2d": "2D image",
+        "fourd": "4D image",
+        "nan": "NaN or infinite",
+        "mr": "not CT",
+        "badmask": "mask grid",
+        "noreport": "no report",
+        "emptyreport": "report is empty",
+        "badutf8": "not valid UTF-8",
+        "nomask": "no mask",
+    }
+
+
+def test_bad_inputs_are_quarantined_and_nothing_good_is_lost(ray_local, tmp_path, caplog):
+    expected = _bad_inputs(tmp_path)
+    out = tmp_path / "shards"
+    result = run_ingest(ingest_cfg(tmp_path / "scans", out, "output.scans_per_shard=3", masks=tmp_path / "masks", reports=tmp_path / "reports.csv"))
+    assert result.scans == 2 and result.quarantined == len(expected)
+    assert set(read_rows(out)) == {"good", "good2"}
+    quarantine = {q["scan_id"]: q for q in json.loads((out / "manifest.json").read_text())["quarantine"]}
+    assert set(quarantine) == set(expected)
+    for sid, words in expected.items():
+        reason = quarantine[sid]["reason"]
+        assert words in reason, (sid, reason)
+        assert "\n" not in reason and quarantine[sid]["input"] in reason or sid in reason
+    # report text never reaches the logs, even for quarantined reports
+    assert "Heart size" not in caplog.text and "Lung" not in caplog.text
+
+    # fixing an input and re-running picks it up; earlier shards stay as they were
+    good = make_phantom("good", 7, shape=(16, 40, 40), spacing=(3.0, 4.0, 4.0))
+    write_nifti(str(tmp_path / "scans" / "nan.nii.gz"), good.hu, good.affine)
+    result = run_ingest(ingest_cfg(tmp_path / "scans", out, "output.scans_per_shard=3", masks=tmp_path / "masks", reports=tmp_path / "reports.csv"))
+    assert result.scans == 3 and result.quarantined == len(expected) - 1
+    assert set(read_rows(out)) == {"good", "good2", "nan"}
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
+    """Kill a real `ctray ingest` process after its first commit; the re-run finishes the rest."""
+    data = tmp_path / "data"
+    from ctray.data.phantoms import write_dataset
+
+    n = 24
+    write_dataset(str(data), n, seed=3, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+    out = tmp_path / "shards"
+    cmd = [sys.executable, "-m", "ctray.cli", "ingest", "/dev/null", f"input.scans={data}/scans", f"output.uri={out}",
+           "output.scans_per_shard=1", "concurrency=1", "ray.num_cpus=1", "preprocess.spacing=[3,2,2]"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    commits = out / "_commits"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (commits.exists() and len(list(commits.glob("*.json"))) >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-shard
+    proc.wait()
+    # Ray's worker processes die with their raylet, a moment later; one may still commit a shard.
+    stable, last = 0, -1
+    while stable < 10:
+        count = len(list(commits.glob("*.json")))
+        stable, last = (stable + 1, count) if count == last else (0, count)
+        time.sleep(0.2)
+    first = {p.name: p.read_bytes() for p in (out / "shards").iterdir() if p.suffix == ".parquet"}
+    committed = {p.stem for p in commits.glob("*.json")}
+    assert 2 <= len(committed) < n, "the run was not interrupted midway"
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{len(committed)} already committed" in done.stderr
+    rows = read_rows(out)
+    assert sorted(rows) == [f"phantom{i:04d}" for i in range(n)]
+    for name, blob in first.items():  # committed shards are untouched
+        if name[:-8] in committed:
+            assert (out / "shards" / name).read_bytes() == blob
+    assert not [p for p in (out / "shards").iterdir() if ".tmp-" in p.name]
