@@ -19,6 +19,14 @@ def _ingest(args: argparse.Namespace) -> None:
     run_ingest(load_config(IngestConfig, args.config, args.overrides))
 
 
+def _pretrain(args: argparse.Namespace) -> None:
+    from ctray.config import load_config
+    from ctray.train.config import PretrainConfig
+    from ctray.train.trainer import run_pretrain
+
+    run_pretrain(load_config(PretrainConfig, args.config, args.overrides))
+
+
 def _phantoms(args: argparse.Namespace) -> None:
     from ctray.data.phantoms import write_dataset
 
@@ -50,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("config", help="YAML config (see jobs/ingest.yaml)")
     ing.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output.scans_per_shard=32")
     ing.set_defaults(fn=_ingest)
+
+    pt = sub.add_parser("pretrain", help="shards -> Ray Data -> Ray Train + DeepSpeed workers -> checkpoints + encoder",
+                        description="Pretrain with a registered objective (ctfm_simclr, ...). Re-running the same "
+                        "run.storage/run.name resumes. Example: ctray pretrain jobs/ctfm-local.yaml train.max_steps=50")
+    pt.add_argument("config", help="YAML config (see jobs/ctfm.yaml)")
+    pt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.temperature=0.2")
+    pt.set_defaults(fn=_pretrain)
 
     ph = sub.add_parser("phantoms", help="write synthetic CT phantoms with masks and reports",
                         description="Synthetic CTs with TotalSegmentator label maps, known lesions and reports.")

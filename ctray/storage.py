@@ -68,6 +68,26 @@ def filesystem(uri: str, cfg: StorageConfig) -> tuple[fsspec.AbstractFileSystem,
     return fs, path
 
 
+def arrow_filesystem(uri: str, cfg: StorageConfig):
+    """A pyarrow filesystem and path for `uri`, for Ray Data reads and Ray Train storage.
+
+    s3:// uses pyarrow's native S3 client (with the endpoint override); other schemes wrap
+    their fsspec filesystem."""
+    import pyarrow.fs as pafs
+
+    uri = resolve_uri(uri)
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), uri
+    if uri.startswith("s3://"):
+        kwargs: dict = {"connect_timeout": cfg.connect_timeout_s, "request_timeout": max(60.0, cfg.connect_timeout_s)}
+        if cfg.endpoint_url:
+            scheme, _, host = cfg.endpoint_url.partition("://")
+            kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+        return pafs.S3FileSystem(**kwargs), uri.removeprefix("s3://")
+    fs, path = filesystem(uri, cfg)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
 def join(root: str, *parts: str) -> str:
     """Join path parts the way fsspec spells paths (always "/", local or remote)."""
     return posixpath.join(root, *parts)
