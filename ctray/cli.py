@@ -43,7 +43,7 @@ def _bench(args: argparse.Namespace) -> None:
 def _quickstart(args: argparse.Namespace) -> None:
     from ctray.quickstart import run_quickstart
 
-    run_quickstart(args.dir, args.scans)
+    run_quickstart(args.dir, args.scans, args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,10 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(be)
     be.set_defaults(fn=_bench)
 
-    qs = sub.add_parser("quickstart", help="phantoms -> ingest on a local Ray, in a few minutes on a laptop",
-                        description="The README's main job: synthetic phantoms, then ingest, on a local Ray and local folders.")
+    qs = sub.add_parser("quickstart", help="phantoms -> ingest -> CT-FM pretraining (2 DeepSpeed workers) on a local Ray",
+                        description="The README's main job, a few minutes on a 2-core laptop: synthetic phantoms, ingest to "
+                        "local shards, then CT-FM pretraining with 2 DeepSpeed workers on CPU. Re-running resumes.")
     qs.add_argument("--dir", default="quickstart", help="working folder (default ./quickstart)")
     qs.add_argument("--scans", type=int, default=8, help="number of phantoms (default 8)")
+    qs.add_argument("--steps", type=int, default=12, help="pretraining steps (default 12)")
     qs.set_defaults(fn=_quickstart)
     return p
 

@@ -30,5 +30,5 @@ def training_dataset(uri: str, storage: StorageConfig, sampler, concurrency: int
     import ray
 
     afs, _ = arrow_filesystem(uri, storage)
-    ds = ray.data.read_parquet(shard_paths(uri, storage), filesystem=afs, columns=list(sampler.columns), shuffle="files")
+    ds = ray.data.read_parquet(shard_paths(uri, storage), filesystem=afs, shuffle="files").select_columns(list(sampler.columns))
     return ds.map_batches(sampler, batch_size=1, batch_format="numpy", zero_copy_batch=True, num_cpus=1, concurrency=concurrency)
