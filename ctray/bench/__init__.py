@@ -14,6 +14,24 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     ing.add_argument("--spacing", type=float, nargs=3, default=[1.0, 0.7, 0.7], metavar=("Z", "Y", "X"), help="phantom mm (default 1 0.7 0.7)")
     ing.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline (default 3)")
     ing.add_argument("--workdir", default=None, help="where to write the phantom (default: a temp folder)")
+    da = sub.add_parser("data", help="CPU time per view from shards vs CT-FM's per-step MONAI chain",
+                        description="CPU ms per view delivered from shards by Ray Data, vs CT-FM's MONAI chain on the same scan.")
+    da.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], metavar=("Z", "Y", "X"), help="phantom voxels (default 300 512 512)")
+    da.add_argument("--spacing", type=float, nargs=3, default=[1.0, 0.7, 0.7], metavar=("Z", "Y", "X"), help="phantom mm (default 1 0.7 0.7)")
+    da.add_argument("--patches", type=int, default=20, help="patches per scan (default 20, CT-FM paper)")
+    da.add_argument("--patch-size", type=int, nargs=3, default=[24, 128, 128], metavar=("Z", "Y", "X"), help="default 24 128 128")
+    da.add_argument("--scans", type=int, default=16, help="rows in the benchmark shards (default 16)")
+    da.add_argument("--epochs", type=int, default=2, help="timed passes over the rows (default 2)")
+    da.add_argument("--workdir", default=None, help="where to keep the phantom and shards (default: a temp folder)")
+    st = sub.add_parser("step", help="views/s and TFLOP/s of the training step, synthetic input vs streaming from shards",
+                        description="Runs the real trainer twice (in-memory input, then shards through Ray Data) and "
+                        "prints views/s, TFLOP/s and the data-stall fraction. Without --config: the paper's CT-FM "
+                        "encoder on a GPU, the tiny local config on a CPU.")
+    st.add_argument("--config", default=None, help="pretrain YAML (default: see above)")
+    st.add_argument("overrides", nargs="*", help="dotted overrides of the pretrain config")
+    st.add_argument("--steps", type=int, default=60, help="steps per run (default 60)")
+    st.add_argument("--scans", type=int, default=8, help="phantoms in the benchmark shards (default 8)")
+    st.add_argument("--workdir", default=None, help="where to keep phantoms, shards and runs (default: a temp folder)")
 
 
 def run_bench(what: str, args: argparse.Namespace) -> dict:
@@ -21,4 +39,12 @@ def run_bench(what: str, args: argparse.Namespace) -> dict:
         from ctray.bench.ingest import bench_ingest
 
         return bench_ingest(tuple(args.shape), tuple(args.spacing), args.repeats, args.workdir)
+    if what == "data":
+        from ctray.bench.data import bench_data
+
+        return bench_data(tuple(args.shape), tuple(args.spacing), args.patches, tuple(args.patch_size), args.scans, args.epochs, args.workdir)
+    if what == "step":
+        from ctray.bench.step import bench_step
+
+        return bench_step(args.config, args.overrides, args.steps, args.scans, args.workdir)
     raise ValueError(what)

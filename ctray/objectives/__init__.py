@@ -15,7 +15,7 @@ from typing import Annotated, Callable, Union
 from pydantic import Field
 from torch import nn
 
-from ctray.objectives.ctfm import CTFMConfig, CTFMTask, patch_sampler
+from ctray.objectives.ctfm import CTFMConfig, CTFMTask, patch_sampler, synthetic_batch
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class ObjectiveSpec:
     do not import torch); its attribute `columns` lists the shard columns it reads."""
     task: Callable[..., nn.Module]
     """config -> nn.Module with forward(batch) -> {"loss", "views", ...}, export_module(), export_config()."""
+    synthetic_batch: Callable[..., dict]
+    """(config, scans, device) -> an in-memory batch like the sampler's, for `data.synthetic`."""
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
@@ -46,7 +48,7 @@ def get_objective(name: str) -> ObjectiveSpec:
         raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}") from None
 
 
-register(ObjectiveSpec("ctfm_simclr", CTFMConfig, patch_sampler, CTFMTask))
+register(ObjectiveSpec("ctfm_simclr", CTFMConfig, patch_sampler, CTFMTask, synthetic_batch))
 
 ObjectiveConfig = Annotated[Union[CTFMConfig], Field(discriminator="name")]
 """Every registered objective's config, told apart by `name`."""

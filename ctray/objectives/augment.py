@@ -10,7 +10,7 @@ sample and applies them to the whole batch at once; the probabilities and ranges
   linear intensity map; MONAI takes the control points' range from each image's min and max,
   here the window's fixed 0..1 range (images are windowed first), so a batch shares the knots;
 - Gaussian smoothing (MONAI RandGaussianSmooth, sigma 0.25..1.5 per axis), p=0.5: separable
-  per-sample kernels as one grouped convolution per axis (identity kernels where not drawn).
+  per-sample kernels as one grouped convolution per axis over the drawn samples.
 """
 
 from __future__ import annotations
@@ -56,32 +56,37 @@ def histogram_shift(x: torch.Tensor, prob: float, control_points: int, gen: torc
         floating[:, i] = lo + torch.rand(n, device=dev, generator=gen) * (hi - lo)
     drawn = (torch.rand(n, device=dev, generator=gen) < prob)[:, None]
     floating = torch.where(drawn, floating, ref.expand(n, k))  # (N, K)
-    flat = x.reshape(n, -1)
-    seg = torch.bucketize(flat.clamp(0, 1), ref[1:-1])  # segment index 0..K-2
-    x0 = ref[seg]
-    w = (flat - x0) / (ref[1] - ref[0])
-    y0 = torch.gather(floating, 1, seg)
-    y1 = torch.gather(floating, 1, seg + 1)
-    return (y0 + w * (y1 - y0)).reshape(x.shape)
+    # The piecewise linear map as a sum of clamped ramps, one per segment: no gathers.
+    step = 1.0 / (k - 1)
+    slopes = (floating[:, 1:] - floating[:, :-1]) / step  # (N, K - 1)
+    shape = (n,) + (1,) * (x.ndim - 1)
+    out = torch.zeros_like(x)
+    for i in range(k - 1):
+        out += slopes[:, i].reshape(shape).to(x.dtype) * (x - i * step).clamp(0.0, step)
+    return out
 
 
 def gaussian_smooth(x: torch.Tensor, prob: float, sigma: tuple[float, float], gen: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sample, per-axis sigma in `sigma`; samples not drawn keep an identity kernel."""
+    """Per-sample, per-axis sigma in `sigma`, for the samples drawn with probability `prob`."""
     n = x.shape[0]
     dev = x.device
+    drawn = torch.rand(n, device=dev, generator=gen) < prob
+    sigmas = torch.empty(n, 3, device=dev).uniform_(sigma[0], sigma[1], generator=gen)
+    picked = drawn.nonzero().squeeze(1)
+    if picked.numel() == 0:
+        return x
     radius = max(1, math.ceil(3 * sigma[1]))
     taps = torch.arange(-radius, radius + 1, device=dev, dtype=torch.float32)
-    drawn = torch.rand(n, device=dev, generator=gen) < prob
-    out = x.reshape(1, n, *x.shape[2:])  # samples as channels: one grouped conv per axis
+    m = picked.numel()
+    out = x[picked].reshape(1, m, *x.shape[2:])  # samples as channels: one grouped conv per axis
     for axis in range(3):
-        s = torch.empty(n, device=dev).uniform_(sigma[0], sigma[1], generator=gen)
-        kernel = torch.exp(-0.5 * (taps[None, :] / s[:, None]) ** 2)
-        kernel = kernel / kernel.sum(dim=1, keepdim=True)
-        identity = (taps == 0).float().expand(n, -1)
-        kernel = torch.where(drawn[:, None], kernel, identity).to(x.dtype)
-        shape = [n, 1, 1, 1, 1]
+        kernel = torch.exp(-0.5 * (taps[None, :] / sigmas[picked, axis, None]) ** 2)
+        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.dtype)
+        shape = [m, 1, 1, 1, 1]
         shape[2 + axis] = kernel.shape[1]
         pad = [0, 0, 0, 0, 0, 0]
         pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.reshape(shape), groups=n)
-    return out.reshape(x.shape)
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.reshape(shape), groups=m)
+    result = x.clone()
+    result[picked] = out.reshape(m, *x.shape[1:])
+    return result

@@ -59,6 +59,13 @@ def patch_sampler(cfg: CTFMConfig) -> PatchSampler:
     return PatchSampler(cfg.patches_per_scan, tuple(cfg.patch_size), int(cfg.window_hu[0]))
 
 
+def synthetic_batch(cfg: CTFMConfig, scans: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """In-memory input of the right shape and dtype, for measuring the step without the data path."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    patches = torch.randint(int(cfg.window_hu[0]), int(cfg.window_hu[1]), (scans, cfg.patches_per_scan, *cfg.patch_size), dtype=torch.int16, generator=gen)
+    return {"patches": patches.to(device)}
+
+
 class CTFMTask(nn.Module):
     """Model + augmentation + loss: batch {"patches": (S, M, d, h, w) int16} -> dict of losses/metrics."""
 

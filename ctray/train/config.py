@@ -23,6 +23,9 @@ class DataConfig(Section):
     """CPU sampler tasks running at once (None: Ray Data decides from free CPUs)."""
     shuffle_buffer_scans: int = 0
     """Local shuffle buffer (scans) in each worker on top of shuffled shard order; 0 disables."""
+    synthetic: bool = False
+    """Train on one in-memory batch of the objective's shape instead of the shards (to measure the
+    step alone, `ctray bench step`); `shards` is then not read."""
 
 
 class OptimConfig(Section):

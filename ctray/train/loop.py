@@ -8,6 +8,7 @@ rank loads the latest reported checkpoint and continues from its step.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -162,16 +163,23 @@ def train_loop(config: dict) -> None:
         if files is not None:
             files.event(event="resume", step=step, checkpoint=checkpoint.path, param_checksum=checksum)
 
-    shard = ray.train.get_dataset_shard("train")
+    shard = None if cfg.data.synthetic else ray.train.get_dataset_shard("train")
+    fixed = spec.synthetic_batch(cfg.objective, cfg.scans_per_worker, device) if cfg.data.synthetic else None
+
+    def batches_of_epoch():
+        if fixed is not None:
+            return itertools.repeat(fixed)
+        return shard.iter_torch_batches(
+            batch_size=cfg.scans_per_worker, prefetch_batches=cfg.data.prefetch_batches, drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer_scans or None,
+        )
+
     win = {"t0": time.perf_counter(), "wait": 0.0, "views": 0.0, "loss": 0.0, "n": 0, "metrics": {}}
     epoch = 0
     while step < cfg.train.max_steps:
         batches = 0
         t_end = time.perf_counter()
-        for batch in shard.iter_torch_batches(
-            batch_size=cfg.scans_per_worker, prefetch_batches=cfg.data.prefetch_batches, drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer_scans or None,
-        ):
+        for batch in batches_of_epoch():
             win["wait"] += time.perf_counter() - t_end
             batches += 1
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

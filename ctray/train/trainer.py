@@ -37,7 +37,9 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     ensure_ray(cfg.ray)
 
     spec = get_objective(cfg.objective.name)
-    dataset = training_dataset(cfg.data.shards, cfg.storage, spec.sampler(cfg.objective), cfg.data.sampler_concurrency)
+    datasets = {}
+    if not cfg.data.synthetic:
+        datasets["train"] = training_dataset(cfg.data.shards, cfg.storage, spec.sampler(cfg.objective), cfg.data.sampler_concurrency)
     afs, storage_path = arrow_filesystem(cfg.run.storage, cfg.storage)
     trainer = TorchTrainer(
         train_loop,
@@ -54,7 +56,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
     )
     log.info(
