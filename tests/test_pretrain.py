@@ -47,6 +47,7 @@ def test_loss_falls_training_from_s3_shards(shards, s3_endpoint, tmp_path):
     result = run_pretrain(pretrain_cfg(
         "s3://ct-train/shards", "s3://ct-train/runs", "falls", f"storage.endpoint_url={s3_endpoint}",
         "train.max_steps=36", "train.log_every=4", "train.checkpoint_every=36", "deepspeed.zero_stage=1",
+        "objective.patches_per_scan=8",  # 16 views per scan: a less noisy loss than 4 patches
     ))
     assert result.step == 36 and result.checkpoint.startswith("s3://ct-train/runs/falls/checkpoint_")
     fs.invalidate_cache()
@@ -54,7 +55,7 @@ def test_loss_falls_training_from_s3_shards(shards, s3_endpoint, tmp_path):
     losses = [m["loss"] for m in log if "loss" in m]
     assert len(losses) == 9
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert last < first - 0.1, losses  # log(2M - 1) = 1.95 at chance
+    assert last < first - 0.1, losses  # log(2M - 1) = 2.71 at chance; in-process runs fell 0.25-0.39
     assert all(0 <= m["data_wait_fraction"] <= 1 and m["views_per_s"] > 0 for m in log if "loss" in m)
     assert fs.exists("ct-train/runs/falls/export/encoder.safetensors")
     assert fs.find("ct-train/runs/falls/tensorboard")

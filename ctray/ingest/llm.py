@@ -66,7 +66,8 @@ class LLMParser:
         return h.hexdigest()
 
     def __call__(self, text: str) -> tuple[dict[str, list[str]], str]:
-        path = join(self.cache_root, self._key(text)[:2], self._key(text) + ".json")
+        key = self._key(text)
+        path = join(self.cache_root, key[:2], key + ".json")
         try:
             cached = with_retries(lambda: self.fs.cat_file(path), "read llm cache", self.storage)
             return json.loads(cached), f"llm:{self.cfg.model} (cached)"

@@ -174,7 +174,7 @@ def train_loop(config: dict) -> None:
             local_shuffle_buffer_size=cfg.data.shuffle_buffer_scans or None,
         )
 
-    win = {"t0": time.perf_counter(), "wait": 0.0, "views": 0.0, "loss": 0.0, "n": 0, "metrics": {}}
+    win = {"t0": time.perf_counter(), "wait": 0.0, "views": 0.0, "n": 0, "metrics": {}}
     epoch = 0
     while step < cfg.train.max_steps:
         batches = 0
@@ -186,12 +186,12 @@ def train_loop(config: dict) -> None:
             out = engine(batch)
             engine.backward(out["loss"])
             engine.step()
-            win["views"] += float(out["views"]) * world
-            win["loss"] += float(out["loss"].detach())
+            # Sums stay on the device: a float() per step would wait for the GPU every step.
+            win["views"] += float(out["views"]) * world  # a CPU tensor: no device sync
             win["n"] += 1
             for k, v in out.items():
-                if k not in ("loss", "views"):
-                    win["metrics"][k] = win["metrics"].get(k, 0.0) + float(v)
+                if k != "views":
+                    win["metrics"][k] = win["metrics"].get(k, 0.0) + v.detach()
             if not engine.is_gradient_accumulation_boundary():
                 t_end = time.perf_counter()
                 continue
@@ -203,11 +203,11 @@ def train_loop(config: dict) -> None:
                 metrics = {
                     "step": step,
                     "epoch": epoch,
-                    "loss": dist.mean_across_workers(win["loss"] / win["n"], device),
+                    "loss": dist.mean_across_workers(float(win["metrics"].pop("loss")) / win["n"], device),
                     "lr": sched.get_last_lr()[0],
                     "views_per_s": win["views"] / elapsed,
                     "data_wait_fraction": dist.mean_across_workers(win["wait"] / elapsed, device),
-                    **{k: dist.mean_across_workers(v / win["n"], device) for k, v in win["metrics"].items()},
+                    **{k: dist.mean_across_workers(float(v) / win["n"], device) for k, v in win["metrics"].items()},
                 }
                 if files is not None:
                     files.log(metrics)
@@ -217,7 +217,7 @@ def train_loop(config: dict) -> None:
                     _checkpoint(engine, metrics, files)
                 else:
                     ray.train.report(metrics)
-                win = {"t0": time.perf_counter(), "wait": 0.0, "views": 0.0, "loss": 0.0, "n": 0, "metrics": {}}
+                win = {"t0": time.perf_counter(), "wait": 0.0, "views": 0.0, "n": 0, "metrics": {}}
             if last:
                 break
             t_end = time.perf_counter()
