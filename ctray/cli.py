@@ -27,6 +27,14 @@ def _pretrain(args: argparse.Namespace) -> None:
     run_pretrain(load_config(PretrainConfig, args.config, args.overrides))
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from ctray.config import load_config
+    from ctray.tune.config import SweepConfig
+    from ctray.tune.sweep import run_sweep
+
+    run_sweep(load_config(SweepConfig, args.config, args.overrides))
+
+
 def _phantoms(args: argparse.Namespace) -> None:
     from ctray.data.phantoms import write_dataset
 
@@ -65,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("config", help="YAML config (see jobs/ctfm.yaml)")
     pt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.temperature=0.2")
     pt.set_defaults(fn=_pretrain)
+
+    sw = sub.add_parser("sweep", help="Ray Tune over pretrain configs: temperatures, patch counts, loss weights, lr",
+                        description="Each trial is a full `ctray pretrain` run with its own workers; ASHA stops poor "
+                        "trials. Re-running the same storage/name continues the sweep. Writes results.csv, "
+                        "metric_vs_params.png and best.yaml. Example: ctray sweep jobs/sweep-ctfm-local.yaml")
+    sw.add_argument("config", help="sweep YAML (see jobs/sweep-ctfm.yaml)")
+    sw.add_argument("overrides", nargs="*", help="dotted overrides, e.g. num_samples=8")
+    sw.set_defaults(fn=_sweep)
 
     ph = sub.add_parser("phantoms", help="write synthetic CT phantoms with masks and reports",
                         description="Synthetic CTs with TotalSegmentator label maps, known lesions and reports.")

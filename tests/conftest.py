@@ -32,7 +32,9 @@ PHANTOM_SPACING = (3.0, 4.0, 4.0)
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # The dashboard serves the State API, through which Ray Train's PlacementGroupCleaner sees a
+    # stopped run (a trial ended by ASHA); without it the run's placement group is never freed.
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -87,3 +89,14 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "ct" / "example_ct_sm.nii.gz").exists():
         pytest.skip(f"real CT data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def train_shards(ray_local, tmp_path_factory) -> Path:
+    """12 phantoms ingested to local shards, for the training and sweep tests."""
+    from ctray.ingest.job import run_ingest
+
+    root = tmp_path_factory.mktemp("train")
+    write_dataset(str(root / "data"), 12, seed=11, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+    run_ingest(ingest_cfg(root / "data" / "scans", root / "shards", "output.scans_per_shard=4"))
+    return root / "shards"

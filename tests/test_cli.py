@@ -13,7 +13,8 @@ def ctray(*args, **kw):
     return subprocess.run([sys.executable, "-m", "ctray.cli", *args], capture_output=True, text=True, timeout=120, **kw)
 
 
-@pytest.mark.parametrize("cmd", [[], ["ingest"], ["phantoms"], ["bench"], ["bench", "ingest"], ["quickstart"]])
+@pytest.mark.parametrize("cmd", [[], ["ingest"], ["pretrain"], ["sweep"], ["phantoms"], ["bench"], ["bench", "ingest"],
+                                 ["bench", "data"], ["bench", "step"], ["quickstart"]])
 def test_every_command_has_help(cmd):
     done = ctray(*cmd, "--help")
     assert done.returncode == 0 and "usage: ctray" in done.stdout
@@ -58,3 +59,20 @@ def test_class_table_matches_totalsegmentator():
     from ctray.ingest.anatomy import TOTAL_CLASSES
 
     assert ts.class_map["total"] == {i + 1: n for i, n in enumerate(TOTAL_CLASSES)}
+
+
+def test_every_job_yaml_validates():
+    """The shipped configs load into their typed models (a renamed field breaks here, not on a cluster)."""
+    from ctray.config import load_config
+    from ctray.ingest.config import IngestConfig
+    from ctray.train.config import PretrainConfig
+    from ctray.tune.config import SweepConfig
+
+    from conftest import REPO
+
+    kinds = {"ingest": IngestConfig, "ctfm": PretrainConfig, "sweep": SweepConfig}
+    for path in sorted((REPO / "jobs").glob("*.yaml")):
+        model = kinds[path.stem.split("-")[0]]
+        cfg = load_config(model, path)
+        if model is SweepConfig:
+            load_config(PretrainConfig, REPO / cfg.base, cfg.overrides)

@@ -9,12 +9,9 @@ import s3fs
 from safetensors.torch import load_file
 
 from ctray.config import load_config
-from ctray.data.phantoms import write_dataset
-from ctray.ingest.job import run_ingest
 from ctray.train.config import PretrainConfig
 from ctray.train.trainer import run_pretrain
 
-from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, ingest_cfg
 
 TINY = [
     "objective.name=ctfm_simclr", "objective.patches_per_scan=4", "objective.patch_size=[8,32,32]",
@@ -32,18 +29,10 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def shards(ray_local, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    write_dataset(str(root / "data"), 12, seed=11, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
-    run_ingest(ingest_cfg(root / "data" / "scans", root / "shards", "output.scans_per_shard=4"))
-    return root / "shards"
-
-
-def test_loss_falls_training_from_s3_shards(shards, s3_endpoint, tmp_path):
+def test_loss_falls_training_from_s3_shards(train_shards, s3_endpoint, tmp_path):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("ct-train")
-    fs.put(str(shards) + "/", "ct-train/shards/", recursive=True)
+    fs.put(str(train_shards) + "/", "ct-train/shards/", recursive=True)
     result = run_pretrain(pretrain_cfg(
         "s3://ct-train/shards", "s3://ct-train/runs", "falls", f"storage.endpoint_url={s3_endpoint}",
         "train.max_steps=36", "train.log_every=4", "train.checkpoint_every=36", "deepspeed.zero_stage=1",
@@ -63,9 +52,9 @@ def test_loss_falls_training_from_s3_shards(shards, s3_endpoint, tmp_path):
     assert meta["kwargs"]["init_filters"] == 4 and meta["step"] == 36
 
 
-def test_killed_worker_resumes_from_last_checkpoint(shards, tmp_path):
+def test_killed_worker_resumes_from_last_checkpoint(train_shards, tmp_path):
     result = run_pretrain(pretrain_cfg(
-        shards, tmp_path / "runs", "killed", "train.max_steps=12", "train.log_every=2", "train.checkpoint_every=4",
+        train_shards, tmp_path / "runs", "killed", "train.max_steps=12", "train.log_every=2", "train.checkpoint_every=4",
         "train.fault_kill_at_step=7", "run.max_failures=1",
     ))
     run_dir = tmp_path / "runs" / "killed"
@@ -82,13 +71,13 @@ def test_killed_worker_resumes_from_last_checkpoint(shards, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_zero_checkpoints_load_back(shards, tmp_path, stage):
+def test_zero_checkpoints_load_back(train_shards, tmp_path, stage):
     storage = tmp_path / "runs"
-    first = run_pretrain(pretrain_cfg(shards, storage, "zero", f"deepspeed.zero_stage={stage}", "train.max_steps=2",
+    first = run_pretrain(pretrain_cfg(train_shards, storage, "zero", f"deepspeed.zero_stage={stage}", "train.max_steps=2",
                                       "train.log_every=2", "train.checkpoint_every=2"))
     assert first.step == 2
     # the same name resumes: the engine loads the ZeRO checkpoint and goes on to step 3
-    second = run_pretrain(pretrain_cfg(shards, storage, "zero", f"deepspeed.zero_stage={stage}", "train.max_steps=3",
+    second = run_pretrain(pretrain_cfg(train_shards, storage, "zero", f"deepspeed.zero_stage={stage}", "train.max_steps=3",
                                        "train.log_every=1", "train.checkpoint_every=3"))
     assert second.step == 3
     log = metrics(storage / "zero")

@@ -29,6 +29,8 @@ class ObjectiveSpec:
     """config -> nn.Module with forward(batch) -> {"loss", "views", ...}, export_module(), export_config()."""
     synthetic_batch: Callable[..., dict]
     """(config, scans, device) -> an in-memory batch like the sampler's, for `data.synthetic`."""
+    sweep_space: dict
+    """Default `ctray sweep` space: dotted path -> {grid|choice|uniform|loguniform: ...}."""
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
@@ -48,7 +50,11 @@ def get_objective(name: str) -> ObjectiveSpec:
         raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}") from None
 
 
-register(ObjectiveSpec("ctfm_simclr", CTFMConfig, patch_sampler, CTFMTask, synthetic_batch))
+register(ObjectiveSpec("ctfm_simclr", CTFMConfig, patch_sampler, CTFMTask, synthetic_batch, {
+    "objective.temperature": {"loguniform": (0.05, 0.5)},
+    "objective.patches_per_scan": {"choice": [10, 15, 20]},
+    "optim.lr": {"loguniform": (3e-5, 3e-4)},
+}))
 
 ObjectiveConfig = Annotated[Union[CTFMConfig], Field(discriminator="name")]
 """Every registered objective's config, told apart by `name`."""

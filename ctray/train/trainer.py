@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from ctray.data.pipeline import training_dataset
 from ctray.objectives import get_objective
 from ctray.runtime import ensure_ray
-from ctray.storage import arrow_filesystem, is_remote, resolve_uri
+from ctray.config import to_yaml
+from ctray.storage import arrow_filesystem, filesystem, is_remote, publish_bytes, resolve_uri
 from ctray.train.config import PretrainConfig
 from ctray.train.loop import train_loop
 
@@ -26,7 +27,9 @@ class PretrainResult:
     logs: str
 
 
-def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
+def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResult:
+    """Run (or resume) the pretraining described by `cfg`. `callbacks` are Ray Train callbacks
+    (a sweep passes Tune's TuneReportCallback)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -35,6 +38,9 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     cfg.data.shards = resolve_uri(cfg.data.shards)
     cfg.run.storage = resolve_uri(cfg.run.storage)
     ensure_ray(cfg.ray)
+
+    fs, root = filesystem(cfg.run.storage, cfg.storage)
+    publish_bytes(to_yaml(cfg).encode(), fs, posixpath.join(root, cfg.run.name, "config.yaml"), cfg.storage)
 
     spec = get_objective(cfg.objective.name)
     datasets = {}
@@ -55,6 +61,7 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
             storage_filesystem=afs if is_remote(cfg.run.storage) else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),

@@ -1,0 +1,70 @@
+"""Typed config of `ctray sweep` (see jobs/sweep-ctfm.yaml)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ctray.config import RayConfig, Section, StorageConfig
+
+
+class ParamSpace(Section):
+    """One swept config field: exactly one of the four kinds."""
+
+    grid: list[Any] | None = None
+    """Every value, in every combination with the other grid fields (tune.grid_search)."""
+    choice: list[Any] | None = None
+    """One value drawn per trial (tune.choice)."""
+    uniform: tuple[float, float] | None = None
+    """A float drawn uniformly in [low, high] (tune.uniform)."""
+    loguniform: tuple[float, float] | None = None
+    """A float drawn log-uniformly in [low, high] (tune.loguniform)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ParamSpace":
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
+        return self
+
+
+class SchedulerConfig(Section):
+    """Early stopping of poor trials."""
+
+    kind: Literal["asha", "fifo"] = "asha"
+    """asha: asynchronous successive halving; fifo: every trial runs to the end."""
+    metric: str = "loss"
+    """A metric the pretrain loop reports (loss, positive_cosine, ...)."""
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = 2
+    """Reports (train.log_every steps each) before a trial can be stopped."""
+    reduction_factor: int = 2
+    """ASHA keeps the best 1/reduction_factor of the trials at each rung."""
+
+
+class SweepConfig(Section):
+    """`ctray sweep`: a base pretrain config + a search space over its fields by dotted path."""
+
+    base: str
+    """The pretrain YAML every trial starts from (a path, relative to the working directory)."""
+    overrides: list[str] = Field(default_factory=list)
+    """Dotted overrides applied to the base before the swept values (shorter trials, ...)."""
+    space: dict[str, ParamSpace] = Field(default_factory=dict)
+    """Dotted config path -> its space. Empty: the objective's default space (temperature, patch
+    count, loss weights, learning rate)."""
+    search: Literal["grid", "random", "optuna"] = "random"
+    """random: Tune's sampler (grid fields are expanded); optuna: TPE via optuna (pip install optuna)."""
+    num_samples: int = 4
+    """Trials for random/optuna search; repetitions of the grid for grid search."""
+    max_concurrent: int | None = None
+    """Trials at once (None: as many as the cluster's GPUs or CPUs fit, from the base's scaling)."""
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    name: str = "sweep"
+    """Sweep name; re-running the same storage + name continues it."""
+    storage: str = "runs/sweeps"
+    """Folder or s3:// URI holding the sweep (trial runs, results table, plots, best YAML)."""
+    seed: int | None = 0
+    """Seed of the search algorithm (None: random)."""
+    storage_options: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
