@@ -54,33 +54,32 @@ def _quickstart(args: argparse.Namespace) -> None:
     run_quickstart(args.dir, args.scans, args.steps)
 
 
+def _config_command(sub, name: str, fn, example_yaml: str, example_override: str, **texts) -> None:
+    """A subcommand that takes a YAML config and dotted overrides."""
+    cmd = sub.add_parser(name, **texts)
+    cmd.add_argument("config", help=f"YAML config (see {example_yaml})")
+    cmd.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example_override}")
+    cmd.set_defaults(fn=fn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctray", description=__doc__.split("\n")[0] + " See README.md.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ing = sub.add_parser("ingest", help="scans + masks + reports -> preprocessed Parquet shards + manifest.json",
-                         description="Preprocess scans once into Parquet shards (local folder or s3://). "
-                         "Resumable: re-running skips committed scans. Example: "
-                         "ctray ingest jobs/ingest-local.yaml output.uri=s3://bucket/shards")
-    ing.add_argument("config", help="YAML config (see jobs/ingest.yaml)")
-    ing.add_argument("overrides", nargs="*", help="dotted overrides, e.g. output.scans_per_shard=32")
-    ing.set_defaults(fn=_ingest)
-
-    pt = sub.add_parser("pretrain", help="shards -> Ray Data -> Ray Train + DeepSpeed workers -> checkpoints + encoder",
-                        description="Pretrain with a registered objective (ctfm_simclr, ...). Re-running the same "
-                        "run.storage/run.name resumes. Example: ctray pretrain jobs/ctfm-local.yaml train.max_steps=50")
-    pt.add_argument("config", help="YAML config (see jobs/ctfm.yaml)")
-    pt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.temperature=0.2")
-    pt.set_defaults(fn=_pretrain)
-
-    sw = sub.add_parser("sweep", help="Ray Tune over pretrain configs: temperatures, patch counts, loss weights, lr",
-                        description="Each trial is a full `ctray pretrain` run with its own workers; ASHA stops poor "
-                        "trials. Re-running the same storage/name continues the sweep. Writes results.csv, "
-                        "metric_vs_params.png and best.yaml. Example: ctray sweep jobs/sweep-ctfm-local.yaml")
-    sw.add_argument("config", help="sweep YAML (see jobs/sweep-ctfm.yaml)")
-    sw.add_argument("overrides", nargs="*", help="dotted overrides, e.g. num_samples=8")
-    sw.set_defaults(fn=_sweep)
+    _config_command(sub, "ingest", _ingest, "jobs/ingest.yaml", "output.scans_per_shard=32",
+                    help="scans + masks + reports -> preprocessed Parquet shards + manifest.json",
+                    description="Preprocess scans once into Parquet shards (local folder or s3://). Resumable: "
+                    "re-running skips committed scans. Example: ctray ingest jobs/ingest-local.yaml output.uri=s3://bucket/shards")
+    _config_command(sub, "pretrain", _pretrain, "jobs/ctfm.yaml", "objective.temperature=0.2",
+                    help="shards -> Ray Data -> Ray Train + DeepSpeed workers -> checkpoints + encoder",
+                    description="Pretrain with a registered objective (ctfm_simclr, ...). Re-running the same "
+                    "run.storage/run.name resumes. Example: ctray pretrain jobs/ctfm-local.yaml train.max_steps=50")
+    _config_command(sub, "sweep", _sweep, "jobs/sweep-ctfm.yaml", "num_samples=8",
+                    help="Ray Tune over pretrain configs: temperatures, patch counts, loss weights, lr",
+                    description="Each trial is a full `ctray pretrain` run with its own workers; ASHA stops poor "
+                    "trials. Re-running the same storage/name continues the sweep. Writes results.csv, "
+                    "metric_vs_params.png and best.yaml. Example: ctray sweep jobs/sweep-ctfm-local.yaml")
 
     ph = sub.add_parser("phantoms", help="write synthetic CT phantoms with masks and reports",
                         description="Synthetic CTs with TotalSegmentator label maps, known lesions and reports.")

@@ -1,9 +1,7 @@
 """`ctray ingest` end to end on a real local Ray: phantoms -> shards -> manifest, resume, bad input."""
 
-import gzip
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
