@@ -13,6 +13,7 @@ import posixpath
 import shutil
 import time
 import uuid
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import fsspec
@@ -116,18 +117,22 @@ def with_retries(fn: Callable[[], R], what: str, cfg: StorageConfig) -> R:
     raise AssertionError("unreachable")
 
 
+def _replace_locally(dest: str, write: Callable[[str], None]) -> None:
+    """Write through a temp file beside `dest`, then rename (atomic within one filesystem)."""
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
+    write(tmp)
+    os.replace(tmp, dest)
+
+
 def publish_file(local_path: str, fs: fsspec.AbstractFileSystem, dest: str, cfg: StorageConfig) -> None:
     """Copy a finished local file to `dest` so that it appears whole or not at all.
 
-    Local destinations: copy beside the target, then rename (atomic within one filesystem).
-    Object stores: a PUT or a completed multipart upload is already all-or-nothing, so the
-    object is written in place.
+    Local destinations: copy beside the target, then rename. Object stores: a PUT or a completed
+    multipart upload is already all-or-nothing, so the object is written in place.
     """
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, dest)
+        _replace_locally(dest, lambda tmp: shutil.copyfile(local_path, tmp))
         return
     with_retries(lambda: fs.put_file(local_path, dest), f"upload {fs.unstrip_protocol(dest)}", cfg)
 
@@ -135,11 +140,7 @@ def publish_file(local_path: str, fs: fsspec.AbstractFileSystem, dest: str, cfg:
 def publish_bytes(data: bytes, fs: fsspec.AbstractFileSystem, dest: str, cfg: StorageConfig) -> None:
     """Write `data` to `dest` atomically (see publish_file)."""
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
+        _replace_locally(dest, lambda tmp: Path(tmp).write_bytes(data))
         return
     with_retries(lambda: fs.pipe_file(dest, data), f"write {fs.unstrip_protocol(dest)}", cfg)
 

@@ -23,7 +23,7 @@ from ctray.ingest.config import IngestConfig
 from ctray.ingest.reports import ReportTable, parse_report_table
 from ctray.ingest.shards import COMMITS_DIR, SHARDS_DIR, ShardWriter, preprocess_fingerprint, shard_name
 from ctray.runtime import ensure_ray
-from ctray.storage import filesystem, join, list_files, publish_bytes, read_bytes, resolve_uri, with_retries
+from ctray.storage import filesystem, is_remote, join, list_files, publish_bytes, read_bytes, resolve_uri, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +53,26 @@ def discover_scans(cfg: IngestConfig) -> tuple[list[dict], list[dict]]:
     if not with_retries(lambda: fs.exists(root), f"list {cfg.input.scans}", cfg.storage):
         raise ConfigError(f"input.scans {cfg.input.scans} does not exist")
     files = list_files(fs, root, cfg.storage)
-    to_uri = (lambda p: fs.unstrip_protocol(p)) if "://" in resolve_uri(cfg.input.scans) else (lambda p: p)
+    to_uri = fs.unstrip_protocol if is_remote(cfg.input.scans) else (lambda p: p)
     scans: dict[str, dict] = {}
     dicom: dict[str, list[str]] = {}
     dupes: list[dict] = []
+
+    def add(ref: dict) -> None:
+        sid = ref["scan_id"]
+        if sid in scans:
+            dupes.append({"scan_id": sid, "input": ref["uri"], "reason": f"{ref['uri']}: duplicate scan id {sid!r} (also {scans[sid]['uri']})"})
+        else:
+            scans[sid] = ref
+
     for path in files:
         sid = _scan_id(path)
         if sid is not None:
-            ref = {"scan_id": sid, "uri": to_uri(path), "kind": "nifti"}
+            add({"scan_id": sid, "uri": to_uri(path), "kind": "nifti"})
         elif path.lower().endswith(".dcm"):
             dicom.setdefault(posixpath.dirname(path), []).append(to_uri(path))
-            continue
-        else:
-            continue
-        if sid in scans:
-            dupes.append({"scan_id": sid, "input": ref["uri"], "reason": f"{ref['uri']}: duplicate scan id {sid!r} (also {scans[sid]['uri']})"})
-        else:
-            scans[sid] = ref
     for folder, series in sorted(dicom.items()):
-        sid = posixpath.basename(folder)
-        ref = {"scan_id": sid, "uri": to_uri(folder), "kind": "dicom", "files": sorted(series)}
-        if sid in scans:
-            dupes.append({"scan_id": sid, "input": ref["uri"], "reason": f"{ref['uri']}: duplicate scan id {sid!r} (also {scans[sid]['uri']})"})
-        else:
-            scans[sid] = ref
+        add({"scan_id": posixpath.basename(folder), "uri": to_uri(folder), "kind": "dicom", "files": sorted(series)})
     return [scans[k] for k in sorted(scans)], dupes
 
 
@@ -84,7 +80,7 @@ def discover_masks(cfg: IngestConfig) -> dict[str, str]:
     if not cfg.input.masks:
         return {}
     fs, root = filesystem(cfg.input.masks, cfg.storage)
-    remote = "://" in resolve_uri(cfg.input.masks)
+    remote = is_remote(cfg.input.masks)
     out = {}
     for path in list_files(fs, root, cfg.storage):
         sid = _scan_id(path)

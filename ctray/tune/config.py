@@ -21,6 +21,11 @@ class ParamSpace(Section):
     loguniform: tuple[float, float] | None = None
     """A float drawn log-uniformly in [low, high] (tune.loguniform)."""
 
+    def example(self) -> Any:
+        """One value of the space (to validate the swept path before any trial runs)."""
+        values = self.grid or self.choice or self.uniform or self.loguniform
+        return values[0]
+
     @model_validator(mode="after")
     def _exactly_one(self) -> "ParamSpace":
         given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]

@@ -79,11 +79,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
     base_cfg.data.shards = resolve_uri(base_cfg.data.shards)
     spaces = _spaces(cfg, base_cfg)
     base = base_cfg.model_dump(mode="json")
-    for path in spaces:  # a typo in a swept path fails now, not in every trial
-        probe = spaces[path]
-        value = (probe.grid or probe.choice or [None])[0] if (probe.grid or probe.choice) else (probe.uniform or probe.loguniform)[0]
+    for path, space in spaces.items():  # a typo in a swept path fails now, not in every trial
         try:
-            trial_config(base, {path: value})
+            trial_config(base, {path: space.example()})
         except Exception as e:
             raise ConfigError(f"sweep space {path!r}: {e}") from e
 
@@ -115,17 +113,18 @@ def run_sweep(cfg: SweepConfig) -> dict:
         search_alg = OptunaSearch(seed=cfg.seed)
 
     afs, path = arrow_filesystem(storage, cfg.storage_options)
+    remote = is_remote(storage)
+    trial_fs = afs if remote else None
     trainable = tune.with_parameters(_trial, base=base, trials_root=posixpath.join(sweep_dir, "trials"))
     # The trial function only drives its trainer: it reserves memory, not a CPU, so that the CPUs
     # stay with the trial's Train workers and Ray Data samplers (a fraction of a CPU here would
     # leave the samplers' whole-CPU tasks unschedulable on a small machine).
     trainable = tune.with_resources(trainable, {"memory": 256 * 2**20})
-    experiment = posixpath.join(path, cfg.name)
-    if tune.Tuner.can_restore(experiment if is_remote(storage) else sweep_dir, storage_filesystem=afs if is_remote(storage) else None):
+    experiment = posixpath.join(path, cfg.name) if remote else sweep_dir
+    if tune.Tuner.can_restore(experiment, storage_filesystem=trial_fs):
         log.info("sweep %s: continuing from %s (finished trials are kept)", cfg.name, sweep_dir)
-        tuner = tune.Tuner.restore(experiment if is_remote(storage) else sweep_dir, trainable=trainable,
-                                   resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=afs if is_remote(storage) else None)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=trial_fs)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -134,7 +133,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 metric=sched_cfg.metric, mode=sched_cfg.mode, scheduler=scheduler, search_alg=search_alg,
                 num_samples=cfg.num_samples, max_concurrent_trials=concurrent,
             ),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=afs if is_remote(storage) else None),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=trial_fs),
         )
     log.info("sweep %s: %d swept fields, search %s, scheduler %s, %d trial(s) at once -> %s",
              cfg.name, len(spaces), cfg.search, sched_cfg.kind, concurrent, sweep_dir)
