@@ -47,3 +47,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn import all_gather
 
     return torch.cat(all_gather(x), dim=0)
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every worker along dim 0, without autograd (masks, ids, labels)."""
+    if not is_dist() or world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)

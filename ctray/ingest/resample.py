@@ -42,7 +42,11 @@ class AxisMap:
 def axis_map(n_in: int, s_in: float, s_out: float) -> AxisMap:
     ratio = s_out / s_in
     n_out = int(np.ceil(round((n_in - 1) / ratio, 6))) + 1
-    pos = np.clip(np.arange(n_out) * ratio, 0.0, n_in - 1)
+    return _at_positions(np.arange(n_out) * ratio, n_in, ratio)
+
+
+def _at_positions(pos: np.ndarray, n_in: int, ratio: float) -> AxisMap:
+    pos = np.clip(pos, 0.0, n_in - 1)
     lo = np.floor(pos).astype(np.intp)
     hi = np.minimum(lo + 1, n_in - 1)
     nearest = np.minimum(np.floor(pos + 0.5).astype(np.intp), n_in - 1)
@@ -103,3 +107,10 @@ def resample_nearest(src: np.ndarray, maps: tuple[AxisMap, AxisMap, AxisMap]) ->
     for k in range(mz.size):
         out[k] = src[mz.nearest[k]][my.nearest][:, mx.nearest]
     return out
+
+
+def size_map(n_in: int, n_out: int) -> AxisMap:
+    """Resize one axis to `n_out` samples, end points aligned (align_corners=True): the fixed-size
+    organ and scan inputs of TotalFM and CA-GCL."""
+    ratio = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
+    return _at_positions(np.arange(n_out) * ratio, n_in, ratio)

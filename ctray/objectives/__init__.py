@@ -15,18 +15,23 @@ from typing import Annotated, Callable, Union
 from pydantic import Field
 from torch import nn
 
-from ctray.objectives.ctfm import CTFMConfig, CTFMTask, patch_sampler, synthetic_batch
+from ctray.objectives import cagcl, ctfm, totalfm
 
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
     name: str
     config: type
+    prepare: Callable[..., dict]
+    """PretrainConfig -> assets (JSON-able), run once on the driver before training: a trained or
+    exported tokenizer, label ids from the manifest, a checked stage-1 export. Every rank's task
+    and the sampler receive them."""
     sampler: Callable[..., Callable[[dict], dict]]
-    """config -> map_batches UDF (from ctray.data.samplers: numpy only, so Ray Data's task processes
+    """(config, assets, seed=None) -> map_batches UDF (from ctray.data.samplers: numpy only, so Ray Data's task processes
     do not import torch); its attribute `columns` lists the shard columns it reads."""
     task: Callable[..., nn.Module]
-    """config -> nn.Module with forward(batch) -> {"loss", "views", ...}, export_module(), export_config()."""
+    """(config, assets) -> nn.Module with forward(batch) -> {"loss", "views", ...}, export_module(),
+    export_config(); optionally evaluate(batches, step) -> ctray.objectives.zeroshot.Evaluation."""
     synthetic_batch: Callable[..., dict]
     """(config, scans, device) -> an in-memory batch like the sampler's, for `data.synthetic`."""
     sweep_space: dict
@@ -50,11 +55,29 @@ def get_objective(name: str) -> ObjectiveSpec:
         raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}") from None
 
 
-register(ObjectiveSpec("ctfm_simclr", CTFMConfig, patch_sampler, CTFMTask, synthetic_batch, {
+def no_assets(cfg) -> dict:
+    return {}
+
+
+register(ObjectiveSpec("ctfm_simclr", ctfm.CTFMConfig, no_assets, ctfm.patch_sampler, ctfm.CTFMTask, ctfm.synthetic_batch, {
     "objective.temperature": {"loguniform": (0.05, 0.5)},
     "objective.patches_per_scan": {"choice": [10, 15, 20]},
     "optim.lr": {"loguniform": (3e-5, 3e-4)},
 }))
+register(ObjectiveSpec("totalfm_mae", totalfm.TotalFMMAEConfig, no_assets, totalfm.organ_sampler, totalfm.TotalFMMAETask, totalfm.synthetic_batch, {
+    "objective.mask_ratio": {"choice": [0.75, 0.9]},
+    "optim.lr": {"loguniform": (1e-4, 1.5e-3)},
+}))
+register(ObjectiveSpec("totalfm_clip", totalfm.TotalFMCLIPConfig, totalfm.clip_assets, totalfm.organ_sampler, totalfm.TotalFMCLIPTask, totalfm.synthetic_batch, {
+    "objective.temperature_init": {"choice": [0.03, 0.07, 0.1]},
+    "optim.lr": {"loguniform": (1e-5, 3e-4)},
+}))
+register(ObjectiveSpec("cagcl", cagcl.CAGCLConfig, cagcl.cagcl_assets, cagcl.scan_sampler, cagcl.CAGCLTask, cagcl.synthetic_batch, {
+    "objective.global_weight": {"grid": [0.0, 0.05, 0.1, 0.2]},
+    "optim.lr": {"loguniform": (1e-5, 3e-4)},
+}))
 
-ObjectiveConfig = Annotated[Union[CTFMConfig], Field(discriminator="name")]
+ObjectiveConfig = Annotated[
+    Union[ctfm.CTFMConfig, totalfm.TotalFMMAEConfig, totalfm.TotalFMCLIPConfig, cagcl.CAGCLConfig], Field(discriminator="name")
+]
 """Every registered objective's config, told apart by `name`."""

@@ -55,8 +55,8 @@ class CTFMConfig(Section):
     """Projection head after the pooled encoder features (512 -> 256 -> 128)."""
 
 
-def patch_sampler(cfg: CTFMConfig) -> PatchSampler:
-    return PatchSampler(cfg.patches_per_scan, tuple(cfg.patch_size), int(cfg.window_hu[0]))
+def patch_sampler(cfg: CTFMConfig, assets: dict | None = None, seed: int | None = None) -> PatchSampler:
+    return PatchSampler(cfg.patches_per_scan, tuple(cfg.patch_size), int(cfg.window_hu[0]), seed)
 
 
 def synthetic_batch(cfg: CTFMConfig, scans: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -69,7 +69,7 @@ def synthetic_batch(cfg: CTFMConfig, scans: int, device: torch.device) -> dict[s
 class CTFMTask(nn.Module):
     """Model + augmentation + loss: batch {"patches": (S, M, d, h, w) int16} -> dict of losses/metrics."""
 
-    def __init__(self, cfg: CTFMConfig):
+    def __init__(self, cfg: CTFMConfig, assets: dict | None = None):
         super().__init__()
         self.cfg = cfg
         self.encoder = PooledSegResEncoder(cfg.init_filters, cfg.blocks_down)

@@ -47,3 +47,103 @@ class IntraSampleNTXent(nn.Module):
         loss = F.cross_entropy(logits.reshape(s * 2 * m, 2 * m), positive.repeat(s))
         pos_sim = sim[:, torch.arange(2 * m, device=z.device), positive].mean()
         return loss, pos_sim.detach()
+
+
+class LearnableTemperature(nn.Module):
+    """CLIP's learnable temperature, kept as log(1/tau) and clamped to [tau_min, tau_max]
+    (fVLM: init 0.07, clamp 0.001..0.5). forward() -> the logit scale 1/tau, a scalar tensor."""
+
+    def __init__(self, init: float = 0.07, tau_min: float = 0.001, tau_max: float = 0.5):
+        super().__init__()
+        if not tau_min <= init <= tau_max:
+            raise ValueError(f"temperature init {init} outside [{tau_min}, {tau_max}]")
+        self.log_scale = nn.Parameter(torch.tensor(float(-torch.log(torch.tensor(init)))))
+        self.bounds = (float(-torch.log(torch.tensor(tau_max))), float(-torch.log(torch.tensor(tau_min))))
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.clamp(*self.bounds).exp()
+
+
+def bidirectional_infonce(v: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """-1/N sum_i [log softmax_k <v_i, r_k> s + log softmax_k <v_k, r_i> s] at the positive:
+    the two-direction InfoNCE of CA-GCL eq. (1) and (4) (a sum of the two directions, as written).
+
+    v, r: (N, D), L2-normalised, row i of v pairs with row i of r. scale: scalar 1/tau.
+    targets: optional (N, N) soft targets, rows summing to 1 and symmetric (fVLM's calibration of
+    false negatives); None means the identity.
+    """
+    logits = scale * v.float() @ r.float().T
+    if targets is None:
+        labels = torch.arange(len(v), device=v.device)
+        return F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+    return -(targets * logits.log_softmax(1)).sum(1).mean() - (targets.T * logits.T.log_softmax(1)).sum(1).mean()
+
+
+def false_negative_targets(text_hash: torch.Tensor, abnormal: torch.Tensor) -> torch.Tensor:
+    """fVLM's soft targets: samples whose texts are identical, or whose anatomy is normal in both
+    (abnormal == 0), are positives of each other, weighted equally. (N,), (N,) -> (N, N)."""
+    same = (text_hash[:, None] == text_hash[None, :]) | ((abnormal[:, None] == 0) & (abnormal[None, :] == 0))
+    same = same | torch.eye(len(same), dtype=torch.bool, device=same.device)
+    t = same.float()
+    return t / t.sum(1, keepdim=True)
+
+
+class AnatomyLocalLoss(nn.Module):
+    """Anatomy-wise vision-text InfoNCE: CA-GCL eq. (1) (Sec. 2.2, "local alignment", after fVLM)
+    and TotalFM's organ-wise volume-text contrast, which is the same loss over organ volumes.
+
+    For anatomy j, the N_j samples that have both its image region and a text form one two-way
+    InfoNCE problem; negatives are the same anatomy in other samples only. Anatomies with fewer
+    than 2 samples have no negatives and contribute 0.
+
+    Inputs: v, r (B, A, D) L2-normalised anatomy embeddings; present (B, A) bool; scale: 1/tau;
+    optional text_hash (B, A) int64 and abnormal (B, A) int8 for soft targets.
+    Output: (A,) the per-anatomy losses L_loc^(j) (CA-GCL sums them, eq. 5).
+    """
+
+    def __init__(self, soft_targets: bool = False):
+        super().__init__()
+        self.soft_targets = soft_targets
+
+    def forward(self, v, r, present, scale, text_hash=None, abnormal=None) -> torch.Tensor:
+        losses = []
+        for j in range(v.shape[1]):
+            idx = present[:, j].nonzero().squeeze(1)
+            if len(idx) < 2:
+                losses.append(v.new_zeros((), dtype=torch.float32))
+                continue
+            targets = false_negative_targets(text_hash[idx, j], abnormal[idx, j]) if self.soft_targets else None
+            losses.append(bidirectional_infonce(v[idx, j], r[idx, j], scale, targets))
+        return torch.stack(losses)
+
+
+class CrossAnatomyGlobalLoss(nn.Module):
+    """CA-GCL's global loss, eq. (2)-(4) (Sec. 2.2, "cross-anatomy global contrast").
+
+    Per anatomy j an independent random permutation pi_j of the B samples; synthetic group k takes
+    sample pi_j(k)'s anatomy j for every j, so each anatomy token is used exactly once and there are
+    K = B groups. Group embeddings are the mean over anatomies (eq. 3; here over the anatomies
+    present in the drawn sample, since real scans miss some), re-normalised because <.,.> is the
+    cosine; then the two-way InfoNCE over the K groups (eq. 4). Groups with no anatomy are dropped.
+
+    Inputs: v, r (B, A, D) L2-normalised; present (B, A) bool; scale 1/tau; generator for the
+    permutations (seeded identically on every worker, after the gather). Output: scalar.
+    """
+
+    @staticmethod
+    def permutations(b: int, a: int, generator: torch.Generator | None, device) -> torch.Tensor:
+        """(A, B): row j is pi_j."""
+        return torch.stack([torch.randperm(b, generator=generator) for _ in range(a)]).to(device)
+
+    def forward(self, v, r, present, scale, generator: torch.Generator | None = None) -> torch.Tensor:
+        b, a = present.shape
+        perm = self.permutations(b, a, generator, v.device)  # (A, K=B)
+        cols = torch.arange(a, device=v.device)[:, None]
+        w = present[perm, cols].T.float()  # (K, A): group k's anatomy j is present
+        vg = (v[perm, cols].transpose(0, 1) * w[..., None]).sum(1)  # (K, D)
+        rg = (r[perm, cols].transpose(0, 1) * w[..., None]).sum(1)
+        keep = w.sum(1) > 0
+        if int(keep.sum()) < 2:
+            return v.new_zeros((), dtype=torch.float32)
+        vg, rg = F.normalize(vg[keep].float(), dim=-1), F.normalize(rg[keep].float(), dim=-1)
+        return bidirectional_infonce(vg, rg, scale)

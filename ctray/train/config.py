@@ -64,6 +64,20 @@ class TrainConfig(Section):
     cluster's recovery from checkpoints. Leave unset in real runs."""
 
 
+class EvalConfig(Section):
+    """Periodic evaluation, for objectives that have one (zero-shot and text-collapse diagnostics of
+    TotalFM stage 2 and CA-GCL); results land in <run>/eval/step_N/ and in the metrics."""
+
+    every: int = 0
+    """Steps between evaluations; the last step always evaluates; 0: the last step only."""
+    shards: str | None = None
+    """Shards with known labels to evaluate on (None: data.shards)."""
+    max_scans: int = 64
+    """Scans evaluated (the first of the shards' index)."""
+    enabled: bool = True
+    """Off: no evaluation at all."""
+
+
 class ScalingConfig(Section):
     """Ray Train workers."""
 
@@ -102,6 +116,7 @@ class PretrainConfig(Section):
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     run: RunConfig = Field(default_factory=RunConfig)

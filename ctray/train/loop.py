@@ -143,7 +143,8 @@ def train_loop(config: dict) -> None:
     spec = get_objective(cfg.objective.name)
 
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
-    task = spec.task(cfg.objective)
+    assets = config.get("assets", {})
+    task = spec.task(cfg.objective, assets)
     opt = torch.optim.AdamW(task.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio))
     engine, opt, _, sched = deepspeed.initialize(
@@ -173,6 +174,8 @@ def train_loop(config: dict) -> None:
             batch_size=cfg.scans_per_worker, prefetch_batches=cfg.data.prefetch_batches, drop_last=True,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer_scans or None,
         )
+
+    evaluation = _Evaluation(cfg, spec, assets, task, device) if cfg.eval.enabled and hasattr(task, "evaluate") else None
 
     win = {"t0": time.perf_counter(), "wait": 0.0, "views": 0.0, "n": 0, "metrics": {}}
     epoch = 0
@@ -209,6 +212,8 @@ def train_loop(config: dict) -> None:
                     "data_wait_fraction": dist.mean_across_workers(win["wait"] / elapsed, device),
                     **{k: dist.mean_across_workers(float(v) / win["n"], device) for k, v in win["metrics"].items()},
                 }
+                if evaluation is not None and (last or (cfg.eval.every and step % cfg.eval.every == 0)):
+                    metrics.update(evaluation.run(step))
                 if files is not None:
                     files.log(metrics)
                     log.info("step %d  loss %.4f  lr %.2e  %.1f views/s  data-wait %.1f%%", step, metrics["loss"], metrics["lr"], metrics["views_per_s"], 100 * metrics["data_wait_fraction"])
@@ -230,6 +235,45 @@ def train_loop(config: dict) -> None:
     _export(engine, task, cfg, step)
     if files is not None:
         files.sync()
+
+
+class _Evaluation:
+    """The objective's evaluation on a fixed set of scans (read once, sampled with a fixed seed).
+    Every rank runs it (ZeRO-3 gathers parameters collectively); rank 0 publishes the files."""
+
+    def __init__(self, cfg: PretrainConfig, spec, assets: dict, task, device):
+        from ctray.data.pipeline import ShardRowReader, scan_index
+
+        self.cfg, self.task, self.device = cfg, task, device
+        uri = cfg.eval.shards or cfg.data.shards
+        items = scan_index(uri, cfg.storage)[: cfg.eval.max_scans]
+        reader = ShardRowReader(uri, cfg.storage, spec.sampler(cfg.objective, assets, seed=0))
+        n = cfg.scans_per_worker
+        self.batches = [
+            {k: torch.as_tensor(v) for k, v in reader({"path": [i["path"] for i in chunk], "row_group": [i["row_group"] for i in chunk]}).items()}
+            for chunk in (items[i : i + n] for i in range(0, len(items), n))
+        ]
+
+    def run(self, step: int) -> dict[str, float]:
+        self.task.eval()
+        try:
+            result = self.task.evaluate(({k: v.to(self.device) for k, v in b.items()} for b in self.batches), step)
+        finally:
+            self.task.train()
+        if dist.rank() == 0:
+            fs, root = filesystem(self.cfg.run.storage, self.cfg.storage)
+            folder = posixpath.join(root, self.cfg.run.name, "eval", f"step_{step:08d}")
+            for name, data in result.files.items():
+                publish_bytes(data, fs, posixpath.join(folder, name), self.cfg.storage)
+            m = result.metrics
+            log.info(
+                "eval step %d: zero-shot finding AUROC %.3f ± %.3f, anatomy AUROC %.3f ± %.3f (over %d templates); "
+                "text cos(different anatomies) %.3f ± %.3f; files %s",
+                step, m["zs_finding_auroc_mean"], m["zs_finding_auroc_std"], m["zs_anatomy_auroc_mean"], m["zs_anatomy_auroc_std"],
+                len(self.cfg.objective.zero_shot.templates), m["text_cos_mean"], m["text_cos_std"],
+                posixpath.join(self.cfg.run.storage, self.cfg.run.name, "eval", f"step_{step:08d}"),
+            )
+        return result.metrics
 
 
 def _checkpoint(engine, metrics: dict, files) -> None:

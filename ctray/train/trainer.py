@@ -37,19 +37,22 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Pretrain
     cfg = cfg.model_copy(deep=True)
     cfg.data.shards = resolve_uri(cfg.data.shards)
     cfg.run.storage = resolve_uri(cfg.run.storage)
+    if cfg.eval.shards:
+        cfg.eval.shards = resolve_uri(cfg.eval.shards)
     ensure_ray(cfg.ray)
 
     fs, root = filesystem(cfg.run.storage, cfg.storage)
     publish_bytes(to_yaml(cfg).encode(), fs, posixpath.join(root, cfg.run.name, "config.yaml"), cfg.storage)
 
     spec = get_objective(cfg.objective.name)
+    assets = spec.prepare(cfg)
     datasets = {}
     if not cfg.data.synthetic:
-        datasets["train"] = training_dataset(cfg.data.shards, cfg.storage, spec.sampler(cfg.objective), cfg.data.sampler_concurrency)
+        datasets["train"] = training_dataset(cfg.data.shards, cfg.storage, spec.sampler(cfg.objective, assets), cfg.data.sampler_concurrency)
     afs, storage_path = arrow_filesystem(cfg.run.storage, cfg.storage)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json")},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "assets": assets},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

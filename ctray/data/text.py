@@ -1,0 +1,91 @@
+"""Report text on the CPU side: a WordPiece tokenizer trained on the report corpus, the per-anatomy
+sentence policies of TotalFM and CA-GCL, and batch tokenisation into fixed-length id arrays.
+
+Only numpy and the Rust `tokenizers` library here (no torch): this runs inside Ray Data's sampler
+tasks. A hub model's tokenizer is exported to the same tokenizer.json format on the driver
+(ctray.models.text.prepare_tokenizer), so the samplers handle both the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def train_wordpiece(sentences, vocab_size: int) -> str:
+    """A BERT-style (lower-case, WordPiece, [CLS] ... [SEP]) tokenizer trained on `sentences`;
+    returns its tokenizer.json text. Used when the text encoder is randomly initialised, because
+    no hub tokenizer can be downloaded in every environment (and a trained one fits the corpus)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=1)
+    tok.train_from_iterator(sentences, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return tok.to_str()
+
+
+class TextEncoding:
+    """tokenizer.json text -> encode(texts) -> (ids int32 (N, L), attention mask uint8 (N, L))."""
+
+    def __init__(self, tokenizer_json: str, max_length: int):
+        self.tokenizer_json = tokenizer_json
+        self.max_length = max_length
+        self._tok = None
+
+    def __getstate__(self):  # the Rust object does not pickle; rebuilt lazily in each process
+        return {"tokenizer_json": self.tokenizer_json, "max_length": self.max_length, "_tok": None}
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from tokenizers import Tokenizer
+
+            self._tok = Tokenizer.from_str(self.tokenizer_json)
+            self._tok.enable_truncation(self.max_length)
+            pad = self._tok.token_to_id("[PAD]")
+            self._tok.enable_padding(length=self.max_length, pad_id=0 if pad is None else pad)
+        return self._tok
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not texts:
+            z = np.zeros((0, self.max_length), dtype=np.int32)
+            return z, z.astype(np.uint8)
+        enc = self.tokenizer.encode_batch(texts)
+        return np.array([e.ids for e in enc], dtype=np.int32), np.array([e.attention_mask for e in enc], dtype=np.uint8)
+
+
+def clinical_aware(sentences: list[str], rng: np.random.Generator) -> str:
+    """CA-GCL's clinical-aware text augmentation (paper section 2.3): a random non-empty subset of
+    the anatomy's sentences (partial completeness), in random order (permutation invariance), joined."""
+    if not sentences:
+        raise ValueError("clinical-aware augmentation needs at least one sentence")
+    n = len(sentences)
+    keep = rng.random(n) < 0.5
+    if not keep.any():
+        keep[rng.integers(n)] = True
+    chosen = [sentences[i] for i in np.flatnonzero(keep)]
+    return " ".join(chosen[i] for i in rng.permutation(len(chosen)))
+
+
+def one_sentence(sentences: list[str], rng: np.random.Generator) -> str:
+    """TotalFM: one finding sentence of the organ per step."""
+    return sentences[int(rng.integers(len(sentences)))]
+
+
+def all_sentences(sentences: list[str], rng: np.random.Generator) -> str:
+    """No augmentation: the anatomy's whole text in report order."""
+    return " ".join(sentences)
+
+
+def text_hash(text: str) -> int:
+    """A stable 63-bit id of a text (soft targets: identical texts are not negatives of each other)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1

@@ -1,0 +1,103 @@
+"""The report encoder: a BERT-style model (a hub model in real runs, e.g. CXR-BERT as in fVLM; here
+random init from the config) whose [CLS] token is projected and L2-normalised. The tokenizer is
+prepared once per run on the driver (`prepare_tokenizer`) and stored beside the run."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctray.config import Section, StorageConfig
+from ctray.storage import filesystem, publish_bytes, read_bytes
+
+log = logging.getLogger(__name__)
+
+
+class TextConfig(Section):
+    """BERT-style text encoder and its tokenizer."""
+
+    model: str | None = None
+    """A transformers model name or path (e.g. microsoft/BiomedVLP-CXR-BERT-specialized); None:
+    a randomly initialised BERT built from the fields below."""
+    tokenizer: str | None = None
+    """tokenizer.json (folder or s3:// URI). None: the hub model's tokenizer, or (random init) a
+    WordPiece tokenizer trained on the shards' report sentences; either is saved as
+    <run>/tokenizer.json and reused when the run resumes."""
+    vocab_size: int = 8192
+    """Vocabulary of the trained tokenizer and the random-init embedding table."""
+    hidden_size: int = 768
+    """Random init: BERT width."""
+    layers: int = 12
+    """Random init: transformer layers."""
+    heads: int = 12
+    """Random init: attention heads."""
+    max_length: int = 64
+    """Tokens per text ([CLS] ... [SEP], truncated and padded)."""
+
+
+def prepare_tokenizer(text: TextConfig, shards: str, run_dir: str, storage: StorageConfig) -> str:
+    """The run's tokenizer.json text: the configured file, the run's own from an earlier attempt,
+    the hub model's (exported from transformers), or one trained on the shards' sentences."""
+    from ctray.data.text import train_wordpiece
+
+    if text.tokenizer:
+        fs, path = filesystem(text.tokenizer, storage)
+        return read_bytes(fs, path, storage).decode()
+    fs, root = filesystem(run_dir, storage)
+    path = posixpath.join(root, "tokenizer.json")
+    if fs.exists(path):
+        return read_bytes(fs, path, storage).decode()
+    if text.model:
+        from transformers import AutoTokenizer
+
+        tokenizer_json = AutoTokenizer.from_pretrained(text.model).backend_tokenizer.to_str()
+    else:
+        sentences = report_sentences(shards, storage)
+        log.info("training a WordPiece tokenizer (vocab %d) on %d report sentences of %s", text.vocab_size, len(sentences), shards)
+        tokenizer_json = train_wordpiece(sentences, text.vocab_size)
+    publish_bytes(tokenizer_json.encode(), fs, path, storage)
+    return tokenizer_json
+
+
+def report_sentences(shards: str, storage: StorageConfig) -> list[str]:
+    """Every anatomy sentence in the committed shards (only the anatomy_texts column is read)."""
+    import pyarrow.parquet as pq
+
+    from ctray.data.pipeline import scan_index
+    from ctray.storage import arrow_filesystem
+
+    afs, _ = arrow_filesystem(shards, storage)
+    paths = sorted({item["path"] for item in scan_index(shards, storage)})
+    out: list[str] = []
+    for path in paths:
+        for texts in pq.read_table(path, columns=["anatomy_texts"], filesystem=afs).column("anatomy_texts").to_pylist():
+            out.extend(s for t in texts or [] for s in t["sentences"])
+    if not out:
+        raise ValueError(f"{shards}: no report sentences to train a tokenizer on (were reports ingested?)")
+    return out
+
+
+class TextEncoder(nn.Module):
+    """(N, L) token ids + attention mask -> (N, out_dim) L2-normalised [CLS] projections."""
+
+    def __init__(self, cfg: TextConfig, out_dim: int):
+        super().__init__()
+        from transformers import AutoModel, BertConfig, BertModel
+
+        if cfg.model:
+            self.bert = AutoModel.from_pretrained(cfg.model)
+        else:
+            self.bert = BertModel(BertConfig(
+                vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
+                num_attention_heads=cfg.heads, intermediate_size=4 * cfg.hidden_size,
+                max_position_embeddings=max(512, cfg.max_length),
+            ), add_pooling_layer=False)
+        self.proj = nn.Linear(self.bert.config.hidden_size, out_dim)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=ids.long(), attention_mask=mask.long()).last_hidden_state
+        return F.normalize(self.proj(hidden[:, 0]).float(), dim=-1)

@@ -1,0 +1,109 @@
+"""The vision-text half shared by TotalFM stage 2 and CA-GCL: anatomy texts -> BERT [CLS] ->
+projection, a learnable temperature, the anatomy-wise InfoNCE over the batch gathered from every
+worker (with autograd), and zero-shot evaluation. A subclass supplies `embed_anatomies`."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from ctray import dist
+from ctray.config import Section
+from ctray.data.text import TextEncoding
+from ctray.models.text import TextConfig, TextEncoder
+from ctray.objectives.losses import AnatomyLocalLoss, LearnableTemperature
+from ctray.objectives.zeroshot import Evaluation, ZeroShotConfig, evaluate
+
+
+class ContrastConfig(Section):
+    """Vision-text contrast shared by TotalFM stage 2 and CA-GCL."""
+
+    embed_dim: int = 256
+    """Joint embedding width (fVLM: 256)."""
+    temperature_init: float = 0.07
+    """Initial temperature (fVLM / CLIP: 0.07); learnable."""
+    temperature_range: tuple[float, float] = (0.001, 0.5)
+    """Clamp of the learnable temperature (fVLM: 0.001..0.5)."""
+    soft_targets: bool = False
+    """fVLM's false-negative calibration: identical texts and both-normal anatomies are not
+    negatives of each other (soft targets)."""
+    text: TextConfig = Field(default_factory=TextConfig)
+    zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
+
+
+def text_assets(cfg) -> dict:
+    """Driver side (PretrainConfig -> assets): the run's tokenizer and the storage settings."""
+    import posixpath
+
+    from ctray.models.text import prepare_tokenizer
+
+    run_dir = posixpath.join(cfg.run.storage, cfg.run.name)
+    return {
+        "tokenizer_json": prepare_tokenizer(cfg.objective.text, cfg.data.shards, run_dir, cfg.storage),
+        "storage": cfg.storage.model_dump(mode="json"),
+    }
+
+
+class AnatomyTextTask(nn.Module):
+    """Base task. Batch keys (from ctray.data.samplers.AnatomyTexts): text_ids, text_mask (S, A, L);
+    present, region (S, A); text_hash (S, A); abnormal (S, A); finding_labels (S, F)."""
+
+    anatomies: list[str]
+
+    def __init__(self, contrast: ContrastConfig, assets: dict):
+        super().__init__()
+        self.contrast = contrast
+        self.text = TextEncoder(contrast.text, contrast.embed_dim)
+        self.temperature = LearnableTemperature(contrast.temperature_init, *contrast.temperature_range)
+        self.local = AnatomyLocalLoss(contrast.soft_targets)
+        self.encoding = TextEncoding(assets["tokenizer_json"], contrast.text.max_length) if assets.get("tokenizer_json") else None
+
+    def embed_anatomies(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """-> (S, A, embed_dim) L2-normalised anatomy image embeddings (rows outside `region` arbitrary)."""
+        raise NotImplementedError
+
+    def embed_reports(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(S, A, embed_dim): the text embeddings of the present anatomies (zeros elsewhere); only
+        those texts go through the encoder."""
+        present = batch["present"].bool()
+        r = self.text(batch["text_ids"][present], batch["text_mask"][present])
+        out = r.new_zeros((*present.shape, r.shape[-1]))
+        out[present] = r
+        return out
+
+    def gathered(self, v: torch.Tensor, r: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """The global batch: embeddings with autograd, the rest without (open_clip gather_features)."""
+        return {
+            "v": dist.gather_with_grad(v), "r": dist.gather_with_grad(r),
+            **{k: dist.gather(batch[k]) for k in ("present", "text_hash", "abnormal")},
+        }
+
+    def local_losses(self, g: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+        return self.local(g["v"], g["r"], g["present"].bool(), scale, g["text_hash"], g["abnormal"])
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        device = next(self.parameters()).device
+        ids, mask = self.encoding.encode(texts)
+        return self.text(torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device))
+
+    @torch.no_grad()
+    def evaluate(self, batches, step: int) -> Evaluation:
+        """Zero-shot metrics and the text-collapse diagnostic over evaluation batches (same keys as
+        training batches, from the sampler with a fixed seed)."""
+        vs, regions, findings, abnormal, texts, text_anatomy = [], [], [], [], [], []
+        for batch in batches:
+            vs.append(self.embed_anatomies(batch).float())
+            r = self.embed_reports(batch)
+            present = batch["present"].bool()
+            texts.append(r[present])
+            text_anatomy.append(present.nonzero()[:, 1].cpu().numpy())
+            regions.append(batch["region"].bool().cpu().numpy())
+            findings.append(batch["finding_labels"].cpu().numpy())
+            abnormal.append(batch["abnormal"].cpu().numpy())
+        return evaluate(
+            torch.cat(vs), np.concatenate(regions), np.concatenate(findings), np.concatenate(abnormal), torch.cat(texts),
+            np.concatenate(text_anatomy), self.anatomies, lambda t: self.embed_texts(t).float(),
+            float(self.temperature()), self.contrast.zero_shot, step,
+        )

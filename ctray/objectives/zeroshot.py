@@ -1,0 +1,177 @@
+"""Zero-shot evaluation of anatomy-level vision-text models (TotalFM stage 2, CA-GCL).
+
+For a finding f of anatomy a and a prompt template pair (present, absent), a scan's score is the
+softmax probability of the "present" prompt given the scan's anatomy-a embedding (CLIP-style
+zero-shot, as in fVLM and CA-GCL). Two tasks:
+- finding-wise: every finding label of the shards (finding -> anatomy from the config);
+- anatomy-wise lesion presence: the anatomy is abnormal when any finding mapped to it is present.
+Per template: AUROC, F1 and accuracy (threshold 0.5), macro-averaged over findings (anatomies);
+then mean and std over templates (CA-GCL's robustness to prompts).
+
+The collapse diagnostic (CA-GCL Fig. 1): the distribution of cosine similarity between the text
+embeddings of different anatomies, over the evaluation reports; its mean, std and a histogram.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ctray.config import Section
+
+PHANTOM_FINDINGS = {
+    "lung_nodule": "lung", "cardiomegaly": "heart", "aortic_dilation": "aorta", "liver_lesion": "liver",
+    "splenomegaly": "spleen", "kidney_cyst": "kidney", "bone_lesion": "bone",
+}
+"""ctray's phantoms' finding labels (ctray.data.phantoms.FINDINGS, kept here without its imports)."""
+
+DEFAULT_TEMPLATES = [
+    ("{finding} in the {anatomy}.", "no {finding} in the {anatomy}."),
+    ("There is {finding} in the {anatomy}.", "There is no {finding} in the {anatomy}."),
+    ("The {anatomy} shows {finding}.", "The {anatomy} shows no {finding}."),
+    ("Evidence of {finding}.", "No evidence of {finding}."),
+    ("{finding} is present.", "{finding} is absent."),
+    ("Findings consistent with {finding} in the {anatomy}.", "The {anatomy} is normal."),
+]
+
+
+class ZeroShotConfig(Section):
+    """Zero-shot evaluation prompts and the finding labels they are scored against."""
+
+    findings: dict[str, str] = Field(default_factory=lambda: dict(PHANTOM_FINDINGS))
+    """Finding label (a `labels` name in the shards) -> the anatomy whose embedding scores it.
+    Default: the phantoms' labels; real data names its reports table's labels here."""
+    templates: list[tuple[str, str]] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    """(present, absent) prompt pairs with {finding} and {anatomy} placeholders (>= 5 recommended)."""
+    lesion_term: str = "a lesion"
+    """{finding} in the anatomy-wise lesion-presence prompts."""
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties); NaN with one class."""
+    from scipy.stats import rankdata
+
+    pos, neg = int(labels.sum()), int((1 - labels).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def f1_accuracy(pred: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    tp = int((pred & (labels == 1)).sum())
+    fp = int((pred & (labels == 0)).sum())
+    fn = int((~pred & (labels == 1)).sum())
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return f1, float((pred == (labels == 1)).mean())
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    """Scalars for metrics.jsonl / Tune (zs_* and text_cos_*)."""
+    files: dict[str, bytes] = field(default_factory=dict)
+    """zero_shot.json, zero_shot.md and text_similarity.png, for <run>/eval/step_N/."""
+
+
+def _scores(v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float) -> np.ndarray:
+    """(N, D) image embeddings, (D,) prompts -> P(present) under a softmax over the two prompts."""
+    logits = scale * torch.stack([v @ pos, v @ neg], dim=1)
+    return logits.softmax(1)[:, 0].cpu().numpy()
+
+
+def _task_rows(name: str, v: torch.Tensor, region: np.ndarray, labels: np.ndarray, cfg: ZeroShotConfig, embed_texts, scale, items) -> list[dict]:
+    """items: (title, anatomy index, anatomy name, finding phrase, label column) -> one row per
+    template with macro-averaged AUROC / F1 / accuracy over the items that have both classes."""
+    rows = []
+    prompts = [t.format(finding=phrase, anatomy=anat) for _, _, anat, phrase, _ in items for pair in cfg.templates for t in pair]
+    emb = embed_texts(prompts).reshape(len(items), len(cfg.templates), 2, -1) if items else None
+    for t, _ in enumerate(cfg.templates):
+        per = []
+        for k, (title, j, _, _, col) in enumerate(items):
+            ok = region[:, j] & (labels[:, col] >= 0)
+            y = labels[ok, col].astype(int)
+            if ok.sum() < 2 or y.min() == y.max():
+                continue
+            s = _scores(v[torch.as_tensor(ok, device=v.device), j], emb[k, t, 0], emb[k, t, 1], scale)
+            f1, acc = f1_accuracy(s > 0.5, y)
+            per.append({"item": title, "auroc": auroc(s, y), "f1": f1, "accuracy": acc, "n": int(ok.sum())})
+        if per:
+            rows.append({"task": name, "template": t, **{m: float(np.mean([p[m] for p in per])) for m in ("auroc", "f1", "accuracy")}, "items": per})
+    return rows
+
+
+def evaluate(v: torch.Tensor, region: np.ndarray, finding_labels: np.ndarray, abnormal: np.ndarray, text_emb: torch.Tensor,
+             text_anatomy: np.ndarray, anatomies: list[str], embed_texts, scale: float, cfg: ZeroShotConfig, step: int) -> Evaluation:
+    """v (S, A, D) anatomy embeddings of the evaluation scans; region (S, A) bool; finding_labels
+    (S, F) and abnormal (S, A) in {-1, 0, 1}; text_emb (T, D) the embeddings of their reports'
+    anatomy texts with text_anatomy (T,) the anatomy index of each; embed_texts(list[str]) -> (N, D)."""
+    index = {a: j for j, a in enumerate(anatomies)}
+    findings = [(f, a) for f, a in cfg.findings.items() if a in index]
+    finding_items = [(f, index[a], a, f.replace("_", " "), c) for c, (f, a) in enumerate(findings)]
+    anatomy_items = [(a, j, a, cfg.lesion_term, j) for j, a in enumerate(anatomies)]
+    rows = _task_rows("finding", v, region, finding_labels, cfg, embed_texts, scale, finding_items)
+    rows += _task_rows("anatomy", v, region, abnormal, cfg, embed_texts, scale, anatomy_items)
+
+    metrics: dict[str, float] = {}
+    for task in ("finding", "anatomy"):
+        mine = [r for r in rows if r["task"] == task]
+        for m in ("auroc", "f1", "accuracy"):
+            vals = [r[m] for r in mine]
+            metrics[f"zs_{task}_{m}_mean"] = float(np.mean(vals)) if vals else float("nan")
+            metrics[f"zs_{task}_{m}_std"] = float(np.std(vals)) if vals else float("nan")
+    sims = cross_anatomy_similarity(text_emb, text_anatomy)
+    metrics["text_cos_mean"] = float(sims.mean()) if len(sims) else float("nan")
+    metrics["text_cos_std"] = float(sims.std()) if len(sims) else float("nan")
+
+    report = {"step": step, "scans": int(len(region)), "metrics": metrics, "templates": [list(t) for t in cfg.templates], "per_template": rows}
+    files = {
+        "zero_shot.json": json.dumps(report, indent=1).encode(),
+        "zero_shot.md": markdown_table(rows, metrics, step).encode(),
+        "text_similarity.png": similarity_histogram(sims, step),
+    }
+    return Evaluation(metrics, files)
+
+
+def cross_anatomy_similarity(text_emb: torch.Tensor, text_anatomy: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every pair of texts that describe different anatomies."""
+    if len(text_emb) < 2:
+        return np.zeros(0)
+    sim = (text_emb.float() @ text_emb.float().T).cpu().numpy()
+    a = np.asarray(text_anatomy)
+    upper = np.triu(np.ones_like(sim, dtype=bool), k=1) & (a[:, None] != a[None, :])
+    return sim[upper]
+
+
+def markdown_table(rows: list[dict], metrics: dict[str, float], step: int) -> str:
+    lines = [f"# Zero-shot evaluation at step {step}", "", "| task | template | AUROC | F1 | accuracy |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['task']} | {r['template']} | {r['auroc']:.3f} | {r['f1']:.3f} | {r['accuracy']:.3f} |" for r in rows]
+    lines += ["", "| task | AUROC mean ± std | F1 mean ± std | accuracy mean ± std |", "| --- | --- | --- | --- |"]
+    for task in ("finding", "anatomy"):
+        cells = [f"{metrics[f'zs_{task}_{m}_mean']:.3f} ± {metrics[f'zs_{task}_{m}_std']:.3f}" for m in ("auroc", "f1", "accuracy")]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines += ["", f"Text embeddings of different anatomies: cosine similarity mean {metrics['text_cos_mean']:.3f}, std {metrics['text_cos_std']:.3f}", ""]
+    return "\n".join(lines)
+
+
+def similarity_histogram(sims: np.ndarray, step: int) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.hist(sims, bins=50, range=(-1, 1), color="tab:blue")
+    ax.set_xlabel("cosine similarity, texts of different anatomies")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"text embedding collapse at step {step} (mean {sims.mean() if len(sims) else float('nan'):.2f})")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
