@@ -70,7 +70,7 @@ def test_every_job_yaml_validates():
 
     from conftest import REPO
 
-    kinds = {"ingest": IngestConfig, "ctfm": PretrainConfig, "sweep": SweepConfig}
+    kinds = {"ingest": IngestConfig, "ctfm": PretrainConfig, "totalfm": PretrainConfig, "cagcl": PretrainConfig, "sweep": SweepConfig}
     for path in sorted((REPO / "jobs").glob("*.yaml")):
         model = kinds[path.stem.split("-")[0]]
         cfg = load_config(model, path)

@@ -54,10 +54,12 @@ class ShardRowReader:
         return self.sampler(pa.concat_tables(tables))
 
 
-def training_dataset(uri: str, storage: StorageConfig, sampler, concurrency: int | None):
+def training_dataset(uri: str, storage: StorageConfig, sampler, concurrency: int | None, min_scans_per_pass: int = 1):
     import ray
 
-    index = ray.data.from_items(scan_index(uri, storage)).random_shuffle()  # a new order every epoch
+    items = scan_index(uri, storage)
+    copies = max(1, -(-min_scans_per_pass // len(items)))
+    index = ray.data.from_items(items * copies).random_shuffle()  # a new order every pass
     return index.map_batches(
         ShardRowReader(uri, storage, sampler), batch_size=1, batch_format="numpy", num_cpus=1, concurrency=concurrency,
     )

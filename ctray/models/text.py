@@ -1,11 +1,13 @@
 """The report encoder: a BERT-style model (a hub model in real runs, e.g. CXR-BERT as in fVLM; here
-random init from the config) whose [CLS] token is projected and L2-normalised. The tokenizer is
+random init from the config) whose [CLS] token (or token mean) is projected and L2-normalised. The tokenizer is
 prepared once per run on the driver (`prepare_tokenizer`) and stored beside the run."""
 
 from __future__ import annotations
 
 import logging
 import posixpath
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,10 @@ class TextConfig(Section):
     """Random init: attention heads."""
     max_length: int = 64
     """Tokens per text ([CLS] ... [SEP], truncated and padded)."""
+    pooling: Literal["cls", "mean"] = "cls"
+    """cls: the [CLS] token (fVLM, CA-GCL). mean: the mean over the text's tokens, for random-init
+    towers on small data (the local jobs and tests): at init a BERT's [CLS] output hardly depends
+    on the other tokens (cosine ~1.0 between any two texts), and it takes long to learn otherwise."""
 
 
 def prepare_tokenizer(text: TextConfig, shards: str, run_dir: str, storage: StorageConfig) -> str:
@@ -97,7 +103,13 @@ class TextEncoder(nn.Module):
                 max_position_embeddings=max(512, cfg.max_length),
             ), add_pooling_layer=False)
         self.proj = nn.Linear(self.bert.config.hidden_size, out_dim)
+        self.pooling = cfg.pooling
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         hidden = self.bert(input_ids=ids.long(), attention_mask=mask.long()).last_hidden_state
-        return F.normalize(self.proj(hidden[:, 0]).float(), dim=-1)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            w = mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * w).sum(1) / w.sum(1).clamp(min=1)
+        return F.normalize(self.proj(pooled).float(), dim=-1)

@@ -57,11 +57,12 @@ class LearnableTemperature(nn.Module):
         super().__init__()
         if not tau_min <= init <= tau_max:
             raise ValueError(f"temperature init {init} outside [{tau_min}, {tau_max}]")
-        self.log_scale = nn.Parameter(torch.tensor(float(-torch.log(torch.tensor(init)))))
+        # Shape (1,), not (): DeepSpeed's flattening cannot view a 0-dim parameter.
+        self.log_scale = nn.Parameter(torch.full((1,), float(-torch.log(torch.tensor(init)))))
         self.bounds = (float(-torch.log(torch.tensor(tau_max))), float(-torch.log(torch.tensor(tau_min))))
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.clamp(*self.bounds).exp()
+        return self.log_scale.clamp(*self.bounds).exp()[0]
 
 
 def bidirectional_infonce(v: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

@@ -48,6 +48,9 @@ class ZeroShotConfig(Section):
     Default: the phantoms' labels; real data names its reports table's labels here."""
     templates: list[tuple[str, str]] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     """(present, absent) prompt pairs with {finding} and {anatomy} placeholders (>= 5 recommended)."""
+    finding_prompts: dict[str, tuple[str, str]] = Field(default_factory=dict)
+    """Finding -> its own (present, absent) prompts, used instead of every template for that finding
+    (e.g. the wording of the data set's reports)."""
     lesion_term: str = "a lesion"
     """{finding} in the anatomy-wise lesion-presence prompts."""
 
@@ -89,7 +92,10 @@ def _task_rows(name: str, v: torch.Tensor, region: np.ndarray, labels: np.ndarra
     """items: (title, anatomy index, anatomy name, finding phrase, label column) -> one row per
     template with macro-averaged AUROC / F1 / accuracy over the items that have both classes."""
     rows = []
-    prompts = [t.format(finding=phrase, anatomy=anat) for _, _, anat, phrase, _ in items for pair in cfg.templates for t in pair]
+    prompts = [
+        t.format(finding=phrase, anatomy=anat)
+        for title, _, anat, phrase, _ in items for pair in cfg.templates for t in cfg.finding_prompts.get(title, pair)
+    ]
     emb = embed_texts(prompts).reshape(len(items), len(cfg.templates), 2, -1) if items else None
     for t, _ in enumerate(cfg.templates):
         per = []
@@ -114,7 +120,7 @@ def evaluate(v: torch.Tensor, region: np.ndarray, finding_labels: np.ndarray, ab
     index = {a: j for j, a in enumerate(anatomies)}
     findings = [(f, a) for f, a in cfg.findings.items() if a in index]
     finding_items = [(f, index[a], a, f.replace("_", " "), c) for c, (f, a) in enumerate(findings)]
-    anatomy_items = [(a, j, a, cfg.lesion_term, j) for j, a in enumerate(anatomies)]
+    anatomy_items = [(f"{a} (any finding)", j, a, cfg.lesion_term, j) for j, a in enumerate(anatomies)]
     rows = _task_rows("finding", v, region, finding_labels, cfg, embed_texts, scale, finding_items)
     rows += _task_rows("anatomy", v, region, abnormal, cfg, embed_texts, scale, anatomy_items)
 

@@ -21,6 +21,10 @@ class DataConfig(Section):
     """Batches each worker's iterator prepares ahead (iter_torch_batches)."""
     sampler_concurrency: int | None = None
     """CPU sampler tasks running at once (None: Ray Data decides from free CPUs)."""
+    min_scans_per_pass: int = 512
+    """The scan index is repeated until one pass of the iterator holds at least this many scans
+    (each copy in its own shuffled order): Ray Data restarts its executor at each pass, which costs
+    seconds and dominates small data sets. Large data sets are not repeated."""
     shuffle_buffer_scans: int = 0
     """Local shuffle buffer (scans) in each worker on top of shuffled shard order; 0 disables."""
     synthetic: bool = False

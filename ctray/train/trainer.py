@@ -48,7 +48,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Pretrain
     assets = spec.prepare(cfg)
     datasets = {}
     if not cfg.data.synthetic:
-        datasets["train"] = training_dataset(cfg.data.shards, cfg.storage, spec.sampler(cfg.objective, assets), cfg.data.sampler_concurrency)
+        datasets["train"] = training_dataset(cfg.data.shards, cfg.storage, spec.sampler(cfg.objective, assets), cfg.data.sampler_concurrency, cfg.data.min_scans_per_pass)
     afs, storage_path = arrow_filesystem(cfg.run.storage, cfg.storage)
     trainer = TorchTrainer(
         train_loop,

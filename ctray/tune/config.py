@@ -65,6 +65,9 @@ class SweepConfig(Section):
     max_concurrent: int | None = None
     """Trials at once (None: as many as the cluster's GPUs or CPUs fit, from the base's scaling)."""
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    report_metrics: list[str] = Field(default_factory=list)
+    """More metrics of each trial's last report for the results table and CSV (e.g. the zero-shot
+    and text-collapse figures of an evaluation at the last step)."""
     name: str = "sweep"
     """Sweep name; re-running the same storage + name continues it."""
     storage: str = "runs/sweeps"

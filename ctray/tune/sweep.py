@@ -150,6 +150,7 @@ def _report(cfg: SweepConfig, base: dict, spaces: dict[str, ParamSpace], results
             "trial": (r.metrics or {}).get("trial_id", ""),
             **params,
             metric: r.metrics.get(metric) if r.metrics else None,
+            **{m: (r.metrics or {}).get(m) for m in cfg.report_metrics if m != metric},
             "reports": r.metrics.get("training_iteration") if r.metrics else 0,
             "step": r.metrics.get("step") if r.metrics else None,
             "status": "error" if r.error else "ok",
@@ -174,7 +175,7 @@ def _report(cfg: SweepConfig, base: dict, spaces: dict[str, ParamSpace], results
     publish_bytes(to_yaml(best_cfg).encode(), fs, posixpath.join(root, "best.yaml"), cfg.storage_options)
     publish_bytes(_plot(rows, spaces, metric), fs, posixpath.join(root, "metric_vs_params.png"), cfg.storage_options)
 
-    print(_table(rows, list(spaces), metric))
+    print(_table(rows, list(spaces), [metric, *(m for m in cfg.report_metrics if m != metric)]))
     print(f"best: trial {best['trial']} {metric}={best[metric]:.4f} " + " ".join(f"{k}={best[k]}" for k in spaces))
     log.info("sweep %s done: %d trials, %d stopped early; table %s; plot %s; best config %s",
              cfg.name, len(rows), sum(r["stopped_early"] for r in rows), posixpath.join(sweep_dir, "results.csv"),
@@ -182,8 +183,8 @@ def _report(cfg: SweepConfig, base: dict, spaces: dict[str, ParamSpace], results
     return {"rows": rows, "best": best, "best_yaml": posixpath.join(sweep_dir, "best.yaml")}
 
 
-def _table(rows: list[dict], params: list[str], metric: str) -> str:
-    cols = ["trial", *params, metric, "reports", "stopped_early"]
+def _table(rows: list[dict], params: list[str], metrics: list[str]) -> str:
+    cols = ["trial", *params, *metrics, "reports", "stopped_early"]
     cells = [[_fmt(row.get(c)) for c in cols] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]

@@ -1,0 +1,236 @@
+"""TotalFM / CA-GCL pieces against references: eq. (1)-(4) against naive loops (values and
+gradients), the permutation's use of each anatomy token, soft targets, the learnable temperature,
+the clinical-aware augmentation, the anatomy pooling's masking, the samplers against direct
+computations, and AUROC against pair counting."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctray.data.samplers import AnatomyScanSampler, AnatomyTexts, OrganSampler
+from ctray.data.text import TextEncoding, clinical_aware, train_wordpiece
+from ctray.models.vit import AnatomyQueryPooling, ViT3D
+from ctray.objectives.losses import AnatomyLocalLoss, CrossAnatomyGlobalLoss, LearnableTemperature, false_negative_targets
+from ctray.objectives.zeroshot import auroc, f1_accuracy
+
+
+def cos(a, b):
+    return F.cosine_similarity(a, b, dim=0)
+
+
+def dot(a, b):
+    return (a * b).sum()
+
+
+def naive_local(v, r, present, tau):
+    """Eq. (1) term by term, summed over anatomies (eq. 5's first part). V and R are unit vectors,
+    so the cosine of the equation is their dot product (cosine_similarity would also project the
+    gradient onto the sphere, which the module leaves to the normalisation that produced V, R)."""
+    total = 0.0
+    for j in range(v.shape[1]):
+        idx = [i for i in range(v.shape[0]) if present[i, j]]
+        if len(idx) < 2:
+            continue
+        acc = 0.0
+        for i in idx:
+            num = torch.exp(dot(v[i, j], r[i, j]) / tau)
+            acc = acc + torch.log(num / sum(torch.exp(dot(v[i, j], r[k, j]) / tau) for k in idx))
+            acc = acc + torch.log(num / sum(torch.exp(dot(v[k, j], r[i, j]) / tau) for k in idx))
+        total = total - acc / len(idx)
+    return total
+
+
+def naive_global(v, r, present, tau, perm):
+    """Eq. (2)-(4): group k = (V_{pi_j(k), j})_j averaged over the anatomies it holds."""
+    b, a = present.shape
+    groups_v, groups_r = [], []
+    for k in range(b):
+        parts = [(v[perm[j][k], j], r[perm[j][k], j]) for j in range(a) if present[perm[j][k], j]]
+        if parts:
+            groups_v.append(sum(p[0] for p in parts) / len(parts))
+            groups_r.append(sum(p[1] for p in parts) / len(parts))
+    acc = 0.0
+    for i in range(len(groups_v)):
+        num = torch.exp(cos(groups_v[i], groups_r[i]) / tau)
+        acc = acc + torch.log(num / sum(torch.exp(cos(groups_v[i], gr) / tau) for gr in groups_r))
+        acc = acc + torch.log(num / sum(torch.exp(cos(gv, groups_r[i]) / tau) for gv in groups_v))
+    return -acc / len(groups_v)
+
+
+def embeddings(b=6, a=4, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = F.normalize(torch.randn(b, a, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_(True)
+    r = F.normalize(torch.randn(b, a, d, generator=g, dtype=torch.float64), dim=-1).requires_grad_(True)
+    present = torch.rand(b, a, generator=g) < 0.75
+    present[:, 0] = True
+    return v, r, present
+
+
+def test_local_loss_matches_eq1_values_and_gradients():
+    v, r, present = embeddings()
+    tau = 0.07
+    got = AnatomyLocalLoss()(v, r, present, torch.tensor(1 / tau, dtype=torch.float64)).sum()
+    v2, r2 = v.detach().clone().requires_grad_(True), r.detach().clone().requires_grad_(True)
+    want = naive_local(v2, r2, present, tau)
+    assert torch.allclose(got.double(), want, rtol=1e-6)
+    got.backward()
+    want.backward()
+    assert torch.allclose(v.grad, v2.grad, atol=1e-8) and torch.allclose(r.grad, r2.grad, atol=1e-8)
+
+
+def test_local_loss_uses_only_same_anatomy_negatives():
+    v, r, present = embeddings()
+    loss = AnatomyLocalLoss()
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    base = loss(v, r, present, scale)
+    v2 = v.detach().clone()
+    v2[:, 1] = F.normalize(torch.randn_like(v2[:, 1]), dim=-1)  # change anatomy 1 only
+    changed = loss(v2, r, present, scale)
+    assert not torch.allclose(base[1], changed[1])
+    keep = [0, 2, 3]
+    assert torch.allclose(base[keep], changed[keep])
+
+
+def test_global_loss_matches_eq2_4_and_uses_each_token_once():
+    v, r, present = embeddings(b=7, a=5)
+    tau = 0.1
+    g = torch.Generator().manual_seed(3)
+    perm = CrossAnatomyGlobalLoss.permutations(7, 5, torch.Generator().manual_seed(3), "cpu")
+    # each anatomy token (sample i, anatomy j) lands in exactly one group
+    assert all(sorted(row.tolist()) == list(range(7)) for row in perm)
+    got = CrossAnatomyGlobalLoss()(v, r, present, torch.tensor(1 / tau, dtype=torch.float64), g)
+    v2, r2 = v.detach().clone().requires_grad_(True), r.detach().clone().requires_grad_(True)
+    want = naive_global(v2, r2, present, tau, perm.tolist())
+    assert torch.allclose(got.double(), want, rtol=1e-6)
+    got.backward()
+    want.backward()
+    assert torch.allclose(v.grad, v2.grad, atol=1e-8) and torch.allclose(r.grad, r2.grad, atol=1e-8)
+
+
+def test_global_loss_with_every_anatomy_present_is_eq3_mean():
+    v, r, _ = embeddings(b=5, a=3)
+    present = torch.ones(5, 3, dtype=torch.bool)
+    perm = CrossAnatomyGlobalLoss.permutations(5, 3, torch.Generator().manual_seed(1), "cpu")
+    vt = torch.stack([sum(v[perm[j, k], j] for j in range(3)) / 3 for k in range(5)])
+    rt = torch.stack([sum(r[perm[j, k], j] for j in range(3)) / 3 for k in range(5)])
+    logits = 10 * F.normalize(vt, dim=-1) @ F.normalize(rt, dim=-1).T
+    want = F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5))
+    got = CrossAnatomyGlobalLoss()(v, r, present, torch.tensor(10.0, dtype=torch.float64), torch.Generator().manual_seed(1))
+    assert torch.allclose(got.double(), want.double(), rtol=1e-6)
+
+
+def test_soft_targets_make_identical_texts_positives():
+    hashes = torch.tensor([1, 1, 2, 3])
+    abnormal = torch.tensor([1, 1, 0, 0])
+    t = false_negative_targets(hashes, abnormal)
+    assert torch.allclose(t.sum(1), torch.ones(4))
+    assert torch.allclose(t[0], torch.tensor([0.5, 0.5, 0, 0])) and torch.allclose(t[2], torch.tensor([0, 0, 0.5, 0.5]))
+    # against the loop form of soft-target InfoNCE: -sum_k t_ik log p_ik, both directions
+    v, r, _ = embeddings(b=5, a=1)
+    present = torch.ones(5, 1, dtype=torch.bool)
+    h, ab = torch.tensor([[7], [7], [8], [9], [10]]), torch.tensor([[1], [1], [0], [0], [1]])
+    got = AnatomyLocalLoss(True)(v, r, present, torch.tensor(10.0, dtype=torch.float64), h, ab)[0]
+    same = [[h[i, 0] == h[k, 0] or (ab[i, 0] == 0 and ab[k, 0] == 0) or i == k for k in range(5)] for i in range(5)]
+    want = 0.0
+    for i in range(5):
+        row = torch.stack([10 * dot(v[i, 0], r[k, 0]) for k in range(5)]).log_softmax(0)
+        col = torch.stack([10 * dot(v[k, 0], r[i, 0]) for k in range(5)]).log_softmax(0)
+        w = torch.tensor(same[i], dtype=torch.float64) / sum(same[i])
+        want = want - (w * row).sum() / 5 - (w * col).sum() / 5
+    assert torch.allclose(got.double(), want, rtol=1e-6)
+    assert not torch.allclose(got.double(), AnatomyLocalLoss(False)(v, r, present, torch.tensor(10.0, dtype=torch.float64))[0].double())
+
+
+def test_learnable_temperature_is_clamped():
+    t = LearnableTemperature(0.07, 0.001, 0.5)
+    assert abs(1 / t().item() - 0.07) < 1e-6
+    with torch.no_grad():
+        t.log_scale.fill_(20.0)
+    assert abs(1 / t().item() - 0.001) < 1e-6
+    with torch.no_grad():
+        t.log_scale.fill_(-5.0)
+    assert abs(1 / t().item() - 0.5) < 1e-6
+    with pytest.raises(ValueError, match="outside"):
+        LearnableTemperature(0.9)
+
+
+def test_clinical_aware_augmentation_properties():
+    sentences = [f"Sentence {i}." for i in range(5)]
+    rng = np.random.default_rng(0)
+    draws = [clinical_aware(sentences, rng) for _ in range(400)]
+    parts = [d.split(" ", 1) and [s + "." for s in d.rstrip(".").split(". ")] for d in draws]
+    assert all(p and set(p) <= set(sentences) and len(p) == len(set(p)) for p in parts)  # non-empty subsets, no repeats
+    assert {len(p) for p in parts} == {1, 2, 3, 4, 5}  # partial completeness: every size occurs
+    orders = {tuple(p) for p in parts if len(p) == 5}
+    assert len(orders) > 1  # permutation: full reports come in several orders
+    assert all(any(s in p for p in parts) for s in sentences)
+    assert clinical_aware(["Only one."], rng) == "Only one."
+    with pytest.raises(ValueError):
+        clinical_aware([], rng)
+
+
+def test_anatomy_pooling_attends_only_to_its_tokens():
+    torch.manual_seed(0)
+    pool = AnatomyQueryPooling(anatomies=3, dim=16, heads=4, out_dim=8).eval()
+    tokens = torch.randn(2, 10, 16)
+    mask = torch.zeros(2, 3, 10, dtype=torch.bool)
+    mask[:, 0, :4] = True
+    mask[:, 1, 4:7] = True  # anatomy 2 has no token: attends to all, output ignored by `present`
+    out = pool(tokens, mask)
+    assert out.shape == (2, 3, 8) and torch.allclose(out.norm(dim=-1), torch.ones(2, 3))
+    t2 = tokens.clone()
+    t2[:, 7:] = torch.randn(2, 3, 16)  # tokens no anatomy 0/1 selects
+    out2 = pool(t2, mask)
+    assert torch.allclose(out[:, :2], out2[:, :2], atol=1e-6) and not torch.allclose(out[:, 2], out2[:, 2])
+
+
+def test_vit_token_grid():
+    vit = ViT3D((8, 32, 48), (4, 16, 16), dim=24, depth=1, heads=2)
+    assert vit(torch.randn(2, 1, 8, 32, 48)).shape == (2, 2 * 2 * 3, 24) and vit.grid == (2, 2, 3)
+
+
+def _row(vol, labels, boxes, texts, labels_kv):
+    return {
+        "volume": [vol.tobytes()], "shape": [list(vol.shape)], "spacing": [[2.0, 2.0, 2.0]],
+        "label_map": [labels.tobytes()], "anatomy_boxes": [boxes], "anatomy_texts": [texts], "labels": [labels_kv],
+    }
+
+
+def test_samplers_against_direct_computation():
+    vol = np.full((12, 32, 32), -1000, dtype=np.int16)
+    labels = np.zeros(vol.shape, dtype=np.uint8)
+    vol[2:6, 4:12, 20:28] = 200
+    labels[2:6, 4:12, 20:28] = 5  # liver
+    tok = TextEncoding(train_wordpiece(["The liver is normal.", "A lesion in the liver."], 60), 16)
+    texts = AnatomyTexts(["liver", "lung"], {"liver_lesion": "liver", "lung_nodule": "lung"}, tok, "one")
+    row = _row(vol, labels, [{"anatomy": "liver", "box": [2, 4, 20, 6, 12, 28], "voxels": 256}],
+               [{"anatomy": "liver", "sentences": ["A lesion in the liver."]}], [{"name": "liver_lesion", "value": 1}])
+
+    organ = OrganSampler(["liver", "lung"], (4, 8, 8), margin_mm=0.0, window=(-1000.0, 1000.0), texts=texts, seed=0)(row)
+    assert organ["organs"].shape == (1, 2, 4, 8, 8)
+    assert np.allclose(organ["organs"][0, 0], 0.6, atol=1e-3)  # the box holds only 200 HU -> (200 + 1000) / 2000
+    assert organ["present"].tolist() == [[1, 0]] and organ["region"].tolist() == [[1, 0]]
+    assert organ["abnormal"].tolist() == [[1, -1]] and organ["finding_labels"].tolist() == [[1, -1]]
+    assert organ["text_mask"][0, 0].sum() > 2 and organ["text_mask"][0, 1].sum() == 0
+
+    scan = AnatomyScanSampler({"liver": [5], "lung": [10, 11]}, (12, 32, 32), (4, 8, 8), (-1000.0, 1000.0), texts, seed=0)(row)
+    ref = F.max_pool3d(torch.as_tensor(labels == 5).float()[None, None], (4, 8, 8)).flatten().numpy()
+    assert np.array_equal(scan["anatomy_tokens"][0, 0], ref.astype(np.uint8))
+    assert scan["anatomy_tokens"][0, 1].sum() == 0 and scan["present"].tolist() == [[1, 0]]
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        AnatomyScanSampler({"liver": [5]}, (10, 32, 32), (4, 8, 8), (-1000.0, 1000.0), texts)
+
+
+def test_auroc_and_f1_against_counting():
+    rng = np.random.default_rng(0)
+    scores = rng.random(40).round(1)  # ties on purpose
+    labels = (rng.random(40) < 0.4).astype(int)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert abs(auroc(scores, labels) - pairs) < 1e-12
+    assert math.isnan(auroc(scores, np.zeros(40, dtype=int)))
+    f1, acc = f1_accuracy(np.array([True, True, False, False]), np.array([1, 0, 1, 0]))
+    assert f1 == 0.5 and acc == 0.5
