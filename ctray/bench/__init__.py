@@ -25,9 +25,15 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     da.add_argument("--workdir", default=None, help="where to keep the phantom and shards (default: a temp folder)")
     st = sub.add_parser("step", help="views/s and TFLOP/s of the training step, synthetic input vs streaming from shards",
                         description="Runs the real trainer twice (in-memory input, then shards through Ray Data) and "
-                        "prints views/s, TFLOP/s and the data-stall fraction. Without --config: the paper's CT-FM "
-                        "encoder on a GPU, the tiny local config on a CPU.")
+                        "prints views/s, TFLOP/s and the data-stall fraction. Without --config, per --objective: on a "
+                        "GPU the paper-size model (CT-FM's SegResEncoder at 32x128x128, VideoMAE-B at 16x160x160 organ "
+                        "volumes, CA-GCL's ViT-B at 112x256x352), on a CPU the tiny local config. A view is a patch "
+                        "view (CT-FM), an organ volume (TotalFM) or a scan (CA-GCL).")
+    st.add_argument("--objective", default="ctfm_simclr", choices=["ctfm_simclr", "totalfm_mae", "totalfm_clip", "cagcl"],
+                    help="objective of the default config (default ctfm_simclr)")
     st.add_argument("--config", default=None, help="pretrain YAML (default: see above)")
+    st.add_argument("--modes", nargs="+", default=["synthetic", "streaming"], choices=["synthetic", "streaming"],
+                    help="input modes to run (default both)")
     st.add_argument("overrides", nargs="*", help="dotted overrides of the pretrain config")
     st.add_argument("--steps", type=int, default=60, help="steps per run (default 60)")
     st.add_argument("--scans", type=int, default=8, help="phantoms in the benchmark shards (default 8)")
@@ -46,5 +52,5 @@ def run_bench(what: str, args: argparse.Namespace) -> dict:
     if what == "step":
         from ctray.bench.step import bench_step
 
-        return bench_step(args.config, args.overrides, args.steps, args.scans, args.workdir)
+        return bench_step(args.objective, args.config, args.overrides, args.steps, args.scans, args.workdir, args.modes)
     raise ValueError(what)

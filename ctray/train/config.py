@@ -61,6 +61,8 @@ class TrainConfig(Section):
     """Steps between checkpoints; the last step always checkpoints."""
     keep_checkpoints: int = 2
     """Checkpoints kept in storage (older ones deleted by Ray Train)."""
+    compile: bool = False
+    """torch.compile the task (nn.Module.compile: parameter names unchanged) before DeepSpeed wraps it."""
     seed: int = 0
     """Seed of model init (same on every worker) and augmentation (offset by rank)."""
     fault_kill_at_step: int | None = None

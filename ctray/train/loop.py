@@ -145,6 +145,8 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     assets = config.get("assets", {})
     task = spec.task(cfg.objective, assets)
+    if cfg.train.compile:
+        task.compile()
     opt = torch.optim.AdamW(task.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio))
     engine, opt, _, sched = deepspeed.initialize(
