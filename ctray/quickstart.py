@@ -1,8 +1,9 @@
 """`ctray quickstart`: the README's main job on one machine (local Ray, local folders, CPU):
-phantoms -> ingest -> CT-FM pretraining with 2 DeepSpeed workers for a few steps.
+phantoms -> ingest -> a few steps of each objective with 2 DeepSpeed workers: CT-FM, TotalFM
+stage 1 (organ VideoMAE) then stage 2 (organ-wise CLIP from stage 1), and CA-GCL.
 
-The configs are jobs/ingest-local.yaml and jobs/ctfm-local.yaml (shipped inside the package as
-well, so the command works from any folder), pointed at `--dir`.
+The configs are jobs/ingest-local.yaml and jobs/<objective>-local.yaml (shipped inside the
+package as well, so the command works from any folder), pointed at `--dir`.
 """
 
 from __future__ import annotations
@@ -29,20 +30,29 @@ def job_yaml(name: str) -> str:
 def run_quickstart(workdir: str, scans: int, steps: int) -> None:
     data = os.path.join(workdir, "phantoms")
     if not os.path.exists(os.path.join(data, "reports.jsonl")):
-        log.info("quickstart 1/3: writing %d phantoms to %s", scans, data)
+        log.info("quickstart 1/6: writing %d phantoms to %s", scans, data)
         write_dataset(data, scans, seed=0, dicom=1)
-    log.info("quickstart 2/3: ingest")
+    log.info("quickstart 2/6: ingest")
     ingest = load_config(IngestConfig, job_yaml("ingest-local.yaml"), [
         f"input.scans={data}/scans", f"input.masks={data}/masks", f"input.reports={data}/reports.jsonl",
         f"output.uri={workdir}/shards",
     ])
     shards = run_ingest(ingest)
-    log.info("quickstart 3/3: CT-FM pretraining, 2 DeepSpeed workers on CPU")
-    pretrain = load_config(PretrainConfig, job_yaml("ctfm-local.yaml"), [
-        f"data.shards={workdir}/shards", f"run.storage={workdir}/runs", f"train.max_steps={steps}",
-    ])
-    result = run_pretrain(pretrain)
+    runs = {}
+    stages = [
+        ("CT-FM intra-sample SimCLR", "ctfm-local.yaml", []),
+        ("TotalFM stage 1, organ VideoMAE", "totalfm-mae-local.yaml", []),
+        ("TotalFM stage 2, organ-wise CLIP", "totalfm-clip-local.yaml", [f"objective.init_from={workdir}/runs/totalfm-mae-local"]),
+        ("CA-GCL", "cagcl-local.yaml", []),
+    ]
+    for i, (title, yaml, extra) in enumerate(stages, start=3):
+        log.info("quickstart %d/%d: %s, 2 DeepSpeed workers on CPU", i, len(stages) + 2, title)
+        cfg = load_config(PretrainConfig, job_yaml(yaml), [
+            f"data.shards={workdir}/shards", f"run.storage={workdir}/runs", f"train.max_steps={steps}", *extra,
+        ])
+        runs[cfg.objective.name] = run_pretrain(cfg)
     log.info(
-        "quickstart done: %d scans in %d shards (manifest %s); %d steps, loss %.3f; checkpoint %s; export %s",
-        shards.scans, shards.shards, shards.manifest_uri, result.step, result.loss, result.checkpoint, result.export,
+        "quickstart done: %d scans in %d shards (manifest %s); runs in %s: %s",
+        shards.scans, shards.shards, shards.manifest_uri, os.path.join(workdir, "runs"),
+        "; ".join(f"{name} {r.step} steps, loss {r.loss:.3f}, export {r.export}" for name, r in runs.items()),
     )

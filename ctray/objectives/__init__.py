@@ -1,9 +1,11 @@
 """The objective registry: an objective is a spec owning its config, CPU sampler, device task
 (augmentation + model + loss) and export. The trainer knows nothing about any one paper.
 
-To add one: a module with a `Section` config whose `name` is a Literal, a sampler class (Ray Data
-map_batches UDF in ctray.data.samplers with a `columns` attribute naming the shard columns it reads) and a task
-nn.Module whose forward(batch) returns a dict with "loss", "views" and any metrics; then a
+To add one: a module with a `Section` config whose `name` is a Literal, a `prepare` function
+(driver-side assets, or `no_assets`), a sampler class (Ray Data map_batches UDF in
+ctray.data.samplers with a `columns` attribute naming the shard columns it reads) and a task
+nn.Module whose forward(batch) returns a dict with "loss", "views" and any metrics (and, to be
+evaluated during training, an `evaluate(batches, step)` method); then a
 `register(ObjectiveSpec(...))` line below and the config in `ObjectiveConfig`.
 """
 

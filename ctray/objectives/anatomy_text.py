@@ -33,6 +33,20 @@ class ContrastConfig(Section):
     zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
 
 
+def synthetic_text_fields(cfg: ContrastConfig, scans: int, anatomies: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random text fields of the samplers' shapes and dtypes (every anatomy present), for
+    `data.synthetic` and FLOP counting."""
+    length = cfg.text.max_length
+    return {
+        "present": torch.ones((scans, anatomies), dtype=torch.uint8), "region": torch.ones((scans, anatomies), dtype=torch.uint8),
+        "text_ids": torch.randint(5, cfg.text.vocab_size, (scans, anatomies, length), generator=gen, dtype=torch.int32),
+        "text_mask": torch.ones((scans, anatomies, length), dtype=torch.uint8),
+        "text_hash": torch.arange(scans * anatomies, dtype=torch.int64).reshape(scans, anatomies),
+        "abnormal": torch.full((scans, anatomies), -1, dtype=torch.int8),
+        "finding_labels": torch.full((scans, len(cfg.zero_shot.findings)), -1, dtype=torch.int8),
+    }
+
+
 def text_assets(cfg) -> dict:
     """Driver side (PretrainConfig -> assets): the run's tokenizer and the storage settings."""
     import posixpath

@@ -23,7 +23,7 @@ from ctray.config import StorageConfig
 from ctray.data.samplers import AnatomyScanSampler, AnatomyTexts
 from ctray.data.text import TextEncoding
 from ctray.models.vit import AnatomyQueryPooling, ViT3D
-from ctray.objectives.anatomy_text import AnatomyTextTask, ContrastConfig, text_assets
+from ctray.objectives.anatomy_text import AnatomyTextTask, ContrastConfig, synthetic_text_fields, text_assets
 from ctray.objectives.losses import CrossAnatomyGlobalLoss
 from ctray.objectives.zeroshot import PHANTOM_FINDINGS
 
@@ -92,16 +92,10 @@ def synthetic_batch(cfg: CAGCLConfig, scans: int, device: torch.device) -> dict[
     tokens = 1
     for s, p in zip(cfg.input_size, cfg.patch):
         tokens *= s // p
-    length = cfg.text.max_length
     batch = {
         "scan": torch.rand((scans, *cfg.input_size), generator=gen).half(),
         "anatomy_tokens": (torch.rand((scans, a, tokens), generator=gen) < 0.2).to(torch.uint8),
-        "present": torch.ones((scans, a), dtype=torch.uint8), "region": torch.ones((scans, a), dtype=torch.uint8),
-        "text_ids": torch.randint(5, cfg.text.vocab_size, (scans, a, length), generator=gen, dtype=torch.int32),
-        "text_mask": torch.ones((scans, a, length), dtype=torch.uint8),
-        "text_hash": torch.arange(scans * a, dtype=torch.int64).reshape(scans, a),
-        "abnormal": torch.full((scans, a), -1, dtype=torch.int8),
-        "finding_labels": torch.full((scans, len(cfg.zero_shot.findings)), -1, dtype=torch.int8),
+        **synthetic_text_fields(cfg, scans, a, gen),
     }
     return {k: v.to(device) for k, v in batch.items()}
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ctray.config import Section, StorageConfig
 from ctray.data.samplers import AnatomyTexts, OrganSampler
-from ctray.objectives.anatomy_text import AnatomyTextTask, ContrastConfig, text_assets
+from ctray.objectives.anatomy_text import AnatomyTextTask, ContrastConfig, synthetic_text_fields, text_assets
 from ctray.objectives.zeroshot import PHANTOM_FINDINGS
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,25 @@ class VideoMAESize(Section):
     """transformers VideoMAEConfig fields (defaults: ViT-B encoder, VideoMAE's small decoder)."""
 
     patch_size: int = 16
+    """Spatial patch (pixels, square)."""
     tubelet_size: int = 2
+    """Frames per token (tubelet)."""
     hidden_size: int = 768
+    """Encoder width (ViT-B: 768)."""
     layers: int = 12
+    """Encoder blocks (ViT-B: 12)."""
     heads: int = 12
+    """Encoder attention heads (ViT-B: 12)."""
     intermediate_size: int = 3072
+    """Encoder MLP width."""
     decoder_hidden_size: int = 384
+    """Decoder width (VideoMAE: 384); stage 1 only."""
     decoder_layers: int = 4
+    """Decoder blocks (VideoMAE: 4)."""
     decoder_heads: int = 6
+    """Decoder attention heads (VideoMAE: 6)."""
     decoder_intermediate_size: int = 1536
+    """Decoder MLP width."""
 
     def videomae_config(self, organs: OrganInput):
         from transformers import VideoMAEConfig
@@ -117,14 +127,7 @@ def synthetic_batch(cfg, scans: int, device: torch.device) -> dict[str, torch.Te
         "present": torch.ones((scans, a), dtype=torch.uint8), "region": torch.ones((scans, a), dtype=torch.uint8),
     }
     if isinstance(cfg, TotalFMCLIPConfig):
-        length = cfg.text.max_length
-        batch.update({
-            "text_ids": torch.randint(5, cfg.text.vocab_size, (scans, a, length), generator=gen, dtype=torch.int32),
-            "text_mask": torch.ones((scans, a, length), dtype=torch.uint8),
-            "text_hash": torch.arange(scans * a, dtype=torch.int64).reshape(scans, a),
-            "abnormal": torch.full((scans, a), -1, dtype=torch.int8),
-            "finding_labels": torch.full((scans, len(cfg.zero_shot.findings)), -1, dtype=torch.int8),
-        })
+        batch.update(synthetic_text_fields(cfg, scans, a, gen))
     return {k: v.to(device) for k, v in batch.items()}
 
 

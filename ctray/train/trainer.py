@@ -86,8 +86,10 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Pretrain
         export=posixpath.join(run_dir, "export", "encoder.safetensors"),
         logs=posixpath.join(run_dir, "tensorboard"),
     )
+    evaluated = cfg.eval.enabled and hasattr(spec.task, "evaluate")
     log.info(
-        "pretrain done in %.0fs at step %d (loss %.4f): checkpoint %s; tensorboard %s; metrics %s; export %s",
+        "pretrain done in %.0fs at step %d (loss %.4f): checkpoint %s; tensorboard %s; metrics %s; export %s%s",
         time.time() - started, out.step, out.loss, out.checkpoint, out.logs, posixpath.join(run_dir, "metrics.jsonl"), out.export,
+        f"; evaluation {posixpath.join(run_dir, 'eval')}" if evaluated else "",
     )
     return out
