@@ -77,6 +77,9 @@ def test_totalfm_stage1_to_stage2_zero_shot(clinical_shards, tmp_path):
     with pytest.raises(ValueError, match="different organs"):
         get_objective("totalfm_clip").prepare(clip.model_copy(update={"objective": clip.objective.model_copy(
             update={"organs": clip.objective.organs.model_copy(update={"size": (8, 16, 16)})})}))
+    with pytest.raises(ValueError, match="different encoder than objective.model .hidden_size"):
+        get_objective("totalfm_clip").prepare(clip.model_copy(update={"objective": clip.objective.model_copy(
+            update={"model": clip.objective.model.model_copy(update={"hidden_size": 64})})}))
 
 
 def test_cagcl_trains_with_two_workers(clinical_shards, tmp_path):

@@ -203,11 +203,23 @@ def check_stage1(cfg: TotalFMCLIPConfig, storage: StorageConfig) -> str | None:
         meta = json.loads(read_bytes(fs, path[: -len(".safetensors")] + ".json", storage))
     except FileNotFoundError:
         raise ValueError(f"objective.init_from: no stage-1 export at {uri} (run totalfm_mae to the end first)") from None
-    ours = _export_config(cfg)
-    for key in ("organs", "config"):
-        if meta.get(key) != json.loads(json.dumps(ours[key])):
-            raise ValueError(f"objective.init_from: {uri} was trained with different {key} than this stage ({key} must match)")
+    ours = json.loads(json.dumps(_export_config(cfg)))
+    if meta.get("organs") != ours["organs"]:
+        raise ValueError(f"objective.init_from: {uri} was trained with different organs than this stage (objective.organs must match)")
+    theirs, mine = _encoder_fields(meta.get("config", {})), _encoder_fields(ours["config"])
+    if theirs != mine:
+        diff = sorted(k for k in theirs.keys() | mine.keys() if theirs.get(k) != mine.get(k))
+        raise ValueError(f"objective.init_from: {uri} has a different encoder than objective.model ({', '.join(diff)})")
     return uri
+
+
+def _encoder_fields(config: dict) -> dict:
+    """The VideoMAE config fields that shape the encoder's weights (the decoder and versions may differ)."""
+    return {k: config.get(k) for k in _ENCODER_FIELDS}
+
+
+_ENCODER_FIELDS = ("image_size", "num_frames", "num_channels", "patch_size", "tubelet_size", "hidden_size",
+                   "num_hidden_layers", "num_attention_heads", "intermediate_size", "qv_bias", "use_mean_pooling")
 
 
 def clip_assets(cfg) -> dict:
