@@ -8,8 +8,7 @@ import os
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
-from tests.conftest import free_port
+from conftest import free_port
 
 B, A, D_IN, D = 8, 3, 6, 5
 
