@@ -234,3 +234,11 @@ def test_auroc_and_f1_against_counting():
     assert math.isnan(auroc(scores, np.zeros(40, dtype=int)))
     f1, acc = f1_accuracy(np.array([True, True, False, False]), np.array([1, 0, 1, 0]))
     assert f1 == 0.5 and acc == 0.5
+
+
+def test_losses_without_pairs_are_zero_and_still_backpropagate():
+    v, r, _ = embeddings(b=4, a=2)
+    none = torch.zeros(4, 2, dtype=torch.bool)
+    loss = AnatomyLocalLoss()(v, r, none, torch.tensor(10.0, dtype=torch.float64)).sum() + CrossAnatomyGlobalLoss()(v, r, none, torch.tensor(10.0))
+    loss.backward()  # a batch without any pair must not break the optimizer step
+    assert loss.item() == 0 and v.grad is not None and v.grad.abs().sum() == 0

@@ -82,7 +82,10 @@ class AnatomyTextTask(nn.Module):
         """(S, A, embed_dim): the text embeddings of the present anatomies (zeros elsewhere); only
         those texts go through the encoder."""
         present = batch["present"].bool()
-        r = self.text(batch["text_ids"][present], batch["text_mask"][present])
+        ids, mask = batch["text_ids"][present], batch["text_mask"][present]
+        if len(ids) == 0:  # no anatomy of this batch has a report sentence
+            return torch.zeros((*present.shape, self.contrast.embed_dim), device=ids.device)
+        r = self.text(ids, mask)
         out = r.new_zeros((*present.shape, r.shape[-1]))
         out[present] = r
         return out

@@ -110,8 +110,8 @@ class AnatomyLocalLoss(nn.Module):
         losses = []
         for j in range(v.shape[1]):
             idx = present[:, j].nonzero().squeeze(1)
-            if len(idx) < 2:
-                losses.append(v.new_zeros((), dtype=torch.float32))
+            if len(idx) < 2:  # no negatives: 0, still attached to the graph so backward() works
+                losses.append(0.0 * v[:, j].sum().float())
                 continue
             targets = false_negative_targets(text_hash[idx, j], abnormal[idx, j]) if self.soft_targets else None
             losses.append(bidirectional_infonce(v[idx, j], r[idx, j], scale, targets))
@@ -145,6 +145,6 @@ class CrossAnatomyGlobalLoss(nn.Module):
         rg = (r[perm, cols].transpose(0, 1) * w[..., None]).sum(1)
         keep = w.sum(1) > 0
         if int(keep.sum()) < 2:
-            return v.new_zeros((), dtype=torch.float32)
+            return 0.0 * v.sum().float()
         vg, rg = F.normalize(vg[keep].float(), dim=-1), F.normalize(rg[keep].float(), dim=-1)
         return bidirectional_infonce(vg, rg, scale)

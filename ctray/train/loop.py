@@ -240,8 +240,9 @@ def train_loop(config: dict) -> None:
 
 
 class _Evaluation:
-    """The objective's evaluation on a fixed set of scans (read once, sampled with a fixed seed).
-    Every rank runs it (ZeRO-3 gathers parameters collectively); rank 0 publishes the files."""
+    """The objective's evaluation on a fixed set of scans, sampled with a fixed seed and read chunk
+    by chunk at each evaluation (holding them would cost GBs at CA-GCL's input size). Every rank
+    runs it (ZeRO-3 gathers parameters collectively); rank 0 publishes the files."""
 
     def __init__(self, cfg: PretrainConfig, spec, assets: dict, task, device):
         from ctray.data.pipeline import ShardRowReader, scan_index
@@ -249,17 +250,19 @@ class _Evaluation:
         self.cfg, self.task, self.device = cfg, task, device
         uri = cfg.eval.shards or cfg.data.shards
         items = scan_index(uri, cfg.storage)[: cfg.eval.max_scans]
-        reader = ShardRowReader(uri, cfg.storage, spec.sampler(cfg.objective, assets, seed=0))
+        self.reader = ShardRowReader(uri, cfg.storage, spec.sampler(cfg.objective, assets, seed=0))
         n = cfg.scans_per_worker
-        self.batches = [
-            {k: torch.as_tensor(v) for k, v in reader({"path": [i["path"] for i in chunk], "row_group": [i["row_group"] for i in chunk]}).items()}
-            for chunk in (items[i : i + n] for i in range(0, len(items), n))
-        ]
+        self.chunks = [items[i : i + n] for i in range(0, len(items), n)]
+
+    def batches(self):
+        for chunk in self.chunks:
+            out = self.reader({"path": [i["path"] for i in chunk], "row_group": [i["row_group"] for i in chunk]})
+            yield {k: torch.as_tensor(v).to(self.device) for k, v in out.items()}
 
     def run(self, step: int) -> dict[str, float]:
         self.task.eval()
         try:
-            result = self.task.evaluate(({k: v.to(self.device) for k, v in b.items()} for b in self.batches), step)
+            result = self.task.evaluate(self.batches(), step)
         finally:
             self.task.train()
         if dist.rank() == 0:
