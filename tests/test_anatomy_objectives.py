@@ -41,7 +41,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def test_totalfm_stage1_to_stage2_zero_shot(clinical_shards, tmp_path):
-    mae = job("totalfm-mae-local.yaml", clinical_shards, tmp_path, "train.max_steps=24", "train.log_every=4", "train.checkpoint_every=24")
+    mae = job("totalfm-mae-local.yaml", clinical_shards, tmp_path, "train.max_steps=16", "train.log_every=4", "train.checkpoint_every=16")
     run_pretrain(mae)
     stage1 = tmp_path / "totalfm-mae-local"
     mae_loss = losses(stage1)
