@@ -55,8 +55,7 @@ _VERTEBRA_LEVELS = ["L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8
 def report_prompts() -> dict[str, tuple[str, str]]:
     """Finding -> (present, absent) sentences in the phantoms' report wording, for zero-shot prompts."""
     example = {"d": 12, "side": "left", "lobe": "upper", "level": "L2"}
-    organ = {f: a for f, a in FINDINGS.items()}
-    return {f: (_ABNORMAL[f].format(**example), _NORMAL[organ[f]][0]) for f in FINDINGS}
+    return {f: (_ABNORMAL[f].format(**example), _NORMAL[anatomy][0]) for f, anatomy in FINDINGS.items()}
 
 
 @dataclass

@@ -183,6 +183,7 @@ class AnatomyScanSampler:
             raise ValueError(f"input size {list(size)} is not a multiple of the patch {list(patch)}")
         self.anatomy_ids = {a: list(ids) for a, ids in anatomy_ids.items()}
         self.size, self.patch = tuple(size), tuple(patch)
+        self.grid = tuple(s // p for s, p in zip(self.size, self.patch))
         self.window = window
         self.texts = texts
         self.seed = seed
@@ -190,7 +191,7 @@ class AnatomyScanSampler:
 
     def token_masks(self, labels: np.ndarray) -> np.ndarray:
         """(D, H, W) label ids -> (A, tokens) uint8: the anatomy covers part of the token's patch."""
-        g = [s // p for s, p in zip(self.size, self.patch)]
+        g = self.grid
         pz, py, px = self.patch
         out = np.zeros((len(self.anatomy_ids), int(np.prod(g))), dtype=np.uint8)
         for j, ids in enumerate(self.anatomy_ids.values()):
@@ -205,14 +206,15 @@ class AnatomyScanSampler:
         rows = small_columns(batch, self.columns)
         label_maps = batch["label_map"] if isinstance(batch, dict) else batch.column("label_map").to_pylist()
         scans = np.zeros((len(rows), *self.size), dtype=np.float16)
-        tokens = np.zeros((len(rows), len(self.anatomy_ids), int(np.prod([s // p for s, p in zip(self.size, self.patch)]))), dtype=np.uint8)
+        tokens = np.zeros((len(rows), len(self.anatomy_ids), int(np.prod(self.grid))), dtype=np.uint8)
         for i, (vol, lab) in enumerate(zip(volumes(batch), label_maps)):
             maps = tuple(size_map(n, m) for n, m in zip(vol.shape, self.size))
             scans[i] = window01(resample_linear(vol, maps), *self.window)
             if lab is not None:
                 tokens[i] = self.token_masks(resample_nearest(np.frombuffer(lab, dtype=np.uint8).reshape(vol.shape), maps))
-        out = {"scan": scans, "anatomy_tokens": tokens, "region": tokens.any(axis=2).astype(np.uint8)}
-        out.update(self.texts(rows, tokens.any(axis=2), rng))
+        region = tokens.any(axis=2)
+        out = {"scan": scans, "anatomy_tokens": tokens, "region": region.astype(np.uint8)}
+        out.update(self.texts(rows, region, rng))
         return out
 
 

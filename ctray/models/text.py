@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import posixpath
-
 from typing import Literal
 
 import torch

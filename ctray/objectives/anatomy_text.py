@@ -11,6 +11,7 @@ from torch import nn
 
 from ctray import dist
 from ctray.config import Section
+from ctray.data.samplers import AnatomyTexts
 from ctray.data.text import TextEncoding
 from ctray.models.text import TextConfig, TextEncoder
 from ctray.objectives.losses import AnatomyLocalLoss, LearnableTemperature
@@ -48,7 +49,7 @@ def synthetic_text_fields(cfg: ContrastConfig, scans: int, anatomies: int, gen: 
 
 
 def text_assets(cfg) -> dict:
-    """Driver side (PretrainConfig -> assets): the run's tokenizer and the storage settings."""
+    """Driver side (PretrainConfig -> assets): the run's tokenizer."""
     import posixpath
 
     from ctray.models.text import prepare_tokenizer
@@ -56,8 +57,23 @@ def text_assets(cfg) -> dict:
     run_dir = posixpath.join(cfg.run.storage, cfg.run.name)
     return {
         "tokenizer_json": prepare_tokenizer(cfg.objective.text, cfg.data.shards, run_dir, cfg.storage),
-        "storage": cfg.storage.model_dump(mode="json"),
     }
+
+
+def text_encoding(cfg: ContrastConfig, assets: dict) -> TextEncoding:
+    return TextEncoding(assets["tokenizer_json"], cfg.text.max_length)
+
+
+def anatomy_texts(cfg: ContrastConfig, anatomies: list[str], assets: dict, policy: str) -> AnatomyTexts:
+    """The sampler's text side for `anatomies`, with the run's tokenizer."""
+    return AnatomyTexts(anatomies, cfg.zero_shot.findings, text_encoding(cfg, assets), policy)
+
+
+def at_slots(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Embeddings of the True slots of an (S, A) mask, in mask order -> (S, A, D), zeros elsewhere."""
+    out = values.new_zeros((*mask.shape, values.shape[-1]))
+    out[mask] = values
+    return out
 
 
 class AnatomyTextTask(nn.Module):
@@ -72,7 +88,7 @@ class AnatomyTextTask(nn.Module):
         self.text = TextEncoder(contrast.text, contrast.embed_dim)
         self.temperature = LearnableTemperature(contrast.temperature_init, *contrast.temperature_range)
         self.local = AnatomyLocalLoss(contrast.soft_targets)
-        self.encoding = TextEncoding(assets["tokenizer_json"], contrast.text.max_length) if assets.get("tokenizer_json") else None
+        self.encoding = text_encoding(contrast, assets)
 
     def embed_anatomies(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """-> (S, A, embed_dim) L2-normalised anatomy image embeddings (rows outside `region` arbitrary)."""
@@ -85,10 +101,7 @@ class AnatomyTextTask(nn.Module):
         ids, mask = batch["text_ids"][present], batch["text_mask"][present]
         if len(ids) == 0:  # no anatomy of this batch has a report sentence
             return torch.zeros((*present.shape, self.contrast.embed_dim), device=ids.device)
-        r = self.text(ids, mask)
-        out = r.new_zeros((*present.shape, r.shape[-1]))
-        out[present] = r
-        return out
+        return at_slots(present, self.text(ids, mask))
 
     def gathered(self, v: torch.Tensor, r: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """The global batch: embeddings with autograd, the rest without (open_clip gather_features)."""

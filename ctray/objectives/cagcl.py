@@ -13,6 +13,7 @@ local loss (eq. 1) + lambda * the global loss over synthetic cross-anatomy group
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 from typing import Literal
 
@@ -20,19 +21,18 @@ import torch
 from pydantic import Field
 
 from ctray.config import StorageConfig
-from ctray.data.samplers import AnatomyScanSampler, AnatomyTexts
-from ctray.data.text import TextEncoding
+from ctray.data.phantoms import FINDINGS
+from ctray.data.samplers import AnatomyScanSampler
 from ctray.models.vit import AnatomyQueryPooling, ViT3D
-from ctray.objectives.anatomy_text import AnatomyTextTask, ContrastConfig, synthetic_text_fields, text_assets
+from ctray.objectives.anatomy_text import AnatomyTextTask, ContrastConfig, anatomy_texts, synthetic_text_fields, text_assets
 from ctray.objectives.losses import CrossAnatomyGlobalLoss
-from ctray.objectives.zeroshot import PHANTOM_FINDINGS
 
 
 class CAGCLConfig(ContrastConfig):
     """CA-GCL (defaults: the paper / fVLM)."""
 
     name: Literal["cagcl"] = "cagcl"
-    anatomies: list[str] = Field(default_factory=lambda: sorted(set(PHANTOM_FINDINGS.values())))
+    anatomies: list[str] = Field(default_factory=lambda: sorted(set(FINDINGS.values())))
     """Anatomies (names of the ingest config's anatomy groups) with a query and a text each."""
     anatomy_labels: dict[str, list[int]] = Field(default_factory=dict)
     """Anatomy -> TotalSegmentator label ids; empty: read from the shards' manifest (the ingest
@@ -82,16 +82,14 @@ def cagcl_assets(cfg) -> dict:
 
 def scan_sampler(cfg: CAGCLConfig, assets: dict, seed: int | None = None) -> AnatomyScanSampler:
     policy = "clinical_aware" if cfg.text_augmentation else "all"
-    texts = AnatomyTexts(cfg.anatomies, cfg.zero_shot.findings, TextEncoding(assets["tokenizer_json"], cfg.text.max_length), policy)
+    texts = anatomy_texts(cfg, cfg.anatomies, assets, policy)
     return AnatomyScanSampler(assets["anatomy_labels"], tuple(cfg.input_size), tuple(cfg.patch), tuple(cfg.window_hu), texts, seed)
 
 
 def synthetic_batch(cfg: CAGCLConfig, scans: int, device: torch.device) -> dict[str, torch.Tensor]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = len(cfg.anatomies)
-    tokens = 1
-    for s, p in zip(cfg.input_size, cfg.patch):
-        tokens *= s // p
+    tokens = math.prod(s // p for s, p in zip(cfg.input_size, cfg.patch))
     batch = {
         "scan": torch.rand((scans, *cfg.input_size), generator=gen).half(),
         "anatomy_tokens": (torch.rand((scans, a, tokens), generator=gen) < 0.2).to(torch.uint8),

@@ -25,9 +25,9 @@ from pydantic import Field
 from torch import nn
 
 from ctray.config import Section, StorageConfig
-from ctray.data.samplers import AnatomyTexts, OrganSampler
-from ctray.objectives.anatomy_text import AnatomyTextTask, ContrastConfig, synthetic_text_fields, text_assets
-from ctray.objectives.zeroshot import PHANTOM_FINDINGS
+from ctray.data.phantoms import FINDINGS
+from ctray.data.samplers import OrganSampler
+from ctray.objectives.anatomy_text import AnatomyTextTask, ContrastConfig, anatomy_texts, at_slots, synthetic_text_fields, text_assets
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class OrganInput(Section):
     """How organ volumes are cut from a scan (must match between the two stages)."""
 
-    anatomies: list[str] = Field(default_factory=lambda: sorted(set(PHANTOM_FINDINGS.values())))
+    anatomies: list[str] = Field(default_factory=lambda: sorted(set(FINDINGS.values())))
     """Organs (anatomy names of the ingest config) to cut out."""
     size: tuple[int, int, int] = (16, 160, 160)
     """Frames x height x width of every organ volume (frames: axial slices)."""
@@ -106,17 +106,9 @@ class TotalFMCLIPConfig(ContrastConfig):
 
 
 def organ_sampler(cfg: TotalFMMAEConfig | TotalFMCLIPConfig, assets: dict, seed: int | None = None) -> OrganSampler:
-    texts = None
-    if isinstance(cfg, TotalFMCLIPConfig):
-        texts = AnatomyTexts(cfg.organs.anatomies, cfg.zero_shot.findings, _encoding(cfg, assets), "one")
     o = cfg.organs
+    texts = anatomy_texts(cfg, o.anatomies, assets, "one") if isinstance(cfg, TotalFMCLIPConfig) else None
     return OrganSampler(o.anatomies, tuple(o.size), o.margin_mm, tuple(o.window_hu), texts, seed)
-
-
-def _encoding(cfg: ContrastConfig, assets: dict):
-    from ctray.data.text import TextEncoding
-
-    return TextEncoding(assets["tokenizer_json"], cfg.text.max_length)
 
 
 def synthetic_batch(cfg, scans: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -223,7 +215,7 @@ _ENCODER_FIELDS = ("image_size", "num_frames", "num_channels", "patch_size", "tu
 
 
 def clip_assets(cfg) -> dict:
-    return {**text_assets(cfg), "init_from": check_stage1(cfg.objective, cfg.storage)}
+    return {**text_assets(cfg), "init_from": check_stage1(cfg.objective, cfg.storage), "storage": cfg.storage.model_dump(mode="json")}
 
 
 class TotalFMCLIPTask(AnatomyTextTask):
@@ -256,19 +248,17 @@ class TotalFMCLIPTask(AnatomyTextTask):
         tokens = self.vision(pixel_values=x).last_hidden_state
         return F.normalize(self.vision_proj(self.vision_norm(tokens.mean(1))).float(), dim=-1)
 
+    def embed_organs(self, organs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(S, A, T, H, W) organ volumes -> (S, A, embed_dim), only the `mask` slots encoded."""
+        mask = mask.bool()
+        return at_slots(mask, self.embed_volumes(_videos(organs, mask, next(self.parameters()).dtype)))
+
     def embed_anatomies(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        region = batch["region"].bool()
-        v = self.embed_volumes(_videos(batch["organs"], region, next(self.parameters()).dtype))
-        out = v.new_zeros((*region.shape, v.shape[-1]))
-        out[region] = v
-        return out
+        return self.embed_organs(batch["organs"], batch["region"])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         present = batch["present"].bool()
-        v = self.embed_volumes(_videos(batch["organs"], present, next(self.parameters()).dtype))
-        vol = v.new_zeros((*present.shape, v.shape[-1]))
-        vol[present] = v
-        g = self.gathered(vol, self.embed_reports(batch), batch)
+        g = self.gathered(self.embed_organs(batch["organs"], present), self.embed_reports(batch), batch)
         scale = self.temperature()
         per_organ = self.local_losses(g, scale)
         organs_with_pairs = (g["present"].bool().sum(0) >= 2).sum().clamp(min=1)

@@ -23,12 +23,7 @@ import torch
 from pydantic import Field
 
 from ctray.config import Section
-
-PHANTOM_FINDINGS = {
-    "lung_nodule": "lung", "cardiomegaly": "heart", "aortic_dilation": "aorta", "liver_lesion": "liver",
-    "splenomegaly": "spleen", "kidney_cyst": "kidney", "bone_lesion": "bone",
-}
-"""ctray's phantoms' finding labels (ctray.data.phantoms.FINDINGS, kept here without its imports)."""
+from ctray.data.phantoms import FINDINGS
 
 DEFAULT_TEMPLATES = [
     ("{finding} in the {anatomy}.", "no {finding} in the {anatomy}."),
@@ -43,7 +38,7 @@ DEFAULT_TEMPLATES = [
 class ZeroShotConfig(Section):
     """Zero-shot evaluation prompts and the finding labels they are scored against."""
 
-    findings: dict[str, str] = Field(default_factory=lambda: dict(PHANTOM_FINDINGS))
+    findings: dict[str, str] = Field(default_factory=lambda: dict(FINDINGS))
     """Finding label (a `labels` name in the shards) -> the anatomy whose embedding scores it.
     Default: the phantoms' labels; real data names its reports table's labels here."""
     templates: list[tuple[str, str]] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))

@@ -203,7 +203,8 @@ def train_loop(config: dict) -> None:
             step = engine.global_steps
             _maybe_inject_fault(cfg, step, rank, world)
             last = step >= cfg.train.max_steps
-            if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or last:
+            evaluate_now = evaluation is not None and (last or (cfg.eval.every and step % cfg.eval.every == 0))
+            if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or evaluate_now or last:
                 elapsed = time.perf_counter() - win["t0"]
                 metrics = {
                     "step": step,
@@ -214,7 +215,7 @@ def train_loop(config: dict) -> None:
                     "data_wait_fraction": dist.mean_across_workers(win["wait"] / elapsed, device),
                     **{k: dist.mean_across_workers(float(v) / win["n"], device) for k, v in win["metrics"].items()},
                 }
-                if evaluation is not None and (last or (cfg.eval.every and step % cfg.eval.every == 0)):
+                if evaluate_now:
                     metrics.update(evaluation.run(step))
                 if files is not None:
                     files.log(metrics)
