@@ -11,6 +11,7 @@ from ctray.data.pipeline import training_dataset
 from ctray.objectives import get_objective
 from ctray.runtime import ensure_ray
 from ctray.config import to_yaml
+from ctray.errors import ConfigError
 from ctray.storage import arrow_filesystem, filesystem, is_remote, publish_bytes, resolve_uri
 from ctray.train.config import PretrainConfig
 from ctray.train.loop import train_loop
@@ -45,10 +46,14 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Pretrain
     publish_bytes(to_yaml(cfg).encode(), fs, posixpath.join(root, cfg.run.name, "config.yaml"), cfg.storage)
 
     spec = get_objective(cfg.objective.name)
-    assets = spec.prepare(cfg)
+    try:  # a config that does not fit its shards or its stage-1 run: one line for the CLI, as ingest does
+        assets = spec.prepare(cfg)
+        sampler = spec.sampler(cfg.objective, assets)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     datasets = {}
     if not cfg.data.synthetic:
-        datasets["train"] = training_dataset(cfg.data.shards, cfg.storage, spec.sampler(cfg.objective, assets), cfg.data.sampler_concurrency, cfg.data.min_scans_per_pass)
+        datasets["train"] = training_dataset(cfg.data.shards, cfg.storage, sampler, cfg.data.sampler_concurrency, cfg.data.min_scans_per_pass)
     afs, storage_path = arrow_filesystem(cfg.run.storage, cfg.storage)
     trainer = TorchTrainer(
         train_loop,
