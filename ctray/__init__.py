@@ -1,3 +1,3 @@
 """ctray: pretrain 3D CT foundation models at cluster scale on Ray + DeepSpeed."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

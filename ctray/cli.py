@@ -4,35 +4,65 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 
 from ctray.errors import CtrayError
 
 log = logging.getLogger("ctray")
 
 
-def _ingest(args: argparse.Namespace) -> None:
+def _loaded(model, args: argparse.Namespace):
+    """The command's config; then one line saying which ctray runs it (a job's --working-dir copy
+    or the installed one)."""
+    import ctray
     from ctray.config import load_config
+
+    cfg = load_config(model, args.config, args.overrides)
+    log.info("ctray %s from %s", ctray.__version__, os.path.dirname(ctray.__file__))
+    return cfg
+
+
+def _ingest(args: argparse.Namespace) -> None:
     from ctray.ingest.config import IngestConfig
     from ctray.ingest.job import run_ingest
 
-    run_ingest(load_config(IngestConfig, args.config, args.overrides))
+    run_ingest(_loaded(IngestConfig, args))
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from ctray.config import load_config
     from ctray.train.config import PretrainConfig
     from ctray.train.trainer import run_pretrain
 
-    run_pretrain(load_config(PretrainConfig, args.config, args.overrides))
+    run_pretrain(_loaded(PretrainConfig, args))
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from ctray.config import load_config
     from ctray.tune.config import SweepConfig
     from ctray.tune.sweep import run_sweep
 
-    run_sweep(load_config(SweepConfig, args.config, args.overrides))
+    run_sweep(_loaded(SweepConfig, args))
+
+
+def _storage(args: argparse.Namespace):
+    from ctray.config import StorageConfig
+
+    return StorageConfig(endpoint_url=args.endpoint_url)
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from ctray.ingest.maintain import run_verify
+
+    problems = run_verify(args.output, _storage(args))
+    if problems:
+        raise CtrayError(f"{args.output}: {len(problems)} problem(s), listed above")
+
+
+def _purge(args: argparse.Namespace) -> None:
+    from ctray.ingest.maintain import purge
+
+    purge(args.output, _storage(args), args.scan_id)
 
 
 def _phantoms(args: argparse.Namespace) -> None:
@@ -81,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "trials. Re-running the same storage/name continues the sweep. Writes results.csv, "
                     "metric_vs_params.png and best.yaml. Example: ctray sweep jobs/sweep-ctfm-local.yaml")
 
+    ve = sub.add_parser("verify", help="check every committed shard against its commit record (size, sha256, rows)",
+                        description="Reads every committed shard of an ingest output and checks its size and sha256 against its "
+                        "commit record, its rows against the record's scans, that no scan is in two shards and that the manifest "
+                        "lists them. Exit status 2 with one line per problem. Example: ctray verify s3://bucket/shards")
+    ve.add_argument("output", help="ingest output (folder or s3:// / gs:// URI)")
+    ve.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (MinIO, ...)")
+    ve.set_defaults(fn=_verify)
+    pu = sub.add_parser("purge", help="remove scans from an ingest output: shards, manifest, LLM cache, id map",
+                        description="Rewrites the shards holding the scans without them and re-commits them, removes their LLM "
+                        "cache entries, quarantine mentions and id map entries, and records the ids in purged.json so that no "
+                        "later ingest takes them again. With pseudonymised ids, an original id works too when the key is set. "
+                        "Example: ctray purge s3://bucket/shards --scan-id CT0042 --scan-id CT0107")
+    pu.add_argument("output", help="ingest output (folder or s3:// / gs:// URI)")
+    pu.add_argument("--scan-id", action="append", required=True, help="a scan id to remove (repeat for several)")
+    pu.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (MinIO, ...)")
+    pu.set_defaults(fn=_purge)
+
     ph = sub.add_parser("phantoms", help="write synthetic CT phantoms with masks and reports",
                         description="Synthetic CTs with TotalSegmentator label maps, known lesions and reports.")
     ph.add_argument("out", help="output folder (gets scans/, masks/, reports.jsonl)")
@@ -124,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ctray: interrupted; committed shards and checkpoints are kept", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug: its message may quote patient data, so -v shows it
+        if args.verbose:
+            raise
+        frames = traceback.extract_tb(e.__traceback__)
+        where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        print(f"ctray: internal error: {type(e).__name__}{where} (message and traceback withheld: they may quote "
+              "input data; run with -v to see them)", file=sys.stderr)
+        return 1
     return 0
 
 

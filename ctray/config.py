@@ -5,11 +5,18 @@
 Every section is a pydantic model that forbids unknown keys, so a typo in a YAML file or an
 override fails at start-up with the offending key named, not hours later on the cluster.
 Override values are parsed as YAML scalars/lists (`spacing=[3,1,1]`, `segment=true`).
+
+String values may name environment variables of the process that loads them, `${CTRAY_BUCKET}`
+or `${VAR:-default}`: the cluster jobs spell every location as `${CTRAY_BUCKET}/...`, so one
+variable (set with `ray job submit --runtime-env-json`) points them all at a bucket. This is plain
+substitution, not code: nothing in a config is evaluated.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,9 +54,35 @@ class RayConfig(Section):
     Ray, using the one already running when there is one."""
     num_cpus: int | None = None
     """CPUs of a local Ray started by ctray (None: all of this machine's)."""
+    schedule_timeout_s: float = 45.0
+    """How long a job waits for the autoscaler to start a node that can run its workers or tasks
+    before failing with one line naming the resources no node type offers (the wait goes on while
+    the autoscaler is launching nodes)."""
 
 
 T = TypeVar("T", bound=BaseModel)
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any, where: str = "") -> Any:
+    """`value` with ${VAR} / ${VAR:-default} in its strings replaced from the environment."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where or 'a value'} uses ${{{name}}}, which is not set in the environment (e.g. export {name}=...)")
+
+    return _VAR.sub(sub, value)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -72,9 +105,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def bundled_job(path: str | Path) -> Path | None:
+    """The copy of jobs/<name> shipped inside the package (for an installed ctray, where the
+    repository's jobs/ folder is not on disk: a container image, a RayJob's entrypoint)."""
+    from importlib import resources
+
+    candidate = Path(str(resources.files("ctray") / "jobs")) / Path(path).name
+    return candidate if Path(path).parent.name in ("jobs", "") and candidate.is_file() else None
+
+
 def load_config(model: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
-    """Load `path` (YAML; None means all defaults), apply overrides, validate into `model`."""
+    """Load `path` (YAML; None means all defaults), apply overrides, validate into `model`. A
+    path like jobs/<name>.yaml that does not exist here is read from the package's own copy."""
     data: dict[str, Any] = {}
+    if path is not None and not Path(path).exists() and (bundled := bundled_job(path)) is not None:
+        path = bundled
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
@@ -84,7 +129,7 @@ def load_config(model: type[T], path: str | Path | None, overrides: list[str] = 
             raise ConfigError(f"config {path} is not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config {path} must be a mapping at the top level")
-    data = apply_overrides(data, list(overrides))
+    data = expand_env(apply_overrides(data, list(overrides)))
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -56,3 +56,12 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def gather_object(obj) -> list:
+    """Every worker's `obj` (picklable), in rank order."""
+    if not is_dist() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

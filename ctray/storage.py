@@ -1,8 +1,9 @@
-"""Paths and URIs -> filesystems: local folders, or s3:// (and other fsspec URLs) through fsspec.
+"""Paths and URIs -> filesystems: local folders, s3:// (s3fs), gs:// (gcsfs) and other fsspec URLs.
 
-One place for three things every job needs: the filesystem for a URI (with the S3 endpoint
-override), retries with exponential backoff around storage calls, and atomic publication of a
-file (a reader never sees half of it).
+One place for the things every job needs: the filesystem for a URI (with the S3 endpoint
+override), retries with exponential backoff around storage calls, listings with a change stamp
+per file, and atomic publication of a file (a reader never sees half of it; local files are
+fsynced before the rename, so a power cut cannot leave a committed name over missing bytes).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import posixpath
 import shutil
 import time
 import uuid
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ctray.config import StorageConfig
-from ctray.errors import CtrayError, StorageError
+from ctray.errors import ConfigError, CtrayError, StorageError
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -65,7 +66,11 @@ def filesystem(uri: str, cfg: StorageConfig) -> tuple[fsspec.AbstractFileSystem,
         )
         if cfg.endpoint_url:
             options["client_kwargs"] = {"endpoint_url": cfg.endpoint_url}
-    fs, path = fsspec.core.url_to_fs(uri, **options)
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **options)
+    except (ImportError, ValueError) as e:  # fsspec names the package to install, or an unknown scheme
+        scheme = uri.split("://", 1)[0]
+        raise ConfigError(f"no filesystem for {scheme}:// URIs ({uri}): {_first_line(e)}") from None
     return fs, path
 
 
@@ -118,11 +123,30 @@ def with_retries(fn: Callable[[], R], what: str, cfg: StorageConfig) -> R:
 
 
 def _replace_locally(dest: str, write: Callable[[str], None]) -> None:
-    """Write through a temp file beside `dest`, then rename (atomic within one filesystem)."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    """Write through a temp file beside `dest`, fsync it, rename (atomic within one filesystem),
+    then fsync the folder so that the rename itself survives a crash."""
+    folder = os.path.dirname(dest)
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
-    write(tmp)
-    os.replace(tmp, dest)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def publish_file(local_path: str, fs: fsspec.AbstractFileSystem, dest: str, cfg: StorageConfig) -> None:
@@ -140,7 +164,7 @@ def publish_file(local_path: str, fs: fsspec.AbstractFileSystem, dest: str, cfg:
 def publish_bytes(data: bytes, fs: fsspec.AbstractFileSystem, dest: str, cfg: StorageConfig) -> None:
     """Write `data` to `dest` atomically (see publish_file)."""
     if isinstance(fs, LocalFileSystem):
-        _replace_locally(dest, lambda tmp: Path(tmp).write_bytes(data))
+        _replace_locally(dest, lambda tmp: _write_bytes(tmp, data))
         return
     with_retries(lambda: fs.pipe_file(dest, data), f"write {fs.unstrip_protocol(dest)}", cfg)
 
@@ -149,12 +173,69 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str, cfg: StorageConfig) -> 
     return with_retries(lambda: fs.cat_file(path), f"read {fs.unstrip_protocol(path)}", cfg)
 
 
+def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], cfg: StorageConfig, missing_ok: bool = False) -> dict[str, bytes]:
+    """Several small objects at once (s3fs and gcsfs fetch them concurrently): path -> bytes.
+    With `missing_ok`, absent objects are left out instead of raising FileNotFoundError."""
+    if not paths:
+        return {}
+    where = f"read {len(paths)} objects under {fs.unstrip_protocol(posixpath.dirname(paths[0]))}"
+    out = with_retries(lambda: fs.cat(list(paths), on_error="omit" if missing_ok else "raise"), where, cfg)
+    return {fs._strip_protocol(k): v for k, v in out.items() if not isinstance(v, Exception)}
+
+
 def list_files(fs: fsspec.AbstractFileSystem, root: str, cfg: StorageConfig, suffix: str = "") -> list[str]:
     """Files under `root` (recursive) ending in `suffix`; an absent root is an empty list."""
+    return [e.path for e in list_entries(fs, root, cfg) if e.path.endswith(suffix)]
 
-    def _find() -> list[str]:
+
+@dataclass(frozen=True)
+class Entry:
+    """A file in a listing and what tells a changed file from an unchanged one without reading it."""
+
+    path: str
+    size: int
+    stamp: str
+    """Size plus the store's own change marker: the ETag on S3, the generation or md5 on GCS, the
+    modification time on local disks."""
+
+
+def _stamp(info: dict) -> str:
+    for key in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified"):
+        if info.get(key) is not None:
+            return f"{info.get('size', 0)}:{str(info[key]).strip(chr(34))}"
+    return str(info.get("size", 0))
+
+
+def list_entries(fs: fsspec.AbstractFileSystem, root: str, cfg: StorageConfig) -> list[Entry]:
+    """Files under `root` (recursive) with sizes and change stamps, sorted by path; an absent root
+    is an empty list. One listing call: S3 and GCS return the details with the names."""
+
+    def _find() -> list[Entry]:
         if not fs.exists(root):
             return []
-        return sorted(p for p in fs.find(root) if p.endswith(suffix))
+        out = []
+        for p, i in sorted(fs.find(root, detail=True).items()):
+            if i.get("islink") and isinstance(fs, LocalFileSystem):  # a symlinked file counts as its target
+                try:
+                    st = os.stat(p)
+                except FileNotFoundError:
+                    continue  # a dangling link
+                i = {"type": "file" if os.path.isfile(p) else "other", "size": st.st_size, "mtime": st.st_mtime}
+            if i.get("type", "file") == "file":
+                out.append(Entry(p, int(i.get("size") or 0), _stamp(i)))
+        return out
 
     return with_retries(_find, f"list {fs.unstrip_protocol(root)}", cfg)
+
+
+def remove(fs: fsspec.AbstractFileSystem, path: str, cfg: StorageConfig) -> None:
+    """Delete one object; an absent one is not an error (another cleanup got there first)."""
+    try:
+        with_retries(lambda: fs.rm_file(path), f"remove {fs.unstrip_protocol(path)}", cfg)
+    except FileNotFoundError:
+        pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def phantom_dir(tmp_path_factory) -> Path:
 
 
 def ingest_cfg(scans, out, *overrides: str, masks=None, reports=None) -> IngestConfig:
-    items = [f"input.scans={scans}", f"output.uri={out}", "output.scans_per_shard=2", "preprocess.spacing=[3,2,2]"]
+    items = [f"input.scans={scans}", f"output.uri={out}", "output.scans_per_shard=2", "preprocess.spacing=[3,2,2]", "lease.settle_s=0.2"]
     if masks:
         items.append(f"input.masks={masks}")
     if reports:
@@ -100,3 +101,67 @@ def train_shards(ray_local, tmp_path_factory) -> Path:
     write_dataset(str(root / "data"), 12, seed=11, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
     run_ingest(ingest_cfg(root / "data" / "scans", root / "shards", "output.scans_per_shard=4"))
     return root / "shards"
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of the moto server that can be cut (storage going down
+    mid-job: new connections refused, open ones closed) while the server keeps its data."""
+
+    def __init__(self, target_port: int):
+        self.port = free_port()
+        self.up = True
+        self.target = target_port
+        self.open: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cut(self) -> None:
+        self.up = False
+        with self.lock:
+            for s in self.open:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                    s.close()
+                except OSError:
+                    pass
+            self.open.clear()
+
+    def restore(self) -> None:
+        self.up = True
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.open |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass

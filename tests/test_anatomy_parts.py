@@ -204,7 +204,7 @@ def test_samplers_against_direct_computation():
     labels = np.zeros(vol.shape, dtype=np.uint8)
     vol[2:6, 4:12, 20:28] = 200
     labels[2:6, 4:12, 20:28] = 5  # liver
-    tok = TextEncoding(train_wordpiece(["The liver is normal.", "A lesion in the liver."], 60), 16)
+    tok = TextEncoding(train_wordpiece([["The liver is normal."], ["A lesion in the liver."]], 60, min_reports=1), 16)
     texts = AnatomyTexts(["liver", "lung"], {"liver_lesion": "liver", "lung_nodule": "lung"}, tok, "one")
     row = _row(vol, labels, [{"anatomy": "liver", "box": [2, 4, 20, 6, 12, 28], "voxels": 256}],
                [{"anatomy": "liver", "sentences": ["A lesion in the liver."]}], [{"name": "liver_lesion", "value": 1}])
@@ -242,3 +242,15 @@ def test_losses_without_pairs_are_zero_and_still_backpropagate():
     loss = AnatomyLocalLoss()(v, r, none, torch.tensor(10.0, dtype=torch.float64)).sum() + CrossAnatomyGlobalLoss()(v, r, none, torch.tensor(10.0))
     loss.backward()  # a batch without any pair must not break the optimizer step
     assert loss.item() == 0 and v.grad is not None and v.grad.abs().sum() == 0
+
+
+def test_trained_tokenizer_learns_no_word_of_few_reports():
+    """A name in two reports must not become vocabulary (the tokenizer file is saved with the run)."""
+    from tokenizers import Tokenizer
+
+    common = ["The liver is normal.", "No pleural effusion.", "Heart size is normal."]
+    reports = [common + (["Compared with the study read by Dr Quillfeather."] if i < 2 else []) for i in range(10)]
+    vocab = Tokenizer.from_str(train_wordpiece(reports, 300, min_reports=5)).get_vocab()
+    assert {"liver", "pleural", "normal"} <= set(vocab)
+    assert not [t for t in vocab if "quill" in t or "feather" in t]
+    assert set(Tokenizer.from_str(train_wordpiece(reports, 300, min_reports=2)).get_vocab()) & {"quillfeather", "quill", "##feather"}

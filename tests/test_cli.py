@@ -13,7 +13,7 @@ def ctray(*args, **kw):
     return subprocess.run([sys.executable, "-m", "ctray.cli", *args], capture_output=True, text=True, timeout=120, **kw)
 
 
-@pytest.mark.parametrize("cmd", [[], ["ingest"], ["pretrain"], ["sweep"], ["phantoms"], ["bench"], ["bench", "ingest"],
+@pytest.mark.parametrize("cmd", [[], ["ingest"], ["pretrain"], ["sweep"], ["verify"], ["purge"], ["phantoms"], ["bench"], ["bench", "ingest"],
                                  ["bench", "data"], ["bench", "step"], ["quickstart"]])
 def test_every_command_has_help(cmd):
     done = ctray(*cmd, "--help")
@@ -61,8 +61,9 @@ def test_class_table_matches_totalsegmentator():
     assert ts.class_map["total"] == {i + 1: n for i, n in enumerate(TOTAL_CLASSES)}
 
 
-def test_every_job_yaml_validates():
-    """The shipped configs load into their typed models (a renamed field breaks here, not on a cluster)."""
+def test_every_job_yaml_validates(monkeypatch):
+    """The shipped configs load into their typed models (a renamed field breaks here, not on a cluster);
+    the cluster jobs take their bucket from $CTRAY_BUCKET, and say so when it is not set."""
     from ctray.config import load_config
     from ctray.ingest.config import IngestConfig
     from ctray.train.config import PretrainConfig
@@ -71,6 +72,11 @@ def test_every_job_yaml_validates():
     from conftest import REPO
 
     kinds = {"ingest": IngestConfig, "ctfm": PretrainConfig, "totalfm": PretrainConfig, "cagcl": PretrainConfig, "sweep": SweepConfig}
+    monkeypatch.delenv("CTRAY_BUCKET", raising=False)
+    with pytest.raises(ConfigError, match=r"data.shards uses \$\{CTRAY_BUCKET\}, which is not set"):
+        load_config(PretrainConfig, REPO / "jobs" / "ctfm.yaml")
+    monkeypatch.setenv("CTRAY_BUCKET", "s3://acme-ct")
+    assert load_config(PretrainConfig, REPO / "jobs" / "ctfm.yaml").data.shards == "s3://acme-ct/ctray/shards"
     for path in sorted((REPO / "jobs").glob("*.yaml")):
         model = kinds[path.stem.split("-")[0]]
         cfg = load_config(model, path)

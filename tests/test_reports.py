@@ -1,11 +1,13 @@
 """The rule parser on 800 real CT-RATE reports, and the reports table's per-row checks."""
 
+import gzip
+import json
 import re
 
 import pytest
 
 from ctray.ingest.anatomy import DEFAULT_ANATOMIES
-from ctray.ingest.reports import RuleParser, parse_report_table, split_sentences
+from ctray.ingest.reports import RuleParser, parse_label_table, parse_report_table, split_sentences
 
 # CT-RATE label -> (anatomy, a word the routed sentences must contain)
 ROUTING = {
@@ -25,7 +27,7 @@ ROUTING = {
 @pytest.fixture(scope="module")
 def ct_rate(shared_data):
     path = shared_data / "reports" / "ct_rate_reports_train.csv"
-    return parse_report_table(path.read_bytes(), path.name, "AccessionNo", "report_text")
+    return parse_report_table(path.read_bytes(), path.name, "AccessionNo", ["report_text"])
 
 
 def test_every_real_report_yields_anatomy_texts(ct_rate):
@@ -71,15 +73,43 @@ def test_table_rows_are_judged_one_by_one():
         b",orphan report,1\n"
         b"a,second report,1\n"
     )
-    table = parse_report_table(csv_bytes, "r.csv", "scan_id", "report")
+    table = parse_report_table(csv_bytes, "r.csv", "scan_id", ["report"])
     assert table.reports["a"].text == "Lungs are clear." and table.reports["a"].labels == {"Nodule": 0}
     assert table.reports["b"].problem == "report is empty"
     assert table.reports["c"].problem == "report is not valid UTF-8"
     assert [w for w, _ in table.problems] == ["r.csv:5", "r.csv:6"]
     jsonl = b'{"scan_id": "x", "report": "Heart normal."}\nnot json\n{"scan_id": "y", "report": null}\n'
-    table = parse_report_table(jsonl, "r.jsonl", "scan_id", "report")
+    table = parse_report_table(jsonl, "r.jsonl", "scan_id", ["report"])
     assert table.reports["x"].text == "Heart normal."
     assert table.reports["y"].problem == "report is missing"
     assert table.problems[0][0] == "r.jsonl:2"
-    with pytest.raises(ValueError, match="needs columns"):
-        parse_report_table(b"id,text\n1,x\n", "t.csv", "scan_id", "report")
+    with pytest.raises(ValueError, match="no column named 'scan_id', 'report' in its first row of 2 fields"):
+        parse_report_table(b"id,text\n1,x\n", "t.csv", "scan_id", ["report"])
+
+
+def test_headerless_csv_error_quotes_no_cell():
+    """Without a header row the 'column names' are the first report: the error counts them only."""
+    canary = "CANARY-7f3e Doe^Jane"
+    raw = f'CT0001,"{canary} has a 6 mm nodule.",1\n'.encode()
+    with pytest.raises(ValueError) as err:
+        parse_report_table(raw, "reports.csv", "scan_id", ["report"])
+    assert "CANARY" not in str(err.value) and "Doe" not in str(err.value) and "3 fields" in str(err.value)
+
+
+def test_gzip_tables_several_text_columns_and_a_labels_table():
+    """CT-RATE's layout: Findings and Impressions in two columns, labels in another table, ids
+    that are file names, and gzip-compressed JSONL."""
+    rows = [
+        {"VolumeName": "train_1_a_1.nii.gz", "Findings_EN": "The heart is enlarged", "Impressions_EN": "Cardiomegaly."},
+        {"VolumeName": "train_2_a_1.nii.gz", "Findings_EN": "Lungs are clear.", "Impressions_EN": None},
+        {"VolumeName": "train_3_a_1.nii.gz", "Findings_EN": "", "Impressions_EN": "  "},
+    ]
+    raw = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    table = parse_report_table(raw, "reports.jsonl.gz", "VolumeName", ["Findings_EN", "Impressions_EN"])
+    assert table.reports["train_1_a_1"].text == "The heart is enlarged. Cardiomegaly."  # joined in order, sentences kept apart
+    assert table.reports["train_2_a_1"].text == "Lungs are clear."
+    assert table.reports["train_3_a_1"].problem == "report is empty"
+    assert RuleParser(["heart"])(table.reports["train_1_a_1"].text) == {"heart": ["The heart is enlarged.", "Cardiomegaly."]}
+    labels, problems = parse_label_table(b"VolumeName,Cardiomegaly,Lung nodule,note\ntrain_1_a_1.nii.gz,1,0,x\n,1,1,y\n",
+                                         "labels.csv", "VolumeName")
+    assert labels == {"train_1_a_1": {"Cardiomegaly": 1, "Lung nodule": 0}} and problems == [("labels.csv:3", "row has no usable 'VolumeName'")]

@@ -10,7 +10,9 @@ from ctray.data.phantoms import make_phantom, to_axcodes
 from ctray.ingest.config import PreprocessConfig
 from ctray.ingest.preprocess import anatomy_boxes, orient, preprocess
 from ctray.ingest.resample import axis_map, resample_linear, resample_nearest
-from ctray.ingest.volume import RawVolume, load_dicom_series
+from ctray.ingest.config import DicomConfig
+from ctray.ingest.dicom import load_series
+from ctray.ingest.volume import RawVolume
 
 
 def _naive_trilinear(src, spacing_in, spacing_out):
@@ -90,7 +92,7 @@ def test_dicom_series_reads_like_the_array(tmp_path):
     p = make_phantom("d", 4, shape=(10, 32, 24), spacing=(2.5, 1.5, 1.25))
     write_dicom_series(str(tmp_path / "d"), p)
     files = sorted(str(f) for f in (tmp_path / "d").iterdir())[::-1]  # order on disk must not matter
-    raw = load_dicom_series(files, "d")
+    raw = load_series(files, "d", DicomConfig())
     out = preprocess(raw, None, PreprocessConfig(spacing=p.spacing, crop_foreground=False))
     assert np.array_equal(out.hu, p.hu)
     assert np.allclose(out.affine, p.affine, atol=1e-4)

@@ -1,18 +1,21 @@
 """Ingest from and to a real S3 API over HTTP (moto server on 127.0.0.1) through s3fs."""
 
 import json
-import socket
 import threading
 import time
+
+import nibabel as nib
 
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from ctray.data.schema import label_map_of
 from ctray.errors import StorageError
 from ctray.ingest.job import run_ingest
+from ctray.ingest.records import verify
 
-from conftest import free_port, ingest_cfg
+from conftest import PHANTOM_SPACING, Relay, free_port, ingest_cfg
 
 
 def test_phantoms_from_and_to_s3(ray_local, phantom_dir, s3_endpoint):
@@ -53,65 +56,63 @@ def test_storage_down_is_a_clear_error(ray_local, phantom_dir):
     assert time.time() - t0 < 60
 
 
-class _Switch:
-    """A TCP relay on 127.0.0.1 in front of the moto server that can be cut (storage going down
-    mid-job) while the server keeps its data."""
+def test_storage_going_down_mid_job_keeps_committed_shards(ray_local, s3_endpoint, tmp_path):
+    """S3 goes down while shards are still being written (one at a time): the job stops with one
+    line; shards committed before the cut stay byte for byte; the re-run finishes the rest and
+    leaves no scan twice and no commit pointing at a missing shard."""
+    from ctray.data.phantoms import write_dataset
 
-    def __init__(self, target_port: int):
-        self.port = free_port()
-        self.up = True
-        self.target = target_port
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", self.port))
-        self.sock.listen(64)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            if not self.up:
-                client.close()
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a, b):
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-
-def test_storage_going_down_keeps_committed_shards(ray_local, phantom_dir, s3_endpoint):
+    write_dataset(str(tmp_path / "data"), 8, seed=5, shape=(16, 48, 48), spacing=PHANTOM_SPACING)
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("ct-flaky")
-    relay = _Switch(int(s3_endpoint.rsplit(":", 1)[1]))
-    endpoint = f"http://127.0.0.1:{relay.port}"
-    cfg = ingest_cfg(phantom_dir / "scans", "s3://ct-flaky/run", f"storage.endpoint_url={endpoint}",
+    relay = Relay(int(s3_endpoint.rsplit(":", 1)[1]))
+    cfg = ingest_cfg(tmp_path / "data" / "scans", "s3://ct-flaky/run", f"storage.endpoint_url={relay.endpoint}",
                      "storage.retries=2", "storage.backoff_s=0.1", "storage.connect_timeout_s=1",
-                     "output.scans_per_shard=3", "concurrency=1")
-    first = run_ingest(cfg.model_copy(update={"input": cfg.input.model_copy(update={"scans": str(phantom_dir / "scans"), "masks": None})}))
-    assert first.scans == 6
-    fs.invalidate_cache()
-    before = {p: fs.info(p)["ETag"] for p in fs.find("ct-flaky/run/shards")}
-    assert len(before) == 2
-    relay.up = False
-    with pytest.raises(StorageError):
-        run_ingest(cfg)
-    relay.up = True
-    fs.invalidate_cache()
-    assert {p: fs.info(p)["ETag"] for p in fs.find("ct-flaky/run/shards")} == before
-    assert run_ingest(cfg).scans == 6
+                     "output.scans_per_shard=1", "concurrency=1")
+    failure: list[BaseException] = []
+
+    def ingest():
+        try:
+            run_ingest(cfg)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            failure.append(e)
+
+    worker = threading.Thread(target=ingest)
+    worker.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and len(fs.find("ct-flaky/run/_commits", refresh=True)) < 2:
+        time.sleep(0.05)
+    relay.cut()
+    worker.join(180)
+    assert failure and isinstance(failure[0], StorageError) and "\n" not in str(failure[0]), failure
+    committed = {p.rsplit("/", 1)[1][:-5] for p in fs.find("ct-flaky/run/_commits", refresh=True)}
+    assert 2 <= len(committed) < 8, "storage went down before or after the shards were written"
+    before = {p: fs.info(p, refresh=True)["ETag"] for p in fs.find("ct-flaky/run/shards", refresh=True) if p.rsplit("/", 1)[1][:-8] in committed}
+    assert len(before) == len(committed)
+    relay.restore()
+    assert run_ingest(cfg).scans == 8
+    assert {p: fs.info(p, refresh=True)["ETag"] for p in before} == before  # the committed shards were not rewritten
+    assert verify("s3://ct-flaky/run", cfg.storage) == []  # no scan twice, every commit's shard whole
+
+
+def test_remote_nii_scan_with_a_nii_mask_of_the_same_name(ray_local, s3_endpoint, tmp_path):
+    """Uncompressed .nii scan and mask share a file name; each is downloaded to its own folder (they
+    once shared a temp path, and the mask's download overwrote the memory-mapped scan: SIGBUS)."""
+    from ctray.data.phantoms import make_phantom
+
+    p = make_phantom("case1", 3, shape=(16, 48, 48), spacing=PHANTOM_SPACING)
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "masks").mkdir()
+    nib.save(nib.Nifti1Image(p.hu, p.affine), str(tmp_path / "scans" / "case1.nii"))
+    nib.save(nib.Nifti1Image(p.labels, p.affine), str(tmp_path / "masks" / "case1.nii"))
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("ct-nii")
+    fs.put(str(tmp_path / "scans") + "/", "ct-nii/scans/", recursive=True)
+    fs.put(str(tmp_path / "masks") + "/", "ct-nii/masks/", recursive=True)
+    out = tmp_path / "out"
+    result = run_ingest(ingest_cfg("s3://ct-nii/scans", out, f"storage.endpoint_url={s3_endpoint}", masks="s3://ct-nii/masks"))
+    assert (result.scans, result.quarantined) == (1, 0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    row = pq.read_table(out / manifest["shards"][0]["path"]).to_pylist()[0]
+    assert row["mask_source"] == "s3://ct-nii/masks/case1.nii" and row["label_map"] is not None
+    assert (label_map_of(row) == 5).any()  # the liver survived: the mask was read as the mask

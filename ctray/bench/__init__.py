@@ -23,6 +23,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     da.add_argument("--scans", type=int, default=16, help="rows in the benchmark shards (default 16)")
     da.add_argument("--epochs", type=int, default=2, help="timed passes over the rows (default 2)")
     da.add_argument("--workdir", default=None, help="where to keep the phantom and shards (default: a temp folder)")
+    sc = sub.add_parser("scale", help="the driver's own seconds and MiB for N scans (listing, resume check, manifest, scan index)",
+                        description="Driver-side work of ingest (listing, commit records, reports, plan, manifest) and pretrain "
+                        "(scan index, Ray Data dataset) on synthetic listings of N scans, each N in a fresh process: seconds, "
+                        "peak MiB, and whether time per scan stays flat (linear growth).")
+    sc.add_argument("--points", type=int, nargs="+", default=[25_000, 50_000, 100_000], help="scan counts (default 25000 50000 100000)")
     st = sub.add_parser("step", help="views/s and TFLOP/s of the training step, synthetic input vs streaming from shards",
                         description="Runs the real trainer twice (in-memory input, then shards through Ray Data) and "
                         "prints views/s, TFLOP/s and the data-stall fraction. Without --config, per --objective: on a "
@@ -49,6 +54,10 @@ def run_bench(what: str, args: argparse.Namespace) -> dict:
         from ctray.bench.data import bench_data
 
         return bench_data(tuple(args.shape), tuple(args.spacing), args.patches, tuple(args.patch_size), args.scans, args.epochs, args.workdir)
+    if what == "scale":
+        from ctray.bench.scale import bench_scale
+
+        return bench_scale(args.points)
     if what == "step":
         from ctray.bench.step import bench_step
 

@@ -236,36 +236,59 @@ def write_nifti(path: str, array: np.ndarray, affine: np.ndarray, axcodes: str =
 
 def write_dicom_series(folder: str, phantom: Phantom) -> None:
     """Write the phantom as an axial CT series (uint16 + RescaleIntercept -1024, as scanners do)."""
-    from pydicom.dataset import FileMetaDataset, Dataset
+    write_ct_series(folder, phantom.hu, phantom.affine, phantom.scan_id)
+
+
+def write_ct_series(
+    folder: str,
+    hu: np.ndarray,
+    affine: np.ndarray,
+    patient_id: str,
+    transfer_syntax: str | None = None,
+    file_name: str = "slice{k:04d}.dcm",
+    intercept: int = -1024,
+) -> list[str]:
+    """Write an SPL-oriented int16 HU volume (z, y, x) and its RAS affine as a CT series, one file
+    per axial slice (stored as uint16 with `intercept`, as scanners do), optionally compressed
+    (pydicom's encoders: RLE Lossless, JPEG 2000 Lossless, JPEG-LS Lossless). `file_name` may use
+    {k} and {uid} (the SOPInstanceUID): real exports often name files `CT.<uid>` with no extension."""
+    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     os.makedirs(folder, exist_ok=True)
     series_uid, study_uid = generate_uid(), generate_uid()
-    sz, sy, sx = phantom.spacing
-    affine = phantom.affine
-    # SPL arrays are already DICOM's axial layout: rows run A->P, columns R->L (LPS +y, +x).
-    for k in range(phantom.hu.shape[0]):
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # DICOM patient space is LPS
+    col_step, row_step = lps[:3, 1], lps[:3, 2]  # array axis 1 runs down the rows, axis 2 along a row
+    dy, dx = float(np.linalg.norm(col_step)), float(np.linalg.norm(row_step))
+    paths = []
+    for k in range(hu.shape[0]):
+        uid = generate_uid()
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.MediaStorageSOPInstanceUID = uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientID = "CT", phantom.scan_id
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+        ds.Modality, ds.PatientID = "CT", patient_id
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ras = affine @ np.array([k, 0, 0, 1.0])
-        ds.ImagePositionPatient = [float(-ras[0]), float(-ras[1]), float(ras[2])]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing = [sy, sx]
-        ds.SliceThickness = sz
+        ds.ImagePositionPatient = [float(v) for v in (lps @ np.array([k, 0, 0, 1.0]))[:3]]
+        ds.ImageOrientationPatient = [float(v) for v in np.concatenate([row_step / dx, col_step / dy])]
+        ds.PixelSpacing = [dy, dx]
+        ds.SliceThickness = float(np.linalg.norm(lps[:3, 0]))
         ds.InstanceNumber = k + 1
-        ds.Rows, ds.Columns = phantom.hu.shape[1:]
+        ds.Rows, ds.Columns = hu.shape[1:]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = (phantom.hu[k].astype(np.int32) + 1024).astype(np.uint16).tobytes()
-        ds.save_as(os.path.join(folder, f"slice{k:04d}.dcm"), enforce_file_format=True)
+        ds.RescaleSlope, ds.RescaleIntercept = 1, intercept
+        ds.PixelData = (hu[k].astype(np.int32) - intercept).astype(np.uint16).tobytes()
+        if transfer_syntax is not None:
+            ds.compress(transfer_syntax)
+        path = os.path.join(folder, file_name.format(k=k, uid=uid))
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 def write_dataset(

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctray.config import StorageConfig
+from ctray.data.schema import SCHEMA_VERSION
 from ctray.errors import ConfigError
 from ctray.storage import arrow_filesystem, filesystem, read_bytes
 
@@ -27,6 +28,8 @@ def scan_index(uri: str, storage: StorageConfig) -> list[dict]:
         manifest = json.loads(read_bytes(fs, posixpath.join(root, "manifest.json"), storage))
     except FileNotFoundError:
         raise ConfigError(f"{uri} has no manifest.json; run `ctray ingest` first") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ConfigError(f"{uri} holds shards of schema v{manifest.get('schema_version')}; this ctray reads v{SCHEMA_VERSION}: ingest again")
     _, arrow_root = arrow_filesystem(uri, storage)
     items = [
         {"path": posixpath.join(arrow_root, s["path"]), "row_group": i}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: report_cache_key and stamp; source may be null (privacy settings)
 
 _BOX = pa.struct([("anatomy", pa.string()), ("box", pa.list_(pa.int32())), ("voxels", pa.int64())])
 _TEXT = pa.struct([("anatomy", pa.string()), ("sentences", pa.list_(pa.string()))])
@@ -26,12 +26,14 @@ SHARD_SCHEMA = pa.schema(
         pa.field("label_map", pa.large_binary()),  # uint8 TotalSegmentator ids, same grid; null: no mask
         pa.field("anatomy_boxes", pa.list_(_BOX)),  # [z0, y0, x0, z1, y1, x1), half-open voxels
         pa.field("anatomy_texts", pa.list_(_TEXT)),  # finding sentences per anatomy
-        pa.field("report_text", pa.string()),
-        pa.field("report_parser", pa.string()),  # "rules", "llm:<model>", "rules (llm failed: ...)"
-        pa.field("labels", pa.list_(_LABEL)),  # 0/1 finding labels from the reports table
-        pa.field("source", pa.string(), nullable=False),  # URI of the scan (file or series folder)
+        pa.field("report_text", pa.string()),  # the whole report; null unless privacy.keep_report_text
+        pa.field("report_parser", pa.string()),  # "rules", "llm:<model>", "rules (llm failed: <category>)"
+        pa.field("report_cache_key", pa.string()),  # the report's LLM cache entry (for `ctray purge`)
+        pa.field("labels", pa.list_(_LABEL)),  # 0/1 finding labels from the reports / labels table
+        pa.field("source", pa.string()),  # URI of the scan (file or series folder); null unless privacy.keep_source_paths
         pa.field("mask_source", pa.string()),
         pa.field("content_hash", pa.string(), nullable=False),  # sha256 of the source bytes
+        pa.field("stamp", pa.string(), nullable=False),  # listing stamp of the inputs: a changed one is re-ingested
     ],
     metadata={"ctray.schema_version": str(SCHEMA_VERSION)},
 )

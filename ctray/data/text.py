@@ -15,18 +15,36 @@ import numpy as np
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def train_wordpiece(sentences, vocab_size: int) -> str:
-    """A BERT-style (lower-case, WordPiece, [CLS] ... [SEP]) tokenizer trained on `sentences`;
-    returns its tokenizer.json text. Used when the text encoder is randomly initialised, because
-    no hub tokenizer can be downloaded in every environment (and a trained one fits the corpus)."""
+def train_wordpiece(reports: list[list[str]], vocab_size: int, min_reports: int = 5) -> str:
+    """A BERT-style (lower-case, WordPiece, [CLS] ... [SEP]) tokenizer trained on report sentences,
+    grouped by report; returns its tokenizer.json text. Used when the text encoder is randomly
+    initialised, because no hub tokenizer can be downloaded in every environment (and a trained
+    one fits the corpus).
+
+    Only words seen in at least `min_reports` reports are learned: a patient's or a physician's
+    name in a few reports must not become vocabulary (a whole-word token would let the tokenizer
+    file itself leak it). Rarer words are dropped from the training text; at use they are spelled
+    with the subwords of common words."""
+    from collections import Counter
+
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+
+    def words(sentence: str) -> list[str]:
+        return [w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(sentence))]
+
+    per_report = [[words(s) for s in sentences] for sentences in reports]
+    seen_in = Counter(w for report in per_report for w in {w for sentence in report for w in sentence})
+    common = {w for w, n in seen_in.items() if n >= min_reports}
+    corpus = [" ".join(w for w in sentence if w in common) for report in per_report for sentence in report]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=1)
-    tok.train_from_iterator(sentences, trainer=trainer)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=min_reports)
+    tok.train_from_iterator([c for c in corpus if c], trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
     )

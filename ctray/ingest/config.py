@@ -2,27 +2,60 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ctray.config import RayConfig, Section, StorageConfig
 from ctray.ingest.anatomy import DEFAULT_ANATOMIES, anatomy_label_ids
+
+
+class DicomConfig(Section):
+    """How DICOM series are recognised, split and checked (CT exports as hospitals make them)."""
+
+    max_slices: int = Field(2000, ge=2)
+    """Slices per series; a longer series is quarantined before any pixel data is read."""
+    spacing_tolerance: float = Field(0.05, ge=0)
+    """Largest accepted deviation of a slice step from the series' median step, as a fraction of
+    it. A missing slice doubles one step and is quarantined with the measured steps; resampling
+    over a gap would silently distort the volume."""
+    max_tilt_deg: float = Field(1.0, ge=0)
+    """Largest accepted angle between the slice stack direction and the slice normal (gantry
+    tilt); a tilted series is quarantined with the measured angle (ctray does not de-shear)."""
+    max_oblique_deg: float = Field(30.0, ge=0, le=90)
+    """A series whose slice normal is further than this from the patient's head-foot axis is not
+    axial (a sagittal or coronal reformat) and is skipped with that reason."""
 
 
 class InputConfig(Section):
     """Where scans, masks and reports come from."""
 
     scans: str
-    """Folder or URI holding NIfTI files (*.nii, *.nii.gz) and/or DICOM series (one folder of
-    .dcm files per series). The scan id is the file name without extension, or the folder name."""
+    """Folder or URI holding NIfTI files (*.nii, *.nii.gz) and/or DICOM series. DICOM files are
+    recognised by content (whatever their names), grouped by folder and split by
+    SeriesInstanceUID. The scan id is the path below this root without extension (a NIfTI file) or
+    the folder's path (a DICOM series; `<folder>/<SeriesInstanceUID>` when the folder holds several
+    series). Every other file is listed in the manifest as skipped, with the reason."""
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    """DICOM series checks."""
     reports: str | None = None
-    """Reports table: CSV or JSONL with columns `scan_id` and `report`; other 0/1 columns are kept
-    as finding labels. None: no reports (image-only objectives such as CT-FM)."""
+    """Reports table: CSV or JSONL (optionally .gz) with a scan id column and report text column(s);
+    other 0/1 columns are kept as finding labels. Ids are matched to scans by the full scan id,
+    then the series' folder, then the last path part; a .nii/.nii.gz suffix in the table's ids is
+    ignored. None: no reports (image-only objectives such as CT-FM)."""
     report_id_column: str = "scan_id"
     """Column (CSV) or key (JSONL) of the scan id in the reports table."""
-    report_text_column: str = "report"
-    """Column or key of the report text."""
+    report_text_columns: list[str] = Field(default_factory=lambda: ["report"])
+    """Column(s) or key(s) of the report text, joined in this order (CT-RATE keeps
+    [Findings_EN, Impressions_EN]). A single name is accepted as well."""
+    labels: str | None = None
+    """A separate labels table (CSV or JSONL, optionally .gz) of 0/1 finding columns joined on
+    `labels_id_column` (CT-RATE's multi_abnormality_labels.csv); its values win over 0/1 columns
+    of the reports table."""
+    labels_id_column: str | None = None
+    """Id column of the labels table (None: report_id_column)."""
     require_report: bool = True
     """With a reports table: a scan whose report is missing, empty or not UTF-8 is quarantined.
     False keeps such scans with empty anatomy texts."""
@@ -35,6 +68,18 @@ class InputConfig(Section):
     without a mask. Needs `pip install ctray[segment]` and the task's weights installed."""
     segment_fast: bool = False
     """Use TotalSegmentator's fast (3 mm) model."""
+
+    @field_validator("report_text_columns", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("report_text_columns")
+    @classmethod
+    def _not_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one report text column")
+        return v
 
 
 class PreprocessConfig(Section):
@@ -55,6 +100,10 @@ class PreprocessConfig(Section):
     higher (MR, PET, already-normalised data) are quarantined as a non-CT intensity range."""
     max_hu_allowed: float = 32767.0
     """Maximum HU accepted (int16 storage); larger values mean a wrong slope or a non-CT image."""
+    max_voxels: int = Field(2**29, ge=1)
+    """Largest input volume in voxels (default 512x1024x1024: 1 GiB as int16), checked from the
+    file header (or the DICOM slice count and size) before any voxel is read; a larger or a
+    truncated input is quarantined instead of costing a worker its memory."""
     anatomies: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_ANATOMIES.items()})
     """Anatomy name -> TotalSegmentator class names; boxes and report texts are keyed by these."""
 
@@ -83,14 +132,26 @@ class PreprocessConfig(Section):
 
 
 class LLMConfig(Section):
-    """An OpenAI-compatible chat endpoint (vLLM, Ollama, a hosted API) that splits reports."""
+    """An OpenAI-compatible chat endpoint (vLLM, Ollama, a hosted API) that splits reports.
+
+    Report text goes to this endpoint: use one inside the hospital's network (or one covered by a
+    data processing agreement). The key is read once on the driver (from `api_key_env` or
+    `api_key_file`) and handed to the shard writers through Ray's object store, never through an
+    environment variable, a config or a task argument that the dashboard shows."""
 
     base_url: str = "http://127.0.0.1:8000/v1"
-    """Endpoint root; ctray POSTs to {base_url}/chat/completions."""
+    """Endpoint root; ctray POSTs to {base_url}/chat/completions. Plain http:// is accepted only
+    for loopback hosts unless `allow_insecure_http` is true."""
     model: str = "Qwen/Qwen2.5-7B-Instruct"
     """Model name the endpoint serves."""
     api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the API key (may be unset for local servers); never logged."""
+    """Environment variable of the driver holding the API key (may be unset for local servers)."""
+    api_key_file: str | None = None
+    """A file on the driver's machine holding the key (a mounted Kubernetes secret); wins over
+    `api_key_env`."""
+    allow_insecure_http: bool = False
+    """Send reports over plain http:// to a host other than this machine (a trusted internal
+    network only)."""
     timeout_s: float = 60.0
     """Timeout of one request."""
     retries: int = 3
@@ -105,6 +166,64 @@ class ReportsConfig(Section):
     falling back to the rules (reason recorded per scan) when it fails."""
     llm: LLMConfig = Field(default_factory=LLMConfig)
     """Endpoint settings, used when parser is `llm`."""
+
+    @model_validator(mode="after")
+    def _secure_endpoint(self) -> "ReportsConfig":
+        if self.parser == "llm" and not self.llm.allow_insecure_http:
+            url = urlsplit(self.llm.base_url)
+            if url.scheme == "http" and not _is_loopback(url.hostname or ""):
+                raise ValueError(
+                    f"reports.llm.base_url {self.llm.base_url} sends report text unencrypted to another host; "
+                    "use https:// or set reports.llm.allow_insecure_http=true for a trusted network"
+                )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class PrivacyConfig(Section):
+    """What of the patient data reaches the shards and their records. Nothing of a report or of a
+    DICOM header's identifying tags ever reaches a log, an error, the manifest or commit records;
+    these settings decide what the shards themselves keep (README: Patient data)."""
+
+    pseudonymize_ids: bool = False
+    """Replace scan ids (file and folder names: often accession numbers, MRNs or names) by a keyed
+    hash (HMAC-SHA256 with the key in `id_key_env`) in rows, records, the manifest and logs. The
+    map back to the original ids is written to `id_map` only."""
+    id_key_env: str = "CTRAY_ID_KEY"
+    """Environment variable of the driver holding the pseudonymisation key. Keep the key: the same
+    key gives the same ids, so a resumed or extended ingest matches its earlier rows."""
+    id_map: str | None = None
+    """Where the pseudonym -> original id and input map goes (JSONL; keep it apart from the shards,
+    e.g. on a restricted bucket). None: `<output.uri>.id_map.jsonl`, beside the shard folder."""
+    keep_report_text: bool = False
+    """Store the whole report in each row. Off by default: the recipes train on the anatomy-level
+    finding sentences, and the report's header lines (names, dates, physicians) stay out."""
+    keep_source_paths: bool | None = None
+    """Store each scan's and mask's input URI in its row. None: on unless `pseudonymize_ids`
+    (paths usually hold the ids that pseudonymisation hides)."""
+
+    @property
+    def source_paths(self) -> bool:
+        return (not self.pseudonymize_ids) if self.keep_source_paths is None else self.keep_source_paths
+
+
+class LeaseConfig(Section):
+    """The output's lease: one ingest writes an output at a time (also on object stores)."""
+
+    ttl_s: float = Field(600.0, gt=0)
+    """A lease not renewed for this long is stale: a later ingest takes it over (the holder
+    crashed). The holder renews it every ttl_s / 4."""
+    settle_s: float = Field(2.0, ge=0)
+    """Wait between writing the lease and reading it back: of two ingests starting at once, the
+    later write wins and the other one sees it and refuses."""
 
 
 class OutputConfig(Section):
@@ -125,7 +244,12 @@ class IngestConfig(Section):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     reports: ReportsConfig = Field(default_factory=ReportsConfig)
     output: OutputConfig
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-    concurrency: int | None = None
-    """Shard writers running at once (None: one per CPU of the Ray cluster)."""
+    concurrency: int | None = Field(None, ge=1)
+    """Shard writer tasks submitted at once (None: every shard). Each asks Ray for 1 CPU (and 1 GPU
+    with `input.segment`); queued tasks are what an autoscaling cluster adds nodes for."""
+    task_retries: int = Field(2, ge=0)
+    """Times Ray re-runs a shard whose worker process died (a preempted node, out of memory)."""

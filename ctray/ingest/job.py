@@ -1,11 +1,19 @@
-"""`ctray ingest`: discover inputs, skip what is committed, run shard writers on Ray Data, write
-manifest.json.
+"""`ctray ingest`: take the output's lease, discover every input, skip what is committed and
+unchanged, rewrite shards whose inputs changed, run one Ray task per new shard, write the manifest.
 
-Layout of the output (local folder or s3:// prefix):
+Layout of the output (local folder or s3:// / gs:// prefix):
     shards/part-<hash>.parquet     one row per scan (ctray.data.schema)
     _commits/part-<hash>.json      written after its shard: the shard counts only once this exists
-    _cache/llm/..                  LLM answers by report hash (parser: llm)
-    manifest.json                  config, schema version, counts, per-shard stats, quarantine
+    _lease.json                    the running ingest's lease (ctray.ingest.lease)
+    _probe/, _cache/llm/           DICOM folder probes and LLM answers, reused by later runs
+    purged.json                    scan ids removed by `ctray purge`; never ingested again
+    manifest.json                  config, counts, shards, and every input: written, quarantined
+                                   (reason), skipped (reason), failed
+The pseudonym map (privacy.pseudonymize_ids) is written outside it (privacy.id_map).
+
+Shard writers are plain Ray tasks asking for 1 CPU (and 1 GPU with `input.segment`): queued
+tasks are demand an autoscaling cluster adds nodes for, and a job whose tasks no node type can
+run is refused within a minute (ctray.runtime.ensure_schedulable).
 """
 
 from __future__ import annotations
@@ -17,18 +25,20 @@ import time
 from dataclasses import dataclass
 
 from ctray.config import to_yaml
-from ctray.data.schema import SCHEMA_VERSION
 from ctray.errors import ConfigError, CtrayError, StorageError
 from ctray.ingest.config import IngestConfig
-from ctray.ingest.reports import ReportTable, parse_report_table
-from ctray.ingest.shards import COMMITS_DIR, SHARDS_DIR, ShardWriter, preprocess_fingerprint, shard_name
-from ctray.runtime import ensure_ray
-from ctray.storage import filesystem, is_remote, join, list_files, publish_bytes, read_bytes, resolve_uri, with_retries
+from ctray.ingest.discover import Inventory, attach, discover, discover_masks, load_reports, probe_cache_location
+from ctray.ingest.lease import Lease
+from ctray.ingest.llm import Secret
+from ctray.ingest.privacy import Names
+from ctray.ingest.records import MANIFEST, Records, build_manifest, clean, read_records, rewrite_without
+from ctray.ingest.shards import preprocess_fingerprint, shard_name, write_shard
+from ctray.runtime import ensure_ray, ensure_schedulable
+from ctray.storage import filesystem, join, publish_bytes, read_bytes, resolve_uri
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-MANIFEST = "manifest.json"
+PURGED = "purged.json"
 
 
 @dataclass
@@ -37,227 +47,198 @@ class IngestResult:
     shards: int
     scans: int
     quarantined: int
+    skipped: int = 0
+    failed: int = 0
 
 
-def _scan_id(path: str) -> str | None:
-    base = posixpath.basename(path)
-    for suffix in NIFTI_SUFFIXES:
-        if base.endswith(suffix):
-            return base[: -len(suffix)]
-    return None
+class IngestIncomplete(CtrayError):
+    """Some shards failed after their retries; everything else was written and committed."""
 
 
-def discover_scans(cfg: IngestConfig) -> tuple[list[dict], list[dict]]:
-    """Scan references (NIfTI files and DICOM series folders) and quarantine entries for duplicates."""
-    fs, root = filesystem(cfg.input.scans, cfg.storage)
-    if not with_retries(lambda: fs.exists(root), f"list {cfg.input.scans}", cfg.storage):
-        raise ConfigError(f"input.scans {cfg.input.scans} does not exist")
-    files = list_files(fs, root, cfg.storage)
-    to_uri = fs.unstrip_protocol if is_remote(cfg.input.scans) else (lambda p: p)
-    scans: dict[str, dict] = {}
-    dicom: dict[str, list[str]] = {}
-    dupes: list[dict] = []
-
-    def add(ref: dict) -> None:
-        sid = ref["scan_id"]
-        if sid in scans:
-            dupes.append({"scan_id": sid, "input": ref["uri"], "reason": f"{ref['uri']}: duplicate scan id {sid!r} (also {scans[sid]['uri']})"})
-        else:
-            scans[sid] = ref
-
-    for path in files:
-        sid = _scan_id(path)
-        if sid is not None:
-            add({"scan_id": sid, "uri": to_uri(path), "kind": "nifti"})
-        elif path.lower().endswith(".dcm"):
-            dicom.setdefault(posixpath.dirname(path), []).append(to_uri(path))
-    for folder, series in sorted(dicom.items()):
-        add({"scan_id": posixpath.basename(folder), "uri": to_uri(folder), "kind": "dicom", "files": sorted(series)})
-    return [scans[k] for k in sorted(scans)], dupes
+def resolve(cfg: IngestConfig) -> IngestConfig:
+    cfg = cfg.model_copy(deep=True)
+    for section, key in ((cfg.input, "scans"), (cfg.input, "reports"), (cfg.input, "labels"), (cfg.input, "masks"), (cfg.output, "uri")):
+        if getattr(section, key):
+            setattr(section, key, resolve_uri(getattr(section, key)))
+    return cfg
 
 
-def discover_masks(cfg: IngestConfig) -> dict[str, str]:
-    if not cfg.input.masks:
-        return {}
-    fs, root = filesystem(cfg.input.masks, cfg.storage)
-    remote = is_remote(cfg.input.masks)
-    out = {}
-    for path in list_files(fs, root, cfg.storage):
-        sid = _scan_id(path)
-        if sid is not None:
-            out[sid] = fs.unstrip_protocol(path) if remote else path
-    return out
-
-
-def load_reports(cfg: IngestConfig) -> ReportTable | None:
-    if not cfg.input.reports:
-        return None
-    fs, path = filesystem(cfg.input.reports, cfg.storage)
+def read_purged(uri: str, storage) -> list[str]:
+    fs, root = filesystem(uri, storage)
     try:
-        raw = read_bytes(fs, path, cfg.storage)
-    except FileNotFoundError as e:
-        raise ConfigError(f"input.reports {cfg.input.reports} does not exist") from e
-    try:
-        return parse_report_table(raw, posixpath.basename(path), cfg.input.report_id_column, cfg.input.report_text_column)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-
-
-def read_commits(cfg: IngestConfig) -> list[dict]:
-    fs, root = filesystem(cfg.output.uri, cfg.storage)
-    records = []
-    for path in list_files(fs, join(root, COMMITS_DIR), cfg.storage, suffix=".json"):
-        records.append(json.loads(read_bytes(fs, path, cfg.storage)))
-    return sorted(records, key=lambda r: r["committed_at"])
-
-
-def _clean_orphans(cfg: IngestConfig, records: list[dict]) -> None:
-    """Remove shard files without a commit record (a writer died between the two) and local temp files."""
-    fs, root = filesystem(cfg.output.uri, cfg.storage)
-    committed = {r["path"] for r in records if r["path"]}
-    for path in list_files(fs, join(root, SHARDS_DIR), cfg.storage):
-        rel = posixpath.relpath(path, root)
-        if rel not in committed:
-            log.info("removing uncommitted leftover %s", rel)
-            with_retries(lambda p=path: fs.rm_file(p), f"remove {rel}", cfg.storage)
-
-
-def build_manifest(cfg: IngestConfig, records: list[dict], run_quarantine: list[dict], seen: int) -> dict:
-    committed = {sid for r in records for sid in r["scan_ids"]}
-    latest: dict[str, dict] = {}
-    for entry in [q for r in records for q in r["quarantine"]] + run_quarantine:
-        if entry["scan_id"] not in committed:
-            latest[entry["scan_id"] or entry["input"]] = entry  # later records win
-    shards = [
-        {"path": r["path"], "shard": r["shard"], "scans": len(r["scan_ids"]), "stats": r["stats"]}
-        for r in records if r["path"]
-    ]
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "fingerprint": preprocess_fingerprint(cfg),
-        "config": cfg.model_dump(mode="json"),
-        "counts": {
-            "inputs_seen": seen,
-            "scans": len(committed),
-            "shards": len(shards),
-            "quarantined": len(latest),
-            "bytes": sum(s["stats"]["bytes"] for s in shards),
-        },
-        "shards": shards,
-        "quarantine": sorted(latest.values(), key=lambda q: q["input"]),
-    }
+        return json.loads(read_bytes(fs, join(root, PURGED), storage))
+    except FileNotFoundError:
+        return []
 
 
 def run_ingest(cfg: IngestConfig) -> IngestResult:
     started = time.time()
-    cfg = cfg.model_copy(deep=True)
-    for section, key in ((cfg.input, "scans"), (cfg.input, "reports"), (cfg.input, "masks"), (cfg.output, "uri")):
-        if getattr(section, key):
-            setattr(section, key, resolve_uri(getattr(section, key)))
+    cfg = resolve(cfg)
+    names = Names(cfg)  # a missing pseudonymisation key fails here, before anything is written
+    api_key = Secret(None)
+    if cfg.reports.parser == "llm":
+        from ctray.ingest.llm import check_endpoint, read_api_key
+
+        api_key = read_api_key(cfg.reports.llm)
+        check_endpoint(cfg.reports.llm, list(cfg.preprocess.anatomies), api_key)
     if cfg.input.segment:
         from ctray.ingest.segment import check_weights
 
         check_weights(cfg.input.segment_fast)
-    fs_out, root = filesystem(cfg.output.uri, cfg.storage)
-    out_uri = cfg.output.uri
-
-    records = read_commits(cfg)
     fingerprint = preprocess_fingerprint(cfg)
-    stale = {r["fingerprint"] for r in records} - {fingerprint}
-    if stale:
-        raise ConfigError(
-            f"{out_uri} already holds shards made with other preprocessing settings; "
-            "write to a new output.uri (or delete the old shards)"
-        )
-    _clean_orphans(cfg, records)
-    committed = {sid for r in records for sid in r["scan_ids"]}
-
-    scans, quarantine = discover_scans(cfg)
-    masks = discover_masks(cfg)
-    table = load_reports(cfg)
-    if table is not None:
-        quarantine += [{"scan_id": "", "input": where, "reason": f"{where}: {why}"} for where, why in table.problems]
-    todo = []
-    for scan in scans:
-        if scan["scan_id"] in committed:
-            continue
-        scan["mask_uri"] = masks.get(scan["scan_id"])
+    out_uri = cfg.output.uri
+    fs_out, root = filesystem(out_uri, cfg.storage)
+    with Lease(out_uri, cfg.lease, cfg.storage) as lease:
+        records = read_records(out_uri, cfg.storage)
+        stale = {r["fingerprint"] for r in records.live} - {fingerprint}
+        if stale:
+            versions = sorted({r.get("ctray_version", "0.1.0") for r in records.live})
+            raise ConfigError(
+                f"{out_uri} already holds shards made with other settings (or ctray {', '.join(versions)}); "
+                "write to a new output.uri (or delete the old shards)"
+            )
+        clean(out_uri, cfg.storage, records)
+        records = Records(records.live, [])
+        table = load_reports(cfg)  # a table that cannot be read fails before any work starts
+        inventory = discover(cfg, names, probe_cache_location(cfg, names))
         if table is not None:
-            rep = table.reports.get(scan["scan_id"])
-            scan["report"] = None if rep is None else {"text": rep.text, "problem": rep.problem, "labels": rep.labels}
-        todo.append(scan)
-    per = cfg.output.scans_per_shard
-    items = [
-        {"shard": shard_name([s["scan_id"] for s in group]), "scans": json.dumps(group)}
-        for group in (todo[i : i + per] for i in range(0, len(todo), per))
-    ]
-    log.info(
-        "ingest: %d scans found, %d already committed, %d to write in %d shards -> %s",
-        len(scans), len(committed & {s["scan_id"] for s in scans}), len(todo), len(items), out_uri,
-    )
-
-    try:
-        if items:
-            _run_writers(cfg, items, len(todo))
-    finally:
-        # Whatever happened, the manifest describes every committed shard (if storage is up).
+            inventory.quarantined += [{"scan_id": "", "input": where, "reason": f"{where}: {why}"} for where, why in table.problems]
+        reports = attach(inventory, discover_masks(cfg), table)
+        purged = read_purged(out_uri, cfg.storage)
+        todo = plan(cfg, inventory, records, set(purged))
+        failed: list[dict] = []
         try:
-            records = read_commits(cfg)
-            manifest = build_manifest(cfg, records, quarantine, len(scans) + len(quarantine))
-            publish_bytes(json.dumps(manifest, indent=1).encode(), fs_out, join(root, MANIFEST), cfg.storage)
-            publish_bytes(to_yaml(cfg).encode(), fs_out, join(root, "ingest-config.yaml"), cfg.storage)
-        except StorageError as e:
-            log.error("manifest not written (%s); committed shards are intact and the next run rebuilds it", e)
-            raise
-    counts = manifest["counts"]
+            if todo:
+                failed = run_writers(cfg, todo, reports, api_key, lease)
+        finally:  # whatever happened, the manifest describes every committed shard (if storage is up)
+            try:
+                records = read_records(out_uri, cfg.storage)
+                manifest = build_manifest(cfg.model_dump(mode="json"), fingerprint, records, inventory.quarantined,
+                                          inventory.skipped, failed, purged)
+                publish_bytes(json.dumps(manifest, indent=1).encode(), fs_out, join(root, MANIFEST), cfg.storage)
+                publish_bytes(to_yaml(cfg).encode(), fs_out, join(root, "ingest-config.yaml"), cfg.storage)
+                id_map = names.write_map()
+            except StorageError as e:
+                log.error("manifest not written (%s); committed shards are intact and the next run rebuilds it", e)
+                raise
+    c = manifest["counts"]
     log.info(
-        "ingest done in %.1fs: %d scans in %d shards, %d quarantined; manifest %s",
-        time.time() - started, counts["scans"], counts["shards"], counts["quarantined"], posixpath.join(out_uri, MANIFEST),
+        "ingest done in %.1fs: %d inputs: %d written (%d scans in %d shards), %d quarantined, %d skipped%s; manifest %s%s",
+        time.time() - started, c["inputs"], c["written"], c["scans"], c["shards"], c["quarantined"], c["skipped"],
+        f", {c['failed']} in failed shards" if c["failed"] else "", posixpath.join(out_uri, MANIFEST),
+        f"; id map {id_map}" if id_map else "",
     )
-    return IngestResult(posixpath.join(out_uri, MANIFEST), counts["shards"], counts["scans"], counts["quarantined"])
+    if failed:
+        raise IngestIncomplete(
+            f"{len(failed)} shard(s) failed after {cfg.task_retries} retries ({c['failed']} scans, listed under 'failed' in "
+            f"{posixpath.join(out_uri, MANIFEST)}); everything else is committed: re-run the same command to retry them"
+        )
+    return IngestResult(posixpath.join(out_uri, MANIFEST), c["shards"], c["scans"], c["quarantined"], c["skipped"], c["failed"])
 
 
-def _run_writers(cfg: IngestConfig, items: list[dict], n_scans: int) -> None:
+def plan(cfg: IngestConfig, inventory: Inventory, records: Records, purged: set[str]) -> list[dict]:
+    """Scans to write: new ones and changed ones (whose old rows are first removed from their
+    shards, so that no scan is ever in two shards). Unchanged committed scans are skipped."""
+    committed = records.committed
+    todo, changed = [], {}
+    for scan in inventory.scans:
+        sid = scan["scan_id"]
+        if sid in purged:
+            inventory.skipped.append({"input": scan["label"], "reason": f"{scan['label']}: removed by `ctray purge`; not ingested again"})
+            continue
+        if sid in committed:
+            entry, record = committed[sid]
+            if entry["stamp"] == scan["stamp"]:
+                continue
+            changed.setdefault(record["shard"], (record, set()))[1].add(sid)
+        todo.append(scan)
+    for record, drop in changed.values():
+        rewrite_without(cfg.output.uri, cfg.storage, record, drop, "input changed")
+    log.info("ingest: %d scans found, %d committed and unchanged, %d changed, %d to write -> %s",
+             len(inventory.scans), len(inventory.scans) - len(todo), sum(len(d) for _, d in changed.values()), len(todo), cfg.output.uri)
+    return todo
+
+
+_WORK_KEYS = ("scan_id", "kind", "uri", "files", "label", "stamp", "mask_uri")
+
+
+def run_writers(cfg: IngestConfig, todo: list[dict], reports: dict[str, dict], api_key: Secret, lease: Lease) -> list[dict]:
+    """Submit one task per shard (up to `concurrency` at once), log progress, return failed shards.
+
+    Work items hold references only; each shard's reports travel through the object store, the
+    API key too. A shard whose worker died is retried by Ray (`task_retries`), then recorded as
+    failed while the others go on; storage down, a refused LLM key or a lost lease stop the job."""
     import ray
 
     ensure_ray(cfg.ray)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = cfg.input.segment and gpus > 0
-    workers = max(1, min(len(items), cfg.concurrency or (gpus if use_gpu else cpus)))
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
-        ShardWriter,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json")},
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=1,
-        num_gpus=1 if use_gpu else 0,
-    )
+    shape = {"CPU": 1.0, **({"GPU": 1.0} if cfg.input.segment else {})}
+    ensure_schedulable(shape, "ingest shard writer", cfg.ray.schedule_timeout_s)
+    task = ray.remote(write_shard).options(num_cpus=1, num_gpus=1 if cfg.input.segment else 0, max_retries=cfg.task_retries)
+    per = cfg.output.scans_per_shard
+    items = []
+    for i in range(0, len(todo), per):
+        group = [{k: s.get(k) for k in _WORK_KEYS} for s in todo[i : i + per]]
+        items.append({"shard": shard_name(group), "scans": group, "lease_token": lease.token})
+    cfg_json = cfg.model_dump_json()
+    key_ref = ray.put(api_key)
+    limit = cfg.concurrency or len(items)
+    queue = list(reversed(items))
+    pending: dict = {}
+    failed: list[dict] = []
     done_shards = done_scans = 0
     t0 = time.time()
     try:
-        for out in ds.iter_rows():
-            record = json.loads(out["record"])
-            done_shards += 1
-            done_scans += len(record["scan_ids"]) + len(record["quarantine"])
-            log.info(
-                "[%d/%d shards, %d/%d scans, %.2f scans/s] %s: %d written, %d quarantined",
-                done_shards, len(items), done_scans, n_scans, done_scans / max(time.time() - t0, 1e-9),
-                record["shard"], len(record["scan_ids"]), len(record["quarantine"]),
-            )
+        while queue or pending:
+            while queue and len(pending) < limit:
+                item = queue.pop()
+                shard_reports = {s["scan_id"]: reports[s["scan_id"]] for s in item["scans"] if s["scan_id"] in reports}
+                pending[task.remote(cfg_json, item, ray.put(shard_reports), key_ref)] = item
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=10)
+            lease.check()
+            for ref in ready:
+                item = pending.pop(ref)
+                try:
+                    record = ray.get(ref)
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError) as e:
+                    reason = f"shard {item['shard']}: its worker died {cfg.task_retries + 1} time(s) ({type(e).__name__}: a crash, out of memory or a lost node)"
+                    log.error("%s; its %d scans are not committed, the job goes on", reason, len(item["scans"]))
+                    failed.append({"shard": item["shard"], "scan_ids": [s["scan_id"] for s in item["scans"]], "reason": reason})
+                    continue
+                done_shards += 1
+                done_scans += len(item["scans"])
+                rate = done_scans / max(time.time() - t0, 1e-9)
+                left = (len(todo) - done_scans) / rate if rate else 0
+                log.info(
+                    "[%d/%d shards, %d/%d scans, %.2f scans/s, ETA %s] %s: %d written, %d quarantined",
+                    done_shards, len(items), done_scans, len(todo), rate, _duration(left), record["shard"],
+                    len(record["scans"]), len(record["quarantine"]),
+                )
     except Exception as e:
-        cause = _root_cause(e)
-        if isinstance(cause, CtrayError):
-            raise type(cause)(str(cause)) from e
+        for ref in pending:
+            ray.cancel(ref, force=False)
+        cause = _ctray_cause(e)
+        if cause is not None:
+            raise type(cause)(str(cause)) from None
         raise
+    return failed
 
 
-def _root_cause(e: BaseException) -> BaseException:
-    """Ray wraps a task's exception (RayTaskError, UserCodeException); find the ctray error inside."""
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _ctray_cause(e: BaseException) -> CtrayError | None:
+    """The one-line ctray error behind an exception: itself, or the cause Ray wrapped (RayTaskError
+    carries the task's exception as `.cause`), without Ray's traceback text."""
+    import ray
+
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        if isinstance(e, ray.exceptions.RayTaskError):
+            return e.cause if isinstance(e.cause, CtrayError) else None
         if isinstance(e, CtrayError):
             return e
         e = e.__cause__ or e.__context__
-    return e
+    return None

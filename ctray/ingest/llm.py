@@ -3,7 +3,11 @@
 The endpoint is asked for JSON, the answer is validated against a schema built from the
 configured anatomies, failed attempts are retried with backoff, and answers are cached by report
 hash in the output storage, so re-runs and resumed jobs never pay twice. When every attempt
-fails the rule parser is used and the reason is recorded with the scan.
+fails (or the answer is malformed) the rule parser is used and the reason's category is recorded
+with the scan and counted in the manifest. A refused key (HTTP 401/403) is not a reason to fall
+back: it fails the job, once at start (`check_endpoint`) or at the first report.
+
+Nothing here logs report text, the answer or the key: log lines and reasons name categories only.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import os
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Callable
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from ctray.config import StorageConfig
+from ctray.errors import ConfigError, CtrayError
 from ctray.ingest.config import LLMConfig
 from ctray.storage import join, publish_bytes, with_retries
 
@@ -33,6 +39,39 @@ _SYSTEM = (
     "self-contained sentences copied or minimally rephrased from the report about that anatomy, "
     "keeping negations (\"No pleural effusion.\"). Leave out anatomies the report does not mention."
 )
+# A report with no patient in it, for the check request at start.
+_CHECK_REPORT = "The lungs are clear. Heart size is normal."
+
+
+class LLMAuthError(CtrayError):
+    """The endpoint refused the API key (HTTP 401/403): every report would fail the same way."""
+
+
+class _Malformed(ValueError):
+    """The endpoint answered, but not with a chat completion holding a findings object."""
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A credential that prints as *** (a repr in a log or a traceback shows nothing)."""
+
+    value: str | None
+
+    def __repr__(self) -> str:
+        return "Secret(***)" if self.value else "Secret(None)"
+
+    __str__ = __repr__
+
+
+def read_api_key(cfg: LLMConfig) -> Secret:
+    """The key from `api_key_file` or the driver's `api_key_env` (None for keyless local servers)."""
+    if cfg.api_key_file:
+        try:
+            with open(os.path.expanduser(cfg.api_key_file)) as f:
+                return Secret(f.read().strip() or None)
+        except OSError as e:
+            raise ConfigError(f"reports.llm.api_key_file {cfg.api_key_file}: {e.strerror}") from None
+    return Secret(os.environ.get(cfg.api_key_env) or None)
 
 
 def findings_schema(anatomies: list[str]) -> type[BaseModel]:
@@ -41,8 +80,36 @@ def findings_schema(anatomies: list[str]) -> type[BaseModel]:
     return create_model("Findings", __config__=ConfigDict(extra="forbid"), **fields)
 
 
+@dataclass(frozen=True)
+class Parsed:
+    """One report's anatomy sentences and how they were made."""
+
+    findings: dict[str, list[str]]
+    parser: str
+    """"llm:<model>", "llm:<model> (cached)" or "rules (llm failed: <category>)"."""
+    cache_key: str | None
+    """The report's entry in the LLM cache (so `ctray purge` can remove it)."""
+
+
+def _category(e: BaseException) -> str:
+    """A failure's kind, without its text (an error body or a validation message can quote the report)."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code}"
+    if isinstance(e, (TimeoutError, urllib.error.URLError)) and "timed out" in str(getattr(e, "reason", e)):
+        return "timeout"
+    if isinstance(e, (urllib.error.URLError, ConnectionError)):
+        return "unreachable"
+    if isinstance(e, ValidationError):
+        return "answer is not JSON" if any(err["type"] == "json_invalid" for err in e.errors()) else "answer does not fit the schema"
+    if isinstance(e, json.JSONDecodeError):
+        return "answer is not JSON"
+    if isinstance(e, _Malformed):
+        return str(e)
+    return type(e).__name__
+
+
 class LLMParser:
-    """Callable: report text -> ({anatomy: [sentences]}, parser label for the row)."""
+    """Callable: report text -> Parsed."""
 
     def __init__(
         self,
@@ -52,43 +119,52 @@ class LLMParser:
         cache_fs: fsspec.AbstractFileSystem,
         cache_root: str,
         storage: StorageConfig,
+        api_key: Secret = Secret(None),
     ):
         self.cfg = cfg
         self.anatomies = anatomies
         self.schema = findings_schema(anatomies)
         self.fallback = fallback
         self.fs, self.cache_root, self.storage = cache_fs, cache_root, storage
+        self.api_key = api_key
 
-    def _key(self, text: str) -> str:
+    def cache_key(self, text: str) -> str:
         h = hashlib.sha256()
         for part in (PROMPT_VERSION, self.cfg.model, ",".join(self.anatomies), text):
             h.update(part.encode("utf-8", "surrogatepass") + b"\0")
         return h.hexdigest()
 
-    def __call__(self, text: str) -> tuple[dict[str, list[str]], str]:
-        key = self._key(text)
-        path = join(self.cache_root, key[:2], key + ".json")
+    def cache_path(self, key: str) -> str:
+        return join(self.cache_root, key[:2], key + ".json")
+
+    def __call__(self, text: str) -> Parsed:
+        key = self.cache_key(text)
+        path = self.cache_path(key)
         try:
             cached = with_retries(lambda: self.fs.cat_file(path), "read llm cache", self.storage)
-            return json.loads(cached), f"llm:{self.cfg.model} (cached)"
+            return Parsed(json.loads(cached), f"llm:{self.cfg.model} (cached)", key)
         except FileNotFoundError:
             pass
         reason = ""
         delay = 1.0
         for attempt in range(1, self.cfg.retries + 1):
             try:
-                findings = self._ask(text)
+                findings = self.ask(text)
                 publish_bytes(json.dumps(findings).encode(), self.fs, path, self.storage)
-                return findings, f"llm:{self.cfg.model}"
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError, ValidationError, KeyError) as e:
-                reason = f"{type(e).__name__}: {_summary(e)}"
-                log.warning("llm report parsing failed (attempt %d/%d): %s", attempt, self.cfg.retries, reason)
-                if attempt < self.cfg.retries:
-                    time.sleep(delay)
-                    delay *= 2
-        return self.fallback(text), f"rules (llm failed: {reason})"
+                return Parsed(findings, f"llm:{self.cfg.model}", key)
+            except urllib.error.HTTPError as e:
+                if e.code in (401, 403):
+                    raise LLMAuthError(f"LLM endpoint {self.cfg.base_url} refused the API key (HTTP {e.code})") from None
+                reason = _category(e)
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError, ValidationError) as e:
+                reason = _category(e)
+            log.warning("llm report parsing failed (attempt %d/%d): %s", attempt, self.cfg.retries, reason)
+            if attempt < self.cfg.retries:
+                time.sleep(delay)
+                delay *= 2
+        return Parsed(self.fallback(text), f"rules (llm failed: {reason})", None)
 
-    def _ask(self, text: str) -> dict[str, list[str]]:
+    def ask(self, text: str) -> dict[str, list[str]]:
         body = {
             "model": self.cfg.model,
             "temperature": 0,
@@ -99,9 +175,8 @@ class LLMParser:
             ],
         }
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.cfg.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        if self.api_key.value:
+            headers["Authorization"] = f"Bearer {self.api_key.value}"
         req = urllib.request.Request(
             self.cfg.base_url.rstrip("/") + "/chat/completions",
             data=json.dumps(body).encode(),
@@ -110,8 +185,7 @@ class LLMParser:
         )
         with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
             answer = json.loads(resp.read())
-        content = answer["choices"][0]["message"]["content"]
-        parsed = self.schema.model_validate_json(_strip_fences(content))
+        parsed = self.schema.model_validate_json(_strip_fences(_content(answer)))
         out = {}
         for anatomy, sentences in parsed.model_dump().items():
             kept = [s.strip() for s in sentences or [] if isinstance(s, str) and s.strip()]
@@ -120,16 +194,37 @@ class LLMParser:
         return out
 
 
+def _content(answer) -> str:
+    """The first choice's message text of a chat completion, or _Malformed naming what is missing."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise _Malformed("answer has no choices")
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str) or not content.strip():
+        raise _Malformed("answer has no message content")
+    return content
+
+
+def check_endpoint(cfg: LLMConfig, anatomies: list[str], api_key: Secret) -> None:
+    """One request with a report that holds no patient, before any shard is written: a refused key
+    fails the job at once; an endpoint that is down or answers badly is a warning (reports then
+    fall back to the rules, counted by reason in the manifest)."""
+    parser = LLMParser(cfg, anatomies, lambda text: {}, fsspec.filesystem("memory"), "/", StorageConfig(), api_key)
+    try:
+        parser.ask(_CHECK_REPORT)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            key_from = f"file {cfg.api_key_file}" if cfg.api_key_file else f"${cfg.api_key_env}"
+            raise LLMAuthError(f"LLM endpoint {cfg.base_url} refused the API key from {key_from} (HTTP {e.code})") from None
+        log.warning("LLM endpoint %s answered the check request with HTTP %d; reports may fall back to the rules", cfg.base_url, e.code)
+    except (urllib.error.URLError, TimeoutError, OSError, ValueError, ValidationError) as e:
+        log.warning("LLM endpoint %s failed the check request (%s); reports may fall back to the rules", cfg.base_url, _category(e))
+
+
 def _strip_fences(content: str) -> str:
     content = content.strip()
     if content.startswith("```"):
         content = content.split("\n", 1)[1] if "\n" in content else ""
         content = content.rsplit("```", 1)[0]
     return content
-
-
-def _summary(e: BaseException) -> str:
-    # Validation errors quote the offending input, which is report text: keep only the locations.
-    if isinstance(e, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['type']}" for err in e.errors()[:3])
-    return (str(e).splitlines() or [""])[0][:200]

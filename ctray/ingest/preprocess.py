@@ -56,9 +56,9 @@ def mask_labels(mask: RawVolume, scan_shape: tuple[int, ...], scan_affine: np.nd
     DICOM series and its NIfTI label map) but never a different grid."""
     data, affine = orient(mask.data, mask.affine, axcodes)
     if data.shape != scan_shape:
-        raise BadInput(f"{mask.source}: mask grid {tuple(data.shape)} differs from its scan's {tuple(scan_shape)}")
+        raise BadInput(f"{mask.source}: grid {tuple(data.shape)} differs from its scan's {tuple(scan_shape)}")
     if not np.allclose(affine, scan_affine, atol=_GRID_TOL_MM):
-        raise BadInput(f"{mask.source}: mask affine differs from its scan's (not the same voxel grid)")
+        raise BadInput(f"{mask.source}: affine differs from its scan's (not the same voxel grid)")
     if data.dtype == np.uint8 and mask.slope == 1.0 and mask.inter == 0.0:
         return data
     lo, hi = mask.value_range()

@@ -6,6 +6,7 @@ Report text may hold patient information: nothing here logs it or puts it in an 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import re
@@ -102,6 +103,21 @@ def _label_value(v) -> int | None:
     return None
 
 
+def _join_text(parts: list) -> str | None | object:
+    """Several text columns (Findings, Impressions) -> one report. Each part ends with a full stop
+    so that sentences never run across columns. A non-text part is returned as it is (a problem)."""
+    texts = []
+    for part in parts:
+        if part is None:
+            continue
+        if not isinstance(part, str):
+            return part
+        part = part.strip()
+        if part:
+            texts.append(part if part[-1] in ".!?;" else part + ".")
+    return " ".join(texts) if texts else ("" if any(p is not None for p in parts) else None)
+
+
 def _make_report(text, labels: dict) -> Report:
     clean_labels = {k: lv for k, v in labels.items() if (lv := _label_value(v)) is not None}
     if text is None:
@@ -115,16 +131,30 @@ def _make_report(text, labels: dict) -> Report:
     return Report(text, None, clean_labels)
 
 
-def parse_report_table(raw: bytes, name: str, id_column: str, text_column: str) -> ReportTable:
-    """Parse a CSV or JSONL reports table, judging each row on its own.
+def table_id(value) -> str | None:
+    """A table's scan id as ctray spells scan ids: stripped, without a NIfTI suffix (CT-RATE's
+    VolumeName column holds file names)."""
+    if value is None or _BAD_UTF8.search(str(value)):
+        return None
+    sid = str(value).strip()
+    for suffix in (".nii.gz", ".nii"):
+        sid = sid.removesuffix(suffix)
+    return sid or None
 
-    Undecodable bytes are kept as surrogates (errors="surrogateescape") so that one bad report
-    quarantines its own scan instead of failing the whole table.
-    """
+
+def _rows(raw: bytes, name: str, needed: list[str]) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
+    """(where, row) pairs of a CSV or JSONL table (gzip-compressed or not) and the problems of
+    lines that are not rows. Errors name the table and columns, never a cell: in a table without a
+    header row the 'column names' are the first report."""
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{name}: not a readable gzip file ({type(e).__name__})") from None
     text = raw.decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
-    reports: dict[str, Report] = {}
+    base = name.removesuffix(".gz")
     problems: list[tuple[str, str]] = []
-    if name.endswith((".jsonl", ".ndjson", ".jsonl.gz")):
+    if base.endswith((".jsonl", ".ndjson")):
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -138,20 +168,48 @@ def parse_report_table(raw: bytes, name: str, id_column: str, text_column: str) 
                 problems.append((f"{name}:{n}", "line is not a JSON object"))
                 continue
             rows.append((f"{name}:{n}", obj))
-    else:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if reader.fieldnames is None or id_column not in reader.fieldnames or text_column not in reader.fieldnames:
-            raise ValueError(f"{name}: needs columns {id_column!r} and {text_column!r}, has {reader.fieldnames}")
-        rows = [(f"{name}:{n + 2}", row) for n, row in enumerate(reader)]
+        return rows, problems
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = reader.fieldnames or []
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise ValueError(
+            f"{name}: no column named {', '.join(repr(c) for c in missing)} in its first row of {len(header)} fields "
+            "(a CSV needs a header row; set the id/text column names in the config)"
+        )
+    return [(f"{name}:{n + 2}", row) for n, row in enumerate(reader)], problems
+
+
+def parse_report_table(raw: bytes, name: str, id_column: str, text_columns: list[str]) -> ReportTable:
+    """Parse a CSV or JSONL reports table (optionally gzip-compressed), judging each row on its own.
+
+    Undecodable bytes are kept as surrogates (errors="surrogateescape") so that one bad report
+    quarantines its own scan instead of failing the whole table.
+    """
+    rows, problems = _rows(raw, name, [id_column, *text_columns])
+    reports: dict[str, Report] = {}
     for where, row in rows:
-        scan_id = row.get(id_column)
-        if scan_id is None or not str(scan_id).strip() or _BAD_UTF8.search(str(scan_id)):
+        scan_id = table_id(row.get(id_column))
+        if scan_id is None:
             problems.append((where, f"row has no usable {id_column!r}"))
             continue
-        scan_id = str(scan_id).strip()
-        labels = {k: v for k, v in row.items() if k not in (id_column, text_column)}
+        labels = {k: v for k, v in row.items() if k != id_column and k not in text_columns}
         if scan_id in reports:
-            problems.append((where, f"second report for scan {scan_id!r}; the first is kept"))
+            problems.append((where, "a second report for a scan id already in the table; the first is kept"))
             continue
-        reports[scan_id] = _make_report(row.get(text_column), labels)
+        reports[scan_id] = _make_report(_join_text([row.get(c) for c in text_columns]), labels)
     return ReportTable(reports, problems)
+
+
+def parse_label_table(raw: bytes, name: str, id_column: str) -> tuple[dict[str, dict[str, int]], list[tuple[str, str]]]:
+    """A labels table (CT-RATE's multi_abnormality_labels.csv): scan id -> {finding: 0/1}; columns
+    that are not 0/1 are ignored."""
+    rows, problems = _rows(raw, name, [id_column])
+    out: dict[str, dict[str, int]] = {}
+    for where, row in rows:
+        scan_id = table_id(row.get(id_column))
+        if scan_id is None:
+            problems.append((where, f"row has no usable {id_column!r}"))
+            continue
+        out[scan_id] = {k: lv for k, v in row.items() if k != id_column and (lv := _label_value(v)) is not None}
+    return out, problems

@@ -1,16 +1,26 @@
-"""One Ray Data task = one shard: read, check and preprocess its scans, write one Parquet file.
+"""One Ray task = one shard: read, check and preprocess its scans, write one Parquet file.
 
 A shard is published only when complete (storage.publish_file), then a small commit record
-(_commits/<shard>.json) names its scans, stats and quarantined inputs. Readers and resumed runs
-trust commit records only, so a crash at any point loses at most the shard in flight.
+(_commits/<shard>.json) names its scans (with each input's stamp and content hash), the shard's
+sha256 and size, its quarantined inputs and its parser outcomes. Readers and resumed runs trust
+commit records only, so a crash at any point loses at most the shard in flight. A commit record
+may supersede earlier ones (a shard rewritten without a changed or purged scan): the superseded
+records and their shards are ignored, then removed by the next ingest.
+
+What leaves a task is PHI-free by construction: work items carry references (URIs and ids),
+reports arrive through the object store, and every error is reduced here to ctray's one-line
+reason (the input's label, the check, measured figures; for a bug, the exception type and code
+location, never its message, which could quote a report or a header value).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -19,13 +29,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import ctray
 from ctray.data.schema import SCHEMA_VERSION, SHARD_SCHEMA
-from ctray.errors import BadInput, StorageError
+from ctray.errors import BadInput, CtrayError, StorageError
 from ctray.ingest.anatomy import anatomy_label_ids
 from ctray.ingest.config import IngestConfig
+from ctray.ingest.dicom import load_series
+from ctray.ingest.lease import LeaseHeld, lease_is_ours
+from ctray.ingest.llm import PROMPT_VERSION, LLMAuthError, Parsed, Secret
 from ctray.ingest.preprocess import anatomy_boxes, preprocess
 from ctray.ingest.reports import RuleParser
-from ctray.ingest.volume import RawVolume, load_dicom_series, load_nifti
+from ctray.ingest.volume import RawVolume, load_nifti
 from ctray.storage import filesystem, is_remote, join, publish_bytes, publish_file, resolve_uri, with_retries
 
 log = logging.getLogger(__name__)
@@ -35,14 +49,24 @@ SHARDS_DIR = "shards"
 _HASH_CHUNK = 1 << 20
 
 
-def shard_name(scan_ids: list[str]) -> str:
-    """Deterministic name from the shard's scans: a retried shard overwrites its own leftovers."""
-    return "part-" + hashlib.sha1("\0".join(sorted(scan_ids)).encode()).hexdigest()[:16]
+def shard_name(scans: list[dict]) -> str:
+    """Deterministic name from the shard's scans and their stamps: a retried shard overwrites its
+    own leftovers, and a changed input never lands on a committed shard's name."""
+    keys = sorted(f"{s['scan_id']}\0{s.get('stamp', '')}" for s in scans)
+    return "part-" + hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
 
 
 def preprocess_fingerprint(cfg: IngestConfig) -> str:
-    """Hash of everything that changes the stored rows; resuming into shards made otherwise is refused."""
-    keyed = {"schema": SCHEMA_VERSION, "preprocess": cfg.preprocess.model_dump(mode="json"), "parser": cfg.reports.parser}
+    """Hash of every setting that changes the stored rows, and of the ctray version; resuming into
+    shards made otherwise is refused."""
+    keyed = {
+        "ctray": ctray.__version__,
+        "schema": SCHEMA_VERSION,
+        "preprocess": cfg.preprocess.model_dump(mode="json"),
+        "input": cfg.input.model_dump(mode="json", exclude={"scans"}),
+        "reports": {"parser": cfg.reports.parser, **({"model": cfg.reports.llm.model, "prompt": PROMPT_VERSION} if cfg.reports.parser == "llm" else {})},
+        "privacy": {"ids": cfg.privacy.pseudonymize_ids, "report_text": cfg.privacy.keep_report_text, "paths": cfg.privacy.source_paths},
+    }
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -54,54 +78,77 @@ def file_sha256(path: str) -> "hashlib._Hash":
     return digest
 
 
-class ShardWriter:
-    """Ray Data callable class (an actor keeps the report parser and segmenter warm)."""
+def bug_reason(label: str, e: BaseException) -> str:
+    """A one-line reason for an unexpected exception: its type and the innermost ctray frame."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}ctray{os.sep}" in f.filename] or traceback.extract_tb(e.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    return f"{label}: unexpected {type(e).__name__}{where} (a ctray bug or an input it does not handle)"
 
-    def __init__(self, cfg: dict):
-        self.cfg = IngestConfig.model_validate(cfg)
-        self.fs_out, self.root = filesystem(self.cfg.output.uri, self.cfg.storage)
-        self.groups = anatomy_label_ids(self.cfg.preprocess.anatomies)
-        rules = RuleParser(list(self.cfg.preprocess.anatomies))
-        if self.cfg.reports.parser == "llm":
+
+def log_bug(reason: str, e: BaseException) -> None:
+    """The reason plus the code path (frames only: file, line, code; no exception message)."""
+    log.error("%s\n%s", reason, "".join(traceback.format_list(traceback.extract_tb(e.__traceback__))))
+
+
+class ShardWriter:
+    """Turns a work item into a published shard and its commit record. Built once per worker
+    process (`writer_for`): the report parser and the segmenter stay warm across tasks."""
+
+    def __init__(self, cfg: IngestConfig, api_key: Secret):
+        self.cfg = cfg
+        self.fs_out, self.root = filesystem(cfg.output.uri, cfg.storage)
+        self.groups = anatomy_label_ids(cfg.preprocess.anatomies)
+        self.rules = RuleParser(list(cfg.preprocess.anatomies))
+        self.llm = None
+        if cfg.reports.parser == "llm":
             from ctray.ingest.llm import LLMParser
 
-            self.parse = LLMParser(
-                self.cfg.reports.llm, list(self.cfg.preprocess.anatomies), rules, self.fs_out,
-                join(self.root, "_cache", "llm"), self.cfg.storage,
+            self.llm = LLMParser(
+                cfg.reports.llm, list(cfg.preprocess.anatomies), self.rules, self.fs_out,
+                join(self.root, "_cache", "llm"), cfg.storage, api_key,
             )
-        else:
-            self.parse = lambda text: (rules(text), "rules")
         self.segmenter = None
-        if self.cfg.input.segment:
+        if cfg.input.segment:
             from ctray.ingest.segment import Segmenter
 
-            self.segmenter = Segmenter(self.cfg.input.segment_fast)
-        self.fingerprint = preprocess_fingerprint(self.cfg)
+            self.segmenter = Segmenter(cfg.input.segment_fast)
+        self.fingerprint = preprocess_fingerprint(cfg)
 
-    def __call__(self, item: dict) -> dict:
-        scans = json.loads(item["scans"])
-        name = item["shard"]
+    def parse(self, text: str) -> Parsed:
+        if self.llm is not None:
+            return self.llm(text)
+        return Parsed(self.rules(text), "rules", None)
+
+    def write(self, item: dict, reports: dict[str, dict]) -> dict:
+        scans, name = item["scans"], item["shard"]
         started = time.time()
         quarantine: list[dict] = []
-        written: list[str] = []
+        written: list[dict] = []
+        parsers: collections.Counter = collections.Counter()
         stats = _Stats()
+        shard_path = digest = None
+        size = 0
         with tempfile.TemporaryDirectory(prefix="ctray-shard-") as tmp:
             local = os.path.join(tmp, name + ".parquet")
             writer = None
-            for scan in scans:
+            for k, scan in enumerate(scans):
+                scan_tmp = os.path.join(tmp, f"scan{k}")  # one folder per scan: a scan and its mask never share a path
+                os.makedirs(scan_tmp)
                 try:
-                    row = self._row(scan, tmp)
+                    row = self._row(scan, reports.get(scan["scan_id"]), scan_tmp)
                 except BadInput as e:
-                    quarantine.append({"scan_id": scan["scan_id"], "input": scan["uri"], "reason": str(e)})
+                    quarantine.append({"scan_id": scan["scan_id"], "input": scan["label"], "reason": str(e), "stamp": scan["stamp"]})
                     log.warning("quarantined %s", e)
                     continue
-                except StorageError:
+                except (StorageError, LLMAuthError):
                     raise
-                except Exception as e:  # a bug must not cost the rest of the shard; keep its trace
-                    reason = f"{scan['uri']}: unexpected {type(e).__name__}: {str(e)[:200]}"
-                    quarantine.append({"scan_id": scan["scan_id"], "input": scan["uri"], "reason": reason})
-                    log.error("quarantined %s\n%s", reason, traceback.format_exc())
+                except Exception as e:  # noqa: BLE001 - a bug must not cost the rest of the shard
+                    reason = bug_reason(scan["label"], e)
+                    quarantine.append({"scan_id": scan["scan_id"], "input": scan["label"], "reason": reason, "stamp": scan["stamp"]})
+                    log_bug("quarantined " + reason, e)
                     continue
+                finally:
+                    shutil.rmtree(scan_tmp, ignore_errors=True)
                 if writer is None:
                     writer = pq.ParquetWriter(
                         local, SHARD_SCHEMA, compression="zstd",
@@ -109,77 +156,75 @@ class ShardWriter:
                     )
                 writer.write_table(pa.Table.from_pylist([row], schema=SHARD_SCHEMA))
                 stats.add(row)
-                written.append(scan["scan_id"])
-            shard_path = None
+                parsers[row["report_parser"] or "none"] += 1
+                written.append({"scan_id": row["scan_id"], "input": scan["label"], "stamp": row["stamp"], "content_hash": row["content_hash"]})
             if writer is not None:
                 writer.close()
                 shard_path = join(self.root, SHARDS_DIR, name + ".parquet")
+                digest = file_sha256(local).hexdigest()
+                size = os.path.getsize(local)
                 publish_file(local, self.fs_out, shard_path, self.cfg.storage)
-                stats.bytes = os.path.getsize(local)
-        record = {
-            "shard": name,
-            "path": f"{SHARDS_DIR}/{name}.parquet" if shard_path else None,
-            "scan_ids": written,
-            "quarantine": quarantine,
-            "stats": stats.as_dict(),
-            "fingerprint": self.fingerprint,
-            "schema_version": SCHEMA_VERSION,
-            "committed_at": time.time(),
-            "seconds": round(time.time() - started, 3),
-        }
-        publish_bytes(json.dumps(record).encode(), self.fs_out, join(self.root, COMMITS_DIR, name + ".json"), self.cfg.storage)
-        return {"shard": name, "record": json.dumps(record)}
+                stats.bytes = size
+        record = commit_record(self.fingerprint, name, written, quarantine, stats.as_dict(), digest, size, started, dict(parsers))
+        self.commit(record, item.get("lease_token"))
+        return record
+
+    def commit(self, record: dict, lease_token: str | None) -> None:
+        if lease_token is not None and not lease_is_ours(self.cfg.output.uri, self.cfg.storage, lease_token):
+            raise LeaseHeld(f"shard {record['shard']}: this ingest no longer holds the lease on {self.cfg.output.uri}; not committed")
+        publish_bytes(json.dumps(record).encode(), self.fs_out, join(self.root, COMMITS_DIR, record["shard"] + ".json"), self.cfg.storage)
 
     def _fetch(self, uri: str, tmp: str) -> tuple[str, "hashlib._Hash"]:
-        """A local path for `uri` (downloaded when remote) and the sha256 of its bytes."""
+        """A local path for `uri` (downloaded into `tmp` when remote) and the sha256 of its bytes."""
         if not is_remote(uri):
             local = resolve_uri(uri)
         else:
             fs, path = filesystem(uri, self.cfg.storage)
+            os.makedirs(tmp, exist_ok=True)
             local = os.path.join(tmp, os.path.basename(path))
             with_retries(lambda: fs.get_file(path, local), f"download {uri}", self.cfg.storage)
         try:
             return local, file_sha256(local)
-        except FileNotFoundError as e:
-            raise BadInput(f"{uri}: file vanished before it could be read") from e
+        except FileNotFoundError:
+            raise BadInput(f"{uri}: file vanished before it could be read") from None
 
-    def _row(self, scan: dict, tmp: str) -> dict:
+    def _row(self, scan: dict, report: dict | None, tmp: str) -> dict:
         cfg = self.cfg
-        report = scan.get("report")
+        label = scan["label"]
         report_text = None
         if cfg.input.reports:
             if report is None:
                 report = {"text": None, "problem": "no report for this scan in the reports table", "labels": {}}
             if report["problem"] and cfg.input.require_report:
-                raise BadInput(f"{scan['uri']}: {report['problem']} ({cfg.input.reports})")
+                raise BadInput(f"{label}: {report['problem']}")
             report_text = report["text"]
-
+        max_voxels = cfg.preprocess.max_voxels
         if scan["kind"] == "dicom":
             digest = hashlib.sha256()
             locals_ = []
             for f in scan["files"]:
-                local, d = self._fetch(f, tmp)
+                local, d = self._fetch(f, os.path.join(tmp, "series"))
                 digest.update(d.digest())
                 locals_.append(local)
-            raw = load_dicom_series(locals_, scan["uri"])
+            raw = load_series(locals_, label, cfg.input.dicom)
         else:
-            local, digest = self._fetch(scan["uri"], tmp)
-            raw = load_nifti(local, scan["uri"])
+            local, digest = self._fetch(scan["uri"], os.path.join(tmp, "scan"))
+            raw = load_nifti(local, label, max_voxels)
 
         mask: RawVolume | None = None
         if scan.get("mask_uri"):
-            mask_local, _ = self._fetch(scan["mask_uri"], tmp)
-            mask = load_nifti(mask_local, scan["mask_uri"])
+            mask_label = f"{label}: its mask" if cfg.privacy.pseudonymize_ids else f"{label}: mask {scan['mask_uri']}"
+            mask_local, _ = self._fetch(scan["mask_uri"], os.path.join(tmp, "mask"))
+            mask = load_nifti(mask_local, mask_label, max_voxels)
         elif self.segmenter is not None:
             mask = self.segmenter(raw)
         elif cfg.input.masks and cfg.input.require_mask:
-            raise BadInput(f"{scan['uri']}: no mask named {scan['scan_id']}.nii[.gz] in {cfg.input.masks}")
+            raise BadInput(f"{label}: no mask named like it in {cfg.input.masks}")
 
         pre = preprocess(raw, mask, cfg.preprocess)
-        texts, parser = ({}, None)
-        if report_text:
-            texts, parser = self.parse(report_text)
+        parsed = self.parse(report_text) if report_text else None
         labels = (report or {}).get("labels") or {}
+        keep_paths = cfg.privacy.source_paths
         return {
             "scan_id": scan["scan_id"],
             "volume": pre.hu.tobytes(),
@@ -189,14 +234,61 @@ class ShardWriter:
             "affine": pre.affine.reshape(-1).tolist(),
             "label_map": pre.labels.tobytes() if pre.labels is not None else None,
             "anatomy_boxes": anatomy_boxes(pre.labels, self.groups) if pre.labels is not None else [],
-            "anatomy_texts": [{"anatomy": a, "sentences": s} for a, s in texts.items()],
-            "report_text": report_text,
-            "report_parser": parser,
+            "anatomy_texts": [{"anatomy": a, "sentences": s} for a, s in (parsed.findings if parsed else {}).items()],
+            "report_text": report_text if cfg.privacy.keep_report_text else None,
+            "report_parser": parsed.parser if parsed else None,
+            "report_cache_key": parsed.cache_key if parsed else None,
             "labels": [{"name": k, "value": v} for k, v in sorted(labels.items())],
-            "source": scan["uri"],
-            "mask_source": mask.source if mask is not None else None,
+            "source": scan["uri"] if keep_paths else None,
+            "mask_source": (scan.get("mask_uri") or "TotalSegmentator") if mask is not None and keep_paths else None,
             "content_hash": digest.hexdigest(),
+            "stamp": scan["stamp"],
         }
+
+
+def commit_record(fingerprint: str, name: str, written: list[dict], quarantine: list[dict], stats: dict, sha256: str | None,
+                  size: int, started: float, parsers: dict | None = None, supersedes: list[str] = ()) -> dict:
+    return {
+        "shard": name,
+        "path": f"{SHARDS_DIR}/{name}.parquet" if sha256 else None,
+        "sha256": sha256,
+        "bytes": size,
+        "scans": written,
+        "quarantine": quarantine,
+        "supersedes": list(supersedes),
+        "stats": stats,
+        "parsers": parsers or {},
+        "fingerprint": fingerprint,
+        "schema_version": SCHEMA_VERSION,
+        "ctray_version": ctray.__version__,
+        "committed_at": time.time(),
+        "seconds": round(time.time() - started, 3),
+    }
+
+
+_WRITERS: dict[str, ShardWriter] = {}
+
+
+def writer_for(cfg_json: str, api_key: Secret) -> ShardWriter:
+    """This worker process's writer for the config (Ray reuses worker processes across tasks)."""
+    key = hashlib.sha1(cfg_json.encode() + (api_key.value or "").encode()).hexdigest()
+    if key not in _WRITERS:
+        _WRITERS.clear()
+        _WRITERS[key] = ShardWriter(IngestConfig.model_validate_json(cfg_json), api_key)
+    return _WRITERS[key]
+
+
+def write_shard(cfg_json: str, item: dict, reports: dict[str, dict], api_key: Secret) -> dict:
+    """The Ray task: one shard, its commit record returned. Errors leave as ctray's one-line
+    errors without a chained cause (a cause's message could quote an input)."""
+    try:
+        return writer_for(cfg_json, api_key).write(item, reports)
+    except CtrayError as e:
+        raise type(e)(str(e)) from None
+    except Exception as e:  # noqa: BLE001
+        reason = bug_reason(f"shard {item['shard']}", e)
+        log_bug(reason, e)
+        raise CtrayError(reason) from None
 
 
 class _Stats:

@@ -1,4 +1,4 @@
-"""Read NIfTI files and DICOM series without converting them to float.
+"""Read NIfTI files without converting them to float (DICOM series: dicom.py).
 
 A reader returns the stored integers (or floats) plus the scaling to HU, so that ingest can
 check, orient and resample the scan slice by slice (see resample.py for why).
@@ -6,6 +6,8 @@ check, orient and resample the scan slice by slice (see resample.py for why).
 
 from __future__ import annotations
 
+import gzip
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -47,18 +49,40 @@ def _as_3d(data: np.ndarray, source: str) -> np.ndarray:
     return data
 
 
-def load_nifti(path: str, source: str) -> RawVolume:
-    """Load a .nii/.nii.gz without scaling (memory-mapped when uncompressed)."""
+def load_nifti(path: str, source: str, max_voxels: int | None = None) -> RawVolume:
+    """Load a .nii/.nii.gz without scaling, after checking the header against `max_voxels` and
+    the file against the header, so that a lying header costs nothing.
+
+    An uncompressed file is memory-mapped once its size covers the voxels. A compressed one is
+    inflated chunk by chunk into an array that is allocated but not touched beforehand (the pages
+    are only committed as data arrives), so a truncated file fails after committing what it holds,
+    not what its header claims (nibabel's own reader zero-fills a buffer of the full size first).
+    """
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises many types for a bad header
         raise BadInput(f"{source}: not a readable NIfTI file ({type(e).__name__}: {_first_line(e)})") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BadInput(f"{source}: {type(img).__name__} is not a NIfTI image")
-    if len(img.shape) not in (3, 4, 5):
-        raise BadInput(f"{source}: {len(img.shape)}D image of shape {img.shape}; expected one 3D volume")
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) not in (3, 4, 5):
+        raise BadInput(f"{source}: {len(shape)}D image of shape {shape}; expected one 3D volume")
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if max_voxels is not None and voxels > max_voxels:
+        raise BadInput(f"{source}: header claims {'x'.join(map(str, shape))} = {voxels} voxels, more than preprocess.max_voxels={max_voxels}")
+    dtype = img.header.get_data_dtype()
+    if dtype.kind not in "iuf" or dtype.fields is not None:
+        raise BadInput(f"{source}: voxel type {dtype} is not a scalar number")
+    offset = int(img.dataobj.offset)
+    nbytes = voxels * dtype.itemsize
     try:
-        data = np.asanyarray(img.dataobj.get_unscaled())
+        if path.endswith(".gz"):
+            data = _inflate(path, offset, shape, dtype, source)
+        else:
+            size = os.path.getsize(path)
+            if size < offset + nbytes:
+                raise BadInput(f"{source}: truncated image data ({size - offset} of {nbytes} bytes)")
+            data = np.asanyarray(img.dataobj.get_unscaled())
     except (EOFError, zlib.error, OSError, ValueError) as e:
         raise BadInput(f"{source}: truncated or corrupt image data ({type(e).__name__}: {_first_line(e)})") from e
     data = _as_3d(data, source)
@@ -70,48 +94,23 @@ def load_nifti(path: str, source: str) -> RawVolume:
     return RawVolume(data, np.asarray(affine, dtype=np.float64), slope, inter, source)
 
 
-def load_dicom_series(paths: list[str], source: str) -> RawVolume:
-    """Stack one DICOM series (one file per slice), sorted along the slice normal."""
-    import pydicom
+_CHUNK = 16 << 20
 
-    slices = []
-    for p in paths:
-        try:
-            ds = pydicom.dcmread(p)
-            if "PixelData" not in ds:
-                continue
-            slices.append(ds)
-        except Exception as e:
-            raise BadInput(f"{source}: unreadable DICOM file {p.rsplit('/', 1)[-1]} ({type(e).__name__}: {_first_line(e)})") from e
-    if len(slices) < 2:
-        raise BadInput(f"{source}: DICOM series with {len(slices)} image slice(s); expected a 3D volume")
-    try:
-        row_dir, col_dir = np.split(np.asarray(slices[0].ImageOrientationPatient, dtype=np.float64), 2)
-        normal = np.cross(row_dir, col_dir)
-        slices.sort(key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=np.float64), normal)))
-        positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in slices])
-        dr, dc = (float(v) for v in slices[0].PixelSpacing)
-        data = np.stack([ds.pixel_array for ds in slices])
-        slopes = {float(getattr(ds, "RescaleSlope", 1.0)) for ds in slices}
-        inters = {float(getattr(ds, "RescaleIntercept", 0.0)) for ds in slices}
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(f"{source}: inconsistent DICOM series ({type(e).__name__}: {_first_line(e)})") from e
-    if len(slopes) > 1 or len(inters) > 1:
-        raise BadInput(f"{source}: DICOM slices disagree on RescaleSlope/RescaleIntercept")
-    steps = np.diff(positions @ normal)
-    if np.any(steps <= 1e-6):
-        raise BadInput(f"{source}: DICOM series has duplicate slice positions")
-    dz = float(np.median(steps))
-    # DICOM patient space is LPS; the affine is RAS like nibabel's. Array axes: (slice, row, col).
-    lps = np.eye(4)
-    lps[:3, 0] = normal * dz
-    lps[:3, 1] = col_dir * dr
-    lps[:3, 2] = row_dir * dc
-    lps[:3, 3] = positions[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    return RawVolume(_as_3d(data, source), affine, slopes.pop(), inters.pop(), source)
+
+def _inflate(path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, source: str) -> np.ndarray:
+    """The voxels of a .nii.gz, read into an untouched np.empty in 16 MiB chunks (NIfTI is
+    Fortran-ordered)."""
+    data = np.empty(shape, dtype=dtype, order="F")
+    view = memoryview(data.reshape(-1, order="A").view(np.uint8))
+    with gzip.open(path, "rb") as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done : done + _CHUNK])
+            if not n:
+                raise BadInput(f"{source}: truncated image data ({done} of {len(view)} bytes)")
+            done += n
+    return data
 
 
 def _first_line(e: BaseException) -> str:

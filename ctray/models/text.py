@@ -38,6 +38,9 @@ class TextConfig(Section):
     """Random init: attention heads."""
     max_length: int = 64
     """Tokens per text ([CLS] ... [SEP], truncated and padded)."""
+    tokenizer_min_reports: int = 5
+    """A trained tokenizer learns only words seen in at least this many reports (scans), so that
+    names in a few reports never become vocabulary; tiny local data sets may lower it."""
     pooling: Literal["cls", "mean"] = "cls"
     """cls: the [CLS] token (fVLM, CA-GCL). mean: the mean over the text's tokens, for random-init
     towers on small data (the local jobs and tests): at init a BERT's [CLS] output hardly depends
@@ -61,15 +64,17 @@ def prepare_tokenizer(text: TextConfig, shards: str, run_dir: str, storage: Stor
 
         tokenizer_json = AutoTokenizer.from_pretrained(text.model).backend_tokenizer.to_str()
     else:
-        sentences = report_sentences(shards, storage)
-        log.info("training a WordPiece tokenizer (vocab %d) on %d report sentences of %s", text.vocab_size, len(sentences), shards)
-        tokenizer_json = train_wordpiece(sentences, text.vocab_size)
+        reports = report_sentences(shards, storage)
+        log.info("training a WordPiece tokenizer (vocab %d, words of >= %d reports) on the sentences of %d reports in %s",
+                 text.vocab_size, text.tokenizer_min_reports, len(reports), shards)
+        tokenizer_json = train_wordpiece(reports, text.vocab_size, text.tokenizer_min_reports)
     publish_bytes(tokenizer_json.encode(), fs, path, storage)
     return tokenizer_json
 
 
-def report_sentences(shards: str, storage: StorageConfig) -> list[str]:
-    """Every anatomy sentence in the committed shards (only the anatomy_texts column is read)."""
+def report_sentences(shards: str, storage: StorageConfig) -> list[list[str]]:
+    """The anatomy sentences of each report in the committed shards (only the anatomy_texts
+    column is read)."""
     import pyarrow.parquet as pq
 
     from ctray.data.pipeline import scan_index
@@ -77,10 +82,12 @@ def report_sentences(shards: str, storage: StorageConfig) -> list[str]:
 
     afs, _ = arrow_filesystem(shards, storage)
     paths = sorted({item["path"] for item in scan_index(shards, storage)})
-    out: list[str] = []
+    out: list[list[str]] = []
     for path in paths:
         for texts in pq.read_table(path, columns=["anatomy_texts"], filesystem=afs).column("anatomy_texts").to_pylist():
-            out.extend(s for t in texts or [] for s in t["sentences"])
+            sentences = [s for t in texts or [] for s in t["sentences"]]
+            if sentences:
+                out.append(sentences)
     if not out:
         raise ValueError(f"{shards}: no report sentences to train a tokenizer on (were reports ingested?)")
     return out

@@ -7,6 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 for the softmax (bf16 training); float64 stays float64, so that the checks
+    against naive float64 loops hold to 1e-8 whatever the BLAS."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class IntraSampleNTXent(nn.Module):
     """CT-FM's intra-sample SimCLR loss (Pai et al., "Vision foundation models for computed
     tomography", Methods: "Intra-sample contrastive learning").
@@ -40,7 +46,7 @@ class IntraSampleNTXent(nn.Module):
         s, _, m, _ = z.shape
         if m < 2:
             raise ValueError("intra-sample NT-Xent needs at least 2 patches per scan (negatives come from the same scan)")
-        views = F.normalize(z.float(), dim=-1).reshape(s, 2 * m, -1)  # view v of patch p at v * M + p
+        views = F.normalize(_fp32(z), dim=-1).reshape(s, 2 * m, -1)  # view v of patch p at v * M + p
         sim = views @ views.transpose(1, 2)  # (S, 2M, 2M) cosine similarities
         positive = (torch.arange(2 * m, device=z.device) + m) % (2 * m)
         logits = (sim / self.temperature).masked_fill(torch.eye(2 * m, dtype=torch.bool, device=z.device), float("-inf"))
@@ -73,7 +79,7 @@ def bidirectional_infonce(v: torch.Tensor, r: torch.Tensor, scale: torch.Tensor,
     targets: optional (N, N) soft targets, rows summing to 1 and symmetric (fVLM's calibration of
     false negatives); None means the identity.
     """
-    logits = scale * v.float() @ r.float().T
+    logits = scale * _fp32(v) @ _fp32(r).T
     if targets is None:
         labels = torch.arange(len(v), device=v.device)
         return F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
@@ -111,7 +117,7 @@ class AnatomyLocalLoss(nn.Module):
         for j in range(v.shape[1]):
             idx = present[:, j].nonzero().squeeze(1)
             if len(idx) < 2:  # no negatives: 0, still attached to the graph so backward() works
-                losses.append(0.0 * v[:, j].sum().float())
+                losses.append(0.0 * _fp32(v[:, j].sum()))
                 continue
             targets = false_negative_targets(text_hash[idx, j], abnormal[idx, j]) if self.soft_targets else None
             losses.append(bidirectional_infonce(v[idx, j], r[idx, j], scale, targets))
@@ -145,6 +151,6 @@ class CrossAnatomyGlobalLoss(nn.Module):
         rg = (r[perm, cols].transpose(0, 1) * w[..., None]).sum(1)
         keep = w.sum(1) > 0
         if int(keep.sum()) < 2:
-            return 0.0 * v.sum().float()
-        vg, rg = F.normalize(vg[keep].float(), dim=-1), F.normalize(rg[keep].float(), dim=-1)
+            return 0.0 * _fp32(v.sum())
+        vg, rg = F.normalize(_fp32(vg[keep]), dim=-1), F.normalize(_fp32(rg[keep]), dim=-1)
         return bidirectional_infonce(vg, rg, scale)

@@ -94,6 +94,9 @@ class ScalingConfig(Section):
     """One GPU per worker; bf16 and NCCL."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker; keep the rest for Ray Data's samplers."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers: PACK fills a node's GPUs first (NVLink within a node) and spans
+    nodes when one is not enough; SPREAD puts them on different nodes."""
 
 
 class DeepSpeedConfig(Section):
@@ -113,7 +116,9 @@ class RunConfig(Section):
     name: str = "pretrain"
     """Run name (no timestamps: the same name resumes)."""
     max_failures: int = 2
-    """Worker-group restarts from the last checkpoint before the run fails."""
+    """Worker-group restarts from the last checkpoint before the run fails (-1: no limit). On spot
+    or preemptible nodes, allow one per expected preemption (e.g. 10 for a multi-day run, or -1);
+    each costs at most `train.checkpoint_every` steps plus the time to get the nodes back."""
 
 
 class PretrainConfig(Section):

@@ -78,7 +78,7 @@ class _RunFiles:
     def log(self, metrics: dict) -> None:
         step = metrics["step"]
         for k, v in metrics.items():
-            if k != "step" and isinstance(v, (int, float)):
+            if k not in ("step", "time") and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, step)
         self.metrics.append(metrics)
 
@@ -161,6 +161,11 @@ def train_loop(config: dict) -> None:
         log.info("rank %d resumed from %s at step %d", rank, checkpoint.path, engine.global_steps)
     step = engine.global_steps
     files = _RunFiles(cfg, step) if rank == 0 else None
+    # Which Ray node each rank runs on: a run spanning nodes says so in its metrics.
+    nodes = dist.gather_object(ray.get_runtime_context().get_node_id())
+    if files is not None:
+        files.event(event="workers", step=step, time=time.time(), nodes=nodes)
+        log.info("%d worker(s) on %d node(s)", world, len(set(nodes)))
     if checkpoint is not None:
         checksum = param_checksum(engine.module, cfg.deepspeed.zero_stage)
         if files is not None:
@@ -208,6 +213,7 @@ def train_loop(config: dict) -> None:
                 elapsed = time.perf_counter() - win["t0"]
                 metrics = {
                     "step": step,
+                    "time": time.time(),
                     "epoch": epoch,
                     "loss": dist.mean_across_workers(float(win["metrics"].pop("loss")) / win["n"], device),
                     "lr": sched.get_last_lr()[0],

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ctray.data.pipeline import training_dataset
 from ctray.objectives import get_objective
-from ctray.runtime import ensure_ray
+from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.config import to_yaml
 from ctray.errors import ConfigError
 from ctray.storage import arrow_filesystem, filesystem, is_remote, publish_bytes, resolve_uri
@@ -17,6 +17,11 @@ from ctray.train.config import PretrainConfig
 from ctray.train.loop import train_loop
 
 log = logging.getLogger(__name__)
+
+
+def worker_bundle(scaling) -> dict[str, float]:
+    """The resources one training worker asks Ray for."""
+    return {"CPU": scaling.cpus_per_worker, **({"GPU": 1.0} if scaling.use_gpu else {})}
 
 
 @dataclass
@@ -41,6 +46,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Pretrain
     if cfg.eval.shards:
         cfg.eval.shards = resolve_uri(cfg.eval.shards)
     ensure_ray(cfg.ray)
+    ensure_schedulable(worker_bundle(cfg.scaling), "training worker", cfg.ray.schedule_timeout_s)
 
     fs, root = filesystem(cfg.run.storage, cfg.storage)
     publish_bytes(to_yaml(cfg).encode(), fs, posixpath.join(root, cfg.run.name, "config.yaml"), cfg.storage)
@@ -61,7 +67,8 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Pretrain
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+            resources_per_worker=worker_bundle(cfg.scaling),
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,

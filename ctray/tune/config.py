@@ -62,8 +62,9 @@ class SweepConfig(Section):
     """random: Tune's sampler (grid fields are expanded); optuna: TPE via optuna (pip install optuna)."""
     num_samples: int = 4
     """Trials for random/optuna search; repetitions of the grid for grid search."""
-    max_concurrent: int | None = None
-    """Trials at once (None: as many as the cluster's GPUs or CPUs fit, from the base's scaling)."""
+    max_concurrent: int | None = Field(None, ge=1)
+    """Trials at once (None: all of them). Trials that do not fit wait for resources; on an
+    autoscaling cluster they are what makes it add nodes. Cap it on a single machine."""
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     report_metrics: list[str] = Field(default_factory=list)
     """More metrics of each trial's last report for the results table and CSV (e.g. the zero-shot

@@ -20,9 +20,10 @@ import yaml
 
 from ctray.config import apply_overrides, load_config, to_yaml
 from ctray.errors import ConfigError
-from ctray.runtime import ensure_ray
+from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import arrow_filesystem, filesystem, is_remote, publish_bytes, resolve_uri
 from ctray.train.config import PretrainConfig
+from ctray.train.trainer import worker_bundle
 from ctray.tune.config import ParamSpace, SweepConfig
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,6 @@ def _spaces(cfg: SweepConfig, base: PretrainConfig) -> dict[str, ParamSpace]:
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -89,13 +89,11 @@ def run_sweep(cfg: SweepConfig) -> dict:
     sweep_dir = posixpath.join(storage, cfg.name)
     ensure_ray(cfg.ray)
     scaling = base_cfg.scaling
-    per_trial_cpu = scaling.num_workers * scaling.cpus_per_worker + 1  # + Ray Data's samplers
-    if cfg.max_concurrent:
-        concurrent = cfg.max_concurrent
-    elif scaling.use_gpu:
-        concurrent = max(1, int(ray.cluster_resources().get("GPU", 0)) // scaling.num_workers)
-    else:
-        concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial_cpu))
+    ensure_schedulable(worker_bundle(scaling), "training worker of a trial", cfg.ray.schedule_timeout_s)
+    trials = cfg.num_samples * math.prod(len(s.grid) for s in spaces.values() if s.grid is not None and cfg.search != "optuna")
+    # Every trial at once unless capped: on an autoscaling cluster, pending trials (their Train
+    # workers' placement groups) are the demand that makes it add GPU nodes.
+    concurrent = min(cfg.max_concurrent or trials, trials)
 
     sched_cfg = cfg.scheduler
     max_reports = math.ceil(base_cfg.train.max_steps / base_cfg.train.log_every)

@@ -1,0 +1,110 @@
+"""`ctray bench scale`: what the driver itself costs for a data set of N scans, in seconds and MiB.
+
+The driver of `ctray ingest` lists the inputs, reads every commit record to decide what is done,
+matches reports, and writes the manifest; `ctray pretrain` reads the manifest, builds the scan
+index and hands it to Ray Data. None of that is parallel, so it has to stay linear in N and small.
+Here it runs on a synthetic listing of N NIfTI files and an output where every scan is already
+committed (the resume check of a finished ingest: the most driver work per run), in fsspec's
+in-memory filesystem, so that the figure is the driver's CPU and memory, not a network's. Each N
+runs in a fresh process; memory is that process's peak above its size before the run.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+from ctray.bench.common import one_core
+
+SCANS_PER_SHARD = 16
+
+
+def _synthetic_output(n: int) -> None:
+    """N scans and reports under memory://scans, and an output at memory://out holding them all."""
+    import fsspec
+
+    from ctray.data.schema import SCHEMA_VERSION
+
+    fs = fsspec.filesystem("memory")
+    fs.store.clear()
+    for i in range(n):
+        fs.pipe_file(f"/scans/site{i % 50:02d}/case{i:07d}.nii.gz", b"x")
+    fs.pipe_file("/reports.csv", ("scan_id,report,nodule\n" + "".join(
+        f"case{i:07d},The lungs are clear. No pleural effusion. Heart size is normal.,{i % 2}\n" for i in range(n))).encode())
+    entries = {e["name"]: e for e in fs.find("/scans", detail=True).values()}
+    for s in range(0, n, SCANS_PER_SHARD):
+        scans = [{"scan_id": f"site{i % 50:02d}/case{i:07d}", "input": f"memory://scans/site{i % 50:02d}/case{i:07d}.nii.gz",
+                  "stamp": "", "content_hash": "0" * 64} for i in range(s, min(n, s + SCANS_PER_SHARD))]
+        record = {"shard": f"part-{s:016x}", "path": f"shards/part-{s:016x}.parquet", "sha256": "0" * 64, "bytes": 1,
+                  "scans": scans, "quarantine": [], "supersedes": [], "parsers": {"rules": len(scans)},
+                  "stats": {"rows": len(scans), "bytes": 1}, "fingerprint": "", "schema_version": SCHEMA_VERSION,
+                  "committed_at": float(s)}
+        fs.pipe_file(f"/out/_commits/part-{s:016x}.json", json.dumps(record).encode())
+    assert len(entries) == n
+
+
+def _driver(n: int):
+    """Set-up (untimed): the synthetic data and a local Ray. The timed run: ingest's driver path on
+    a finished output, then pretrain's scan index and dataset."""
+    import logging
+
+    import ray
+
+    from ctray.config import StorageConfig, load_config
+    from ctray.data.pipeline import scan_index
+    from ctray.ingest.config import IngestConfig
+    from ctray.ingest.discover import attach, discover, load_reports, probe_cache_location
+    from ctray.ingest.job import plan, resolve
+    from ctray.ingest.privacy import Names
+    from ctray.ingest.records import build_manifest, read_records
+    from ctray.ingest.shards import preprocess_fingerprint
+    from ctray.storage import filesystem, publish_bytes
+
+    logging.disable(logging.INFO)
+    _synthetic_output(n)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    cfg = resolve(load_config(IngestConfig, None, ["input.scans=memory://scans", "input.reports=memory://reports.csv",
+                                                   "output.uri=memory://out", f"output.scans_per_shard={SCANS_PER_SHARD}"]))
+    storage = StorageConfig()
+
+    def run() -> dict:
+        # the ingest driver: resume check, discovery, reports, plan, manifest
+        names = Names(cfg)
+        records = read_records(cfg.output.uri, storage)
+        table = load_reports(cfg)
+        inventory = discover(cfg, names, probe_cache_location(cfg, names))
+        attach(inventory, {}, table)
+        committed = records.committed
+        for scan in inventory.scans:  # the synthetic records hold no stamps: make every input unchanged
+            committed[scan["scan_id"]][0]["stamp"] = scan["stamp"]
+        todo = plan(cfg, inventory, records, set())
+        manifest = build_manifest(cfg.model_dump(mode="json"), preprocess_fingerprint(cfg), records, inventory.quarantined,
+                                  inventory.skipped, [], [])
+        fs, root = filesystem(cfg.output.uri, storage)
+        publish_bytes(json.dumps(manifest, indent=1).encode(), fs, root + "/manifest.json", storage)
+        # the pretrain driver: scan index and the Ray Data dataset over it
+        items = scan_index(cfg.output.uri, storage)
+        ds = ray.data.from_items(items).random_shuffle()
+        return {"written": manifest["counts"]["written"], "todo": len(todo), "index": len(items), "dataset": type(ds).__name__}
+
+    return run
+
+
+def bench_scale(points: list[int]) -> dict:
+    rows = []
+    print(f"driver work for a finished ingest of N scans (resume check, listing, reports, manifest) + pretrain's scan index "
+          f"and dataset; in-memory storage; {SCANS_PER_SHARD} scans per shard; one fresh process per N", flush=True)
+    for n in points:
+        r = one_core(partial(_driver, n), repeats=1)
+        assert r["result"]["written"] == n and r["result"]["todo"] == 0 and r["result"]["index"] == n, r["result"]
+        rows.append({"scans": n, "wall_s": round(r["wall_s"], 2), "cpu_s": round(r["cpu_s"], 2),
+                     "peak_mib": round(r["peak_extra_bytes"] / 2**20, 1)})
+        print(f"  {n:>8d} scans  {r['wall_s']:7.2f} s wall  {r['cpu_s']:7.2f} s CPU  peak +{r['peak_extra_bytes'] / 2**20:7.1f} MiB  "
+              f"({1e6 * r['wall_s'] / n:6.1f} us/scan)", flush=True)
+    first, last = rows[0], rows[-1]
+    growth = (last["wall_s"] / first["wall_s"]) / (last["scans"] / first["scans"])
+    print(f"{last['scans']} scans: {last['wall_s']:.1f} s (target < 30 s), +{last['peak_mib']:.0f} MiB (target < 2048 MiB); "
+          f"time per scan at {last['scans']} vs {first['scans']}: {growth:.2f}x (1.0 = linear)")
+    figures = {"bench": "scale", "points": rows, "time_per_scan_growth": round(growth, 3)}
+    print(json.dumps(figures))
+    return figures

@@ -1,0 +1,109 @@
+"""`ctray purge` and `ctray verify`: look after a shard set once it is written.
+
+Purging a scan (a patient withdrew consent, a scan should not have been exported) rewrites its
+shard without it and re-commits it, removes its LLM cache entry, its quarantine mentions and its
+id map entry, records its id in purged.json (so no later ingest takes it again) and rewrites the
+manifest. It holds the output's lease like an ingest, so it never races one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+
+import pyarrow.parquet as pq
+
+from ctray.config import StorageConfig
+from ctray.errors import ConfigError
+from ctray.ingest.config import IngestConfig
+from ctray.ingest.job import PURGED, read_purged, resolve
+from ctray.ingest.lease import Lease
+from ctray.ingest.privacy import Names
+from ctray.ingest.shards import COMMITS_DIR
+from ctray.ingest.records import MANIFEST, build_manifest, read_manifest, read_records, rewrite_without, verify
+from ctray.storage import filesystem, join, publish_bytes, remove
+
+log = logging.getLogger(__name__)
+
+
+def _stored_ids(cfg: IngestConfig, ids: list[str], committed: set[str]) -> list[str]:
+    """Ids as the shards store them: with pseudonymised ids, an original id is turned into its
+    pseudonym (the key must be in the environment)."""
+    if not cfg.privacy.pseudonymize_ids:
+        return ids
+    names = None
+    out = []
+    for sid in ids:
+        if sid in committed:
+            out.append(sid)
+            continue
+        names = names or Names(cfg)
+        out.append(names.scan_id(sid, ""))
+    return out
+
+
+def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
+    """Remove scans from a shard set everywhere ctray keeps them; returns what was done."""
+    manifest = read_manifest(uri, storage)
+    cfg = resolve(IngestConfig.model_validate(manifest["config"]))
+    cfg.output.uri, cfg.storage = uri, storage
+    fs, root = filesystem(uri, storage)
+    with Lease(uri, cfg.lease, storage, what="purge"):
+        records = read_records(uri, storage)
+        committed = records.committed
+        ids = _stored_ids(cfg, scan_ids, set(committed))
+        unknown = [sid for sid, given in zip(ids, scan_ids) if sid not in committed and given not in {q.get("scan_id") for q in manifest["quarantine"]}]
+        if unknown:
+            raise ConfigError(f"{uri}: no scan with id {', '.join(repr(scan_ids[ids.index(u)]) for u in unknown)} (see manifest.json 'written')")
+        by_record: dict[str, tuple[dict, set]] = {}
+        for sid in ids:
+            if sid in committed:
+                _, record = committed[sid]
+                by_record.setdefault(record["shard"], (record, set()))[1].add(sid)
+        cache_keys = []
+        for record, drop in by_record.values():
+            with fs.open(join(root, record["path"]), "rb") as f:
+                table = pq.read_table(f, columns=["scan_id", "report_cache_key"])
+            cache_keys += [k for s, k in zip(table.column("scan_id").to_pylist(), table.column("report_cache_key").to_pylist()) if s in drop and k]
+            rewrite_without(uri, storage, record, drop, "purged")
+        for key in cache_keys:
+            remove(fs, join(root, "_cache", "llm", key[:2], key + ".json"), storage)
+        purged = sorted(set(read_purged(uri, storage)) | set(ids))
+        publish_bytes(json.dumps(purged).encode(), fs, join(root, PURGED), storage)
+        gone = set(ids)
+        records = read_records(uri, storage)
+        for r in records.live:  # earlier quarantine entries name the scan too
+            if any(q.get("scan_id") in gone for q in r["quarantine"]):
+                r["quarantine"] = [q for q in r["quarantine"] if q.get("scan_id") not in gone]
+                publish_bytes(json.dumps(r).encode(), fs, join(root, COMMITS_DIR, r["shard"] + ".json"), storage)
+        manifest = build_manifest(manifest["config"], manifest["fingerprint"], records, manifest["quarantine"], manifest["skipped"],
+                                  [f for f in manifest["failed"] if not gone & set(f["scan_ids"])], purged)
+        publish_bytes(json.dumps(manifest, indent=1).encode(), fs, join(root, MANIFEST), storage)
+        id_map = _drop_from_id_map(cfg, gone)
+    log.info("purged %d scan(s) from %s: %d shard(s) rewritten, %d LLM cache entr(ies) removed%s; manifest %s",
+             len(ids), uri, len(by_record), len(cache_keys), f", id map {id_map} updated" if id_map else "", posixpath.join(uri, MANIFEST))
+    return {"scan_ids": ids, "shards_rewritten": len(by_record), "cache_entries": len(cache_keys)}
+
+
+def _drop_from_id_map(cfg: IngestConfig, ids: set[str]) -> str | None:
+    if not cfg.privacy.pseudonymize_ids:
+        return None
+    uri = cfg.privacy.id_map or cfg.output.uri.rstrip("/") + ".id_map.jsonl"
+    fs, path = filesystem(uri, cfg.storage)
+    try:
+        lines = fs.cat_file(path).decode().splitlines()
+    except FileNotFoundError:
+        return None
+    kept = [line for line in lines if json.loads(line)["id"] not in ids]
+    publish_bytes("".join(line + "\n" for line in kept).encode(), fs, path, cfg.storage)
+    return uri
+
+
+def run_verify(uri: str, storage: StorageConfig) -> list[str]:
+    problems = verify(uri, storage)
+    for p in problems:
+        log.error("%s", p)
+    n = len(read_records(uri, storage).live)
+    log.info("verify %s: %d committed shard(s), %s", uri, n, f"{len(problems)} problem(s)" if problems else "all whole")
+    return problems

@@ -1,0 +1,80 @@
+"""Scan ids and input names as they may leave the driver.
+
+File and folder names are often accession numbers, MRNs or patient names. With
+`privacy.pseudonymize_ids` every scan id becomes a keyed hash (HMAC-SHA256 with a key from the
+driver's environment, so the same key gives the same ids on a resume), and every input is named
+by that hash (or a hash of its path) in rows, commit records, the manifest, reasons and logs. The
+map back is written to one separate file (`privacy.id_map`), which the user can keep elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+
+from ctray.errors import ConfigError
+from ctray.ingest.config import IngestConfig
+from ctray.storage import filesystem, publish_bytes
+
+
+class Names:
+    """Scan id and input label for each original id / input URI."""
+
+    def __init__(self, cfg: IngestConfig):
+        self.cfg = cfg
+        self.pseudonymize = cfg.privacy.pseudonymize_ids
+        self._key = b""
+        if self.pseudonymize:
+            key = os.environ.get(cfg.privacy.id_key_env, "")
+            if len(key) < 16:
+                raise ConfigError(
+                    f"privacy.pseudonymize_ids needs a key of at least 16 characters in ${cfg.privacy.id_key_env} "
+                    "(keep it: the same key gives the same ids when the ingest resumes)"
+                )
+            self._key = key.encode()
+        self.mapping: dict[str, dict] = {}
+
+    def _hash(self, text: str, n: int = 24) -> str:
+        return hmac.new(self._key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:n]
+
+    def scan_id(self, source_id: str, uri: str) -> str:
+        """The id stored for a scan: the original, or `s` + its keyed hash."""
+        if not self.pseudonymize:
+            return source_id
+        sid = "s" + self._hash(source_id)
+        self.mapping[sid] = {"id": sid, "source_id": source_id, "input": uri}
+        return sid
+
+    def label(self, uri: str, scan_id: str | None = None) -> str:
+        """How an input is named in reasons, logs and the manifest: its URI, or (pseudonymised) its
+        scan id, or for inputs that are not scans a hash of the URI."""
+        if not self.pseudonymize:
+            return uri
+        if scan_id is not None:
+            return f"scan {scan_id}"
+        name = "input-" + self._hash(uri, 16)
+        self.mapping.setdefault(name, {"id": name, "source_id": None, "input": uri})
+        return name
+
+    def map_uri(self) -> str:
+        return self.cfg.privacy.id_map or self.cfg.output.uri.rstrip("/") + ".id_map.jsonl"
+
+    def write_map(self) -> str | None:
+        """Merge this run's entries into the id map file (earlier runs' entries are kept)."""
+        if not self.pseudonymize:
+            return None
+        uri = self.map_uri()
+        fs, path = filesystem(uri, self.cfg.storage)
+        entries = {}
+        try:
+            for line in fs.cat_file(path).decode().splitlines():
+                entry = json.loads(line)
+                entries[entry["id"]] = entry
+        except FileNotFoundError:
+            pass
+        entries.update(self.mapping)
+        body = "".join(json.dumps(e, sort_keys=True) + "\n" for _, e in sorted(entries.items()))
+        publish_bytes(body.encode(), fs, path, self.cfg.storage)
+        return uri

@@ -1,0 +1,206 @@
+"""The shard set's records: commit records, which of them are live, cleanup, rewriting a shard
+without some scans (a changed input, `ctray purge`), the manifest, and `ctray verify`.
+
+A commit record is live unless a later record names it in `supersedes`. Rewriting a shard writes
+the new shard and its record (superseding the old one) before removing the old files, so a crash
+at any point leaves either the old or the new record live, never both, and never a scan twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+
+import ctray
+from ctray.config import StorageConfig
+from ctray.data.schema import SCHEMA_VERSION, SHARD_SCHEMA
+from ctray.errors import ConfigError
+from ctray.ingest.shards import COMMITS_DIR, SHARDS_DIR, commit_record, file_sha256
+from ctray.storage import filesystem, join, list_files, publish_bytes, publish_file, read_many, remove, with_retries
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Records:
+    live: list[dict]
+    """Commit records in commit order, none superseded."""
+    superseded: list[dict]
+
+    @property
+    def committed(self) -> dict[str, tuple[dict, dict]]:
+        """scan id -> (its entry, its live record)."""
+        return {s["scan_id"]: (s, r) for r in self.live for s in r["scans"]}
+
+
+def read_records(uri: str, storage: StorageConfig) -> Records:
+    fs, root = filesystem(uri, storage)
+    paths = list_files(fs, join(root, COMMITS_DIR), storage, suffix=".json")
+    records = []
+    for path, blob in sorted(read_many(fs, paths, storage).items()):
+        try:
+            records.append(json.loads(blob))
+        except json.JSONDecodeError:
+            log.warning("ignoring an unreadable commit record %s", posixpath.basename(path))
+    records.sort(key=lambda r: r["committed_at"])
+    gone = {name for r in records for name in r.get("supersedes", [])}
+    return Records([r for r in records if r["shard"] not in gone], [r for r in records if r["shard"] in gone])
+
+
+def clean(uri: str, storage: StorageConfig, records: Records) -> None:
+    """Remove superseded records and their shards, then shard files that no live record names (a
+    writer died between publishing and committing). Only while holding the output's lease."""
+    fs, root = filesystem(uri, storage)
+    for r in records.superseded:
+        if r.get("path"):
+            remove(fs, join(root, r["path"]), storage)
+        remove(fs, join(root, COMMITS_DIR, r["shard"] + ".json"), storage)
+    named = {r["path"] for r in records.live if r.get("path")}
+    for path in list_files(fs, join(root, SHARDS_DIR), storage):
+        rel = posixpath.relpath(path, root)
+        if rel not in named:
+            log.info("removing uncommitted leftover %s", rel)
+            remove(fs, path, storage)
+
+
+def rewrite_without(uri: str, storage: StorageConfig, record: dict, drop: set[str], why: str) -> dict:
+    """Replace a committed shard by one without the scans in `drop` (row groups copied one by one,
+    so memory stays at one scan); returns the new live record. The old files are removed last."""
+    fs, root = filesystem(uri, storage)
+    keep = [s for s in record["scans"] if s["scan_id"] not in drop]
+    name = "part-" + hashlib.sha1((record["shard"] + "\0" + "\0".join(sorted(drop))).encode()).hexdigest()[:16]
+    started = time.time()
+    stats = dict(record["stats"], rows=len(keep))
+    sha = None
+    size = 0
+    with tempfile.TemporaryDirectory(prefix="ctray-rewrite-") as tmp:
+        if keep:
+            local = os.path.join(tmp, name + ".parquet")
+            with fs.open(join(root, record["path"]), "rb") as f:
+                src = pq.ParquetFile(f)
+                with pq.ParquetWriter(local, SHARD_SCHEMA, compression="zstd", use_dictionary=False) as out:
+                    for i in range(src.num_row_groups):
+                        table = src.read_row_group(i)
+                        if table.column("scan_id")[0].as_py() not in drop:
+                            out.write_table(table.cast(SHARD_SCHEMA))
+            sha, size = file_sha256(local).hexdigest(), os.path.getsize(local)
+            publish_file(local, fs, join(root, SHARDS_DIR, name + ".parquet"), storage)
+    stats["bytes"] = size
+    new = commit_record(record["fingerprint"], name, keep, [], stats, sha, size, started, supersedes=[record["shard"]])
+    new["rewritten"] = why
+    publish_bytes(json.dumps(new).encode(), fs, join(root, COMMITS_DIR, name + ".json"), storage)
+    if record.get("path"):
+        remove(fs, join(root, record["path"]), storage)
+    remove(fs, join(root, COMMITS_DIR, record["shard"] + ".json"), storage)
+    log.info("rewrote shard %s without %d scan(s) (%s) -> %s", record["shard"], len(drop), why, name)
+    return new
+
+
+def build_manifest(config: dict, fingerprint: str, records: Records, quarantined: list[dict], skipped: list[dict],
+                   failed: list[dict], purged: list[str]) -> dict:
+    """Every input accounted for: written (from the live records), quarantined (this run's and
+    earlier ones' for inputs still not written), skipped (this run's discovery) and failed."""
+    committed = records.committed
+    gone = set(purged)
+    latest: dict[str, dict] = {}
+    for entry in [q for r in records.live + records.superseded for q in r["quarantine"]] + quarantined:
+        key = entry.get("scan_id") or entry["input"]
+        if key not in committed and key not in gone:
+            latest[key] = {k: entry[k] for k in ("scan_id", "input", "reason") if k in entry}  # later records win
+    shards = [
+        {"path": r["path"], "shard": r["shard"], "scans": len(r["scans"]), "sha256": r["sha256"], "bytes": r["bytes"], "stats": r["stats"]}
+        for r in records.live if r["path"]
+    ]
+    written = [{"scan_id": sid, "input": entry["input"], "shard": r["shard"]} for sid, (entry, r) in sorted(committed.items())]
+    fallbacks: dict[str, int] = {}
+    for r in records.live:
+        for parser, n in r.get("parsers", {}).items():
+            if parser.startswith("rules (llm failed"):
+                reason = parser.removeprefix("rules (llm failed: ").rstrip(")")
+                fallbacks[reason] = fallbacks.get(reason, 0) + n
+    quarantine = sorted(latest.values(), key=lambda q: q["input"])
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "ctray_version": ctray.__version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fingerprint": fingerprint,
+        "config": config,
+        "counts": {
+            "inputs": len(written) + len(quarantine) + len(skipped) + sum(len(f["scan_ids"]) for f in failed),
+            "written": len(written),
+            "quarantined": len(quarantine),
+            "skipped": len(skipped),
+            "failed": sum(len(f["scan_ids"]) for f in failed),
+            "scans": len(written),
+            "shards": len(shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "llm_fallbacks": fallbacks,
+        },
+        "shards": shards,
+        "written": written,
+        "quarantine": quarantine,
+        "skipped": sorted(skipped, key=lambda s: s["input"]),
+        "failed": failed,
+        "purged": sorted(purged),
+    }
+
+
+def read_manifest(uri: str, storage: StorageConfig) -> dict:
+    fs, root = filesystem(uri, storage)
+    try:
+        return json.loads(with_retries(lambda: fs.cat_file(join(root, MANIFEST)), f"read {uri}/{MANIFEST}", storage))
+    except FileNotFoundError:
+        raise ConfigError(f"{uri} has no {MANIFEST}; run `ctray ingest` first") from None
+
+
+def verify(uri: str, storage: StorageConfig) -> list[str]:
+    """Problems of a shard set, one line each (empty: every committed shard is whole): each live
+    record's shard exists with its recorded size and sha256, its rows are the recorded scans, no
+    scan is in two shards, and the manifest lists what the records hold."""
+    fs, root = filesystem(uri, storage)
+    records = read_records(uri, storage)
+    problems = []
+    seen: dict[str, str] = {}
+    for i, r in enumerate(records.live, 1):
+        for s in r["scans"]:
+            if s["scan_id"] in seen:
+                problems.append(f"scan {s['scan_id']} is in two shards: {seen[s['scan_id']]} and {r['shard']}")
+            seen[s["scan_id"]] = r["shard"]
+        if not r.get("path"):
+            continue
+        path = join(root, r["path"])
+        try:
+            digest = hashlib.sha256()
+            size = 0
+            with fs.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            problems.append(f"{r['path']}: committed but missing")
+            continue
+        if size != r["bytes"] or digest.hexdigest() != r["sha256"]:
+            problems.append(f"{r['path']}: {size} bytes, sha256 {digest.hexdigest()[:12]}..; the commit record says {r['bytes']} bytes, {str(r['sha256'])[:12]}..")
+            continue
+        with fs.open(path, "rb") as f:
+            ids = pq.read_table(f, columns=["scan_id"]).column("scan_id").to_pylist()
+        if ids != [s["scan_id"] for s in r["scans"]]:
+            problems.append(f"{r['path']}: its rows are not the scans its commit record lists")
+        log.info("[%d/%d] %s ok", i, len(records.live), r["path"])
+    try:
+        manifest = read_manifest(uri, storage)
+        if {w["scan_id"] for w in manifest.get("written", [])} != set(seen):
+            problems.append(f"{MANIFEST} does not list the committed scans (re-run `ctray ingest` to rebuild it)")
+    except ConfigError as e:
+        problems.append(str(e))
+    return problems
