@@ -70,7 +70,7 @@ def _largest_nodes() -> str:
 
     shapes = sorted({json.dumps({k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU", "TPU")}, sort_keys=True)
                      for n in ray.nodes() if n["Alive"]})
-    return ", ".join(shapes) or "none"
+    return ", ".join(s if s != "{}" else "no CPU or GPU" for s in shapes) or "none"
 
 
 def ensure_schedulable(shape: dict[str, float], what: str, timeout_s: float = 45.0) -> None:

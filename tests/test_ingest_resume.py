@@ -63,12 +63,17 @@ def test_a_second_ingest_refuses_and_a_dead_holders_lease_is_taken_over(ray_loca
     assert run_ingest(cfg).scans == 12
 
 
-def test_leftovers_of_a_crash_changed_inputs_and_verify(ray_local, tmp_path):
-    data = tmp_path / "data"
-    write_dataset(str(data), 6, seed=8, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
-    out = tmp_path / "out"
+def _ingested(tmp_path: Path, n: int, seed: int):
+    """n phantoms ingested two per shard: (data folder, output, the config)."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_dataset(str(data), n, seed=seed, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
     cfg = ingest_cfg(data / "scans", out, "output.scans_per_shard=2")
     run_ingest(cfg)
+    return data, out, cfg
+
+
+def test_leftovers_of_a_crash_changed_inputs_and_verify(ray_local, tmp_path):
+    data, out, cfg = _ingested(tmp_path, 6, seed=8)
     before = {r["scan_id"]: r["content_hash"] for r in _rows(out)}
 
     # A writer that died between publishing its shard and committing it leaves a shard no record names.
@@ -96,11 +101,7 @@ def test_leftovers_of_a_crash_changed_inputs_and_verify(ray_local, tmp_path):
 
 
 def test_purge_removes_a_scan_everywhere(ray_local, tmp_path):
-    data = tmp_path / "data"
-    write_dataset(str(data), 4, seed=2, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
-    out = tmp_path / "out"
-    cfg = ingest_cfg(data / "scans", out, "output.scans_per_shard=2")
-    run_ingest(cfg)
+    data, out, cfg = _ingested(tmp_path, 4, seed=2)
     purge(str(out), StorageConfig(), ["phantom0001"])
     assert sorted(r["scan_id"] for r in _rows(out)) == ["phantom0000", "phantom0002", "phantom0003"]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -6,7 +6,8 @@ index and hands it to Ray Data. None of that is parallel, so it has to stay line
 Here it runs on a synthetic listing of N NIfTI files and an output where every scan is already
 committed (the resume check of a finished ingest: the most driver work per run), in fsspec's
 in-memory filesystem, so that the figure is the driver's CPU and memory, not a network's. Each N
-runs in a fresh process; memory is that process's peak above its size before the run.
+runs in a fresh process, timed on its second pass (the first warms imports and Ray up); memory is
+that pass's peak above the process's size before it.
 """
 
 from __future__ import annotations

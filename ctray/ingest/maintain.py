@@ -53,9 +53,10 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
         records = read_records(uri, storage)
         committed = records.committed
         ids = _stored_ids(cfg, scan_ids, set(committed))
-        unknown = [sid for sid, given in zip(ids, scan_ids) if sid not in committed and given not in {q.get("scan_id") for q in manifest["quarantine"]}]
+        known = set(committed) | {q.get("scan_id") for q in manifest["quarantine"]}
+        unknown = [given for sid, given in zip(ids, scan_ids) if sid not in known]
         if unknown:
-            raise ConfigError(f"{uri}: no scan with id {', '.join(repr(scan_ids[ids.index(u)]) for u in unknown)} (see manifest.json 'written')")
+            raise ConfigError(f"{uri}: no scan with id {', '.join(map(repr, unknown))} (see manifest.json 'written' and 'quarantine')")
         by_record: dict[str, tuple[dict, set]] = {}
         for sid in ids:
             if sid in committed:
