@@ -52,9 +52,9 @@ def _storage(args: argparse.Namespace):
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from ctray.ingest.maintain import run_verify
+    from ctray.ingest.records import verify
 
-    problems = run_verify(args.output, _storage(args))
+    problems = verify(args.output, _storage(args))
     if problems:
         raise CtrayError(f"{args.output}: {len(problems)} problem(s), listed above")
 

@@ -15,3 +15,9 @@ class StorageError(CtrayError):
 
 class BadInput(CtrayError):
     """One input (scan, mask or report) cannot be used; batch jobs quarantine it and go on."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line errors."""
+    text = str(e)
+    return text.splitlines()[0][:200] if text else ""

@@ -21,7 +21,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ctray.config import StorageConfig
-from ctray.errors import ConfigError, CtrayError, StorageError
+from ctray.errors import ConfigError, CtrayError, StorageError, first_line
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -70,7 +70,7 @@ def filesystem(uri: str, cfg: StorageConfig) -> tuple[fsspec.AbstractFileSystem,
         fs, path = fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as e:  # fsspec names the package to install, or an unknown scheme
         scheme = uri.split("://", 1)[0]
-        raise ConfigError(f"no filesystem for {scheme}:// URIs ({uri}): {_first_line(e)}") from None
+        raise ConfigError(f"no filesystem for {scheme}:// URIs ({uri}): {first_line(e) or type(e).__name__}") from None
     return fs, path
 
 
@@ -234,8 +234,3 @@ def remove(fs: fsspec.AbstractFileSystem, path: str, cfg: StorageConfig) -> None
         with_retries(lambda: fs.rm_file(path), f"remove {fs.unstrip_protocol(path)}", cfg)
     except FileNotFoundError:
         pass
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e)
-    return text.splitlines()[0][:200] if text else type(e).__name__

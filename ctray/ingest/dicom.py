@@ -21,7 +21,6 @@ import contextlib
 import logging
 import math
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -267,10 +266,3 @@ def series_ids(folder_id: str, series: list[Series]) -> dict[str, str]:
     if len(series) == 1:
         return {series[0].uid: folder_id}
     return {s.uid: f"{folder_id}/{s.uid}" for s in series}
-
-
-def group_by_folder(paths: list[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = defaultdict(list)
-    for p in paths:
-        out[p.rsplit("/", 1)[0] if "/" in p else ""].append(p)
-    return dict(out)

@@ -51,7 +51,7 @@ def nifti_id(rel: str) -> str | None:
     return None
 
 
-def _stamp(*parts: str) -> str:
+def _digest(*parts: str) -> str:
     return hashlib.sha1("\n".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
@@ -126,7 +126,7 @@ def probe_folders(cfg: IngestConfig, folders: dict[str, list[Entry]], to_uri, ca
         return {}
     fs_out, cache_root = cache_at
     settings = cfg.input.dicom.model_dump_json() + str(cfg.preprocess.max_voxels)
-    stamps = {f: _stamp(str(_PROBE_VERSION), settings, *(f"{posixpath.basename(e.path)}:{e.stamp}" for e in entries)) for f, entries in folders.items()}
+    stamps = {f: _digest(str(_PROBE_VERSION), settings, *(f"{posixpath.basename(e.path)}:{e.stamp}" for e in entries)) for f, entries in folders.items()}
     cache = {f: join(cache_root, hashlib.sha1(f.encode("utf-8", "surrogatepass")).hexdigest() + ".json") for f in folders}
     blobs = read_many(fs_out, list(cache.values()), cfg.storage, missing_ok=True)
     probes = {}
@@ -254,5 +254,5 @@ def attach(inv: Inventory, masks: dict[str, Entry], table: ReportTable | None) -
             if rep is not None:
                 reports[scan["scan_id"]] = {"text": rep.text, "problem": rep.problem, "labels": rep.labels}
                 report_part = hashlib.sha256(json.dumps(reports[scan["scan_id"]], sort_keys=True).encode("utf-8", "surrogatepass")).hexdigest()
-        scan["stamp"] = _stamp(*scan.pop("stamps"), mask.stamp if mask else "", report_part)
+        scan["stamp"] = _digest(*scan.pop("stamps"), mask.stamp if mask else "", report_part)
     return reports

@@ -140,22 +140,21 @@ def plan(cfg: IngestConfig, inventory: Inventory, records: Records, purged: set[
     """Scans to write: new ones and changed ones (whose old rows are first removed from their
     shards, so that no scan is ever in two shards). Unchanged committed scans are skipped."""
     committed = records.committed
-    todo, changed = [], {}
+    todo, changed = [], []
     for scan in inventory.scans:
         sid = scan["scan_id"]
         if sid in purged:
             inventory.skipped.append({"input": scan["label"], "reason": f"{scan['label']}: removed by `ctray purge`; not ingested again"})
             continue
         if sid in committed:
-            entry, record = committed[sid]
-            if entry["stamp"] == scan["stamp"]:
+            if committed[sid][0]["stamp"] == scan["stamp"]:
                 continue
-            changed.setdefault(record["shard"], (record, set()))[1].add(sid)
+            changed.append(sid)
         todo.append(scan)
-    for record, drop in changed.values():
+    for record, drop in records.holding(changed):
         rewrite_without(cfg.output.uri, cfg.storage, record, drop, "input changed")
     log.info("ingest: %d scans found, %d committed and unchanged, %d changed, %d to write -> %s",
-             len(inventory.scans), len(inventory.scans) - len(todo), sum(len(d) for _, d in changed.values()), len(todo), cfg.output.uri)
+             len(inventory.scans), len(inventory.scans) - len(todo), len(changed), len(todo), cfg.output.uri)
     return todo
 
 

@@ -34,7 +34,7 @@ class LeaseHeld(CtrayError):
     """Another ingest holds the output's lease."""
 
 
-def _stamp(t: float) -> str:
+def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
@@ -90,8 +90,8 @@ class Lease:
         now = time.time()
         return json.dumps({
             "token": self.token, "holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
-            "started": self.started, "started_at": _stamp(self.started),
-            "renewed": now, "expires": now + self.cfg.ttl_s, "expires_at": _stamp(now + self.cfg.ttl_s),
+            "started": self.started, "started_at": _utc(self.started),
+            "renewed": now, "expires": now + self.cfg.ttl_s, "expires_at": _utc(now + self.cfg.ttl_s),
         }).encode()
 
     def acquire(self) -> "Lease":

@@ -33,6 +33,8 @@ from ctray.storage import join, publish_bytes, with_retries
 log = logging.getLogger(__name__)
 
 PROMPT_VERSION = "v1"
+CACHE_DIR = "_cache/llm"
+"""Where answers are cached, below the ingest output."""
 _SYSTEM = (
     "You split radiology reports into atomic finding sentences per anatomy. Answer with one JSON "
     "object whose keys are anatomy names from this list: {anatomies}. Each value is a list of short, "
@@ -134,12 +136,9 @@ class LLMParser:
             h.update(part.encode("utf-8", "surrogatepass") + b"\0")
         return h.hexdigest()
 
-    def cache_path(self, key: str) -> str:
-        return join(self.cache_root, key[:2], key + ".json")
-
     def __call__(self, text: str) -> Parsed:
         key = self.cache_key(text)
-        path = self.cache_path(key)
+        path = cache_path(self.cache_root, key)
         try:
             cached = with_retries(lambda: self.fs.cat_file(path), "read llm cache", self.storage)
             return Parsed(json.loads(cached), f"llm:{self.cfg.model} (cached)", key)
@@ -192,6 +191,11 @@ class LLMParser:
             if kept:
                 out[anatomy] = kept
         return out
+
+
+def cache_path(cache_root: str, key: str) -> str:
+    """The cached answer for a report's cache key."""
+    return join(cache_root, key[:2], key + ".json")
 
 
 def _content(answer) -> str:

@@ -1,4 +1,4 @@
-"""`ctray purge` and `ctray verify`: look after a shard set once it is written.
+"""`ctray purge`: take scans out of a shard set once it is written.
 
 Purging a scan (a patient withdrew consent, a scan should not have been exported) rewrites its
 shard without it and re-commits it, removes its LLM cache entry, its quarantine mentions and its
@@ -19,9 +19,10 @@ from ctray.errors import ConfigError
 from ctray.ingest.config import IngestConfig
 from ctray.ingest.job import PURGED, read_purged, resolve
 from ctray.ingest.lease import Lease
-from ctray.ingest.privacy import Names
+from ctray.ingest.llm import CACHE_DIR, cache_path
+from ctray.ingest.privacy import Names, read_id_map, write_id_map
 from ctray.ingest.shards import COMMITS_DIR
-from ctray.ingest.records import MANIFEST, build_manifest, read_manifest, read_records, rewrite_without, verify
+from ctray.ingest.records import MANIFEST, build_manifest, read_manifest, read_records, rewrite_without
 from ctray.storage import filesystem, join, publish_bytes, remove
 
 log = logging.getLogger(__name__)
@@ -57,19 +58,15 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
         unknown = [given for sid, given in zip(ids, scan_ids) if sid not in known]
         if unknown:
             raise ConfigError(f"{uri}: no scan with id {', '.join(map(repr, unknown))} (see manifest.json 'written' and 'quarantine')")
-        by_record: dict[str, tuple[dict, set]] = {}
-        for sid in ids:
-            if sid in committed:
-                _, record = committed[sid]
-                by_record.setdefault(record["shard"], (record, set()))[1].add(sid)
+        rewrites = records.holding(ids)
         cache_keys = []
-        for record, drop in by_record.values():
+        for record, drop in rewrites:
             with fs.open(join(root, record["path"]), "rb") as f:
                 table = pq.read_table(f, columns=["scan_id", "report_cache_key"])
             cache_keys += [k for s, k in zip(table.column("scan_id").to_pylist(), table.column("report_cache_key").to_pylist()) if s in drop and k]
             rewrite_without(uri, storage, record, drop, "purged")
         for key in cache_keys:
-            remove(fs, join(root, "_cache", "llm", key[:2], key + ".json"), storage)
+            remove(fs, cache_path(join(root, CACHE_DIR), key), storage)
         purged = sorted(set(read_purged(uri, storage)) | set(ids))
         publish_bytes(json.dumps(purged).encode(), fs, join(root, PURGED), storage)
         gone = set(ids)
@@ -83,28 +80,12 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
         publish_bytes(json.dumps(manifest, indent=1).encode(), fs, join(root, MANIFEST), storage)
         id_map = _drop_from_id_map(cfg, gone)
     log.info("purged %d scan(s) from %s: %d shard(s) rewritten, %d LLM cache entr(ies) removed%s; manifest %s",
-             len(ids), uri, len(by_record), len(cache_keys), f", id map {id_map} updated" if id_map else "", posixpath.join(uri, MANIFEST))
-    return {"scan_ids": ids, "shards_rewritten": len(by_record), "cache_entries": len(cache_keys)}
+             len(ids), uri, len(rewrites), len(cache_keys), f", id map {id_map} updated" if id_map else "", posixpath.join(uri, MANIFEST))
+    return {"scan_ids": ids, "shards_rewritten": len(rewrites), "cache_entries": len(cache_keys)}
 
 
 def _drop_from_id_map(cfg: IngestConfig, ids: set[str]) -> str | None:
     if not cfg.privacy.pseudonymize_ids:
         return None
-    uri = cfg.privacy.id_map or cfg.output.uri.rstrip("/") + ".id_map.jsonl"
-    fs, path = filesystem(uri, cfg.storage)
-    try:
-        lines = fs.cat_file(path).decode().splitlines()
-    except FileNotFoundError:
-        return None
-    kept = [line for line in lines if json.loads(line)["id"] not in ids]
-    publish_bytes("".join(line + "\n" for line in kept).encode(), fs, path, cfg.storage)
-    return uri
-
-
-def run_verify(uri: str, storage: StorageConfig) -> list[str]:
-    problems = verify(uri, storage)
-    for p in problems:
-        log.error("%s", p)
-    n = len(read_records(uri, storage).live)
-    log.info("verify %s: %d committed shard(s), %s", uri, n, f"{len(problems)} problem(s)" if problems else "all whole")
-    return problems
+    entries = read_id_map(cfg)
+    return write_id_map(cfg, {k: e for k, e in entries.items() if k not in ids}) if entries else None

@@ -16,7 +16,7 @@ import os
 
 from ctray.errors import ConfigError
 from ctray.ingest.config import IngestConfig
-from ctray.storage import filesystem, publish_bytes
+from ctray.storage import filesystem, publish_bytes, read_bytes
 
 
 class Names:
@@ -59,22 +59,32 @@ class Names:
         return name
 
     def map_uri(self) -> str:
-        return self.cfg.privacy.id_map or self.cfg.output.uri.rstrip("/") + ".id_map.jsonl"
+        return id_map_uri(self.cfg)
 
     def write_map(self) -> str | None:
         """Merge this run's entries into the id map file (earlier runs' entries are kept)."""
         if not self.pseudonymize:
             return None
-        uri = self.map_uri()
-        fs, path = filesystem(uri, self.cfg.storage)
-        entries = {}
-        try:
-            for line in fs.cat_file(path).decode().splitlines():
-                entry = json.loads(line)
-                entries[entry["id"]] = entry
-        except FileNotFoundError:
-            pass
-        entries.update(self.mapping)
-        body = "".join(json.dumps(e, sort_keys=True) + "\n" for _, e in sorted(entries.items()))
-        publish_bytes(body.encode(), fs, path, self.cfg.storage)
-        return uri
+        return write_id_map(self.cfg, {**read_id_map(self.cfg), **self.mapping})
+
+
+def id_map_uri(cfg: IngestConfig) -> str:
+    return cfg.privacy.id_map or cfg.output.uri.rstrip("/") + ".id_map.jsonl"
+
+
+def read_id_map(cfg: IngestConfig) -> dict[str, dict]:
+    """Pseudonym -> its entry; empty when there is no map yet."""
+    fs, path = filesystem(id_map_uri(cfg), cfg.storage)
+    try:
+        lines = read_bytes(fs, path, cfg.storage).decode().splitlines()
+    except FileNotFoundError:
+        return {}
+    return {(e := json.loads(line))["id"]: e for line in lines}
+
+
+def write_id_map(cfg: IngestConfig, entries: dict[str, dict]) -> str:
+    uri = id_map_uri(cfg)
+    fs, path = filesystem(uri, cfg.storage)
+    body = "".join(json.dumps(e, sort_keys=True) + "\n" for _, e in sorted(entries.items()))
+    publish_bytes(body.encode(), fs, path, cfg.storage)
+    return uri

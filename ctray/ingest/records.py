@@ -42,6 +42,16 @@ class Records:
         """scan id -> (its entry, its live record)."""
         return {s["scan_id"]: (s, r) for r in self.live for s in r["scans"]}
 
+    def holding(self, scan_ids) -> list[tuple[dict, set[str]]]:
+        """(live record, which of `scan_ids` it holds) for each record holding any of them."""
+        out: dict[str, tuple[dict, set[str]]] = {}
+        committed = self.committed
+        for sid in scan_ids:
+            if sid in committed:
+                record = committed[sid][1]
+                out.setdefault(record["shard"], (record, set()))[1].add(sid)
+        return list(out.values())
+
 
 def read_records(uri: str, storage: StorageConfig) -> Records:
     fs, root = filesystem(uri, storage)
@@ -203,4 +213,7 @@ def verify(uri: str, storage: StorageConfig) -> list[str]:
             problems.append(f"{MANIFEST} does not list the committed scans (re-run `ctray ingest` to rebuild it)")
     except ConfigError as e:
         problems.append(str(e))
+    for p in problems:
+        log.error("%s", p)
+    log.info("verify %s: %d committed shard(s), %s", uri, len(records.live), f"{len(problems)} problem(s)" if problems else "all whole")
     return problems

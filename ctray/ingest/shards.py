@@ -36,7 +36,7 @@ from ctray.ingest.anatomy import anatomy_label_ids
 from ctray.ingest.config import IngestConfig
 from ctray.ingest.dicom import load_series
 from ctray.ingest.lease import LeaseHeld, lease_is_ours
-from ctray.ingest.llm import PROMPT_VERSION, LLMAuthError, Parsed, Secret
+from ctray.ingest.llm import CACHE_DIR, PROMPT_VERSION, LLMAuthError, Parsed, Secret
 from ctray.ingest.preprocess import anatomy_boxes, preprocess
 from ctray.ingest.reports import RuleParser
 from ctray.ingest.volume import RawVolume, load_nifti
@@ -105,7 +105,7 @@ class ShardWriter:
 
             self.llm = LLMParser(
                 cfg.reports.llm, list(cfg.preprocess.anatomies), self.rules, self.fs_out,
-                join(self.root, "_cache", "llm"), cfg.storage, api_key,
+                join(self.root, CACHE_DIR), cfg.storage, api_key,
             )
         self.segmenter = None
         if cfg.input.segment:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from ctray.errors import BadInput
+from ctray.errors import BadInput, first_line
 
 
 @dataclass
@@ -61,7 +61,7 @@ def load_nifti(path: str, source: str, max_voxels: int | None = None) -> RawVolu
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises many types for a bad header
-        raise BadInput(f"{source}: not a readable NIfTI file ({type(e).__name__}: {_first_line(e)})") from e
+        raise BadInput(f"{source}: not a readable NIfTI file ({type(e).__name__}: {first_line(e)})") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BadInput(f"{source}: {type(img).__name__} is not a NIfTI image")
     shape = tuple(int(n) for n in img.shape)
@@ -84,7 +84,7 @@ def load_nifti(path: str, source: str, max_voxels: int | None = None) -> RawVolu
                 raise BadInput(f"{source}: truncated image data ({size - offset} of {nbytes} bytes)")
             data = np.asanyarray(img.dataobj.get_unscaled())
     except (EOFError, zlib.error, OSError, ValueError) as e:
-        raise BadInput(f"{source}: truncated or corrupt image data ({type(e).__name__}: {_first_line(e)})") from e
+        raise BadInput(f"{source}: truncated or corrupt image data ({type(e).__name__}: {first_line(e)})") from e
     data = _as_3d(data, source)
     slope = float(img.dataobj.slope)
     inter = float(img.dataobj.inter)
@@ -111,8 +111,3 @@ def _inflate(path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, so
                 raise BadInput(f"{source}: truncated image data ({done} of {len(view)} bytes)")
             done += n
     return data
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e)
-    return text.splitlines()[0][:200] if text else ""
