@@ -7,13 +7,23 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
+from ctray.bench import add_bench_arguments, add_geometry_arguments
 from ctray.errors import CtrayError
+from ctray.objectives import objective_names
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from ctray.config import StorageConfig
 
 log = logging.getLogger("ctray")
+T = TypeVar("T", bound="BaseModel")
 
 
-def _loaded(model, args: argparse.Namespace):
+def _loaded(model: type[T], args: argparse.Namespace) -> T:
     """The command's config; then one line saying which ctray runs it (a job's --working-dir copy
     or the installed one)."""
     import ctray
@@ -45,7 +55,7 @@ def _sweep(args: argparse.Namespace) -> None:
     run_sweep(_loaded(SweepConfig, args))
 
 
-def _storage(args: argparse.Namespace):
+def _storage(args: argparse.Namespace) -> StorageConfig:
     from ctray.config import StorageConfig
 
     return StorageConfig(endpoint_url=args.endpoint_url)
@@ -84,9 +94,18 @@ def _quickstart(args: argparse.Namespace) -> None:
     run_quickstart(args.dir, args.scans, args.steps)
 
 
-def _config_command(sub, name: str, fn, example_yaml: str, example_override: str, **texts) -> None:
+def _config_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    fn: Callable[[argparse.Namespace], None],
+    example_yaml: str,
+    example_override: str,
+    *,
+    help: str,
+    description: str,
+) -> None:
     """A subcommand that takes a YAML config and dotted overrides."""
-    cmd = sub.add_parser(name, **texts)
+    cmd = sub.add_parser(name, help=help, description=description)
     cmd.add_argument("config", help=f"YAML config (see {example_yaml})")
     cmd.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example_override}")
     cmd.set_defaults(fn=fn)
@@ -97,61 +116,93 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    _config_command(sub, "ingest", _ingest, "jobs/ingest.yaml", "output.scans_per_shard=32",
-                    help="scans + masks + reports -> preprocessed Parquet shards + manifest.json",
-                    description="Preprocess scans once into Parquet shards (local folder or s3://). Resumable: "
-                    "re-running skips committed scans. Example: ctray ingest jobs/ingest-local.yaml output.uri=s3://bucket/shards")
-    _config_command(sub, "pretrain", _pretrain, "jobs/ctfm.yaml", "objective.temperature=0.2",
-                    help="shards -> Ray Data -> Ray Train + DeepSpeed workers -> checkpoints + encoder",
-                    description="Pretrain with a registered objective (ctfm_simclr, ...). Re-running the same "
-                    "run.storage/run.name resumes. Example: ctray pretrain jobs/ctfm-local.yaml train.max_steps=50")
-    _config_command(sub, "sweep", _sweep, "jobs/sweep-ctfm.yaml", "num_samples=8",
-                    help="Ray Tune over pretrain configs: temperatures, patch counts, loss weights, lr",
-                    description="Each trial is a full `ctray pretrain` run with its own workers; ASHA stops poor "
-                    "trials. Re-running the same storage/name continues the sweep. Writes results.csv, "
-                    "metric_vs_params.png and best.yaml. Example: ctray sweep jobs/sweep-ctfm-local.yaml")
+    _config_command(
+        sub,
+        "ingest",
+        _ingest,
+        "jobs/ingest.yaml",
+        "output.scans_per_shard=32",
+        help="scans + masks + reports -> preprocessed Parquet shards + manifest.json",
+        description="Preprocess scans once into Parquet shards (local folder or s3://). Resumable: "
+        "re-running skips committed scans. Example: ctray ingest jobs/ingest-local.yaml output.uri=s3://bucket/shards",
+    )
+    _config_command(
+        sub,
+        "pretrain",
+        _pretrain,
+        "jobs/ctfm.yaml",
+        "objective.temperature=0.2",
+        help="shards -> Ray Data -> Ray Train + DeepSpeed workers -> checkpoints + encoder",
+        description=f"Pretrain with a registered objective ({', '.join(objective_names())}; "
+        "objective.name in the config). Re-running the same run.storage/run.name resumes. "
+        "Example: ctray pretrain jobs/ctfm-local.yaml train.max_steps=50",
+    )
+    _config_command(
+        sub,
+        "sweep",
+        _sweep,
+        "jobs/sweep-ctfm.yaml",
+        "num_samples=8",
+        help="Ray Tune over pretrain configs: temperatures, patch counts, loss weights, lr",
+        description="Each trial is a full `ctray pretrain` run with its own workers; ASHA stops poor "
+        "trials. Re-running the same storage/name continues the sweep. Writes results.csv, "
+        "metric_vs_params.png and best.yaml. Example: ctray sweep jobs/sweep-ctfm-local.yaml",
+    )
 
-    ve = sub.add_parser("verify", help="check every committed shard against its commit record (size, sha256, rows)",
-                        description="Reads every committed shard of an ingest output and checks its size and sha256 against its "
-                        "commit record, its rows against the record's scans, that no scan is in two shards and that the manifest "
-                        "lists them. Exit status 2 with one line per problem. Example: ctray verify s3://bucket/shards")
+    ve = sub.add_parser(
+        "verify",
+        help="check every committed shard against its commit record (size, sha256, rows)",
+        description="Reads every committed shard of an ingest output and checks its size and sha256 against its "
+        "commit record, its rows against the record's scans, that no scan is in two shards and that the manifest "
+        "lists them. Exit status 2 with one line per problem. Example: ctray verify s3://bucket/shards",
+    )
     ve.add_argument("output", help="ingest output (folder or s3:// / gs:// URI)")
     ve.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (MinIO, ...)")
     ve.set_defaults(fn=_verify)
-    pu = sub.add_parser("purge", help="remove scans from an ingest output: shards, manifest, LLM cache, id map",
-                        description="Rewrites the shards holding the scans without them and re-commits them, removes their LLM "
-                        "cache entries, quarantine mentions and id map entries, and records the ids in purged.json so that no "
-                        "later ingest takes them again. With pseudonymised ids, an original id works too when the key is set. "
-                        "Example: ctray purge s3://bucket/shards --scan-id CT0042 --scan-id CT0107")
+    pu = sub.add_parser(
+        "purge",
+        help="remove scans from an ingest output: shards, manifest, LLM cache, id map",
+        description="Rewrites the shards holding the scans without them and re-commits them, removes their LLM "
+        "cache entries, quarantine mentions and id map entries, and records the ids in purged.json so that no "
+        "later ingest takes them again. With pseudonymised ids, an original id works too when the key is set. "
+        "Example: ctray purge s3://bucket/shards --scan-id CT0042 --scan-id CT0107",
+    )
     pu.add_argument("output", help="ingest output (folder or s3:// / gs:// URI)")
     pu.add_argument("--scan-id", action="append", required=True, help="a scan id to remove (repeat for several)")
     pu.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (MinIO, ...)")
     pu.set_defaults(fn=_purge)
 
-    ph = sub.add_parser("phantoms", help="write synthetic CT phantoms with masks and reports",
-                        description="Synthetic CTs with TotalSegmentator label maps, known lesions and reports.")
+    ph = sub.add_parser(
+        "phantoms",
+        help="write synthetic CT phantoms with masks and reports",
+        description="Synthetic CTs with TotalSegmentator label maps, known lesions and reports.",
+    )
     ph.add_argument("out", help="output folder (gets scans/, masks/, reports.jsonl)")
     ph.add_argument("--n", type=int, default=8, help="number of phantoms (default 8)")
     ph.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    ph.add_argument("--shape", type=int, nargs=3, default=[48, 128, 128], metavar=("Z", "Y", "X"), help="voxels (default 48 128 128)")
-    ph.add_argument("--spacing", type=float, nargs=3, default=[3.0, 2.5, 2.5], metavar=("Z", "Y", "X"), help="mm (default 3 2.5 2.5)")
+    add_geometry_arguments(ph, (48, 128, 128), (3.0, 2.5, 2.5))
     ph.add_argument("--lesion-rate", type=float, default=0.5, help="probability of each finding (default 0.5)")
     ph.add_argument("--dicom", type=int, default=0, help="write the first K phantoms as DICOM series")
     ph.set_defaults(fn=_phantoms)
 
-    from ctray.bench import add_bench_arguments
-
-    be = sub.add_parser("bench", help="measure ctray against the reference pipelines",
-                        description="Benchmarks; each prints its figures and ends with one JSON line.")
+    be = sub.add_parser(
+        "bench",
+        help="measure ctray against the reference pipelines",
+        description="Benchmarks; each prints its figures and ends with one JSON line.",
+    )
     add_bench_arguments(be)
     be.set_defaults(fn=_bench)
 
-    qs = sub.add_parser("quickstart", help="phantoms -> ingest -> CT-FM pretraining (2 DeepSpeed workers) on a local Ray",
-                        description="The README's main job, a few minutes on a 2-core laptop: synthetic phantoms, ingest to "
-                        "local shards, then CT-FM pretraining with 2 DeepSpeed workers on CPU. Re-running resumes.")
+    qs = sub.add_parser(
+        "quickstart",
+        help="phantoms -> ingest -> a few steps of every objective (2 DeepSpeed workers) on a local Ray",
+        description="The README's main job, a few minutes on a 2-core laptop: synthetic phantoms, ingest to "
+        "local shards, then a few steps of each objective (CT-FM, TotalFM stage 1 then stage 2, CA-GCL) "
+        "with 2 DeepSpeed workers on CPU. Re-running resumes.",
+    )
     qs.add_argument("--dir", default="quickstart", help="working folder (default ./quickstart)")
     qs.add_argument("--scans", type=int, default=8, help="number of phantoms (default 8)")
-    qs.add_argument("--steps", type=int, default=12, help="pretraining steps (default 12)")
+    qs.add_argument("--steps", type=int, default=12, help="steps of each objective (default 12)")
     qs.set_defaults(fn=_quickstart)
     return p
 
@@ -171,13 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ctray: interrupted; committed shards and checkpoints are kept", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - a bug: its message may quote patient data, so -v shows it
+    except Exception as e:
         if args.verbose:
             raise
         frames = traceback.extract_tb(e.__traceback__)
         where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-        print(f"ctray: internal error: {type(e).__name__}{where} (message and traceback withheld: they may quote "
-              "input data; run with -v to see them)", file=sys.stderr)
+        print(
+            f"ctray: internal error: {type(e).__name__}{where} (message and traceback withheld: they may quote "
+            "input data; run with -v to see them)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

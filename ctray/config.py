@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,7 +81,9 @@ def expand_env(value: Any, where: str = "") -> Any:
             return os.environ[name]
         if default is not None:
             return default
-        raise ConfigError(f"{where or 'a value'} uses ${{{name}}}, which is not set in the environment (e.g. export {name}=...)")
+        raise ConfigError(
+            f"{where or 'a value'} uses ${{{name}}}, which is not set in the environment (e.g. export {name}=...)"
+        )
 
     return _VAR.sub(sub, value)
 
@@ -114,7 +117,7 @@ def bundled_job(path: str | Path) -> Path | None:
     return candidate if Path(path).parent.name in ("jobs", "") and candidate.is_file() else None
 
 
-def load_config(model: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
+def load_config(model: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
     """Load `path` (YAML; None means all defaults), apply overrides, validate into `model`. A
     path like jobs/<name>.yaml that does not exist here is read from the package's own copy."""
     data: dict[str, Any] = {}
@@ -136,7 +139,8 @@ def load_config(model: type[T], path: str | Path | None, overrides: list[str] = 
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ConfigError(f"config {path or '(defaults)'}: {where}: {first['msg']}{more}") from e
+        msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+        raise ConfigError(f"config {path or '(defaults)'}: {where}: {msg}{more}") from e
 
 
 def to_yaml(cfg: BaseModel) -> str:

@@ -4,6 +4,8 @@ and gather with autograd for contrastive losses across workers (open_clip's gath
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,9 +23,14 @@ def world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
-def rank_zero_only(fn):
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+
+def rank_zero_only(fn: Callable[P, R]) -> Callable[P, R | None]:
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
         return fn(*args, **kwargs) if rank() == 0 else None
 
     return wrapper
@@ -58,10 +65,10 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def gather_object(obj) -> list:
+def gather_object(obj: T) -> list[T]:
     """Every worker's `obj` (picklable), in rank order."""
     if not is_dist() or world_size() == 1:
         return [obj]
-    out = [None] * world_size()
+    out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out

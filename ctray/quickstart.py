@@ -33,26 +33,46 @@ def run_quickstart(workdir: str, scans: int, steps: int) -> None:
         log.info("quickstart 1/6: writing %d phantoms to %s", scans, data)
         write_dataset(data, scans, seed=0, dicom=1)
     log.info("quickstart 2/6: ingest")
-    ingest = load_config(IngestConfig, job_yaml("ingest-local.yaml"), [
-        f"input.scans={data}/scans", f"input.masks={data}/masks", f"input.reports={data}/reports.jsonl",
-        f"output.uri={workdir}/shards",
-    ])
+    ingest = load_config(
+        IngestConfig,
+        job_yaml("ingest-local.yaml"),
+        [
+            f"input.scans={data}/scans",
+            f"input.masks={data}/masks",
+            f"input.reports={data}/reports.jsonl",
+            f"output.uri={workdir}/shards",
+        ],
+    )
     shards = run_ingest(ingest)
     runs = {}
     stages = [
         ("CT-FM intra-sample SimCLR", "ctfm-local.yaml", []),
         ("TotalFM stage 1, organ VideoMAE", "totalfm-mae-local.yaml", []),
-        ("TotalFM stage 2, organ-wise CLIP", "totalfm-clip-local.yaml", [f"objective.init_from={workdir}/runs/totalfm-mae-local"]),
+        (
+            "TotalFM stage 2, organ-wise CLIP",
+            "totalfm-clip-local.yaml",
+            [f"objective.init_from={workdir}/runs/totalfm-mae-local"],
+        ),
         ("CA-GCL", "cagcl-local.yaml", []),
     ]
     for i, (title, yaml, extra) in enumerate(stages, start=3):
         log.info("quickstart %d/%d: %s, 2 DeepSpeed workers on CPU", i, len(stages) + 2, title)
-        cfg = load_config(PretrainConfig, job_yaml(yaml), [
-            f"data.shards={workdir}/shards", f"run.storage={workdir}/runs", f"train.max_steps={steps}", *extra,
-        ])
+        cfg = load_config(
+            PretrainConfig,
+            job_yaml(yaml),
+            [
+                f"data.shards={workdir}/shards",
+                f"run.storage={workdir}/runs",
+                f"train.max_steps={steps}",
+                *extra,
+            ],
+        )
         runs[cfg.objective.name] = run_pretrain(cfg)
     log.info(
         "quickstart done: %d scans in %d shards (manifest %s); runs in %s: %s",
-        shards.scans, shards.shards, shards.manifest_uri, os.path.join(workdir, "runs"),
+        shards.scans,
+        shards.shards,
+        shards.manifest_uri,
+        os.path.join(workdir, "runs"),
         "; ".join(f"{name} {r.step} steps, loss {r.loss:.3f}, export {r.export}" for name, r in runs.items()),
     )

@@ -47,8 +47,10 @@ def _can_autoscale(report: dict | None) -> bool:
     if not report:
         return False
     types = set((report.get("node_type_mapping") or {}).values())
-    types |= set(((report.get("node_availability_summary") or {}).get("node_availabilities") or {}))
-    return bool(report.get("pending_launches") or report.get("pending_nodes")) or any(not _READONLY_TYPE.match(t) for t in types)
+    types |= set((report.get("node_availability_summary") or {}).get("node_availabilities") or {})
+    return bool(report.get("pending_launches") or report.get("pending_nodes")) or any(
+        not _READONLY_TYPE.match(t) for t in types
+    )
 
 
 def _node_types() -> list[dict] | None:
@@ -58,18 +60,27 @@ def _node_types() -> list[dict] | None:
 
     try:
         config = ray._private.state.state.get_cluster_config()
-    except Exception:  # noqa: BLE001 - an older GCS without the key: fall back to waiting
+    except Exception:
         return None
     if config is None or not config.node_group_configs:
         return None
-    return [{k: float(v) for k, v in g.resources.items() if k in ("CPU", "GPU", "TPU")} for g in config.node_group_configs if g.max_count != 0]
+    return [
+        {k: float(v) for k, v in g.resources.items() if k in ("CPU", "GPU", "TPU")}
+        for g in config.node_group_configs
+        if g.max_count != 0
+    ]
 
 
 def _largest_nodes() -> str:
     import ray
 
-    shapes = sorted({json.dumps({k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU", "TPU")}, sort_keys=True)
-                     for n in ray.nodes() if n["Alive"]})
+    shapes = sorted(
+        {
+            json.dumps({k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU", "TPU")}, sort_keys=True)
+            for n in ray.nodes()
+            if n["Alive"]
+        }
+    )
     return ", ".join(s if s != "{}" else "no CPU or GPU" for s in shapes) or "none"
 
 
@@ -93,11 +104,17 @@ def ensure_schedulable(shape: dict[str, float], what: str, timeout_s: float = 45
     types = _node_types()
     if types is not None and not any(_fits(t, shape) for t in types):
         offered = ", ".join(sorted({json.dumps(t, sort_keys=True) for t in types})) or "none"
-        raise ConfigError(f"no node type of this cluster can run one {what} ({wanted}); its node types offer: {offered}")
+        raise ConfigError(
+            f"no node type of this cluster can run one {what} ({wanted}); its node types offer: {offered}"
+        )
     if types is None and not _can_autoscale(_autoscaler_report()):
-        raise ConfigError(f"no node of this Ray cluster can run one {what} ({wanted}); its nodes offer: {_largest_nodes()}")
+        raise ConfigError(
+            f"no node of this Ray cluster can run one {what} ({wanted}); its nodes offer: {_largest_nodes()}"
+        )
     log.info("no node can run one %s (%s) yet; asking the autoscaler for one", what, wanted)
-    probe = placement_group([{k: v for k, v in shape.items() if v > 0}], strategy="PACK", name="ctray-schedulable-probe")
+    probe = placement_group(
+        [{k: v for k, v in shape.items() if v > 0}], strategy="PACK", name="ctray-schedulable-probe"
+    )
     try:
         deadline = time.time() + timeout_s
         next_note = time.time() + 30
@@ -110,7 +127,9 @@ def ensure_schedulable(shape: dict[str, float], what: str, timeout_s: float = 45
             if launching:
                 deadline = max(deadline, time.time() + timeout_s)
                 if time.time() > next_note:
-                    log.info("waiting for %d node(s) the autoscaler is launching, for one %s (%s)", launching, what, wanted)
+                    log.info(
+                        "waiting for %d node(s) the autoscaler is launching, for one %s (%s)", launching, what, wanted
+                    )
                     next_note = time.time() + 30
         raise ConfigError(
             f"no node type of this cluster can run one {what} ({wanted}): the autoscaler launched none in "

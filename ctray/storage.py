@@ -15,7 +15,8 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -23,14 +24,23 @@ from fsspec.implementations.local import LocalFileSystem
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError, CtrayError, StorageError, first_line
 
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 # Errors that retrying cannot fix: the object is not there or not ours to touch, or a bug (which
 # must surface as itself, not as "storage unreachable").
 _PERMANENT = (
-    FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, CtrayError,
-    TypeError, AttributeError, NameError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    CtrayError,
+    TypeError,
+    AttributeError,
+    NameError,
 )
 
 
@@ -74,7 +84,7 @@ def filesystem(uri: str, cfg: StorageConfig) -> tuple[fsspec.AbstractFileSystem,
     return fs, path
 
 
-def arrow_filesystem(uri: str, cfg: StorageConfig):
+def arrow_filesystem(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and path for `uri`, for Ray Data reads and Ray Train storage.
 
     s3:// uses pyarrow's native S3 client (with the endpoint override); other schemes wrap
@@ -110,19 +120,21 @@ def with_retries(fn: Callable[[], R], what: str, cfg: StorageConfig) -> R:
             return fn()
         except _PERMANENT:
             raise
-        except Exception as e:  # noqa: BLE001 - any transport error is worth another try
+        except Exception as e:
             if attempt == cfg.retries:
                 raise StorageError(
                     f"{what}: storage unreachable after {cfg.retries} attempts "
                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                 ) from e
-            log.warning("%s failed (attempt %d/%d, %s); retrying in %.1fs", what, attempt, cfg.retries, type(e).__name__, delay)
+            log.warning(
+                "%s failed (attempt %d/%d, %s); retrying in %.1fs", what, attempt, cfg.retries, type(e).__name__, delay
+            )
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
 
 
-def _replace_locally(dest: str, write: Callable[[str], None]) -> None:
+def _replace_locally(dest: str, write: Callable[[str], object]) -> None:
     """Write through a temp file beside `dest`, fsync it, rename (atomic within one filesystem),
     then fsync the folder so that the rename itself survives a crash."""
     folder = os.path.dirname(dest)
@@ -173,7 +185,9 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str, cfg: StorageConfig) -> 
     return with_retries(lambda: fs.cat_file(path), f"read {fs.unstrip_protocol(path)}", cfg)
 
 
-def read_many(fs: fsspec.AbstractFileSystem, paths: list[str], cfg: StorageConfig, missing_ok: bool = False) -> dict[str, bytes]:
+def read_many(
+    fs: fsspec.AbstractFileSystem, paths: list[str], cfg: StorageConfig, missing_ok: bool = False
+) -> dict[str, bytes]:
     """Several small objects at once (s3fs and gcsfs fetch them concurrently): path -> bytes.
     With `missing_ok`, absent objects are left out instead of raising FileNotFoundError."""
     if not paths:

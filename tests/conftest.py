@@ -48,7 +48,13 @@ def phantom_dir(tmp_path_factory) -> Path:
 
 
 def ingest_cfg(scans, out, *overrides: str, masks=None, reports=None) -> IngestConfig:
-    items = [f"input.scans={scans}", f"output.uri={out}", "output.scans_per_shard=2", "preprocess.spacing=[3,2,2]", "lease.settle_s=0.2"]
+    items = [
+        f"input.scans={scans}",
+        f"output.uri={out}",
+        "output.scans_per_shard=2",
+        "preprocess.spacing=[3,2,2]",
+        "lease.settle_s=0.2",
+    ]
     if masks:
         items.append(f"input.masks={masks}")
     if reports:
@@ -68,7 +74,8 @@ def s3_endpoint():
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 30
     while time.time() < deadline:

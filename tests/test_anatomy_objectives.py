@@ -13,12 +13,18 @@ from safetensors.torch import load_file
 
 from ctray.config import load_config
 from ctray.data.phantoms import report_prompts, write_dataset
+from ctray.errors import ConfigError
 from ctray.objectives import get_objective
-from ctray.objectives.totalfm import TotalFMCLIPTask
+from ctray.objectives.totalfm.clip import TotalFMCLIPTask
 from ctray.train.config import PretrainConfig
 from ctray.train.trainer import run_pretrain
 
-PROMPTS = 'objective.zero_shot.templates=[["{finding} is present in the {anatomy}.","The {anatomy} is normal."],["{finding} is seen in the {anatomy}.","The {anatomy} is unremarkable."]]'
+pytestmark = pytest.mark.slow  # end-to-end runs of a minute or more: the slow tier
+
+PROMPTS = (
+    'objective.zero_shot.templates=[["{finding} is present in the {anatomy}.","The {anatomy} is normal."],'
+    '["{finding} is seen in the {anatomy}.","The {anatomy} is unremarkable."]]'
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,29 +34,58 @@ def clinical_shards(ray_local, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("clinical")
     data = root / "data"
     write_dataset(str(data), 16, seed=3, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
-    run_ingest(ingest_cfg(data / "scans", root / "shards", "output.scans_per_shard=4", masks=data / "masks", reports=data / "reports.jsonl"))
+    run_ingest(
+        ingest_cfg(
+            data / "scans",
+            root / "shards",
+            "output.scans_per_shard=4",
+            masks=data / "masks",
+            reports=data / "reports.jsonl",
+        )
+    )
     return root / "shards"
 
 
 def job(name: str, shards, storage, *overrides) -> PretrainConfig:
-    return load_config(PretrainConfig, REPO / "jobs" / name, [f"data.shards={shards}", f"run.storage={storage}", *overrides])
+    return load_config(
+        PretrainConfig, REPO / "jobs" / name, [f"data.shards={shards}", f"run.storage={storage}", *overrides]
+    )
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    return [
+        json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
+    ]
 
 
 def test_totalfm_stage1_to_stage2_zero_shot(clinical_shards, tmp_path):
-    mae = job("totalfm-mae-local.yaml", clinical_shards, tmp_path, "train.max_steps=16", "train.log_every=4", "train.checkpoint_every=16")
+    mae = job(
+        "totalfm-mae-local.yaml",
+        clinical_shards,
+        tmp_path,
+        "train.max_steps=16",
+        "train.log_every=4",
+        "train.checkpoint_every=16",
+    )
     run_pretrain(mae)
     stage1 = tmp_path / "totalfm-mae-local"
     mae_loss = losses(stage1)
     assert mae_loss[-1] < mae_loss[0]
 
     clip = job(
-        "totalfm-clip-local.yaml", clinical_shards, tmp_path, f"objective.init_from={stage1}", "data.scans_per_batch=8",
-        "objective.soft_targets=true", "optim.lr=2e-3", "optim.min_lr_ratio=0.3", "train.max_steps=150", "train.log_every=15",
-        "train.checkpoint_every=150", "eval.every=75", PROMPTS,
+        "totalfm-clip-local.yaml",
+        clinical_shards,
+        tmp_path,
+        f"objective.init_from={stage1}",
+        "data.scans_per_batch=8",
+        "objective.soft_targets=true",
+        "optim.lr=2e-3",
+        "optim.min_lr_ratio=0.3",
+        "train.max_steps=150",
+        "train.log_every=15",
+        "train.checkpoint_every=150",
+        "eval.every=75",
+        PROMPTS,
     )
     # Finding-wise prompts in the phantoms' report wording: a text tower trained from scratch for a
     # minute on 16 phantoms knows no other language. (At init, image and prompt embeddings are
@@ -68,29 +103,59 @@ def test_totalfm_stage1_to_stage2_zero_shot(clinical_shards, tmp_path):
     clip_loss = losses(run)
     assert sum(clip_loss[-3:]) < sum(clip_loss[:3])
     for step in (75, 150):
-        assert {p.name for p in (run / "eval" / f"step_{step:08d}").iterdir()} == {"zero_shot.json", "zero_shot.md", "text_similarity.png"}
+        assert {p.name for p in (run / "eval" / f"step_{step:08d}").iterdir()} == {
+            "zero_shot.json",
+            "zero_shot.md",
+            "text_similarity.png",
+        }
     report = json.loads((run / "eval" / "step_00000150" / "zero_shot.json").read_text())
     assert len(report["per_template"]) == 4  # 2 templates x (finding-wise, organ-wise)
     # Finding presence (7 findings, each in about half the organs), zero-shot, on the 16 phantoms.
     assert report["metrics"]["zs_finding_auroc_mean"] > 0.6, report["metrics"]
 
-    with pytest.raises(ValueError, match="different organs"):
-        get_objective("totalfm_clip").prepare(clip.model_copy(update={"objective": clip.objective.model_copy(
-            update={"organs": clip.objective.organs.model_copy(update={"size": (8, 16, 16)})})}))
-    with pytest.raises(ValueError, match="different encoder than objective.model .hidden_size"):
-        get_objective("totalfm_clip").prepare(clip.model_copy(update={"objective": clip.objective.model_copy(
-            update={"model": clip.objective.model.model_copy(update={"hidden_size": 64})})}))
+    with pytest.raises(ConfigError, match="different organs"):
+        get_objective("totalfm_clip").prepare(
+            clip.model_copy(
+                update={
+                    "objective": clip.objective.model_copy(
+                        update={"organs": clip.objective.organs.model_copy(update={"size": (8, 16, 16)})}
+                    )
+                }
+            )
+        )
+    with pytest.raises(ConfigError, match=r"different encoder than objective.model \(hidden_size"):
+        get_objective("totalfm_clip").prepare(
+            clip.model_copy(
+                update={
+                    "objective": clip.objective.model_copy(
+                        update={"model": clip.objective.model.model_copy(update={"hidden_size": 64})}
+                    )
+                }
+            )
+        )
 
 
 def test_cagcl_trains_with_two_workers(clinical_shards, tmp_path):
-    cfg = job("cagcl-local.yaml", clinical_shards, tmp_path, "data.scans_per_batch=8", "train.max_steps=40", "train.log_every=8",
-              "train.checkpoint_every=40", "optim.lr=3e-3", "objective.soft_targets=true", PROMPTS)
+    cfg = job(
+        "cagcl-local.yaml",
+        clinical_shards,
+        tmp_path,
+        "data.scans_per_batch=8",
+        "train.max_steps=40",
+        "train.log_every=8",
+        "train.checkpoint_every=40",
+        "optim.lr=3e-3",
+        "objective.soft_targets=true",
+        PROMPTS,
+    )
     result = run_pretrain(cfg)
     run = tmp_path / "cagcl-local"
     loss = losses(run)
     assert result.step == 40 and sum(loss[-2:]) < sum(loss[:2])
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["loss_global"] > 0 and last["loss"] == pytest.approx(last["loss_local"] + 0.1 * last["loss_global"], rel=0.05)
+    assert last["loss_global"] > 0 and last["loss"] == pytest.approx(
+        last["loss_local"] + 0.1 * last["loss_global"], rel=0.05
+    )
     assert 0 <= last["text_cos_std"] and -1 <= last["text_cos_mean"] <= 1 and 0 <= last["zs_finding_auroc_mean"] <= 1
     assert (run / "eval" / "step_00000040" / "text_similarity.png").read_bytes()[:4] == b"\x89PNG"
     assert (run / "export" / "encoder.safetensors").exists() and (run / "tokenizer.json").exists()

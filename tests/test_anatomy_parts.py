@@ -10,10 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctray.data.samplers import AnatomyScanSampler, AnatomyTexts, OrganSampler
+from ctray.data.samplers import AnatomyTexts, window01
+from ctray.objectives.cagcl.sampler import AnatomyScanSampler
+from ctray.objectives.totalfm.sampler import OrganSampler
 from ctray.data.text import TextEncoding, clinical_aware, train_wordpiece
 from ctray.models.vit import AnatomyQueryPooling, ViT3D
-from ctray.objectives.losses import AnatomyLocalLoss, CrossAnatomyGlobalLoss, LearnableTemperature, false_negative_targets
+from ctray.objectives.losses import (
+    AnatomyLocalLoss,
+    CrossAnatomyGlobalLoss,
+    LearnableTemperature,
+    false_negative_targets,
+)
 from ctray.objectives.zeroshot import auroc, f1_accuracy
 
 
@@ -118,7 +125,9 @@ def test_global_loss_with_every_anatomy_present_is_eq3_mean():
     rt = torch.stack([sum(r[perm[j, k], j] for j in range(3)) / 3 for k in range(5)])
     logits = 10 * F.normalize(vt, dim=-1) @ F.normalize(rt, dim=-1).T
     want = F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5))
-    got = CrossAnatomyGlobalLoss()(v, r, present, torch.tensor(10.0, dtype=torch.float64), torch.Generator().manual_seed(1))
+    got = CrossAnatomyGlobalLoss()(
+        v, r, present, torch.tensor(10.0, dtype=torch.float64), torch.Generator().manual_seed(1)
+    )
     assert torch.allclose(got.double(), want.double(), rtol=1e-6)
 
 
@@ -141,17 +150,27 @@ def test_soft_targets_make_identical_texts_positives():
         w = torch.tensor(same[i], dtype=torch.float64) / sum(same[i])
         want = want - (w * row).sum() / 5 - (w * col).sum() / 5
     assert torch.allclose(got.double(), want, rtol=1e-6)
-    assert not torch.allclose(got.double(), AnatomyLocalLoss(False)(v, r, present, torch.tensor(10.0, dtype=torch.float64))[0].double())
+    assert not torch.allclose(
+        got.double(), AnatomyLocalLoss(False)(v, r, present, torch.tensor(10.0, dtype=torch.float64))[0].double()
+    )
 
 
-def test_learnable_temperature_is_clamped():
+def test_learnable_temperature_is_clamped_after_the_step_not_in_forward():
+    """fVLM / open_clip: the parameter is clamped in place after the optimizer step, so at a bound
+    its gradient still flows (a clamp inside forward would zero it and stall the temperature)."""
+    from ctray.train.optim import clamp_
+
     t = LearnableTemperature(0.07, 0.001, 0.5)
     assert abs(1 / t().item() - 0.07) < 1e-6
     with torch.no_grad():
-        t.log_scale.fill_(20.0)
+        t.tau.fill_(0.0005)  # below the lower bound, as one optimizer step could leave it
+    t().backward()
+    assert t.tau.grad is not None and t.tau.grad.abs().item() > 0
+    clamp_(t.tau, *t.bounds, zero_stage=0)
     assert abs(1 / t().item() - 0.001) < 1e-6
     with torch.no_grad():
-        t.log_scale.fill_(-5.0)
+        t.tau.fill_(0.9)
+    clamp_(t.tau, *t.bounds, zero_stage=0)
     assert abs(1 / t().item() - 0.5) < 1e-6
     with pytest.raises(ValueError, match="outside"):
         LearnableTemperature(0.9)
@@ -194,8 +213,13 @@ def test_vit_token_grid():
 
 def _row(vol, labels, boxes, texts, labels_kv):
     return {
-        "volume": [vol.tobytes()], "shape": [list(vol.shape)], "spacing": [[2.0, 2.0, 2.0]],
-        "label_map": [labels.tobytes()], "anatomy_boxes": [boxes], "anatomy_texts": [texts], "labels": [labels_kv],
+        "volume": [vol.tobytes()],
+        "shape": [list(vol.shape)],
+        "spacing": [[2.0, 2.0, 2.0]],
+        "label_map": [labels.tobytes()],
+        "anatomy_boxes": [boxes],
+        "anatomy_texts": [texts],
+        "labels": [labels_kv],
     }
 
 
@@ -206,22 +230,71 @@ def test_samplers_against_direct_computation():
     labels[2:6, 4:12, 20:28] = 5  # liver
     tok = TextEncoding(train_wordpiece([["The liver is normal."], ["A lesion in the liver."]], 60, min_reports=1), 16)
     texts = AnatomyTexts(["liver", "lung"], {"liver_lesion": "liver", "lung_nodule": "lung"}, tok, "one")
-    row = _row(vol, labels, [{"anatomy": "liver", "box": [2, 4, 20, 6, 12, 28], "voxels": 256}],
-               [{"anatomy": "liver", "sentences": ["A lesion in the liver."]}], [{"name": "liver_lesion", "value": 1}])
+    row = _row(
+        vol,
+        labels,
+        [{"anatomy": "liver", "box": [2, 4, 20, 6, 12, 28], "voxels": 256}],
+        [{"anatomy": "liver", "sentences": ["A lesion in the liver."]}],
+        [{"name": "liver_lesion", "value": 1}],
+    )
 
-    organ = OrganSampler(["liver", "lung"], (4, 8, 8), margin_mm=0.0, window=(-1000.0, 1000.0), texts=texts, seed=0)(row)
+    organ = OrganSampler(["liver", "lung"], (4, 8, 8), margin_mm=0.0, window=(-1000.0, 1000.0), texts=texts)(
+        row, np.random.default_rng(0)
+    )
     assert organ["organs"].shape == (1, 2, 4, 8, 8)
     assert np.allclose(organ["organs"][0, 0], 0.6, atol=1e-3)  # the box holds only 200 HU -> (200 + 1000) / 2000
     assert organ["present"].tolist() == [[1, 0]] and organ["region"].tolist() == [[1, 0]]
     assert organ["abnormal"].tolist() == [[1, -1]] and organ["finding_labels"].tolist() == [[1, -1]]
     assert organ["text_mask"][0, 0].sum() > 2 and organ["text_mask"][0, 1].sum() == 0
 
-    scan = AnatomyScanSampler({"liver": [5], "lung": [10, 11]}, (12, 32, 32), (4, 8, 8), (-1000.0, 1000.0), texts, seed=0)(row)
+    ids = {"liver": [5], "lung": [10, 11]}
+    window = (-1000.0, 1000.0)
+    scan = AnatomyScanSampler(ids, (12, 32, 32), (4, 8, 8), window, texts, flip_prob=0.0)(row, np.random.default_rng(0))
+    # fVLM's cut: the liver's box + (5, 20, 20) voxels is z 0..11 of the 12 slices, padded by one
+    # air slice at the end; nothing is resized, so the tokens are the label map's own max-pool.
     ref = F.max_pool3d(torch.as_tensor(labels == 5).float()[None, None], (4, 8, 8)).flatten().numpy()
     assert np.array_equal(scan["anatomy_tokens"][0, 0], ref.astype(np.uint8))
+    assert np.allclose(scan["scan"][0, :11], window01(vol[:11], *window)) and (scan["scan"][0, 11] == 0).all()
     assert scan["anatomy_tokens"][0, 1].sum() == 0 and scan["present"].tolist() == [[1, 0]]
+
+    flipped = AnatomyScanSampler(ids, (12, 32, 32), (4, 8, 8), window, texts, flip_prob=1.0)(
+        row, np.random.default_rng(0)
+    )
+    padded_flipped = np.flip(np.pad(labels[:11], [(0, 1), (0, 0), (0, 0)]), (0, 1, 2))
+    ref_flipped = F.max_pool3d(torch.as_tensor(padded_flipped == 5).float()[None, None], (4, 8, 8)).flatten().numpy()
+    assert np.array_equal(
+        flipped["anatomy_tokens"][0, 0], ref_flipped.astype(np.uint8)
+    )  # scan and labels flipped alike
+    assert np.allclose(
+        flipped["scan"][0],
+        window01(np.flip(np.pad(vol[:11], [(0, 1), (0, 0), (0, 0)], constant_values=-1000), (0, 1, 2)), *window),
+    )
+
+    # Incomplete anatomies are not pairs: too small, cut by the crop, or cut by the scan's own border.
+    small = AnatomyScanSampler(ids, (12, 32, 32), (4, 8, 8), window, texts, flip_prob=0.0, min_voxels=257)
+    assert small(row, np.random.default_rng(0))["present"].tolist() == [[0, 0]]
+    cropped = AnatomyScanSampler(
+        ids, (4, 32, 32), (4, 8, 8), window, texts, flip_prob=0.0
+    )  # 4 of the liver's 4+ slices
+    assert all(cropped(row, np.random.default_rng(k))["present"][0, 0] == 0 for k in range(5))
+    at_edge = labels.copy()
+    at_edge[0:6, 4:12, 20:28] = 5
+    edge_row = _row(
+        vol,
+        at_edge,
+        [{"anatomy": "liver", "box": [0, 4, 20, 6, 12, 28], "voxels": 384}],
+        [{"anatomy": "liver", "sentences": ["A lesion in the liver."]}],
+        [{"name": "liver_lesion", "value": 1}],
+    )
+    assert scan_present(AnatomyScanSampler(ids, (16, 32, 32), (4, 8, 8), window, texts, flip_prob=0.0), edge_row) == [
+        [0, 0]
+    ]
     with pytest.raises(ValueError, match="multiple of the patch"):
-        AnatomyScanSampler({"liver": [5]}, (10, 32, 32), (4, 8, 8), (-1000.0, 1000.0), texts)
+        AnatomyScanSampler({"liver": [5]}, (10, 32, 32), (4, 8, 8), window, texts)
+
+
+def scan_present(sampler, row) -> list[list[int]]:
+    return sampler(row, np.random.default_rng(0))["present"].tolist()
 
 
 def test_auroc_and_f1_against_counting():
@@ -239,7 +312,9 @@ def test_auroc_and_f1_against_counting():
 def test_losses_without_pairs_are_zero_and_still_backpropagate():
     v, r, _ = embeddings(b=4, a=2)
     none = torch.zeros(4, 2, dtype=torch.bool)
-    loss = AnatomyLocalLoss()(v, r, none, torch.tensor(10.0, dtype=torch.float64)).sum() + CrossAnatomyGlobalLoss()(v, r, none, torch.tensor(10.0))
+    loss = AnatomyLocalLoss()(v, r, none, torch.tensor(10.0, dtype=torch.float64)).sum() + CrossAnatomyGlobalLoss()(
+        v, r, none, torch.tensor(10.0)
+    )
     loss.backward()  # a batch without any pair must not break the optimizer step
     assert loss.item() == 0 and v.grad is not None and v.grad.abs().sum() == 0
 
@@ -253,4 +328,8 @@ def test_trained_tokenizer_learns_no_word_of_few_reports():
     vocab = Tokenizer.from_str(train_wordpiece(reports, 300, min_reports=5)).get_vocab()
     assert {"liver", "pleural", "normal"} <= set(vocab)
     assert not [t for t in vocab if "quill" in t or "feather" in t]
-    assert set(Tokenizer.from_str(train_wordpiece(reports, 300, min_reports=2)).get_vocab()) & {"quillfeather", "quill", "##feather"}
+    assert set(Tokenizer.from_str(train_wordpiece(reports, 300, min_reports=2)).get_vocab()) & {
+        "quillfeather",
+        "quill",
+        "##feather",
+    }

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from ctray.cli import main
 from ctray.errors import ConfigError
 
 
@@ -13,11 +14,16 @@ def ctray(*args, **kw):
     return subprocess.run([sys.executable, "-m", "ctray.cli", *args], capture_output=True, text=True, timeout=120, **kw)
 
 
-@pytest.mark.parametrize("cmd", [[], ["ingest"], ["pretrain"], ["sweep"], ["verify"], ["purge"], ["phantoms"], ["bench"], ["bench", "ingest"],
-                                 ["bench", "data"], ["bench", "step"], ["quickstart"]])
-def test_every_command_has_help(cmd):
-    done = ctray(*cmd, "--help")
-    assert done.returncode == 0 and "usage: ctray" in done.stdout
+COMMANDS = [[], ["ingest"], ["pretrain"], ["sweep"], ["verify"], ["purge"], ["phantoms"], ["quickstart"]]
+BENCHES = [["bench"], ["bench", "ingest"], ["bench", "data"], ["bench", "scale"], ["bench", "step"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS + BENCHES, ids=lambda cmd: " ".join(cmd) or "ctray")
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*cmd, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: ctray {' '.join(cmd)}".rstrip())
 
 
 def test_bad_config_is_one_line(tmp_path):
@@ -55,8 +61,10 @@ def test_segment_without_weights_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_class_table_matches_totalsegmentator():
-    ts = pytest.importorskip("totalsegmentator.map_to_binary", reason="TotalSegmentator not installed (extra [segment])")
-    from ctray.ingest.anatomy import TOTAL_CLASSES
+    ts = pytest.importorskip(
+        "totalsegmentator.map_to_binary", reason="TotalSegmentator not installed (extra [segment])"
+    )
+    from ctray.anatomy import TOTAL_CLASSES
 
     assert ts.class_map["total"] == {i + 1: n for i, n in enumerate(TOTAL_CLASSES)}
 
@@ -71,7 +79,13 @@ def test_every_job_yaml_validates(monkeypatch):
 
     from conftest import REPO
 
-    kinds = {"ingest": IngestConfig, "ctfm": PretrainConfig, "totalfm": PretrainConfig, "cagcl": PretrainConfig, "sweep": SweepConfig}
+    kinds = {
+        "ingest": IngestConfig,
+        "ctfm": PretrainConfig,
+        "totalfm": PretrainConfig,
+        "cagcl": PretrainConfig,
+        "sweep": SweepConfig,
+    }
     monkeypatch.delenv("CTRAY_BUCKET", raising=False)
     with pytest.raises(ConfigError, match=r"data.shards uses \$\{CTRAY_BUCKET\}, which is not set"):
         load_config(PretrainConfig, REPO / "jobs" / "ctfm.yaml")

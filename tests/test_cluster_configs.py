@@ -29,7 +29,11 @@ def _strict(schema):
     the API server would otherwise drop them silently, and a typo would do nothing."""
     if isinstance(schema, dict):
         out = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
@@ -49,18 +53,34 @@ def test_launcher_configs_pass_rays_own_checks(name):
     config = prepare_config(raw)
     validate_config(config)
     types = config["available_node_types"]
-    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}  # drivers only: work lands on workers, where it scales
+    assert types[config["head_node_type"]]["resources"] == {
+        "CPU": 0
+    }  # drivers only: work lands on workers, where it scales
     assert config["docker"]["image"].endswith(":0.2.0") and not config["setup_commands"]
     gpus = {t: spec["resources"].get("GPU", 0) for t, spec in types.items()}
-    assert any(gpus.values()) and any(spec["resources"].get("GPU", 0) == 0 and spec["resources"].get("CPU", 0) > 0 for spec in types.values())
-    images = {str(spec["node_config"].get("ImageId") or spec["node_config"]["disks"][0]["initializeParams"]["sourceImage"]) for spec in types.values()}
+    assert any(gpus.values()) and any(
+        spec["resources"].get("GPU", 0) == 0 and spec["resources"].get("CPU", 0) > 0 for spec in types.values()
+    )
+    images = {
+        str(spec["node_config"].get("ImageId") or spec["node_config"]["disks"][0]["initializeParams"]["sourceImage"])
+        for spec in types.values()
+    }
     assert not any("latest_dlami" in i for i in images)  # Ubuntu 18.04 / CUDA 11.2 in Ray 2.60
 
     # Every GPU job fits: one worker's bundle on a node type, all its workers in the cluster's GPUs.
     for job in ("ctfm.yaml", "cagcl.yaml", "totalfm-mae.yaml", "totalfm-clip.yaml"):
-        cfg = load_config(PretrainConfig, REPO / "jobs" / job, ["data.shards=s3://b/s", "run.storage=s3://b/r", "objective.init_from=null"]
-                          if job == "totalfm-clip.yaml" else ["data.shards=s3://b/s", "run.storage=s3://b/r"])
-        fits = [t for t, spec in types.items() if spec["resources"].get("GPU", 0) >= 1 and spec["resources"].get("CPU", 0) >= cfg.scaling.cpus_per_worker]
+        cfg = load_config(
+            PretrainConfig,
+            REPO / "jobs" / job,
+            ["data.shards=s3://b/s", "run.storage=s3://b/r", "objective.init_from=null"]
+            if job == "totalfm-clip.yaml"
+            else ["data.shards=s3://b/s", "run.storage=s3://b/r"],
+        )
+        fits = [
+            t
+            for t, spec in types.items()
+            if spec["resources"].get("GPU", 0) >= 1 and spec["resources"].get("CPU", 0) >= cfg.scaling.cpus_per_worker
+        ]
         assert fits, job
         assert cfg.scaling.num_workers <= sum(gpus[t] * types[t]["max_workers"] for t in fits), job
 
@@ -69,7 +89,13 @@ def test_aws_iam_policies_grant_what_the_autoscaler_and_jobs_use():
     head = json.loads((CLUSTER / "aws-iam-head.json").read_text())
     worker = json.loads((CLUSTER / "aws-iam-worker.json").read_text())
     head_actions = {a for s in head["Statement"] for a in s["Action"]}
-    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances", "iam:PassRole"} <= head_actions
+    assert {
+        "ec2:RunInstances",
+        "ec2:TerminateInstances",
+        "ec2:CreateTags",
+        "ec2:DescribeInstances",
+        "iam:PassRole",
+    } <= head_actions
     for policy in (head, worker):
         actions = {a for s in policy["Statement"] for a in s["Action"]}
         assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket", "s3:DeleteObject"} <= actions
@@ -91,7 +117,11 @@ def test_kuberay_pieces_fit_together(monkeypatch):
     assert spec["enableInTreeAutoscaling"] is True and spec["rayVersion"] == ray.__version__
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     assert {g["template"]["spec"]["serviceAccountName"] for g in groups} == {account["metadata"]["name"]}
-    gpu = [g for g in spec["workerGroupSpecs"] if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    gpu = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
     assert gpu and all(g["template"]["spec"]["nodeSelector"] and g["template"]["spec"]["tolerations"] for g in gpu)
     assert all(g["minReplicas"] == 0 < g["maxReplicas"] for g in spec["workerGroupSpecs"])
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
@@ -111,8 +141,11 @@ def test_versions_agree_between_image_cluster_and_client():
     """Ray refuses a client or driver whose Ray or Python version is not the cluster's."""
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     base = re.search(r"ARG BASE=rayproject/ray:(\S+)", dockerfile).group(1)
-    pins = {Requirement(line).name.lower(): Requirement(line) for line in (CLUSTER / "constraints.txt").read_text().splitlines()
-            if line and not line.startswith("#")}
+    pins = {
+        Requirement(line).name.lower(): Requirement(line)
+        for line in (CLUSTER / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
     ray_pin = next(iter(pins["ray"].specifier)).version
     assert base.startswith(f"{ray_pin}-py311-cu12") and ray_pin == ray.__version__
     for path in [CLUSTER / "aws.yaml", CLUSTER / "gcp.yaml", KUBERAY / "raycluster.yaml"]:

@@ -8,7 +8,9 @@ from ctray.ingest.config import IngestConfig
 def test_yaml_and_dotted_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("input: {scans: a}\noutput: {uri: b}\n")
-    cfg = load_config(IngestConfig, path, ["output.uri=s3://bucket/shards", "preprocess.spacing=[2, 1.5, 1.5]", "input.segment=true"])
+    cfg = load_config(
+        IngestConfig, path, ["output.uri=s3://bucket/shards", "preprocess.spacing=[2, 1.5, 1.5]", "input.segment=true"]
+    )
     assert cfg.output.uri == "s3://bucket/shards"
     assert cfg.preprocess.spacing == (2.0, 1.5, 1.5)
     assert cfg.input.segment is True

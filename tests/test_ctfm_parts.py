@@ -1,5 +1,6 @@
 """CT-FM's pieces against references: the loss against a naive per-scan loop, the batched
-augmentations' properties, the patch sampler's bounds."""
+augmentations against MONAI's own transforms (as CT-FM's released intrasample_simclr.yaml uses them)
+with the same random parameters, the patch sampler's bounds."""
 
 import math
 
@@ -7,9 +8,25 @@ import numpy as np
 import pytest
 import torch
 
-from ctray.data.samplers import PatchSampler
-from ctray.objectives.augment import gaussian_smooth, histogram_shift, resized_crop_flip, window
-from ctray.objectives.ctfm import CTFMConfig, CTFMTask
+from monai.networks.layers.convutils import gaussian_1d
+from monai.transforms import Flip, GaussianSmooth, RandHistogramShift, Resize, SpatialCrop
+
+from ctray.objectives.augment import (
+    draw_gaussian_smooth,
+    draw_histogram_shift,
+    draw_resized_crop_flip,
+    gaussian_kernels,
+    gaussian_smooth,
+    gaussian_smooth_with,
+    histogram_shift,
+    histogram_shift_with,
+    resized_crop_flip,
+    resized_crop_flip_with,
+    window,
+)
+from ctray.objectives.ctfm.config import CTFMConfig
+from ctray.objectives.ctfm.sampler import PatchSampler
+from ctray.objectives.ctfm.task import CTFMTask
 from ctray.objectives.losses import IntraSampleNTXent
 
 
@@ -47,7 +64,9 @@ def test_no_cross_scan_negatives():
     a = loss(z[:1])
     z2 = z.clone()
     z2[1] = torch.randn(2, 4, 8)
-    assert torch.allclose(2 * loss(z) - loss(z[1:]), a, atol=1e-5) and torch.allclose(2 * loss(z2) - loss(z2[1:]), a, atol=1e-5)
+    assert torch.allclose(2 * loss(z) - loss(z[1:]), a, atol=1e-5) and torch.allclose(
+        2 * loss(z2) - loss(z2[1:]), a, atol=1e-5
+    )
 
 
 def test_perfect_views_give_low_loss_and_bad_input_errors():
@@ -61,49 +80,139 @@ def test_perfect_views_give_low_loss_and_bad_input_errors():
         IntraSampleNTXent()(torch.randn(2, 3, 4))
 
 
-def test_augmentations_are_identity_at_zero_probability_and_full_scale():
-    x = torch.rand(3, 1, 8, 12, 10)
-    assert torch.allclose(resized_crop_flip(x, (1.0, 1.0), 0.0), x, atol=1e-5)
-    flipped = resized_crop_flip(x, (1.0, 1.0), 1.0)
-    assert torch.allclose(flipped, x.flip(2), atol=1e-5)
-    assert torch.equal(histogram_shift(x, 0.0, 5), x) or torch.allclose(histogram_shift(x, 0.0, 5), x, atol=1e-6)
-    assert torch.allclose(gaussian_smooth(x, 0.0, (0.25, 1.5)), x, atol=1e-6)
+def test_window():
+    hu = torch.tensor([-2000, -1024, 512, 2048, 3000])
+    assert torch.equal(window(hu, -1024, 2048), torch.tensor([0, 0, 0.5, 1, 1]))
 
 
-def test_augmentation_properties():
-    gen = torch.Generator().manual_seed(0)
-    ramp = torch.linspace(0, 1, 1000).reshape(1, 1, 10, 10, 10).repeat(4, 1, 1, 1, 1)
-    shifted = histogram_shift(ramp, 1.0, 5, gen)
-    flat = shifted.reshape(4, -1)
-    assert (flat[:, 1:] >= flat[:, :-1] - 1e-6).all()  # a monotone intensity map
-    assert torch.allclose(flat[:, 0], torch.zeros(4)) and torch.allclose(flat[:, -1], torch.ones(4))
-    assert not torch.allclose(shifted, ramp)
-    const = torch.full((2, 1, 6, 6, 6), 0.3)
-    assert torch.allclose(gaussian_smooth(const, 1.0, (0.5, 1.5), gen), const, atol=1e-6)
-    spike = torch.zeros(2, 1, 15, 15, 15)
-    spike[:, :, 7, 7, 7] = 1
-    blurred = gaussian_smooth(spike, 1.0, (1.0, 1.5), gen)
-    assert blurred[:, :, 7, 7, 7].max() < 0.2 and torch.allclose(blurred.sum(), spike.sum(), rtol=1e-4)
-    crop = resized_crop_flip(ramp, (0.33, 0.34), 0.0, gen)
-    assert crop.shape == ramp.shape and (crop.amax((1, 2, 3, 4)) - crop.amin((1, 2, 3, 4)) < 0.9).all()  # zoomed in
-    assert torch.equal(window(torch.tensor([-2000, -1024, 512, 2048, 3000]), -1024, 2048), torch.tensor([0, 0, 0.5, 1, 1]))
+def _monai_crop_resize_flip(img: torch.Tensor, start: list[int], size: list[int], flip: bool) -> torch.Tensor:
+    out = SpatialCrop(roi_start=start, roi_end=[a + b for a, b in zip(start, size, strict=True)])(img)
+    out = Resize(img.shape[1:], mode="trilinear")(out)
+    return torch.as_tensor(Flip(spatial_axis=0)(out) if flip else out)
+
+
+def test_resized_crop_flip_matches_monai():
+    """Against MONAI SpatialCrop + Resize(trilinear) + Flip(0), i.e. what RandScaleCrop(roi_scale=s,
+    random_size=False) + Resize + RandFlip do once their randomness is fixed."""
+    rng = np.random.default_rng(0)
+    dims = (12, 20, 16)
+    x = torch.rand(8, 1, *dims, generator=torch.Generator().manual_seed(0))
+    scales = [1.0, 0.33, 0.33, 0.5, 0.61, 0.77, 0.9, 0.999]
+    sizes = [[math.ceil(s * n) for n in dims] for s in scales]
+    starts = [[int(rng.integers(0, n - r + 1)) for n, r in zip(dims, size, strict=True)] for size in sizes]
+    starts[2] = [n - r for n, r in zip(dims, sizes[2], strict=True)]  # the smallest crop at the far corner
+    flips = [False, True, False, True, False, True, True, False]
+    got = resized_crop_flip_with(x, torch.tensor(starts), torch.tensor(sizes), torch.tensor(flips))
+    want = torch.stack([_monai_crop_resize_flip(x[i], starts[i], sizes[i], flips[i]) for i in range(8)])
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+    assert torch.equal(got[0], x[0])  # s = 1, no flip: the view itself
+
+
+def test_crop_draw_is_one_scale_per_view_and_the_wrapper_applies_it():
+    dims = (32, 128, 96)
+    d = draw_resized_crop_flip(4000, dims, (0.33, 1.0), 0.5, gen=torch.Generator().manual_seed(0))
+    assert d.scale.shape == (4000,) and ((d.scale >= 0.33) & (d.scale <= 1.0)).all()
+    assert d.scale.min() < 0.34 and d.scale.max() > 0.99  # the whole range, not a volume fraction's cube root
+    want_sizes = torch.tensor([[math.ceil(float(s) * n) for n in dims] for s in d.scale])
+    assert torch.equal(d.sizes, want_sizes)  # ceil(s * size) on every axis, one s per view
+    assert (d.starts >= 0).all() and (d.starts + d.sizes <= torch.tensor(dims)).all()
+    assert (d.starts == torch.tensor(dims) - d.sizes).any(dim=0).all()  # the far corner is reachable
+    assert 0.45 < d.flips.float().mean() < 0.55
+    x = torch.rand(5, 1, 6, 10, 8)
+    torch.manual_seed(3)
+    got = resized_crop_flip(x, (0.33, 1.0), 0.5)
+    torch.manual_seed(3)
+    d = draw_resized_crop_flip(5, (6, 10, 8), (0.33, 1.0), 0.5)
+    assert torch.equal(got, resized_crop_flip_with(x, d.starts, d.sizes, d.flips))
+    assert torch.allclose(resized_crop_flip(x, (1.0, 1.0), 0.0), x) and torch.allclose(
+        resized_crop_flip(x, (1.0, 1.0), 1.0), x.flip(2)
+    )
+
+
+def test_histogram_shift_matches_monai():
+    gen = torch.Generator().manual_seed(1)
+    for seed in range(6):
+        t = RandHistogramShift(num_control_points=5, prob=1.0)
+        t.set_random_state(seed)
+        t.randomize(None)
+        img = torch.rand(1, 7, 9, 11, generator=gen) * (1 + seed) - 0.4 * seed  # the view's own range, not 0..1
+        ref = torch.as_tensor(t.reference_control_points, dtype=torch.float32)
+        floating = torch.as_tensor(t.floating_control_points, dtype=torch.float32)
+        got = histogram_shift_with(img[None], ref, floating[None])[0]
+        want = torch.as_tensor(t(img, randomize=False))
+        assert not torch.allclose(got, img) and torch.allclose(got, want, rtol=0, atol=1e-5)
+    const = torch.full((2, 1, 3, 3, 3), 0.3)
+    assert torch.equal(histogram_shift(const, 1.0, 5), const)  # MONAI returns a constant image unchanged
+
+
+def test_histogram_shift_draws_and_wrapper():
+    d = draw_histogram_shift(3000, 0.5, 5, gen=torch.Generator().manual_seed(0))
+    f = d.floating
+    assert torch.equal(d.reference, torch.linspace(0, 1, 5)) and (f[:, 1:] >= f[:, :-1]).all()
+    assert (
+        (f[:, 0] == 0).all()
+        and (f[:, -1] == 1).all()
+        and torch.equal(f[~d.drawn], d.reference.expand(len(f[~d.drawn]), 5))
+    )
+    assert 0.45 < d.drawn.float().mean() < 0.55
+    x = torch.rand(6, 1, 4, 5, 6) * 7 - 2
+    torch.manual_seed(5)
+    got = histogram_shift(x, 0.5, 5)
+    torch.manual_seed(5)
+    d = draw_histogram_shift(6, 0.5, 5)
+    assert torch.equal(got[~d.drawn], x[~d.drawn]) and d.drawn.any()
+    assert torch.equal(got[d.drawn], histogram_shift_with(x[d.drawn], d.reference, d.floating[d.drawn]))
+    assert torch.equal(histogram_shift(x, 0.0, 5), x)
+
+
+@pytest.mark.parametrize("sigma", [(0.25, 0.3, 1.5), (1.5, 1.5, 1.5), (0.25, 0.25, 0.25), (0.3, 1.1, 0.7)])
+def test_gaussian_smooth_matches_monai(sigma):
+    """Against MONAI GaussianSmooth(approx="erf"); the batch's other view has other sigmas, so this
+    view's kernels are zero-padded to the batch's longest (tail 6 at sigma 1.5: 13 taps, longer
+    than the first axis)."""
+    x = torch.rand(2, 1, 8, 15, 17, generator=torch.Generator().manual_seed(0)) * 3 - 1
+    got = gaussian_smooth_with(x, torch.tensor([sigma, (1.5, 0.25, 1.0)]))
+    for i, s in enumerate((sigma, (1.5, 0.25, 1.0))):
+        want = torch.as_tensor(GaussianSmooth(sigma=s, approx="erf")(x[i]))
+        assert torch.allclose(got[i], want, rtol=0, atol=1e-5)
+
+
+def test_gaussian_kernels_match_monai_and_wrapper():
+    sigmas = torch.tensor([0.25, 0.3, 0.37, 0.62, 1.0, 1.37, 1.5])
+    k = gaussian_kernels(sigmas)
+    assert k.shape == (7, 13)
+    for row, s in zip(k, sigmas, strict=True):
+        want = gaussian_1d(s, truncated=4.0, approx="erf")
+        pad = (13 - len(want)) // 2
+        assert torch.equal(row[pad : 13 - pad], want) and (row[:pad] == 0).all() and (row[13 - pad :] == 0).all()
+    x = torch.rand(6, 1, 5, 6, 7)
+    torch.manual_seed(2)
+    got = gaussian_smooth(x, 0.5, (0.25, 1.5))
+    torch.manual_seed(2)
+    d = draw_gaussian_smooth(6, 0.5, (0.25, 1.5))
+    assert ((d.sigmas >= 0.25) & (d.sigmas <= 1.5)).all() and d.drawn.any()
+    assert torch.equal(got[~d.drawn], x[~d.drawn])
+    assert torch.allclose(got[d.drawn], gaussian_smooth_with(x[d.drawn], d.sigmas[d.drawn]), atol=1e-6)
+    assert torch.equal(gaussian_smooth(x, 0.0, (0.25, 1.5)), x)
 
 
 def test_patch_sampler_bounds_and_padding():
     vol = np.arange(20 * 30 * 40, dtype=np.int16).reshape(20, 30, 40)
-    sampler = PatchSampler(6, (8, 16, 16), seed=0)
+    sampler = PatchSampler(6, (8, 16, 16))
     row = {"volume": [vol.tobytes()], "shape": [np.array(vol.shape)]}
-    patches = sampler(row)["patches"]
+    patches = sampler(row, np.random.default_rng(0))["patches"]
     assert patches.shape == (1, 6, 8, 16, 16) and patches.dtype == np.int16
     for p in patches[0]:  # each patch is a contiguous block of the volume
         z, y, x = np.unravel_index(int(p[0, 0, 0]), vol.shape)
         assert np.array_equal(p, vol[z : z + 8, y : y + 16, x : x + 16])
-    small = PatchSampler(2, (8, 16, 16), pad=-1024, seed=0).sample(np.zeros((4, 16, 16), np.int16), np.random.default_rng(0))
+    small = PatchSampler(2, (8, 16, 16), pad=-1024).sample(np.zeros((4, 16, 16), np.int16), np.random.default_rng(0))
     assert (small[:, :2] == -1024).all() and (small[:, 2:6] == 0).all() and (small[:, 6:] == -1024).all()
 
 
 def test_task_forward_backward_tiny():
-    cfg = CTFMConfig(patches_per_scan=3, patch_size=(8, 32, 32), init_filters=4, blocks_down=(1, 1, 1), head_dims=(16, 8))
+    cfg = CTFMConfig(
+        patches_per_scan=3, patch_size=(8, 32, 32), init_filters=4, blocks_down=(1, 1, 1), head_dims=(16, 8)
+    )
     task = CTFMTask(cfg)
     out = task({"patches": torch.randint(-1000, 1500, (2, 3, 8, 32, 32), dtype=torch.int16)})
     assert set(out) == {"loss", "positive_cosine", "views"} and out["views"] == 12

@@ -58,7 +58,11 @@ def test_real_series_as_exported(ray_local, tmp_path):
 
     def second_series(i, ds):
         ds.SeriesInstanceUID = new_uid
-        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], ds.ImagePositionPatient[2] + 100]
+        ds.ImagePositionPatient = [
+            ds.ImagePositionPatient[0],
+            ds.ImagePositionPatient[1],
+            ds.ImagePositionPatient[2] + 100,
+        ]
 
     _edit(PATIENT / "CT5N", scans / "both", lambda i, ds: None)
     _edit(PATIENT / "CT5N", scans / "both_copy", second_series)
@@ -66,15 +70,34 @@ def test_real_series_as_exported(ray_local, tmp_path):
         p.rename(scans / "both" / (p.name + "b"))
     (scans / "both_copy").rmdir()
     _edit(PATIENT / "CT5N", scans / "gap", lambda i, ds: False if i == 2 else None)
-    _edit(PATIENT / "CT5N", scans / "tilted", lambda i, ds: setattr(ds, "ImagePositionPatient", [
-        ds.ImagePositionPatient[0], ds.ImagePositionPatient[1] + 2.5 * i * np.tan(np.radians(20)), ds.ImagePositionPatient[2]]))
+    _edit(
+        PATIENT / "CT5N",
+        scans / "tilted",
+        lambda i, ds: setattr(
+            ds,
+            "ImagePositionPatient",
+            [
+                ds.ImagePositionPatient[0],
+                ds.ImagePositionPatient[1] + 2.5 * i * np.tan(np.radians(20)),
+                ds.ImagePositionPatient[2],
+            ],
+        ),
+    )
     shutil.copytree(PATIENT / "CT5N", scans / "corrupt")
     victim = sorted((scans / "corrupt").iterdir())[1]
     victim.write_bytes(victim.read_bytes()[:-100])  # a transfer cut short, inside the pixel data
 
     out = tmp_path / "out"
-    result = run_ingest(ingest_cfg(scans, out, "preprocess.spacing=[2.5,0.488281,0.488281]", "preprocess.crop_foreground=false",
-                                   "output.scans_per_shard=2", "lease.settle_s=0"))
+    result = run_ingest(
+        ingest_cfg(
+            scans,
+            out,
+            "preprocess.spacing=[2.5,0.488281,0.488281]",
+            "preprocess.crop_foreground=false",
+            "output.scans_per_shard=2",
+            "lease.settle_s=0",
+        )
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     rows = _rows(out)
     uids = {pydicom.dcmread(next((scans / "both").iterdir())).SeriesInstanceUID, new_uid}
@@ -85,23 +108,36 @@ def test_real_series_as_exported(ray_local, tmp_path):
     assert "gantry tilt of 20.0 deg" in quarantine["tilted"]
     assert "pixel data of slice 4 (Explicit VR Little Endian) cannot be decoded (ValueError)" in quarantine["corrupt"]
     skipped = {s["input"].removeprefix(str(scans) + "/"): s["reason"] for s in manifest["skipped"]}
-    assert any(k.startswith("patient1/CT2N (series") and "localizer/scout series of 2 image(s)" in r for k, r in skipped.items())
+    assert any(
+        k.startswith("patient1/CT2N (series") and "localizer/scout series of 2 image(s)" in r
+        for k, r in skipped.items()
+    )
     assert "without image data" in skipped["DICOMDIR"]
     assert any(k.startswith("mr (series") and "modality MR, not CT" in r for k, r in skipped.items())
     assert result.skipped == len(skipped)
 
     # The stored volume is the series itself: slices in head-foot order, HU = stored * slope + intercept.
     with quiet_pydicom():
-        slices = sorted((pydicom.dcmread(p) for p in (PATIENT / "CT5N").iterdir()), key=lambda d: float(d.ImagePositionPatient[2]))
+        slices = sorted(
+            (pydicom.dcmread(p) for p in (PATIENT / "CT5N").iterdir()), key=lambda d: float(d.ImagePositionPatient[2])
+        )
     expected = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices])
     row = rows["patient1/CT5N"]
     assert row["spacing"] == pytest.approx([2.5, 0.488281, 0.488281], rel=1e-5)
     assert np.array_equal(volume_of(row), expected.astype(np.int16))
 
 
-@pytest.mark.parametrize("name, twin", [("MR_small_RLE.dcm", "MR_small.dcm"), ("MR_small_jp2klossless.dcm", "MR_small.dcm"),
-                                        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"), ("SC_rgb_jpeg_gdcm.dcm", None),
-                                        ("693_J2KI.dcm", None), ("JPEGLSNearLossless_16.dcm", None)])
+@pytest.mark.parametrize(
+    "name, twin",
+    [
+        ("MR_small_RLE.dcm", "MR_small.dcm"),
+        ("MR_small_jp2klossless.dcm", "MR_small.dcm"),
+        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
+        ("SC_rgb_jpeg_gdcm.dcm", None),
+        ("693_J2KI.dcm", None),
+        ("JPEGLSNearLossless_16.dcm", None),
+    ],
+)
 def test_compressed_transfer_syntaxes_decode(name, twin):
     """The declared decoders (python-gdcm, pylibjpeg) read files encoded by real tools; lossless
     ones equal their uncompressed twin."""
@@ -120,7 +156,11 @@ def test_compressed_real_ct_series_equals_its_nifti(ray_local, shared_data, tmp_
     scans = tmp_path / "scans"
     scans.mkdir()
     shutil.copy(shared_data / "ct" / "example_ct_sm.nii.gz", scans / "nifti.nii.gz")
-    syntaxes = {"j2k": pydicom.uid.JPEG2000Lossless, "jpegls": pydicom.uid.JPEGLSLossless, "rle": pydicom.uid.RLELossless}
+    syntaxes = {
+        "j2k": pydicom.uid.JPEG2000Lossless,
+        "jpegls": pydicom.uid.JPEGLSLossless,
+        "rle": pydicom.uid.RLELossless,
+    }
     for name, syntax in syntaxes.items():
         write_ct_series(str(scans / name), hu, affine, "P0001", syntax, "CT.{uid}", intercept=-2048)
     out = tmp_path / "out"

@@ -48,10 +48,16 @@ def test_phantoms_to_local_shards(ray_local, phantom_dir, tmp_path):
     commits = [json.loads(p.read_text()) for p in (out / "_commits").iterdir()]
     for record in commits:  # each commit record names its shard's bytes: `ctray verify` checks them
         shard = out / record["path"]
-        assert record["bytes"] == shard.stat().st_size and record["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+        assert (
+            record["bytes"] == shard.stat().st_size
+            and record["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+        )
     assert verify(str(out), StorageConfig()) == []
     rows = read_rows(out)
-    reports = {json.loads(l)["scan_id"]: json.loads(l) for l in (phantom_dir / "reports.jsonl").read_text().splitlines()}
+    reports = {
+        json.loads(line)["scan_id"]: json.loads(line)
+        for line in (phantom_dir / "reports.jsonl").read_text().splitlines()
+    }
     for sid, row in rows.items():
         vol, labels = volume_of(row), label_map_of(row)
         assert vol.dtype == np.int16 and vol.shape == labels.shape == tuple(row["shape"])
@@ -66,7 +72,9 @@ def test_phantoms_to_local_shards(ray_local, phantom_dir, tmp_path):
         assert (labels[z0:z1, y0:y1, x0:x1] == 5).sum() == boxes["liver"]["voxels"] == (labels == 5).sum()
         texts = {t["anatomy"]: t["sentences"] for t in row["anatomy_texts"]}
         expected = reports[sid]
-        assert {l["name"]: l["value"] for l in row["labels"]} == {k: v for k, v in expected.items() if k not in ("scan_id", "report")}
+        assert {lab["name"]: lab["value"] for lab in row["labels"]} == {
+            k: v for k, v in expected.items() if k not in ("scan_id", "report")
+        }
         if expected["liver_lesion"]:
             assert any("hypodense lesion" in s for s in texts["liver"])
         assert row["report_parser"] == "rules" and len(row["content_hash"]) == 64
@@ -95,8 +103,23 @@ def _bad_inputs(root: Path) -> dict[str, str]:
     masks.mkdir()
     reports = []
     good = make_phantom("good", 7, shape=(16, 40, 40), spacing=(3.0, 4.0, 4.0))
-    for sid in ("good", "good2", "corrupt", "truncated", "flat2d", "fourd", "nan", "mr", "badmask", "noreport", "emptyreport",
-                "badutf8", "nomask", "liar", "huge"):
+    for sid in (
+        "good",
+        "good2",
+        "corrupt",
+        "truncated",
+        "flat2d",
+        "fourd",
+        "nan",
+        "mr",
+        "badmask",
+        "noreport",
+        "emptyreport",
+        "badutf8",
+        "nomask",
+        "liar",
+        "huge",
+    ):
         if sid != "nomask":
             write_nifti(str(masks / f"{sid}.nii.gz"), good.labels, good.affine)
         reports.append((sid, good.report.encode()))
@@ -117,7 +140,9 @@ def _bad_inputs(root: Path) -> dict[str, str]:
     (scans / "notes").mkdir()
     (scans / "notes" / "series.json").write_text("{}")
     reports = [(s, r) for s, r in reports if s != "noreport"]
-    reports = [(s, b"   " if s == "emptyreport" else (b"Lung \xff\xfe nodule." if s == "badutf8" else r)) for s, r in reports]
+    reports = [
+        (s, b"   " if s == "emptyreport" else (b"Lung \xff\xfe nodule." if s == "badutf8" else r)) for s, r in reports
+    ]
     with open(root / "reports.csv", "wb") as f:
         f.write(b"scan_id,report\n")
         for sid, text in reports:
@@ -151,7 +176,15 @@ def lying_header(shape: tuple[int, int, int]) -> bytes:
 def test_bad_inputs_are_quarantined_and_nothing_good_is_lost(ray_local, tmp_path, caplog):
     expected = _bad_inputs(tmp_path)
     out = tmp_path / "shards"
-    result = run_ingest(ingest_cfg(tmp_path / "scans", out, "output.scans_per_shard=3", masks=tmp_path / "masks", reports=tmp_path / "reports.csv"))
+    result = run_ingest(
+        ingest_cfg(
+            tmp_path / "scans",
+            out,
+            "output.scans_per_shard=3",
+            masks=tmp_path / "masks",
+            reports=tmp_path / "reports.csv",
+        )
+    )
     assert result.scans == 2 and result.quarantined == len(expected) and result.skipped == 2
     assert set(read_rows(out)) == {"good", "good2"}
     manifest = json.loads((out / "manifest.json").read_text())
@@ -170,7 +203,15 @@ def test_bad_inputs_are_quarantined_and_nothing_good_is_lost(ray_local, tmp_path
     # fixing an input and re-running picks it up; earlier shards stay as they were
     good = make_phantom("good", 7, shape=(16, 40, 40), spacing=(3.0, 4.0, 4.0))
     write_nifti(str(tmp_path / "scans" / "nan.nii.gz"), good.hu, good.affine)
-    result = run_ingest(ingest_cfg(tmp_path / "scans", out, "output.scans_per_shard=3", masks=tmp_path / "masks", reports=tmp_path / "reports.csv"))
+    result = run_ingest(
+        ingest_cfg(
+            tmp_path / "scans",
+            out,
+            "output.scans_per_shard=3",
+            masks=tmp_path / "masks",
+            reports=tmp_path / "reports.csv",
+        )
+    )
     assert result.scans == 3 and result.quarantined == len(expected) - 1
     assert set(read_rows(out)) == {"good", "good2", "nan"}
 
@@ -183,8 +224,19 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path):
     n = 24
     write_dataset(str(data), n, seed=3, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
     out = tmp_path / "shards"
-    cmd = [sys.executable, "-m", "ctray.cli", "ingest", "/dev/null", f"input.scans={data}/scans", f"output.uri={out}",
-           "output.scans_per_shard=1", "concurrency=1", "ray.num_cpus=1", "preprocess.spacing=[3,2,2]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ctray.cli",
+        "ingest",
+        "/dev/null",
+        f"input.scans={data}/scans",
+        f"output.uri={out}",
+        "output.scans_per_shard=1",
+        "concurrency=1",
+        "ray.num_cpus=1",
+        "preprocess.spacing=[3,2,2]",
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     commits = out / "_commits"
@@ -231,7 +283,9 @@ def test_a_header_claiming_a_gibibyte_costs_no_memory(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     reason, extra_mib = done.stdout.strip().splitlines()
-    assert reason.startswith("liar: truncated image data (") and reason.endswith("of 1073741824 bytes)"), done.stdout + done.stderr
+    assert reason.startswith("liar: truncated image data (") and reason.endswith("of 1073741824 bytes)"), (
+        done.stdout + done.stderr
+    )
     assert int(extra_mib) < 64  # the claim is 1024 MiB
 
 
@@ -239,18 +293,34 @@ def test_ct_rate_report_layout_through_ingest(ray_local, phantom_dir, tmp_path):
     """Reports as CT-RATE ships them: gzip-compressed JSONL with Findings and Impressions in two
     fields and ids that are file names, plus a separate labels table whose values win."""
     rows = [json.loads(line) for line in (phantom_dir / "reports.jsonl").read_text().splitlines()]
-    half = [{"VolumeName": r["scan_id"] + ".nii.gz", "Findings_EN": r["report"].rsplit(". ", 1)[0], "Impressions_EN": r["report"].rsplit(". ", 1)[1]}
-            for r in rows]
+    half = [
+        {
+            "VolumeName": r["scan_id"] + ".nii.gz",
+            "Findings_EN": r["report"].rsplit(". ", 1)[0],
+            "Impressions_EN": r["report"].rsplit(". ", 1)[1],
+        }
+        for r in rows
+    ]
     (tmp_path / "reports.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in half).encode()))
-    (tmp_path / "labels.csv").write_text("VolumeName,liver_lesion,extra\n" + "".join(f"{r['scan_id']}.nii.gz,{1 - r['liver_lesion']},1\n" for r in rows))
+    (tmp_path / "labels.csv").write_text(
+        "VolumeName,liver_lesion,extra\n" + "".join(f"{r['scan_id']}.nii.gz,{1 - r['liver_lesion']},1\n" for r in rows)
+    )
     out = tmp_path / "out"
-    result = run_ingest(ingest_cfg(phantom_dir / "scans", out, "input.report_id_column=VolumeName",
-                                   "input.report_text_columns=[Findings_EN,Impressions_EN]", f"input.labels={tmp_path}/labels.csv",
-                                   "output.scans_per_shard=6", reports=tmp_path / "reports.jsonl.gz"))
+    result = run_ingest(
+        ingest_cfg(
+            phantom_dir / "scans",
+            out,
+            "input.report_id_column=VolumeName",
+            "input.report_text_columns=[Findings_EN,Impressions_EN]",
+            f"input.labels={tmp_path}/labels.csv",
+            "output.scans_per_shard=6",
+            reports=tmp_path / "reports.jsonl.gz",
+        )
+    )
     assert (result.scans, result.quarantined) == (6, 0)
     by_id = {r["scan_id"]: r for r in rows}
     for sid, row in read_rows(out).items():
-        labels = {l["name"]: l["value"] for l in row["labels"]}
+        labels = {lab["name"]: lab["value"] for lab in row["labels"]}
         assert labels == {"liver_lesion": 1 - by_id[sid]["liver_lesion"], "extra": 1}  # the labels table's values
         sentences = [s for t in row["anatomy_texts"] for s in t["sentences"]]
         assert sentences and all(s in by_id[sid]["report"] for s in sentences)  # both fields' sentences, unmerged

@@ -26,23 +26,46 @@ from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, ingest_cfg
 
 def _rows(out: Path) -> list[dict]:
     manifest = json.loads((out / "manifest.json").read_text())
-    return [r for s in manifest["shards"] for r in pq.read_table(out / s["path"], columns=["scan_id", "content_hash"]).to_pylist()]
+    return [
+        r
+        for s in manifest["shards"]
+        for r in pq.read_table(out / s["path"], columns=["scan_id", "content_hash"]).to_pylist()
+    ]
 
 
 def test_a_second_ingest_refuses_and_a_dead_holders_lease_is_taken_over(ray_local, tmp_path):
     data = tmp_path / "data"
     write_dataset(str(data), 12, seed=4, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ctray.cli", "ingest", "/dev/null", f"input.scans={data}/scans", f"output.uri={out}",
-           "output.scans_per_shard=1", "concurrency=1", "ray.num_cpus=1", "preprocess.spacing=[3,2,2]", "lease.settle_s=0.2"]
-    first = subprocess.Popen(cmd, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "ctray.cli",
+        "ingest",
+        "/dev/null",
+        f"input.scans={data}/scans",
+        f"output.uri={out}",
+        "output.scans_per_shard=1",
+        "concurrency=1",
+        "ray.num_cpus=1",
+        "preprocess.spacing=[3,2,2]",
+        "lease.settle_s=0.2",
+    ]
+    first = subprocess.Popen(
+        cmd,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     commits = out / "_commits"
     deadline = time.time() + 120
     while time.time() < deadline and not (commits.exists() and any(commits.glob("*.json"))):
         time.sleep(0.05)
     cfg = ingest_cfg(data / "scans", out, "output.scans_per_shard=1")
-    with pytest.raises(LeaseHeld, match=rf"is being written by another ingest on {socket.gethostname()} pid {first.pid} "):
+    with pytest.raises(
+        LeaseHeld, match=rf"is being written by another ingest on {socket.gethostname()} pid {first.pid} "
+    ):
         run_ingest(cfg)
     os.killpg(first.pid, signal.SIGKILL)  # the first one dies holding its lease, mid-job
     first.wait()
@@ -55,8 +78,19 @@ def test_a_second_ingest_refuses_and_a_dead_holders_lease_is_taken_over(ray_loca
     assert verify(str(out), StorageConfig()) == []  # no commit pointing at a missing shard
 
     # A holder on another machine is only taken over once its lease expires.
-    (out / LEASE).write_text(json.dumps({"token": "t", "holder": "ingest on node-7 pid 42", "host": "node-7", "pid": 42,
-                                         "started": time.time(), "expires": time.time() + 4, "expires_at": "soon"}))
+    (out / LEASE).write_text(
+        json.dumps(
+            {
+                "token": "t",
+                "holder": "ingest on node-7 pid 42",
+                "host": "node-7",
+                "pid": 42,
+                "started": time.time(),
+                "expires": time.time() + 4,
+                "expires_at": "soon",
+            }
+        )
+    )
     with pytest.raises(LeaseHeld, match="ingest on node-7 pid 42"):
         run_ingest(cfg)
     time.sleep(4.5)
@@ -86,7 +120,9 @@ def test_leftovers_of_a_crash_changed_inputs_and_verify(ray_local, tmp_path):
     after = {r["scan_id"]: r["content_hash"] for r in _rows(out)}
     assert len(_rows(out)) == 6 and set(after) == set(before)
     assert after["phantom0004"] != before["phantom0004"]
-    assert {k: v for k, v in after.items() if k != "phantom0004"} == {k: v for k, v in before.items() if k != "phantom0004"}
+    assert {k: v for k, v in after.items() if k != "phantom0004"} == {
+        k: v for k, v in before.items() if k != "phantom0004"
+    }
     assert verify(str(out), StorageConfig()) == []
 
     # verify finds a damaged shard and a committed shard that is gone
@@ -110,4 +146,6 @@ def test_purge_removes_a_scan_everywhere(ray_local, tmp_path):
     result = run_ingest(cfg)  # the input is still there: it is not taken again
     assert result.scans == 3
     skipped = json.loads((out / "manifest.json").read_text())["skipped"]
-    assert [s["reason"] for s in skipped if "phantom0001" in s["input"]] == [f"{data}/scans/phantom0001.nii.gz: removed by `ctray purge`; not ingested again"]
+    assert [s["reason"] for s in skipped if "phantom0001" in s["input"]] == [
+        f"{data}/scans/phantom0001.nii.gz: removed by `ctray purge`; not ingested again"
+    ]

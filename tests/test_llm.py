@@ -62,12 +62,16 @@ def endpoint():
 def _parser(url, tmp_path, retries=2, key=None):
     anatomies = ["lung", "heart"]
     cfg = LLMConfig(base_url=url, model="m", retries=retries)
-    return LLMParser(cfg, anatomies, RuleParser(anatomies), LocalFileSystem(), str(tmp_path / "cache"), StorageConfig(), Secret(key))
+    return LLMParser(
+        cfg, anatomies, RuleParser(anatomies), LocalFileSystem(), str(tmp_path / "cache"), StorageConfig(), Secret(key)
+    )
 
 
 def test_valid_answer_is_used_and_cached(endpoint, tmp_path):
     url, state = endpoint
-    state["answers"] = ['```json\n{"lung": ["6 mm nodule in the right upper lobe."], "heart": ["Heart size is normal."]}\n```']
+    state["answers"] = [
+        '```json\n{"lung": ["6 mm nodule in the right upper lobe."], "heart": ["Heart size is normal."]}\n```'
+    ]
     parse = _parser(url, tmp_path, key=KEY)
     parsed = parse(REPORT)
     assert parsed.findings == {"lung": ["6 mm nodule in the right upper lobe."], "heart": ["Heart size is normal."]}
@@ -90,11 +94,14 @@ def test_invalid_answers_are_retried_then_rules_with_reason(endpoint, tmp_path, 
     assert "nodule" not in caplog.text  # report text stays out of the logs
 
 
-@pytest.mark.parametrize("answer, reason", [
-    ((200, {"choices": []}), "answer has no choices"),
-    ((200, _completion(None)), "answer has no message content"),
-    ((500, {"error": f"upstream failed on: {REPORT}"}), "HTTP 500"),
-])
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        ((200, {"choices": []}), "answer has no choices"),
+        ((200, _completion(None)), "answer has no message content"),
+        ((500, {"error": f"upstream failed on: {REPORT}"}), "HTTP 500"),
+    ],
+)
 def test_malformed_answers_fall_back_to_the_rules(endpoint, tmp_path, caplog, answer, reason):
     url, state = endpoint
     state["default"] = answer
@@ -123,9 +130,16 @@ def test_endpoint_down_falls_back(tmp_path):
 
 def test_plain_http_to_another_host_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="unencrypted"):
-        ingest_cfg(tmp_path, tmp_path / "out", "reports.parser=llm", "reports.llm.base_url=http://vllm.internal:8000/v1")
-    ok = ingest_cfg(tmp_path, tmp_path / "out", "reports.parser=llm", "reports.llm.base_url=http://vllm.internal:8000/v1",
-                    "reports.llm.allow_insecure_http=true")
+        ingest_cfg(
+            tmp_path, tmp_path / "out", "reports.parser=llm", "reports.llm.base_url=http://vllm.internal:8000/v1"
+        )
+    ok = ingest_cfg(
+        tmp_path,
+        tmp_path / "out",
+        "reports.parser=llm",
+        "reports.llm.base_url=http://vllm.internal:8000/v1",
+        "reports.llm.allow_insecure_http=true",
+    )
     assert ok.reports.llm.allow_insecure_http
     ingest_cfg(tmp_path, tmp_path / "out", "reports.parser=llm", "reports.llm.base_url=https://llm.example.org/v1")
     ingest_cfg(tmp_path, tmp_path / "out", "reports.parser=rules", "reports.llm.base_url=http://vllm.internal:8000/v1")
@@ -142,12 +156,22 @@ def test_ingest_through_the_endpoint(ray_local, phantom_dir, endpoint, tmp_path,
     # in order: the check request, then the one shard's reports scan by scan
     state["answers"] = [valid, (200, {"choices": []}), (200, _completion(None))]
     out = tmp_path / "out"
-    cfg = ingest_cfg(phantom_dir / "scans", out, "reports.parser=llm", f"reports.llm.base_url={url}", "reports.llm.retries=1",
-                     "reports.llm.api_key_env=CTRAY_TEST_KEY", "output.scans_per_shard=6", "lease.settle_s=0",
-                     reports=phantom_dir / "reports.jsonl")
+    cfg = ingest_cfg(
+        phantom_dir / "scans",
+        out,
+        "reports.parser=llm",
+        f"reports.llm.base_url={url}",
+        "reports.llm.retries=1",
+        "reports.llm.api_key_env=CTRAY_TEST_KEY",
+        "output.scans_per_shard=6",
+        "lease.settle_s=0",
+        reports=phantom_dir / "reports.jsonl",
+    )
     result = run_ingest(cfg)
     assert result.scans == 6
-    assert all(auth == f"Bearer {KEY}" for _, auth, _ in state["requests"])  # check request + 6 reports, all with the key
+    assert all(
+        auth == f"Bearer {KEY}" for _, auth, _ in state["requests"]
+    )  # check request + 6 reports, all with the key
     assert len(state["requests"]) == 7
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["llm_fallbacks"] == {"answer has no choices": 1, "answer has no message content": 1}
@@ -155,11 +179,14 @@ def test_ingest_through_the_endpoint(ray_local, phantom_dir, endpoint, tmp_path,
 
     # `ctray purge` takes the scan's LLM cache entry with it
     shard = out / manifest["shards"][0]["path"]
-    keys = dict(zip(*pq.read_table(shard, columns=["scan_id", "report_cache_key"]).to_pydict().values()))
+    keys = dict(zip(*pq.read_table(shard, columns=["scan_id", "report_cache_key"]).to_pydict().values(), strict=False))
     entry = out / "_cache" / "llm" / keys["phantom0003"][:2] / (keys["phantom0003"] + ".json")
     assert entry.exists()
     purge(str(out), StorageConfig(), ["phantom0003"])
-    assert not entry.exists() and (out / "_cache" / "llm" / keys["phantom0004"][:2] / (keys["phantom0004"] + ".json")).exists()
+    assert (
+        not entry.exists()
+        and (out / "_cache" / "llm" / keys["phantom0004"][:2] / (keys["phantom0004"] + ".json")).exists()
+    )
 
     state["default"] = (403, {"error": "forbidden"})
     with pytest.raises(LLMAuthError, match="HTTP 403"):

@@ -74,8 +74,14 @@ def raytmp():
 
 def _ctray(args: list[str], raytmp: Path) -> subprocess.Popen:
     env = {**os.environ, "RAY_TMPDIR": str(raytmp), "CTRAY_ID_KEY": KEY, "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "ctray.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ctray.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def _leaks(canaries: list[str], texts: dict[str, str], raytmp: Path, output_files: list[Path]) -> list[str]:
@@ -97,9 +103,22 @@ def _records(out: Path) -> list[Path]:
 def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, raytmp):
     scans = _dataset(tmp_path)
     out = tmp_path / "out"
-    proc = _ctray(["ingest", "/dev/null", f"input.scans={scans}", f"input.reports={tmp_path}/reports.csv", f"output.uri={out}",
-                   "preprocess.spacing=[3,2,2]", "output.scans_per_shard=2", "ray.num_cpus=2", "lease.settle_s=0.2",
-                   "privacy.pseudonymize_ids=true", "input.require_report=false"], raytmp)
+    proc = _ctray(
+        [
+            "ingest",
+            "/dev/null",
+            f"input.scans={scans}",
+            f"input.reports={tmp_path}/reports.csv",
+            f"output.uri={out}",
+            "preprocess.spacing=[3,2,2]",
+            "output.scans_per_shard=2",
+            "ray.num_cpus=2",
+            "lease.settle_s=0.2",
+            "privacy.pseudonymize_ids=true",
+            "input.require_report=false",
+        ],
+        raytmp,
+    )
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -107,9 +126,14 @@ def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, raytmp):
     reasons = " ".join(q["reason"] for q in manifest["quarantine"]) + " ".join(s["reason"] for s in manifest["skipped"])
     assert "unreadable DICOM header (ValueError)" in reasons  # the crash, reduced to its type
     assert "lacks a usable ImageOrientationPatient, ImagePositionPatient or PixelSpacing" in reasons
-    assert _leaks([REPORT_CANARY, TAG_CANARY, ID_CANARY], {"stdout": stdout, "stderr": stderr}, raytmp, _records(out)) == []
+    assert (
+        _leaks([REPORT_CANARY, TAG_CANARY, ID_CANARY], {"stdout": stdout, "stderr": stderr}, raytmp, _records(out))
+        == []
+    )
     id_map = [json.loads(line) for line in Path(str(out) + ".id_map.jsonl").read_text().splitlines()]
-    assert {e["source_id"] for e in id_map if e["source_id"]} >= {f"{ID_CANARY}-{i}" for i in range(4)}  # kept apart, for the user
+    assert {e["source_id"] for e in id_map if e["source_id"]} >= {
+        f"{ID_CANARY}-{i}" for i in range(4)
+    }  # kept apart, for the user
 
 
 def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, raytmp):
@@ -117,10 +141,26 @@ def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, raytmp):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("phi-out")
     relay = Relay(int(s3_endpoint.rsplit(":", 1)[1]))
-    proc = _ctray(["ingest", "/dev/null", f"input.scans={scans}", f"input.reports={tmp_path}/reports.csv", "output.uri=s3://phi-out/run",
-                   f"storage.endpoint_url={relay.endpoint}", "storage.retries=2", "storage.backoff_s=0.1", "storage.connect_timeout_s=1",
-                   "preprocess.spacing=[3,2,2]", "output.scans_per_shard=1", "concurrency=1", "ray.num_cpus=2", "lease.settle_s=0.2",
-                   "input.require_report=false"], raytmp)
+    proc = _ctray(
+        [
+            "ingest",
+            "/dev/null",
+            f"input.scans={scans}",
+            f"input.reports={tmp_path}/reports.csv",
+            "output.uri=s3://phi-out/run",
+            f"storage.endpoint_url={relay.endpoint}",
+            "storage.retries=2",
+            "storage.backoff_s=0.1",
+            "storage.connect_timeout_s=1",
+            "preprocess.spacing=[3,2,2]",
+            "output.scans_per_shard=1",
+            "concurrency=1",
+            "ray.num_cpus=2",
+            "lease.settle_s=0.2",
+            "input.require_report=false",
+        ],
+        raytmp,
+    )
     deadline = time.time() + 180
     while time.time() < deadline and len(fs.find("phi-out/run/_commits", refresh=True)) < 1 and proc.poll() is None:
         time.sleep(0.05)
@@ -136,8 +176,18 @@ def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, raytmp):
 
 def test_headerless_reports_csv_is_one_line_without_the_report(tmp_path, raytmp):
     scans = _dataset(tmp_path, header=False)
-    proc = _ctray(["ingest", "/dev/null", f"input.scans={scans}", f"input.reports={tmp_path}/reports.csv",
-                   f"output.uri={tmp_path}/out", "ray.num_cpus=2", "lease.settle_s=0.2"], raytmp)
+    proc = _ctray(
+        [
+            "ingest",
+            "/dev/null",
+            f"input.scans={scans}",
+            f"input.reports={tmp_path}/reports.csv",
+            f"output.uri={tmp_path}/out",
+            "ray.num_cpus=2",
+            "lease.settle_s=0.2",
+        ],
+        raytmp,
+    )
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2
     last = stderr.strip().splitlines()[-1]

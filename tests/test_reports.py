@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from ctray.ingest.anatomy import DEFAULT_ANATOMIES
+from ctray.anatomy import DEFAULT_ANATOMIES
 from ctray.ingest.reports import RuleParser, parse_label_table, parse_report_table, split_sentences
 
 # CT-RATE label -> (anatomy, a word the routed sentences must contain)
@@ -56,7 +56,9 @@ def test_findings_go_to_their_anatomy(ct_rate):
 
 def test_negation_stays_with_its_sentence_and_words_do_not_leak():
     parser = RuleParser(list(DEFAULT_ANATOMIES))
-    out = parser("No pleural effusion. The gallbladder is distended; Pericardial effusion was not observed. A 3.5 mm nodule.")
+    out = parser(
+        "No pleural effusion. The gallbladder is distended; Pericardial effusion was not observed. A 3.5 mm nodule."
+    )
     assert out["lung"] == ["No pleural effusion.", "A 3.5 mm nodule."]
     assert out["gallbladder"] == ["The gallbladder is distended"]
     assert "bladder" not in out
@@ -106,10 +108,17 @@ def test_gzip_tables_several_text_columns_and_a_labels_table():
     ]
     raw = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
     table = parse_report_table(raw, "reports.jsonl.gz", "VolumeName", ["Findings_EN", "Impressions_EN"])
-    assert table.reports["train_1_a_1"].text == "The heart is enlarged. Cardiomegaly."  # joined in order, sentences kept apart
+    assert (
+        table.reports["train_1_a_1"].text == "The heart is enlarged. Cardiomegaly."
+    )  # joined in order, sentences kept apart
     assert table.reports["train_2_a_1"].text == "Lungs are clear."
     assert table.reports["train_3_a_1"].problem == "report is empty"
-    assert RuleParser(["heart"])(table.reports["train_1_a_1"].text) == {"heart": ["The heart is enlarged.", "Cardiomegaly."]}
-    labels, problems = parse_label_table(b"VolumeName,Cardiomegaly,Lung nodule,note\ntrain_1_a_1.nii.gz,1,0,x\n,1,1,y\n",
-                                         "labels.csv", "VolumeName")
-    assert labels == {"train_1_a_1": {"Cardiomegaly": 1, "Lung nodule": 0}} and problems == [("labels.csv:3", "row has no usable 'VolumeName'")]
+    assert RuleParser(["heart"])(table.reports["train_1_a_1"].text) == {
+        "heart": ["The heart is enlarged.", "Cardiomegaly."]
+    }
+    labels, problems = parse_label_table(
+        b"VolumeName,Cardiomegaly,Lung nodule,note\ntrain_1_a_1.nii.gz,1,0,x\n,1,1,y\n", "labels.csv", "VolumeName"
+    )
+    assert labels == {"train_1_a_1": {"Cardiomegaly": 1, "Lung nodule": 0}} and problems == [
+        ("labels.csv:3", "row has no usable 'VolumeName'")
+    ]

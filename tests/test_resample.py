@@ -9,7 +9,7 @@ from scipy import ndimage
 from ctray.data.phantoms import make_phantom, to_axcodes
 from ctray.ingest.config import PreprocessConfig
 from ctray.ingest.preprocess import anatomy_boxes, orient, preprocess
-from ctray.ingest.resample import axis_map, resample_linear, resample_nearest
+from ctray.resample import axis_map, resample_linear, resample_nearest
 from ctray.ingest.config import DicomConfig
 from ctray.ingest.dicom import load_series
 from ctray.ingest.volume import RawVolume
@@ -17,14 +17,15 @@ from ctray.ingest.volume import RawVolume
 
 def _naive_trilinear(src, spacing_in, spacing_out):
     """One voxel at a time, straight from the definition (MONAI's grid, border clamp)."""
-    shape = [int(np.ceil((n - 1) * si / so - 1e-9)) + 1 for n, si, so in zip(src.shape, spacing_in, spacing_out)]
+    sizes = zip(src.shape, spacing_in, spacing_out, strict=True)
+    shape = [int(np.ceil((n - 1) * si / so - 1e-9)) + 1 for n, si, so in sizes]
     out = np.empty(shape)
     for k in range(shape[0]):
         for j in range(shape[1]):
             for i in range(shape[2]):
                 acc = 0.0
                 pos = []
-                for idx, n, si, so in zip((k, j, i), src.shape, spacing_in, spacing_out):
+                for idx, n, si, so in zip((k, j, i), src.shape, spacing_in, spacing_out, strict=False):
                     p = min(max(idx * so / si, 0.0), n - 1)
                     lo = int(np.floor(p))
                     pos.append((lo, min(lo + 1, n - 1), p - lo))
@@ -33,7 +34,7 @@ def _naive_trilinear(src, spacing_in, spacing_out):
                         for dx in (0, 1):
                             w = 1.0
                             ix = []
-                            for d, (lo, hi, f) in zip((dz, dy, dx), pos):
+                            for d, (lo, hi, f) in zip((dz, dy, dx), pos, strict=False):
                                 w *= f if d else 1 - f
                                 ix.append(hi if d else lo)
                             acc += w * src[tuple(ix)]
@@ -45,7 +46,7 @@ def test_trilinear_matches_naive_loop():
     rng = np.random.default_rng(0)
     src = rng.integers(-1000, 2000, size=(7, 9, 11)).astype(np.int16)
     spacing_in, spacing_out = (1.0, 0.7, 0.7), (3.0, 1.0, 1.3)
-    maps = tuple(axis_map(n, a, b) for n, a, b in zip(src.shape, spacing_in, spacing_out))
+    maps = tuple(axis_map(n, a, b) for n, a, b in zip(src.shape, spacing_in, spacing_out, strict=False))
     got = resample_linear(src, maps)
     want = _naive_trilinear(src.astype(np.float64), spacing_in, spacing_out)
     assert got.shape == want.shape
@@ -69,7 +70,10 @@ def test_nearest_matches_scipy_on_labels():
     labels = np.random.default_rng(2).integers(0, 5, size=(9, 13, 17)).astype(np.uint8)
     maps = tuple(axis_map(n, 1.0, 0.5) for n in labels.shape)  # upsampling: every input voxel repeats
     got = resample_nearest(labels, maps)
-    coords = np.meshgrid(*[np.clip(np.floor(np.arange(m.size) * 0.5 + 0.5), 0, n - 1) for m, n in zip(maps, labels.shape)], indexing="ij")
+    coords = np.meshgrid(
+        *[np.clip(np.floor(np.arange(m.size) * 0.5 + 0.5), 0, n - 1) for m, n in zip(maps, labels.shape, strict=True)],
+        indexing="ij",
+    )
     want = ndimage.map_coordinates(labels, coords, order=0)
     assert np.array_equal(got, want)
 
@@ -114,9 +118,13 @@ def test_matches_monai_orientation_spacing_on_real_ct(shared_data):
 
     path = str(shared_data / "ct" / "example_ct_sm.nii.gz")
     spacing = (3.0, 1.5, 1.5)
-    monai = Compose([LoadImage(image_only=True), EnsureChannelFirst(), Orientation("SPL"), Spacing(pixdim=spacing, mode="bilinear")])(path)[0].numpy()
+    monai = Compose(
+        [LoadImage(image_only=True), EnsureChannelFirst(), Orientation("SPL"), Spacing(pixdim=spacing, mode="bilinear")]
+    )(path)[0].numpy()
     img = nib.load(path)
-    raw = RawVolume(np.asanyarray(img.dataobj.get_unscaled()), img.affine, float(img.dataobj.slope), float(img.dataobj.inter), "ct")
+    raw = RawVolume(
+        np.asanyarray(img.dataobj.get_unscaled()), img.affine, float(img.dataobj.slope), float(img.dataobj.inter), "ct"
+    )
     ours = preprocess(raw, None, PreprocessConfig(spacing=spacing, crop_foreground=False)).hu
     assert ours.shape == monai.shape
     diff = np.abs(ours.astype(np.float64) - monai)

@@ -24,9 +24,12 @@ def test_phantoms_from_and_to_s3(ray_local, phantom_dir, s3_endpoint):
     fs.mkdir("ct-out")
     fs.put(str(phantom_dir) + "/", "ct-in/phantoms/", recursive=True)
     cfg = ingest_cfg(
-        "s3://ct-in/phantoms/scans", "s3://ct-out/run1",
-        f"storage.endpoint_url={s3_endpoint}", "storage.retries=2",
-        masks="s3://ct-in/phantoms/masks", reports="s3://ct-in/phantoms/reports.jsonl",
+        "s3://ct-in/phantoms/scans",
+        "s3://ct-out/run1",
+        f"storage.endpoint_url={s3_endpoint}",
+        "storage.retries=2",
+        masks="s3://ct-in/phantoms/masks",
+        reports="s3://ct-in/phantoms/reports.jsonl",
     )
     result = run_ingest(cfg)
     assert (result.scans, result.quarantined) == (6, 0)
@@ -46,8 +49,14 @@ def test_phantoms_from_and_to_s3(ray_local, phantom_dir, s3_endpoint):
 
 def test_storage_down_is_a_clear_error(ray_local, phantom_dir):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
-    cfg = ingest_cfg(phantom_dir / "scans", "s3://ct-out/down", f"storage.endpoint_url={dead}",
-                     "storage.retries=3", "storage.backoff_s=0.1", "storage.connect_timeout_s=1")
+    cfg = ingest_cfg(
+        phantom_dir / "scans",
+        "s3://ct-out/down",
+        f"storage.endpoint_url={dead}",
+        "storage.retries=3",
+        "storage.backoff_s=0.1",
+        "storage.connect_timeout_s=1",
+    )
     t0 = time.time()
     with pytest.raises(StorageError) as err:
         run_ingest(cfg)
@@ -56,6 +65,7 @@ def test_storage_down_is_a_clear_error(ray_local, phantom_dir):
     assert time.time() - t0 < 60
 
 
+@pytest.mark.slow
 def test_storage_going_down_mid_job_keeps_committed_shards(ray_local, s3_endpoint, tmp_path):
     """S3 goes down while shards are still being written (one at a time): the job stops with one
     line; shards committed before the cut stay byte for byte; the re-run finishes the rest and
@@ -66,15 +76,22 @@ def test_storage_going_down_mid_job_keeps_committed_shards(ray_local, s3_endpoin
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("ct-flaky")
     relay = Relay(int(s3_endpoint.rsplit(":", 1)[1]))
-    cfg = ingest_cfg(tmp_path / "data" / "scans", "s3://ct-flaky/run", f"storage.endpoint_url={relay.endpoint}",
-                     "storage.retries=2", "storage.backoff_s=0.1", "storage.connect_timeout_s=1",
-                     "output.scans_per_shard=1", "concurrency=1")
+    cfg = ingest_cfg(
+        tmp_path / "data" / "scans",
+        "s3://ct-flaky/run",
+        f"storage.endpoint_url={relay.endpoint}",
+        "storage.retries=2",
+        "storage.backoff_s=0.1",
+        "storage.connect_timeout_s=1",
+        "output.scans_per_shard=1",
+        "concurrency=1",
+    )
     failure: list[BaseException] = []
 
     def ingest():
         try:
             run_ingest(cfg)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+        except BaseException as e:
             failure.append(e)
 
     worker = threading.Thread(target=ingest)
@@ -87,11 +104,18 @@ def test_storage_going_down_mid_job_keeps_committed_shards(ray_local, s3_endpoin
     assert failure and isinstance(failure[0], StorageError) and "\n" not in str(failure[0]), failure
     committed = {p.rsplit("/", 1)[1][:-5] for p in fs.find("ct-flaky/run/_commits", refresh=True)}
     assert 2 <= len(committed) < 8, "storage went down before or after the shards were written"
-    before = {p: fs.info(p, refresh=True)["ETag"] for p in fs.find("ct-flaky/run/shards", refresh=True) if p.rsplit("/", 1)[1][:-8] in committed}
+
+    def stamp(path):  # the ETag is the bytes' MD5: a rewrite of the same bytes shows in LastModified (seconds) only
+        info = fs.info(path, refresh=True)
+        return info["ETag"], info["LastModified"]
+
+    shards = fs.find("ct-flaky/run/shards", refresh=True)
+    before = {p: stamp(p) for p in shards if p.rsplit("/", 1)[1][:-8] in committed}
     assert len(before) == len(committed)
+    time.sleep(1.5)  # so that a shard rewritten by the re-run would get a later LastModified
     relay.restore()
     assert run_ingest(cfg).scans == 8
-    assert {p: fs.info(p, refresh=True)["ETag"] for p in before} == before  # the committed shards were not rewritten
+    assert {p: stamp(p) for p in before} == before  # the committed shards were not rewritten
     assert verify("s3://ct-flaky/run", cfg.storage) == []  # no scan twice, every commit's shard whole
 
 
@@ -110,7 +134,9 @@ def test_remote_nii_scan_with_a_nii_mask_of_the_same_name(ray_local, s3_endpoint
     fs.put(str(tmp_path / "scans") + "/", "ct-nii/scans/", recursive=True)
     fs.put(str(tmp_path / "masks") + "/", "ct-nii/masks/", recursive=True)
     out = tmp_path / "out"
-    result = run_ingest(ingest_cfg("s3://ct-nii/scans", out, f"storage.endpoint_url={s3_endpoint}", masks="s3://ct-nii/masks"))
+    result = run_ingest(
+        ingest_cfg("s3://ct-nii/scans", out, f"storage.endpoint_url={s3_endpoint}", masks="s3://ct-nii/masks")
+    )
     assert (result.scans, result.quarantined) == (1, 0)
     manifest = json.loads((out / "manifest.json").read_text())
     row = pq.read_table(out / manifest["shards"][0]["path"]).to_pylist()[0]

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ctray.config import load_config
@@ -36,11 +37,17 @@ def _finished_trials(sweep_dir: Path) -> set[str]:
     return done
 
 
+@pytest.mark.slow
 def test_sweep_asha_best_yaml_and_resume(ray_local, train_shards, tmp_path):
     # lr 2e-3 and 5e-4 learn; 2e-5 and 1e-6 barely move, so ASHA has something to stop
     sweep = {
         "base": str(REPO / "jobs" / "ctfm-local.yaml"),
-        "overrides": [f"data.shards={train_shards}", "train.max_steps=12", "train.log_every=2", "train.checkpoint_every=6"],
+        "overrides": [
+            f"data.shards={train_shards}",
+            "train.max_steps=8",
+            "train.log_every=2",
+            "train.checkpoint_every=4",
+        ],
         "space": {"optim.lr": {"grid": [0.002, 0.0005, 0.00002, 0.000001]}},
         "search": "grid",
         "num_samples": 1,
@@ -55,8 +62,12 @@ def test_sweep_asha_best_yaml_and_resume(ray_local, train_shards, tmp_path):
     sweep_dir = tmp_path / "sweeps" / "lr"
 
     # 1. a real `ctray sweep` process (a second driver on the same Ray), killed once a trial finished
-    proc = subprocess.Popen([sys.executable, "-m", "ctray.cli", "sweep", str(path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctray.cli", "sweep", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
     deadline = time.time() + 600
     while time.time() < deadline and not _finished_trials(sweep_dir) and proc.poll() is None:
         time.sleep(1)
@@ -85,3 +96,29 @@ def test_sweep_asha_best_yaml_and_resume(ray_local, train_shards, tmp_path):
     assert chosen.model_dump(exclude={"run"}) == ran.model_dump(exclude={"run"})
     assert (sweep_dir / "results.csv").read_text().count("\n") == 5
     assert (sweep_dir / "metric_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_grid_search_enumerates_every_field_and_refuses_continuous_ones():
+    """search: grid is a grid: choice fields are enumerated like grid fields (Tune's grid_search),
+    every combination once per sample; a continuous field cannot be enumerated and is refused.
+    random keeps Tune's semantics: grid fields enumerated, choice fields drawn."""
+    from ray import tune
+
+    from ctray.errors import ConfigError
+    from ctray.tune.config import ParamSpace
+    from ctray.tune.sweep import grid_size, search_space
+
+    spaces = {
+        "objective.temperature": ParamSpace(grid=[0.05, 0.1, 0.2]),
+        "objective.patches_per_scan": ParamSpace(choice=[10, 20]),
+    }
+    grid = search_space(spaces, "grid")
+    assert grid["objective.temperature"] == tune.grid_search([0.05, 0.1, 0.2])
+    assert grid["objective.patches_per_scan"] == tune.grid_search([10, 20])
+    assert grid_size(spaces, "grid") == 6
+    drawn = search_space(spaces, "random")
+    assert drawn["objective.temperature"] == tune.grid_search([0.05, 0.1, 0.2])
+    assert not isinstance(drawn["objective.patches_per_scan"], dict)  # a Categorical domain, drawn per trial
+    assert grid_size(spaces, "random") == 3 and grid_size(spaces, "optuna") == 1
+    with pytest.raises(ConfigError, match=r"'optim\.lr' is continuous"):
+        search_space({**spaces, "optim.lr": ParamSpace(loguniform=(1e-5, 1e-3))}, "grid")

@@ -5,40 +5,80 @@ from __future__ import annotations
 
 import argparse
 
+from ctray.objectives import objective_names
+
+
+def add_geometry_arguments(
+    p: argparse.ArgumentParser, shape: tuple[int, int, int], spacing: tuple[float, float, float], what: str = ""
+) -> None:
+    """--shape Z Y X and --spacing Z Y X (mm) of generated phantoms."""
+    p.add_argument("--shape", type=int, nargs=3, default=list(shape), metavar=("Z", "Y", "X"),
+                   help=f"{what}voxels (default {' '.join(map(str, shape))})")  # fmt: skip
+    p.add_argument("--spacing", type=float, nargs=3, default=list(spacing), metavar=("Z", "Y", "X"),
+                   help=f"{what}mm (default {' '.join(f'{v:g}' for v in spacing)})")  # fmt: skip
+
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", required=True, metavar="WHAT")
-    ing = sub.add_parser("ingest", help="ctray's per-scan preprocessing vs MONAI's LoadImage+Orientation+Spacing, per core",
-                         description="Scans/s per core and peak memory on a clinical-size phantom, ctray vs MONAI, one run.")
-    ing.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], metavar=("Z", "Y", "X"), help="phantom voxels (default 300 512 512)")
-    ing.add_argument("--spacing", type=float, nargs=3, default=[1.0, 0.7, 0.7], metavar=("Z", "Y", "X"), help="phantom mm (default 1 0.7 0.7)")
+    ing = sub.add_parser(
+        "ingest",
+        help="ctray's per-scan preprocessing vs MONAI's LoadImage+Orientation+Spacing, per core",
+        description="Scans/s per core and peak memory on a clinical-size phantom, ctray vs MONAI, one run.",
+    )
+    add_geometry_arguments(ing, (300, 512, 512), (1.0, 0.7, 0.7), "phantom ")
     ing.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline (default 3)")
     ing.add_argument("--workdir", default=None, help="where to write the phantom (default: a temp folder)")
-    da = sub.add_parser("data", help="CPU time per view from shards vs CT-FM's per-step MONAI chain",
-                        description="CPU ms per view delivered from shards by Ray Data, vs CT-FM's MONAI chain on the same scan.")
-    da.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], metavar=("Z", "Y", "X"), help="phantom voxels (default 300 512 512)")
-    da.add_argument("--spacing", type=float, nargs=3, default=[1.0, 0.7, 0.7], metavar=("Z", "Y", "X"), help="phantom mm (default 1 0.7 0.7)")
-    da.add_argument("--patches", type=int, default=20, help="patches per scan (default 20, CT-FM paper)")
-    da.add_argument("--patch-size", type=int, nargs=3, default=[24, 128, 128], metavar=("Z", "Y", "X"), help="default 24 128 128")
+    da = sub.add_parser(
+        "data",
+        help="CPU time per view from shards vs CT-FM's per-step MONAI chain",
+        description="CPU ms per view delivered from shards by Ray Data, vs CT-FM's MONAI chain on the same scan.",
+    )
+    add_geometry_arguments(da, (300, 512, 512), (1.0, 0.7, 0.7), "phantom ")
+    da.add_argument("--patches", type=int, default=15, help="patches per scan (default 15, CT-FM's released code)")
+    da.add_argument(
+        "--patch-size", type=int, nargs=3, default=[32, 128, 128], metavar=("Z", "Y", "X"), help="default 32 128 128"
+    )
     da.add_argument("--scans", type=int, default=16, help="rows in the benchmark shards (default 16)")
-    da.add_argument("--epochs", type=int, default=2, help="timed passes over the rows (default 2)")
+    da.add_argument("--epochs", type=int, default=4, help="passes over the rows in one timed run (default 4)")
+    da.add_argument("--repeats", type=int, default=3, help="timed runs after an untimed warm-up run (default 3)")
     da.add_argument("--workdir", default=None, help="where to keep the phantom and shards (default: a temp folder)")
-    sc = sub.add_parser("scale", help="the driver's own seconds and MiB for N scans (listing, resume check, manifest, scan index)",
-                        description="Driver-side work of ingest (listing, commit records, reports, plan, manifest) and pretrain "
-                        "(scan index, Ray Data dataset) on synthetic listings of N scans, each N in a fresh process: seconds, "
-                        "peak MiB, and whether time per scan stays flat (linear growth).")
-    sc.add_argument("--points", type=int, nargs="+", default=[25_000, 50_000, 100_000], help="scan counts (default 25000 50000 100000)")
-    st = sub.add_parser("step", help="views/s and TFLOP/s of the training step, synthetic input vs streaming from shards",
-                        description="Runs the real trainer twice (in-memory input, then shards through Ray Data) and "
-                        "prints views/s, TFLOP/s and the data-stall fraction. Without --config, per --objective: on a "
-                        "GPU the paper-size model (CT-FM's SegResEncoder at 32x128x128, VideoMAE-B at 16x160x160 organ "
-                        "volumes, CA-GCL's ViT-B at 112x256x352), on a CPU the tiny local config. A view is a patch "
-                        "view (CT-FM), an organ volume (TotalFM) or a scan (CA-GCL).")
-    st.add_argument("--objective", default="ctfm_simclr", choices=["ctfm_simclr", "totalfm_mae", "totalfm_clip", "cagcl"],
-                    help="objective of the default config (default ctfm_simclr)")
+    sc = sub.add_parser(
+        "scale",
+        help="the driver's own seconds and MiB for N scans (listing, resume check, manifest, scan index)",
+        description="Driver-side work of ingest (listing, commit records, reports, plan, manifest) and pretrain "
+        "(scan index, Ray Data dataset) on synthetic listings of N scans, each N in a fresh process: seconds, "
+        "peak MiB, and whether time per scan stays flat (linear growth).",
+    )
+    sc.add_argument(
+        "--points",
+        type=int,
+        nargs="+",
+        default=[25_000, 50_000, 100_000],
+        help="scan counts (default 25000 50000 100000)",
+    )
+    st = sub.add_parser(
+        "step",
+        help="views/s and TFLOP/s of the training step, synthetic input vs streaming from shards",
+        description="Runs the real trainer twice (in-memory input, then shards through Ray Data) and "
+        "prints views/s, TFLOP/s and the data-stall fraction. Without --config, per --objective: on a "
+        "GPU the paper-size model of the recipe's bench profile (CT-FM's SegResEncoder at 32x128x128, "
+        "VideoMAE-B at 16x160x160 organ volumes, CA-GCL's ViT-B at 112x256x352), on a CPU its local job. A view "
+        "is a patch view (CT-FM), an organ volume (TotalFM) or a scan (CA-GCL).",
+    )
+    st.add_argument(
+        "--objective",
+        default="ctfm_simclr",
+        choices=objective_names(),
+        help="objective of the default config (default ctfm_simclr)",
+    )
     st.add_argument("--config", default=None, help="pretrain YAML (default: see above)")
-    st.add_argument("--modes", nargs="+", default=["synthetic", "streaming"], choices=["synthetic", "streaming"],
-                    help="input modes to run (default both)")
+    st.add_argument(
+        "--modes",
+        nargs="+",
+        default=["synthetic", "streaming"],
+        choices=["synthetic", "streaming"],
+        help="input modes to run (default both)",
+    )
     st.add_argument("overrides", nargs="*", help="dotted overrides of the pretrain config")
     st.add_argument("--steps", type=int, default=60, help="steps per run (default 60)")
     st.add_argument("--scans", type=int, default=8, help="phantoms in the benchmark shards (default 8)")
@@ -53,7 +93,16 @@ def run_bench(what: str, args: argparse.Namespace) -> dict:
     if what == "data":
         from ctray.bench.data import bench_data
 
-        return bench_data(tuple(args.shape), tuple(args.spacing), args.patches, tuple(args.patch_size), args.scans, args.epochs, args.workdir)
+        return bench_data(
+            tuple(args.shape),
+            tuple(args.spacing),
+            args.patches,
+            tuple(args.patch_size),
+            args.scans,
+            args.epochs,
+            args.workdir,
+            args.repeats,
+        )
     if what == "scale":
         from ctray.bench.scale import bench_scale
 

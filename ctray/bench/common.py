@@ -4,11 +4,13 @@ process (so "per core" holds and peak memory is not inherited)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.queues
 import os
 import resource
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -20,7 +22,11 @@ def clinical_phantom(workdir: str, shape: tuple[int, int, int], spacing: tuple[f
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, f"phantom_{'x'.join(map(str, shape))}_{'x'.join(map(str, spacing))}.nii.gz")
     if not os.path.exists(path):
-        print(f"writing a {shape[2]}x{shape[1]}x{shape[0]} phantom at {spacing[2]}x{spacing[1]}x{spacing[0]} mm (x, y, z) to {path} ...", flush=True)
+        print(
+            f"writing a {shape[2]}x{shape[1]}x{shape[0]} phantom at {spacing[2]}x{spacing[1]}x{spacing[0]} mm"
+            f" (x, y, z) to {path} ...",
+            flush=True,
+        )
         p = make_phantom("bench", 0, shape, spacing)
         write_nifti(path + ".tmp.nii.gz", p.hu, p.affine, "RAS")
         os.replace(path + ".tmp.nii.gz", path)
@@ -35,7 +41,9 @@ def _proc_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _worker(factory: Callable[[], Callable[[], object]], repeats: int, queue) -> None:
+def _worker(
+    factory: Callable[[], Callable[[], object]], repeats: int, queue: multiprocessing.queues.Queue[dict[str, Any]]
+) -> None:
     import logging
     import warnings
 
@@ -56,16 +64,30 @@ def _worker(factory: Callable[[], Callable[[], object]], repeats: int, queue) ->
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         walls.append(time.perf_counter() - t0)
         cpus.append((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
-    queue.put({"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
-               "peak_extra_bytes": (_proc_kib("VmHWM") - rss0) * 1024, "result": out})
+    queue.put(
+        {
+            "wall_s": statistics.median(walls),
+            "cpu_s": statistics.median(cpus),
+            "cpu_s_runs": cpus,
+            "cpu_spread": spread(cpus),
+            "peak_extra_bytes": (_proc_kib("VmHWM") - rss0) * 1024,
+            "result": out,
+        }
+    )
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median of repeated measurements: how far one run can be from the figure."""
+    return (max(values) - min(values)) / statistics.median(values) if values else float("nan")
 
 
 def one_core(factory: Callable[[], Callable[[], object]], repeats: int) -> dict:
     """Run `factory()()` `repeats` times (after a warm-up) in a fresh single-threaded process.
 
     `factory` must be a module-level callable (it is pickled into the process); it builds the
-    timed closure, so imports and set-up are not timed. Returns median wall and CPU seconds, the
-    peak memory above the pre-run resident size, and the closure's last return value."""
+    timed closure, so imports and set-up are not timed. Returns median wall and CPU seconds, every
+    run's CPU seconds and their spread, the peak memory above the pre-run resident size, and the
+    closure's last return value."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     saved = {k: os.environ.get(k) for k in _THREAD_VARS}
@@ -88,7 +110,7 @@ class CpuMeter:
     """Machine-wide busy CPU seconds (all processes: Ray workers, raylet, the driver) from
     /proc/stat, for pipelines that span processes. Run on an otherwise idle machine."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.hz = os.sysconf("SC_CLK_TCK")
 
     def busy(self) -> float:

@@ -13,6 +13,7 @@ that pass's peak above the process's size before it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import partial
 
 from ctray.bench.common import one_core
@@ -30,21 +31,46 @@ def _synthetic_output(n: int) -> None:
     fs.store.clear()
     for i in range(n):
         fs.pipe_file(f"/scans/site{i % 50:02d}/case{i:07d}.nii.gz", b"x")
-    fs.pipe_file("/reports.csv", ("scan_id,report,nodule\n" + "".join(
-        f"case{i:07d},The lungs are clear. No pleural effusion. Heart size is normal.,{i % 2}\n" for i in range(n))).encode())
+    fs.pipe_file(
+        "/reports.csv",
+        (
+            "scan_id,report,nodule\n"
+            + "".join(
+                f"case{i:07d},The lungs are clear. No pleural effusion. Heart size is normal.,{i % 2}\n"
+                for i in range(n)
+            )
+        ).encode(),
+    )
     entries = {e["name"]: e for e in fs.find("/scans", detail=True).values()}
     for s in range(0, n, SCANS_PER_SHARD):
-        scans = [{"scan_id": f"site{i % 50:02d}/case{i:07d}", "input": f"memory://scans/site{i % 50:02d}/case{i:07d}.nii.gz",
-                  "stamp": "", "content_hash": "0" * 64} for i in range(s, min(n, s + SCANS_PER_SHARD))]
-        record = {"shard": f"part-{s:016x}", "path": f"shards/part-{s:016x}.parquet", "sha256": "0" * 64, "bytes": 1,
-                  "scans": scans, "quarantine": [], "supersedes": [], "parsers": {"rules": len(scans)},
-                  "stats": {"rows": len(scans), "bytes": 1}, "fingerprint": "", "schema_version": SCHEMA_VERSION,
-                  "committed_at": float(s)}
+        scans = [
+            {
+                "scan_id": f"site{i % 50:02d}/case{i:07d}",
+                "input": f"memory://scans/site{i % 50:02d}/case{i:07d}.nii.gz",
+                "stamp": "",
+                "content_hash": "0" * 64,
+            }
+            for i in range(s, min(n, s + SCANS_PER_SHARD))
+        ]
+        record = {
+            "shard": f"part-{s:016x}",
+            "path": f"shards/part-{s:016x}.parquet",
+            "sha256": "0" * 64,
+            "bytes": 1,
+            "scans": scans,
+            "quarantine": [],
+            "supersedes": [],
+            "parsers": {"rules": len(scans)},
+            "stats": {"rows": len(scans), "bytes": 1},
+            "fingerprint": "",
+            "schema_version": SCHEMA_VERSION,
+            "committed_at": float(s),
+        }
         fs.pipe_file(f"/out/_commits/part-{s:016x}.json", json.dumps(record).encode())
     assert len(entries) == n
 
 
-def _driver(n: int):
+def _driver(n: int) -> Callable[[], dict]:
     """Set-up (untimed): the synthetic data and a local Ray. The timed run: ingest's driver path on
     a finished output, then pretrain's scan index and dataset."""
     import logging
@@ -52,20 +78,31 @@ def _driver(n: int):
     import ray
 
     from ctray.config import StorageConfig, load_config
-    from ctray.data.pipeline import scan_index
+    from ctray.data.pipeline import scan_index, training_datasets
     from ctray.ingest.config import IngestConfig
     from ctray.ingest.discover import attach, discover, load_reports, probe_cache_location
     from ctray.ingest.job import plan, resolve
     from ctray.ingest.privacy import Names
     from ctray.ingest.records import build_manifest, read_records
+    from ctray.objectives.ctfm.sampler import PatchSampler
     from ctray.ingest.shards import preprocess_fingerprint
     from ctray.storage import filesystem, publish_bytes
 
     logging.disable(logging.INFO)
     _synthetic_output(n)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    cfg = resolve(load_config(IngestConfig, None, ["input.scans=memory://scans", "input.reports=memory://reports.csv",
-                                                   "output.uri=memory://out", f"output.scans_per_shard={SCANS_PER_SHARD}"]))
+    cfg = resolve(
+        load_config(
+            IngestConfig,
+            None,
+            [
+                "input.scans=memory://scans",
+                "input.reports=memory://reports.csv",
+                "output.uri=memory://out",
+                f"output.scans_per_shard={SCANS_PER_SHARD}",
+            ],
+        )
+    )
     storage = StorageConfig()
 
     def run() -> dict:
@@ -79,33 +116,59 @@ def _driver(n: int):
         for scan in inventory.scans:  # the synthetic records hold no stamps: make every input unchanged
             committed[scan["scan_id"]][0]["stamp"] = scan["stamp"]
         todo = plan(cfg, inventory, records, set())
-        manifest = build_manifest(cfg.model_dump(mode="json"), preprocess_fingerprint(cfg), records, inventory.quarantined,
-                                  inventory.skipped, [], [])
+        manifest = build_manifest(
+            cfg.model_dump(mode="json"),
+            preprocess_fingerprint(cfg),
+            records,
+            inventory.quarantined,
+            inventory.skipped,
+            [],
+            [],
+        )
         fs, root = filesystem(cfg.output.uri, storage)
         publish_bytes(json.dumps(manifest, indent=1).encode(), fs, root + "/manifest.json", storage)
-        # the pretrain driver: scan index and the Ray Data dataset over it
+        # the pretrain driver: scan index, and the run's scan order with a rank's Ray Data stream over it
         items = scan_index(cfg.output.uri, storage)
-        ds = ray.data.from_items(items).random_shuffle()
-        return {"written": manifest["counts"]["written"], "todo": len(todo), "index": len(items), "dataset": type(ds).__name__}
+        datasets = training_datasets(cfg.output.uri, storage, PatchSampler(1, (8, 8, 8)), None, 0, 0, 1000, 1, 16)
+        return {
+            "written": manifest["counts"]["written"],
+            "todo": len(todo),
+            "index": len(items),
+            "dataset": type(datasets["train_0"]).__name__,
+        }
 
     return run
 
 
 def bench_scale(points: list[int]) -> dict:
     rows = []
-    print(f"driver work for a finished ingest of N scans (resume check, listing, reports, manifest) + pretrain's scan index "
-          f"and dataset; in-memory storage; {SCANS_PER_SHARD} scans per shard; one fresh process per N", flush=True)
+    print(
+        "driver work for a finished ingest of N scans (resume check, listing, reports, manifest) + pretrain's"
+        f" scan index and dataset; in-memory storage; {SCANS_PER_SHARD} scans per shard; one fresh process per N",
+        flush=True,
+    )
     for n in points:
         r = one_core(partial(_driver, n), repeats=1)
         assert r["result"]["written"] == n and r["result"]["todo"] == 0 and r["result"]["index"] == n, r["result"]
-        rows.append({"scans": n, "wall_s": round(r["wall_s"], 2), "cpu_s": round(r["cpu_s"], 2),
-                     "peak_mib": round(r["peak_extra_bytes"] / 2**20, 1)})
-        print(f"  {n:>8d} scans  {r['wall_s']:7.2f} s wall  {r['cpu_s']:7.2f} s CPU  peak +{r['peak_extra_bytes'] / 2**20:7.1f} MiB  "
-              f"({1e6 * r['wall_s'] / n:6.1f} us/scan)", flush=True)
+        rows.append(
+            {
+                "scans": n,
+                "wall_s": round(r["wall_s"], 2),
+                "cpu_s": round(r["cpu_s"], 2),
+                "peak_mib": round(r["peak_extra_bytes"] / 2**20, 1),
+            }
+        )
+        print(
+            f"  {n:>8d} scans  {r['wall_s']:7.2f} s wall  {r['cpu_s']:7.2f} s CPU"
+            f"  peak +{r['peak_extra_bytes'] / 2**20:7.1f} MiB  ({1e6 * r['wall_s'] / n:6.1f} us/scan)",
+            flush=True,
+        )
     first, last = rows[0], rows[-1]
     growth = (last["wall_s"] / first["wall_s"]) / (last["scans"] / first["scans"])
-    print(f"{last['scans']} scans: {last['wall_s']:.1f} s (target < 30 s), +{last['peak_mib']:.0f} MiB (target < 2048 MiB); "
-          f"time per scan at {last['scans']} vs {first['scans']}: {growth:.2f}x (1.0 = linear)")
+    print(
+        f"{last['scans']} scans: {last['wall_s']:.1f} s (target < 30 s), +{last['peak_mib']:.0f} MiB"
+        f" (target < 2048 MiB); time per scan at {last['scans']} vs {first['scans']}: {growth:.2f}x (1.0 = linear)"
+    )
     figures = {"bench": "scale", "points": rows, "time_per_scan_growth": round(growth, 3)}
     print(json.dumps(figures))
     return figures

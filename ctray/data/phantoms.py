@@ -18,18 +18,7 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from ctray.ingest.anatomy import CLASS_IDS
-
-# finding label -> the anatomy whose report sentence describes it
-FINDINGS: dict[str, str] = {
-    "lung_nodule": "lung",
-    "cardiomegaly": "heart",
-    "aortic_dilation": "aorta",
-    "liver_lesion": "liver",
-    "splenomegaly": "spleen",
-    "kidney_cyst": "kidney",
-    "bone_lesion": "bone",
-}
+from ctray.anatomy import CLASS_IDS, DEFAULT_FINDINGS as FINDINGS
 
 _NORMAL = {
     "lung": ["The lungs are clear without nodules or consolidation.", "No pleural effusion is seen."],
@@ -49,7 +38,8 @@ _ABNORMAL = {
     "kidney_cyst": "A {d} mm simple cyst is seen in the {side} kidney.",
     "bone_lesion": "A sclerotic lesion is noted in the {level} vertebral body.",
 }
-_VERTEBRA_LEVELS = ["L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10", "T9", "T8", "T7", "T6", "T5", "T4", "T3", "T2", "T1"]
+_VERTEBRA_LEVELS = [*(f"L{i}" for i in range(5, 0, -1)), *(f"T{i}" for i in range(12, 0, -1))]
+"""Bottom to top."""
 
 
 def report_prompts() -> dict[str, tuple[str, str]]:
@@ -89,7 +79,9 @@ class Phantom:
 class _Shape:
     """An ellipsoid (or a z-cylinder when rz is None) in mm, labelled and filled with one HU."""
 
-    def __init__(self, label: int, hu: float, c: tuple[float, float, float], r: tuple[float | None, float, float]):
+    def __init__(
+        self, label: int, hu: float, c: tuple[float, float, float], r: tuple[float | None, float, float]
+    ) -> None:
         self.label, self.hu, self.c, self.r = label, hu, c, r
 
     def mask(self, z: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray | None:
@@ -101,6 +93,40 @@ class _Shape:
         return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0 - dz
 
 
+# Lungs are labelled per lobe while painting, so their shapes carry these placeholders instead of a class id.
+_RIGHT_LUNG, _LEFT_LUNG = -1, -2
+
+
+@dataclass
+class _Geometry:
+    """The field of view in mm: half-widths H (y) and W (x), length L (z), and the in-plane voxel
+    centres every axial slice shares."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    H: float
+    W: float
+    L: float
+    yy: np.ndarray
+    """(ny, 1), posterior positive."""
+    xx: np.ndarray
+    """(1, nx), patient-left positive."""
+
+    @classmethod
+    def of(cls, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> _Geometry:
+        nz, ny, nx = shape
+        sz, sy, sx = spacing
+        H, W, L = ny * sy / 2, nx * sx / 2, nz * sz
+        yy = ((np.arange(ny) + 0.5) * sy - H)[:, None]
+        xx = ((np.arange(nx) + 0.5) * sx - W)[None, :]
+        return cls(shape, spacing, H, W, L, yy, xx)
+
+    @property
+    def lung_c(self) -> float:
+        """Height of the lungs' centre."""
+        return 0.75 * self.L
+
+
 def make_phantom(
     scan_id: str,
     seed: int,
@@ -110,43 +136,73 @@ def make_phantom(
     noise_hu: float = 12.0,
 ) -> Phantom:
     """One phantom; each finding is present with probability `lesion_rate` (seeded)."""
+    # The order of the random draws fixes each seed's phantom, which the tests rely on.
     rng = np.random.default_rng(seed)
-    nz, ny, nx = shape
-    sz, sy, sx = spacing
-    H, W, L = ny * sy / 2, nx * sx / 2, nz * sz  # half-widths (mm) and length
+    geo = _Geometry.of(shape, spacing)
     findings = {f: int(rng.random() < lesion_rate) for f in FINDINGS}
-    jitter = lambda s=0.03: 1.0 + rng.uniform(-s, s)  # noqa: E731 - anatomy varies a little per scan
+    organs = _organs(rng, findings, geo)
+    lesions, sentences, bone_level = _lesions(rng, findings, geo)
+    hu, labels = _render(geo, organs, lesions, bone_level, rng, noise_hu)
+    sz, sy, sx = spacing
+    return Phantom(scan_id, hu, labels, (float(sz), float(sy), float(sx)), findings, sentences)
 
+
+def _scaled(k: float, r: tuple[float, float, float]) -> tuple[float, float, float]:
+    return (k * r[0], k * r[1], k * r[2])
+
+
+def _aorta_radius(findings: dict[str, int], geo: _Geometry) -> float:
+    return (0.1 if findings["aortic_dilation"] else 0.06) * geo.W
+
+
+def _organs(rng: np.random.Generator, findings: dict[str, int], geo: _Geometry) -> list[_Shape]:
+    """The organs, enlarged where a finding says so."""
+    H, W, L = geo.H, geo.W, geo.L
     ids = CLASS_IDS
+
+    def jitter(s: float = 0.03) -> float:  # anatomy varies a little per scan
+        return 1.0 + rng.uniform(-s, s)
+
     shapes: list[_Shape] = []
-    # Lungs: two ellipsoids in the upper half, split into TotalSegmentator's lobes below.
-    lung_c = 0.75 * L
-    for side, cx in (("right", -0.38 * W), ("left", 0.38 * W)):
-        shapes.append(_Shape(-1 if side == "right" else -2, -850, (lung_c, 0.0, cx), (0.24 * L * jitter(), 0.5 * H, 0.27 * W * jitter())))
+    # Lungs: two ellipsoids in the upper half, split into TotalSegmentator's lobes when painted.
+    for label, cx in ((_RIGHT_LUNG, -0.38 * W), (_LEFT_LUNG, 0.38 * W)):
+        shapes.append(_Shape(label, -850, (geo.lung_c, 0.0, cx), (0.24 * L * jitter(), 0.5 * H, 0.27 * W * jitter())))
     heart_scale = 1.35 if findings["cardiomegaly"] else 1.0
-    shapes.append(_Shape(ids["heart"], 40, (0.6 * L, -0.15 * H, 0.06 * W), tuple(heart_scale * v for v in (0.12 * L, 0.24 * H, 0.25 * W))))
-    aorta_r = (0.1 if findings["aortic_dilation"] else 0.06) * W
+    heart_r = _scaled(heart_scale, (0.12 * L, 0.24 * H, 0.25 * W))
+    shapes.append(_Shape(ids["heart"], 40, (0.6 * L, -0.15 * H, 0.06 * W), heart_r))
+    aorta_r = _aorta_radius(findings, geo)
     shapes.append(_Shape(ids["aorta"], 50, (0.62 * L, 0.3 * H, 0.12 * W), (0.26 * L, aorta_r, aorta_r)))
-    shapes.append(_Shape(ids["liver"], 60, (0.4 * L, 0.0, -0.35 * W), (0.14 * L * jitter(), 0.45 * H, 0.4 * W * jitter())))
+    liver_r = (0.14 * L * jitter(), 0.45 * H, 0.4 * W * jitter())
+    shapes.append(_Shape(ids["liver"], 60, (0.4 * L, 0.0, -0.35 * W), liver_r))
     spleen_scale = 1.4 if findings["splenomegaly"] else 1.0
-    shapes.append(_Shape(ids["spleen"], 50, (0.42 * L, 0.3 * H, 0.5 * W), tuple(spleen_scale * v for v in (0.08 * L, 0.18 * H, 0.15 * W))))
+    spleen_r = _scaled(spleen_scale, (0.08 * L, 0.18 * H, 0.15 * W))
+    shapes.append(_Shape(ids["spleen"], 50, (0.42 * L, 0.3 * H, 0.5 * W), spleen_r))
     for side, cx in (("right", -0.35 * W), ("left", 0.35 * W)):
         shapes.append(_Shape(ids[f"kidney_{side}"], 30, (0.27 * L, 0.45 * H, cx), (0.09 * L, 0.14 * H, 0.11 * W)))
+    return shapes
 
+
+def _lesions(
+    rng: np.random.Generator, findings: dict[str, int], geo: _Geometry
+) -> tuple[list[_Shape], dict[str, list[str]], int | None]:
+    """The focal lesions of the present findings, the report sentences per anatomy, and the index in
+    _VERTEBRA_LEVELS of the vertebra with a bone lesion (None without one)."""
+    H, W, L = geo.H, geo.W, geo.L
+    ids = CLASS_IDS
     sentences = {a: list(v) for a, v in _NORMAL.items()}
     lesions: list[_Shape] = []
     if findings["lung_nodule"]:
         side = rng.choice(["right", "left"])
         lobe = rng.choice(["upper", "lower"])
         d = int(rng.integers(8, 20))
-        cz = lung_c + (0.1 if lobe == "upper" else -0.1) * L
+        cz = geo.lung_c + (0.1 if lobe == "upper" else -0.1) * L
         cx = (-0.38 if side == "right" else 0.38) * W
         lesions.append(_Shape(0, 30, (cz, 0.0, cx), (d / 2, d / 2, d / 2)))
         sentences["lung"] = [_ABNORMAL["lung_nodule"].format(d=d, side=side, lobe=lobe), _NORMAL["lung"][1]]
     if findings["cardiomegaly"]:
         sentences["heart"] = [_ABNORMAL["cardiomegaly"], _NORMAL["heart"][1]]
     if findings["aortic_dilation"]:
-        sentences["aorta"] = [_ABNORMAL["aortic_dilation"].format(d=int(2 * aorta_r))]
+        sentences["aorta"] = [_ABNORMAL["aortic_dilation"].format(d=int(2 * _aorta_radius(findings, geo)))]
     if findings["liver_lesion"]:
         d = int(rng.integers(14, 30))
         lesions.append(_Shape(0, 10, (0.4 * L, 0.05 * H, -0.35 * W), (d / 2, d / 2, d / 2)))
@@ -163,60 +219,97 @@ def make_phantom(
     if findings["bone_lesion"]:
         bone_level = int(rng.integers(0, len(_VERTEBRA_LEVELS)))
         sentences["bone"] = [_ABNORMAL["bone_lesion"].format(level=_VERTEBRA_LEVELS[bone_level]), _NORMAL["bone"][1]]
+    return lesions, sentences, bone_level
 
-    hu = np.empty(shape, dtype=np.int16)
-    labels = np.zeros(shape, dtype=np.uint8)
-    yy = ((np.arange(ny) + 0.5) * sy - H)[:, None]  # posterior positive
-    xx = ((np.arange(nx) + 0.5) * sx - W)[None, :]  # patient-left positive
-    body = (yy / (0.72 * H)) ** 2 + (xx / (0.92 * W)) ** 2
-    spine_r = 0.1 * W
-    spine = (yy - 0.55 * H) ** 2 + xx**2 <= spine_r**2
-    spine_rim = spine & ((yy - 0.55 * H) ** 2 + xx**2 >= (0.75 * spine_r) ** 2)
-    level_len = L / len(_VERTEBRA_LEVELS)
+
+def _render(
+    geo: _Geometry,
+    organs: list[_Shape],
+    lesions: list[_Shape],
+    bone_level: int | None,
+    rng: np.random.Generator,
+    noise_hu: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """HU (int16) and labels (uint8), one axial slice at a time: body, organs, spine, lesions, noise."""
+    nz, ny, nx = geo.shape
+    sz = geo.spacing[0]
+    hu = np.empty(geo.shape, dtype=np.int16)
+    labels = np.zeros(geo.shape, dtype=np.uint8)
+    body = (geo.yy / (0.72 * geo.H)) ** 2 + (geo.xx / (0.92 * geo.W)) ** 2
+    spine = _Spine(geo, bone_level)
     for k in range(nz):
         z = (k + 0.5) * sz
         sl = np.full((ny, nx), -1000.0, dtype=np.float32)
         lab = labels[k]
         sl[body <= 1.0] = -100.0
         sl[body <= 0.8] = 40.0
-        for s in shapes:
-            m = s.mask(z, yy, xx)
-            if m is None:
-                continue
-            sl[m] = s.hu
-            if s.label > 0:
-                lab[m] = s.label
-            else:  # lungs: lobes by height (and the right middle lobe anteriorly)
-                right = s.label == -1
-                upper = z > lung_c + (0.02 if right else -0.03) * L
-                if right:
-                    middle = (not upper) and z > lung_c - 0.08 * L
-                    lab[m] = ids["lung_upper_lobe_right"] if upper else ids["lung_lower_lobe_right"]
-                    if middle:
-                        lab[m & (yy < 0)] = ids["lung_middle_lobe_right"]
-                else:
-                    lab[m] = ids["lung_upper_lobe_left"] if upper else ids["lung_lower_lobe_left"]
-        level = min(int(z / level_len), len(_VERTEBRA_LEVELS) - 1)
-        if (z % level_len) > 0.12 * level_len:  # the rest is the disc
-            sl[spine] = 400.0
-            sl[spine_rim] = 700.0
-            lab[spine] = ids[f"vertebrae_{_VERTEBRA_LEVELS[level]}"]
-            if bone_level == level:
-                zc = (level + 0.55) * level_len
-                core = (yy - 0.55 * H) ** 2 + xx**2 + (z - zc) ** 2 <= (0.6 * spine_r) ** 2
-                sl[core] = 1200.0
-        for s in lesions:
-            m = s.mask(z, yy, xx)
-            if m is not None:
-                m &= lab > 0  # lesions sit inside their organ
-                sl[m] = s.hu
-                if s.label > 0:
-                    lab[m] = s.label
+        _paint_organs(sl, lab, organs, z, geo)
+        spine.paint(sl, lab, z)
+        _paint_lesions(sl, lab, lesions, z, geo)
         if noise_hu:
             sl += rng.standard_normal(sl.shape, dtype=np.float32) * noise_hu
         hu[k] = np.clip(np.rint(sl), -1024, 3071)
-    sentences = {a: s for a, s in sentences.items()}
-    return Phantom(scan_id, hu, labels, tuple(float(s) for s in spacing), findings, sentences)
+    return hu, labels
+
+
+def _paint_organs(sl: np.ndarray, lab: np.ndarray, organs: list[_Shape], z: float, geo: _Geometry) -> None:
+    for s in organs:
+        m = s.mask(z, geo.yy, geo.xx)
+        if m is None:
+            continue
+        sl[m] = s.hu
+        if s.label > 0:
+            lab[m] = s.label
+        else:
+            _label_lung_lobes(lab, m, s.label == _RIGHT_LUNG, z, geo)
+
+
+def _label_lung_lobes(lab: np.ndarray, m: np.ndarray, right: bool, z: float, geo: _Geometry) -> None:
+    """Lobes by height, and the right middle lobe anteriorly."""
+    ids = CLASS_IDS
+    upper = z > geo.lung_c + (0.02 if right else -0.03) * geo.L
+    if right:
+        middle = (not upper) and z > geo.lung_c - 0.08 * geo.L
+        lab[m] = ids["lung_upper_lobe_right"] if upper else ids["lung_lower_lobe_right"]
+        if middle:
+            lab[m & (geo.yy < 0)] = ids["lung_middle_lobe_right"]
+    else:
+        lab[m] = ids["lung_upper_lobe_left"] if upper else ids["lung_lower_lobe_left"]
+
+
+class _Spine:
+    """Vertebrae L5..T1 evenly along z behind the organs (a dense rim around a cancellous body, discs
+    between them), one optionally with a sclerotic lesion."""
+
+    def __init__(self, geo: _Geometry, lesion_level: int | None) -> None:
+        self.lesion_level = lesion_level
+        self.level_len = geo.L / len(_VERTEBRA_LEVELS)
+        self.r = 0.1 * geo.W
+        self.dist2 = (geo.yy - 0.55 * geo.H) ** 2 + geo.xx**2
+        self.body = self.dist2 <= self.r**2
+        self.rim = self.body & (self.dist2 >= (0.75 * self.r) ** 2)
+
+    def paint(self, sl: np.ndarray, lab: np.ndarray, z: float) -> None:
+        level = min(int(z / self.level_len), len(_VERTEBRA_LEVELS) - 1)
+        if (z % self.level_len) <= 0.12 * self.level_len:  # a disc
+            return
+        sl[self.body] = 400.0
+        sl[self.rim] = 700.0
+        lab[self.body] = CLASS_IDS[f"vertebrae_{_VERTEBRA_LEVELS[level]}"]
+        if self.lesion_level == level:
+            zc = (level + 0.55) * self.level_len
+            core = self.dist2 + (z - zc) ** 2 <= (0.6 * self.r) ** 2
+            sl[core] = 1200.0
+
+
+def _paint_lesions(sl: np.ndarray, lab: np.ndarray, lesions: list[_Shape], z: float, geo: _Geometry) -> None:
+    for s in lesions:
+        m = s.mask(z, geo.yy, geo.xx)
+        if m is not None:
+            m &= lab > 0  # lesions sit inside their organ
+            sl[m] = s.hu
+            if s.label > 0:
+                lab[m] = s.label
 
 
 def to_axcodes(array: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,16 +1,21 @@
 """Committed shards -> a Ray Data dataset of per-objective training examples.
 
-The dataset streams an index of scans ((shard, row group) pairs: ingest writes one row group per
-scan), shuffled every epoch at scan granularity, and each map task reads its scan's row group
-with pyarrow and runs the objective's sampler on it. Measured on a 512x512x300 phantom
+The dataset streams the run's draws of scans ((shard, row group) pairs: ingest writes one row
+group per scan), each pass a seeded permutation of the scans (ScanOrder), and each map task reads
+its scan's row group with pyarrow and runs the objective's sampler on it with a generator seeded
+by the run's seed and the draw. Measured on a 512x512x300 phantom
 (`ctray bench data`): Ray Data's own read_parquet path cost 150-190 ms of CPU per scan against
-38 ms for pyarrow reading the same row group, and shuffling the index moves no volume bytes.
+38 ms for pyarrow reading the same row group, and ordering the index moves no volume bytes.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +24,12 @@ from ctray.config import StorageConfig
 from ctray.data.schema import SCHEMA_VERSION
 from ctray.errors import ConfigError
 from ctray.storage import arrow_filesystem, filesystem, read_bytes
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+    import ray.data
+
+    from ctray.objectives.spec import Sampler
 
 
 def scan_index(uri: str, storage: StorageConfig) -> list[dict]:
@@ -29,40 +40,148 @@ def scan_index(uri: str, storage: StorageConfig) -> list[dict]:
     except FileNotFoundError:
         raise ConfigError(f"{uri} has no manifest.json; run `ctray ingest` first") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ConfigError(f"{uri} holds shards of schema v{manifest.get('schema_version')}; this ctray reads v{SCHEMA_VERSION}: ingest again")
+        raise ConfigError(
+            f"{uri} holds shards of schema v{manifest.get('schema_version')}; this ctray reads v{SCHEMA_VERSION}:"
+            " ingest again"
+        )
     _, arrow_root = arrow_filesystem(uri, storage)
     items = [
         {"path": posixpath.join(arrow_root, s["path"]), "row_group": i}
-        for s in manifest["shards"] for i in range(s["stats"]["rows"])
+        for s in manifest["shards"]
+        for i in range(s["stats"]["rows"])
     ]
     if not items:
         raise ConfigError(f"{uri}: the manifest lists no scans")
     return items
 
 
+class ScanOrder:
+    """The run's sequence of scan draws, a function of the seed alone: draw k is position k % n of
+    pass k // n, and pass p visits the manifest's n scans in the permutation drawn by
+    numpy.random.default_rng([seed, p]). seed None: manifest order every pass (evaluation).
+
+    Held as compact arrays (a shard list and two int32 columns), so a million scans cost a few MB
+    in the Ray Data task that maps draws to rows."""
+
+    def __init__(self, items: list[dict[str, Any]], seed: int | None):
+        self.paths = sorted({item["path"] for item in items})
+        where = {path: i for i, path in enumerate(self.paths)}
+        self.shard = np.array([where[item["path"]] for item in items], dtype=np.int32)
+        self.row_group = np.array([item["row_group"] for item in items], dtype=np.int32)
+        self.seed = seed
+        self._pass: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pass": None}
+
+    def scan(self, draw: int) -> int:
+        """Index (in manifest order) of the scan of draw `draw`."""
+        n = len(self.shard)
+        p, pos = divmod(int(draw), n)
+        if self.seed is None:
+            return pos
+        if self._pass is None or self._pass[0] != p:
+            self._pass = (p, np.random.default_rng([self.seed, p]).permutation(n))
+        return int(self._pass[1][pos])
+
+    def location(self, draw: int) -> tuple[str, int]:
+        """(shard path, row group) of draw `draw`."""
+        i = self.scan(draw)
+        return self.paths[self.shard[i]], int(self.row_group[i])
+
+
+@dataclass(frozen=True)
+class RankDraws:
+    """Which draws of the run's order one rank samples: row i of its stream is draw
+    start + (i // per_rank) * per_step + rank * per_rank + i % per_rank, so each micro-step's
+    global batch is the next per_step draws, split over the ranks in rank order."""
+
+    start: int = 0
+    """The first draw of the stream (a resumed run: the checkpoint's step x scans per step)."""
+    rank: int = 0
+    per_rank: int = 1
+    """Scans per rank per micro-step."""
+    per_step: int = 1
+    """Scans per micro-step over all ranks."""
+
+    def draw(self, i: int) -> int:
+        return self.start + (i // self.per_rank) * self.per_step + self.rank * self.per_rank + i % self.per_rank
+
+
 class ShardRowReader:
-    """map_batches UDF: index items -> the sampler's output for those scans."""
+    """map_batches UDF: {"id": draw numbers} -> the sampler's output for those draws' scans.
 
-    def __init__(self, uri: str, storage: StorageConfig, sampler):
+    The sampler's random generator is numpy.random.default_rng([seed, start + draw, ...]): the
+    patches, organ cuts and texts of a draw are the same in every run with that seed, resumed or
+    not, whichever task or node samples it."""
+
+    def __init__(
+        self,
+        uri: str,
+        storage: StorageConfig,
+        sampler: Sampler,
+        order: ScanOrder,
+        seed: int,
+        draws: RankDraws = RankDraws(),
+    ):
         self.uri, self.storage, self.sampler = uri, storage, sampler
-        self._fs = None
+        self.order, self.seed, self.draws = order, seed, draws
+        self._fs: pafs.FileSystem | None = None
 
-    def __call__(self, items: dict) -> dict:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._fs is None:  # built in the task process: filesystems do not travel well
             self._fs = arrow_filesystem(self.uri, self.storage)[0]
-        tables = [
-            pq.ParquetFile(path, filesystem=self._fs).read_row_group(int(rg), columns=list(self.sampler.columns))
-            for path, rg in zip(items["path"], items["row_group"])
-        ]
-        return self.sampler(pa.concat_tables(tables))
+        draws = [self.draws.draw(int(i)) for i in batch["id"]]
+        tables = []
+        for draw in draws:
+            path, row_group = self.order.location(draw)
+            file = pq.ParquetFile(path, filesystem=self._fs)
+            tables.append(file.read_row_group(row_group, columns=list(self.sampler.columns)))
+        return self.sampler(pa.concat_tables(tables), np.random.default_rng([self.seed, *draws]))
 
 
-def training_dataset(uri: str, storage: StorageConfig, sampler, concurrency: int | None, min_scans_per_pass: int = 1):
+def training_datasets(
+    uri: str,
+    storage: StorageConfig,
+    sampler: Sampler,
+    concurrency: int | None,
+    seed: int,
+    start: int,
+    steps: int,
+    ranks: int,
+    per_rank: int,
+) -> dict[str, ray.data.Dataset]:
+    """One dataset per training rank ("train_<rank>"): its share of `steps` micro-steps of the
+    run's scan order (ScanOrder) from draw `start` on (RankDraws), sampled, in order. A rank's
+    stream depends on nothing but the seed, so every run with that seed feeds every rank the same
+    batches, and a resumed run continues where its checkpoint left off. (One split dataset would
+    hand its blocks to whichever worker asks first.)"""
     import ray
 
-    items = scan_index(uri, storage)
-    copies = max(1, -(-min_scans_per_pass // len(items)))
-    index = ray.data.from_items(items * copies).random_shuffle()  # a new order every pass
-    return index.map_batches(
-        ShardRowReader(uri, storage, sampler), batch_size=1, batch_format="numpy", num_cpus=1, concurrency=concurrency,
-    )
+    order = ScanOrder(scan_index(uri, storage), seed)
+    out = {}
+    for rank in range(ranks):
+        draws = RankDraws(start, rank, per_rank, per_rank * ranks)
+        ds = ray.data.range(steps * per_rank).map_batches(
+            ShardRowReader(uri, storage, sampler, order, seed, draws),
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=1,
+            concurrency=concurrency,
+        )
+        ds.context.execution_options.preserve_order = True
+        out[f"train_{rank}"] = ds
+    return out
+
+
+def ingest_options() -> ray.data.ExecutionOptions:
+    """Ray Train's ingest options with preserve_order on (Ray Train takes them from the driver's
+    global DataContext, not from the dataset's)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options

@@ -30,7 +30,9 @@ SHARD_SCHEMA = pa.schema(
         pa.field("report_parser", pa.string()),  # "rules", "llm:<model>", "rules (llm failed: <category>)"
         pa.field("report_cache_key", pa.string()),  # the report's LLM cache entry (for `ctray purge`)
         pa.field("labels", pa.list_(_LABEL)),  # 0/1 finding labels from the reports / labels table
-        pa.field("source", pa.string()),  # URI of the scan (file or series folder); null unless privacy.keep_source_paths
+        pa.field(
+            "source", pa.string()
+        ),  # URI of the scan (file or series folder); null unless privacy.keep_source_paths
         pa.field("mask_source", pa.string()),
         pa.field("content_hash", pa.string(), nullable=False),  # sha256 of the source bytes
         pa.field("stamp", pa.string(), nullable=False),  # listing stamp of the inputs: a changed one is re-ingested

@@ -1,16 +1,31 @@
-"""Report text on the CPU side: a WordPiece tokenizer trained on the report corpus, the per-anatomy
-sentence policies of TotalFM and CA-GCL, and batch tokenisation into fixed-length id arrays.
+"""Report text on the CPU side: the run's tokenizer (prepared once on the driver: a configured
+file, a hub model's exported to tokenizer.json, or a WordPiece tokenizer trained on the shards'
+report sentences), the per-anatomy sentence policies of TotalFM and CA-GCL, and batch tokenisation
+into fixed-length id arrays.
 
-Only numpy and the Rust `tokenizers` library here (no torch): this runs inside Ray Data's sampler
-tasks. A hub model's tokenizer is exported to the same tokenizer.json format on the driver
-(ctray.models.text.prepare_tokenizer), so the samplers handle both the same way.
+Only numpy and the Rust `tokenizers` library at import (no torch): this runs inside Ray Data's
+sampler tasks. Samplers handle a hub tokenizer and a trained one the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING, Any
+import logging
+import posixpath
 
 import numpy as np
+
+from ctray.config import StorageConfig
+from ctray.errors import ConfigError
+from ctray.storage import arrow_filesystem, filesystem, publish_bytes, read_bytes
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from ctray.models.text import TextConfig
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -43,12 +58,63 @@ def train_wordpiece(reports: list[list[str]], vocab_size: int, min_reports: int 
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=min_reports)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=min_reports
+    )
     tok.train_from_iterator([c for c in corpus if c], trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
     )
     return tok.to_str()
+
+
+def prepare_tokenizer(text: TextConfig, shards: str, run_dir: str, storage: StorageConfig) -> str:
+    """The run's tokenizer.json text: the configured file, the run's own from an earlier attempt,
+    the hub model's (exported from transformers), or one trained on the shards' sentences."""
+    if text.tokenizer:
+        fs, path = filesystem(text.tokenizer, storage)
+        return read_bytes(fs, path, storage).decode()
+    fs, root = filesystem(run_dir, storage)
+    path = posixpath.join(root, "tokenizer.json")
+    if fs.exists(path):
+        return read_bytes(fs, path, storage).decode()
+    if text.model:
+        from transformers import AutoTokenizer
+
+        tokenizer_json = AutoTokenizer.from_pretrained(text.model).backend_tokenizer.to_str()
+    else:
+        reports = report_sentences(shards, storage)
+        log.info(
+            "training a WordPiece tokenizer (vocab %d, words of >= %d reports) on the sentences of %d reports in %s",
+            text.vocab_size,
+            text.tokenizer_min_reports,
+            len(reports),
+            shards,
+        )
+        tokenizer_json = train_wordpiece(reports, text.vocab_size, text.tokenizer_min_reports)
+    publish_bytes(tokenizer_json.encode(), fs, path, storage)
+    return tokenizer_json
+
+
+def report_sentences(shards: str, storage: StorageConfig) -> list[list[str]]:
+    """The anatomy sentences of each report in the committed shards (only the anatomy_texts
+    column is read)."""
+    import pyarrow.parquet as pq
+
+    from ctray.data.pipeline import scan_index
+
+    afs, _ = arrow_filesystem(shards, storage)
+    paths = sorted({item["path"] for item in scan_index(shards, storage)})
+    out: list[list[str]] = []
+    for path in paths:
+        for texts in pq.read_table(path, columns=["anatomy_texts"], filesystem=afs).column("anatomy_texts").to_pylist():
+            sentences = [s for t in texts or [] for s in t["sentences"]]
+            if sentences:
+                out.append(sentences)
+    if not out:
+        raise ConfigError(f"{shards}: no report sentences to train a tokenizer on (were reports ingested?)")
+    return out
 
 
 class TextEncoding:
@@ -57,13 +123,13 @@ class TextEncoding:
     def __init__(self, tokenizer_json: str, max_length: int):
         self.tokenizer_json = tokenizer_json
         self.max_length = max_length
-        self._tok = None
+        self._tok: Tokenizer | None = None
 
-    def __getstate__(self):  # the Rust object does not pickle; rebuilt lazily in each process
+    def __getstate__(self) -> dict[str, Any]:  # the Rust object does not pickle; rebuilt lazily in each process
         return {"tokenizer_json": self.tokenizer_json, "max_length": self.max_length, "_tok": None}
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         if self._tok is None:
             from tokenizers import Tokenizer
 

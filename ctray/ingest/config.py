@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
 from ctray.config import RayConfig, Section, StorageConfig
-from ctray.ingest.anatomy import DEFAULT_ANATOMIES, anatomy_label_ids
+from ctray.anatomy import DEFAULT_ANATOMIES, anatomy_label_ids
 
 
 class DicomConfig(Section):
@@ -71,7 +71,7 @@ class InputConfig(Section):
 
     @field_validator("report_text_columns", mode="before")
     @classmethod
-    def _one_or_many(cls, v):
+    def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
     @field_validator("report_text_columns")
@@ -168,7 +168,7 @@ class ReportsConfig(Section):
     """Endpoint settings, used when parser is `llm`."""
 
     @model_validator(mode="after")
-    def _secure_endpoint(self) -> "ReportsConfig":
+    def _secure_endpoint(self) -> ReportsConfig:
         if self.parser == "llm" and not self.llm.allow_insecure_http:
             url = urlsplit(self.llm.base_url)
             if url.scheme == "http" and not _is_loopback(url.hostname or ""):

@@ -21,7 +21,10 @@ import contextlib
 import logging
 import math
 import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import IO, Any
 
 import numpy as np
 
@@ -30,8 +33,15 @@ from ctray.ingest.config import DicomConfig
 from ctray.ingest.volume import RawVolume
 
 _PROBE_TAGS = [
-    "SeriesInstanceUID", "Modality", "ImageType", "ImageOrientationPatient", "ImagePositionPatient",
-    "Rows", "Columns", "NumberOfFrames", "SeriesNumber",
+    "SeriesInstanceUID",
+    "Modality",
+    "ImageType",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SeriesNumber",
 ]
 PREAMBLE_BYTES = 132
 
@@ -42,7 +52,7 @@ def is_dicom_preamble(head: bytes) -> bool:
 
 
 @contextlib.contextmanager
-def quiet_pydicom():
+def quiet_pydicom() -> Iterator[None]:
     """pydicom warns (and logs) about invalid values by quoting them; a value may be a name."""
     import pydicom.config
 
@@ -81,7 +91,7 @@ class Probe:
     """(series uid, files, why): axial CT series that cannot be read (too large)."""
 
 
-def _floats(value, n: int) -> np.ndarray | None:
+def _floats(value: Any, n: int) -> np.ndarray | None:
     try:
         out = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
@@ -96,13 +106,68 @@ def _oblique_deg(iop: np.ndarray) -> float:
     return 90.0 if norm < 1e-6 else math.degrees(math.acos(min(1.0, abs(normal[2]) / norm)))
 
 
-def probe_folder(headers: list[tuple[str, bytes | None, object]], folder_uri: str, cfg: DicomConfig, max_voxels: int) -> Probe:
+Opener = Callable[[], AbstractContextManager[IO[bytes]]]
+"""Opens one file for reading (the probe reads only its header)."""
+
+
+def probe_folder(
+    headers: Sequence[tuple[str, bytes | None, Opener]], folder_uri: str, cfg: DicomConfig, max_voxels: int
+) -> Probe:
     """Classify one folder's files. `headers` holds (uri, first bytes, open()-able) per file; only
     files with the DICM preamble are parsed, and only their headers (stop_before_pixels)."""
-    import pydicom
+    by_uid, meta, skipped = _group_by_series(headers)
+    series, quarantined = [], []
+    for uid, s in sorted(by_uid.items()):
+        why = _not_axial_ct(meta[uid], len(s.files), cfg)
+        if why is not None:
+            skipped.append((f"{folder_uri} (series {uid})", why))
+            continue
+        s.files.sort()
+        why = _too_large(s, cfg, max_voxels)
+        if why is not None:
+            quarantined.append((uid, s.files, why))
+        else:
+            series.append(s)
+    return Probe(series, skipped, quarantined)
 
+
+@dataclass
+class _Header:
+    """The tags of one file that group and classify it; `rows` is None when it has no image header."""
+
+    uid: str
+    rows: int | None = None
+    columns: int = 0
+    modality: str = ""
+    types: set[str] = field(default_factory=set)
+    frames: int = 1
+    iop: np.ndarray | None = None
+
+
+@dataclass
+class _SeriesMeta:
+    """What classifies a series, gathered over its files."""
+
+    modality: str
+    """As the first file says."""
+    types: set[str] = field(default_factory=set)
+    iop: np.ndarray | None = None
+    """The first usable ImageOrientationPatient."""
+    frames: int = 1
+
+    def add(self, h: _Header) -> None:
+        self.types |= h.types
+        self.iop = h.iop if self.iop is None else self.iop
+        self.frames = max(self.frames, h.frames)
+
+
+def _group_by_series(
+    headers: Sequence[tuple[str, bytes | None, Opener]],
+) -> tuple[dict[str, Series], dict[str, _SeriesMeta], list[tuple[str, str]]]:
+    """The image series by SeriesInstanceUID and what classifies each, and (file, why) for the files
+    that belong to none."""
     by_uid: dict[str, Series] = {}
-    meta: dict[str, dict] = {}
+    meta: dict[str, _SeriesMeta] = {}
     skipped: list[tuple[str, str]] = []
     headless: list[tuple[str, str]] = []
     with quiet_pydicom():
@@ -111,58 +176,67 @@ def probe_folder(headers: list[tuple[str, bytes | None, object]], folder_uri: st
                 skipped.append((uri, "not an image (neither NIfTI by name nor DICOM by content)"))
                 continue
             try:
-                with opener() as f:
-                    ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_PROBE_TAGS)
-                uid = str(ds.get("SeriesInstanceUID", "") or "")
-                if "Rows" not in ds:  # no image header: a DICOMDIR, a report, or a slice cut short
-                    headless.append((uri, uid))
-                    continue
-                rows, columns = int(ds.Rows), int(ds.get("Columns", 0) or 0)
-                types = {str(t).upper() for t in (ds.get("ImageType") or [])}
-                frames = int(ds.get("NumberOfFrames", 1) or 1)
-                modality = str(ds.get("Modality", "") or "")
-                iop = _floats(ds.get("ImageOrientationPatient") or [], 6)
-            except Exception as e:  # noqa: BLE001 - any header that does not parse: the file is reported, not fatal
+                h = _read_header(opener)
+            except Exception as e:
                 skipped.append((uri, f"unreadable DICOM header ({type(e).__name__})"))
                 continue
-            s = by_uid.setdefault(uid, Series(uid))
+            if h.rows is None:
+                headless.append((uri, h.uid))
+                continue
+            s = by_uid.setdefault(h.uid, Series(h.uid))
             s.files.append(uri)
-            s.rows, s.columns = rows, columns
-            m = meta.setdefault(uid, {"modality": modality, "types": set(), "iop": None, "frames": 1})
-            m["types"] |= types
-            m["iop"] = iop if m["iop"] is None else m["iop"]
-            m["frames"] = max(m["frames"], frames)
+            s.rows, s.columns = h.rows, h.columns
+            meta.setdefault(h.uid, _SeriesMeta(h.modality)).add(h)
     for uri, uid in headless:
         if uid in by_uid:  # a member of an image series without its image header: reading it reports the damage
             by_uid[uid].files.append(uri)
         else:
             skipped.append((uri, "DICOM without image data (a DICOMDIR, report or structure set)"))
-    series, quarantined = [], []
-    for uid, s in sorted(by_uid.items()):
-        m = meta[uid]
-        why = None
-        if m["modality"] != "CT":
-            why = f"modality {m['modality'] or 'unknown'}, not CT"
-        elif m["types"] & {"LOCALIZER", "SCOUT", "TOPOGRAM"}:
-            why = f"a localizer/scout series of {len(s.files)} image(s), not a volume"
-        elif m["frames"] > 1:
-            why = f"multi-frame (enhanced) DICOM of {m['frames']} frames is not supported; export single-frame slices"
-        elif m["iop"] is None:
-            why = "no usable ImageOrientationPatient"
-        elif (angle := _oblique_deg(m["iop"])) > cfg.max_oblique_deg:
-            why = f"not axial (slice normal {angle:.0f} deg from the head-foot axis; a reformat?)"
-        if why:
-            skipped.append((f"{folder_uri} (series {uid})", why))
-            continue
-        s.files.sort()
-        voxels = len(s.files) * s.rows * s.columns
-        if len(s.files) > cfg.max_slices:
-            quarantined.append((uid, s.files, f"{len(s.files)} slices, more than input.dicom.max_slices={cfg.max_slices}"))
-        elif voxels > max_voxels:
-            quarantined.append((uid, s.files, f"{len(s.files)}x{s.rows}x{s.columns} = {voxels} voxels, more than preprocess.max_voxels={max_voxels}"))
-        else:
-            series.append(s)
-    return Probe(series, skipped, quarantined)
+    return by_uid, meta, skipped
+
+
+def _read_header(opener: Opener) -> _Header:
+    """Call within quiet_pydicom(): pydicom converts (and may warn about) values as they are read."""
+    import pydicom
+
+    with opener() as f:
+        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_PROBE_TAGS)
+    uid = str(ds.get("SeriesInstanceUID", "") or "")
+    if "Rows" not in ds:  # no image header: a DICOMDIR, a report, or a slice cut short
+        return _Header(uid)
+    rows, columns = int(ds.Rows), int(ds.get("Columns", 0) or 0)
+    types = {str(t).upper() for t in (ds.get("ImageType") or [])}
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    modality = str(ds.get("Modality", "") or "")
+    iop = _floats(ds.get("ImageOrientationPatient") or [], 6)
+    return _Header(uid, rows, columns, modality, types, frames, iop)
+
+
+def _not_axial_ct(m: _SeriesMeta, n_files: int, cfg: DicomConfig) -> str | None:
+    """Why a series is not an axial CT volume, or None when it is one."""
+    if m.modality != "CT":
+        return f"modality {m.modality or 'unknown'}, not CT"
+    if m.types & {"LOCALIZER", "SCOUT", "TOPOGRAM"}:
+        return f"a localizer/scout series of {n_files} image(s), not a volume"
+    if m.frames > 1:
+        return f"multi-frame (enhanced) DICOM of {m.frames} frames is not supported; export single-frame slices"
+    if m.iop is None:
+        return "no usable ImageOrientationPatient"
+    angle = _oblique_deg(m.iop)
+    if angle > cfg.max_oblique_deg:
+        return f"not axial (slice normal {angle:.0f} deg from the head-foot axis; a reformat?)"
+    return None
+
+
+def _too_large(s: Series, cfg: DicomConfig, max_voxels: int) -> str | None:
+    """Why an axial CT series is too large to read, or None."""
+    n = len(s.files)
+    if n > cfg.max_slices:
+        return f"{n} slices, more than input.dicom.max_slices={cfg.max_slices}"
+    voxels = n * s.rows * s.columns
+    if voxels > max_voxels:
+        return f"{n}x{s.rows}x{s.columns} = {voxels} voxels, more than preprocess.max_voxels={max_voxels}"
+    return None
 
 
 def load_series(paths: list[str], label: str, cfg: DicomConfig) -> RawVolume:
@@ -170,44 +244,54 @@ def load_series(paths: list[str], label: str, cfg: DicomConfig) -> RawVolume:
     that it is one regular volume."""
     import pydicom
 
-    slices = []
+    slices: list[Any] = []
     with quiet_pydicom():
         for i, p in enumerate(paths):
             try:
                 ds = pydicom.dcmread(p, defer_size="1 KB")
-            except Exception as e:  # noqa: BLE001
-                raise BadInput(f"{label}: file {i + 1} of {len(paths)} (by name) is not readable DICOM ({type(e).__name__})") from None
+            except Exception as e:
+                raise BadInput(
+                    f"{label}: file {i + 1} of {len(paths)} (by name) is not readable DICOM ({type(e).__name__})"
+                ) from None
             if "PixelData" not in ds:  # the probe saw an image header: the file was cut short
-                raise BadInput(f"{label}: file {i + 1} of {len(paths)} (by name) has an image header but no pixel data (truncated?)")
+                raise BadInput(
+                    f"{label}: file {i + 1} of {len(paths)} (by name) has an image header but no pixel data"
+                    " (truncated?)"
+                )
             slices.append(ds)
         if len(slices) < 2:
             raise BadInput(f"{label}: DICOM series with {len(slices)} image slice(s); expected a 3D volume")
         order, affine = _geometry(slices, label, cfg)
         scaling = {(_scalar(ds, "RescaleSlope", 1.0), _scalar(ds, "RescaleIntercept", 0.0)) for ds in slices}
-        if None in {v for pair in scaling for v in pair}:
+        usable = {(slope, inter) for slope, inter in scaling if slope is not None and inter is not None}
+        if len(usable) < len(scaling):
             raise BadInput(f"{label}: a slice has an unusable RescaleSlope or RescaleIntercept")
-        if len(scaling) > 1:
+        if len(usable) > 1:
             raise BadInput(f"{label}: DICOM slices disagree on RescaleSlope/RescaleIntercept")
-        (slope, inter), = scaling
+        ((slope, inter),) = usable
         rows, cols = int(slices[0].Rows), int(slices[0].Columns)
-        data = None
+        data: np.ndarray | None = None
         for k, i in enumerate(order):
             try:
                 pixels = slices[i].pixel_array
-            except Exception as e:  # noqa: BLE001 - keep to the type: a message may quote a header value
+            except Exception as e:
                 syntax = getattr(getattr(slices[i], "file_meta", None), "TransferSyntaxUID", None)
                 what = getattr(syntax, "name", "unknown transfer syntax")
-                raise BadInput(f"{label}: pixel data of slice {k + 1} ({what}) cannot be decoded ({type(e).__name__})") from None
+                raise BadInput(
+                    f"{label}: pixel data of slice {k + 1} ({what}) cannot be decoded ({type(e).__name__})"
+                ) from None
             if pixels.shape != (rows, cols):
                 raise BadInput(f"{label}: slice {k + 1} decodes to {pixels.shape}, not {rows}x{cols}")
             if data is None:  # one allocation, filled slice by slice (np.stack would hold two copies)
                 data = np.empty((len(order), rows, cols), dtype=pixels.dtype)
             data[k] = pixels
             slices[i] = None  # the decoded slice is in `data`; let the dataset and its encoded bytes go
+    if data is None:  # cannot happen past the two-slice check; keeps the error clear if that ever changes
+        raise BadInput(f"{label}: DICOM series without image slices")
     return RawVolume(data, affine, slope, inter, label)
 
 
-def _scalar(ds, keyword: str, default: float) -> float | None:
+def _scalar(ds: Any, keyword: str, default: float) -> float | None:
     value = ds.get(keyword)
     if value is None or value == "":
         return default
@@ -215,12 +299,19 @@ def _scalar(ds, keyword: str, default: float) -> float | None:
     return None if out is None else float(out[0])
 
 
-def _geometry(slices: list, label: str, cfg: DicomConfig) -> tuple[list[int], np.ndarray]:
+def _all_floats(slices: list[Any], keyword: str, n: int) -> list[np.ndarray] | None:
+    """`keyword` of every slice as `n` finite floats, or None when a slice lacks a usable value."""
+    values = [_floats(ds.get(keyword) or [], n) for ds in slices]
+    usable = [v for v in values if v is not None]
+    return usable if len(usable) == len(values) else None
+
+
+def _geometry(slices: list[Any], label: str, cfg: DicomConfig) -> tuple[list[int], np.ndarray]:
     """Slice order along the normal and the RAS affine, or BadInput with the measured figures."""
-    iops = [_floats(ds.get("ImageOrientationPatient") or [], 6) for ds in slices]
-    positions = [_floats(ds.get("ImagePositionPatient") or [], 3) for ds in slices]
-    spacings = [_floats(ds.get("PixelSpacing") or [], 2) for ds in slices]
-    if any(v is None for v in iops + positions + spacings):
+    iops = _all_floats(slices, "ImageOrientationPatient", 6)
+    positions = _all_floats(slices, "ImagePositionPatient", 3)
+    spacings = _all_floats(slices, "PixelSpacing", 2)
+    if iops is None or positions is None or spacings is None:
         raise BadInput(f"{label}: a slice lacks a usable ImageOrientationPatient, ImagePositionPatient or PixelSpacing")
     if any(not np.allclose(v, iops[0], atol=1e-4) for v in iops):
         raise BadInput(f"{label}: slices disagree on ImageOrientationPatient (mixed orientations in one series)")
@@ -250,7 +341,10 @@ def _geometry(slices: list, label: str, cfg: DicomConfig) -> tuple[list[int], np
     stack = pos[order[-1]] - pos[order[0]]
     tilt = math.degrees(math.acos(min(1.0, abs(float(stack @ normal)) / float(np.linalg.norm(stack)))))
     if tilt > cfg.max_tilt_deg:
-        raise BadInput(f"{label}: gantry tilt of {tilt:.1f} deg (slice stack vs slice normal), beyond input.dicom.max_tilt_deg={cfg.max_tilt_deg}")
+        raise BadInput(
+            f"{label}: gantry tilt of {tilt:.1f} deg (slice stack vs slice normal),"
+            f" beyond input.dicom.max_tilt_deg={cfg.max_tilt_deg}"
+        )
     dr, dc = (float(v) for v in spacings[0])
     # DICOM patient space is LPS; the affine is RAS like nibabel's. Array axes: (slice, row, col).
     lps = np.eye(4)

@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
@@ -20,7 +22,17 @@ from ctray.ingest.config import IngestConfig
 from ctray.ingest.dicom import PREAMBLE_BYTES, Probe, Series, probe_folder, series_ids
 from ctray.ingest.privacy import Names
 from ctray.ingest.reports import ReportTable, parse_label_table, parse_report_table
-from ctray.storage import Entry, filesystem, is_remote, join, list_entries, publish_bytes, read_bytes, read_many, with_retries
+from ctray.storage import (
+    Entry,
+    filesystem,
+    is_remote,
+    join,
+    list_entries,
+    publish_bytes,
+    read_bytes,
+    read_many,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +86,13 @@ def discover(cfg: IngestConfig, names: Names, probe_cache: tuple) -> Inventory:
         if sid in found:
             scan_id = names.scan_id(sid, scan["uri"])
             label = names.label(scan["uri"], scan_id)
-            inv.quarantined.append({"scan_id": scan_id, "input": label,
-                                    "reason": f"{label}: duplicate scan id (also {names.label(found[sid]['uri'], scan_id)})"})
+            inv.quarantined.append(
+                {
+                    "scan_id": scan_id,
+                    "input": label,
+                    "reason": f"{label}: duplicate scan id (also {names.label(found[sid]['uri'], scan_id)})",
+                }
+            )
         else:
             found[sid] = scan
 
@@ -99,9 +116,16 @@ def discover(cfg: IngestConfig, names: Names, probe_cache: tuple) -> Inventory:
         stamps = {to_uri(e.path): e.stamp for e in others[folder]}
         ids = series_ids(folder_id, probe.series)
         for series in probe.series:
-            add({"source_id": ids[series.uid], "kind": "dicom", "folder_id": folder_id,
-                 "uri": f"{folder_uri} (series {series.uid})" if len(probe.series) > 1 else folder_uri,
-                 "files": series.files, "stamps": [f"{posixpath.basename(f)}:{stamps.get(f, '')}" for f in series.files]})
+            add(
+                {
+                    "source_id": ids[series.uid],
+                    "kind": "dicom",
+                    "folder_id": folder_id,
+                    "uri": f"{folder_uri} (series {series.uid})" if len(probe.series) > 1 else folder_uri,
+                    "files": series.files,
+                    "stamps": [f"{posixpath.basename(f)}:{stamps.get(f, '')}" for f in series.files],
+                }
+            )
     for sid in sorted(found):
         scan = found[sid]
         scan["scan_id"] = names.scan_id(sid, scan["uri"])
@@ -119,15 +143,22 @@ def probe_cache_location(cfg: IngestConfig, names: Names) -> tuple:
     return fs, join(root, PROBE_DIR)
 
 
-def probe_folders(cfg: IngestConfig, folders: dict[str, list[Entry]], to_uri, cache_at: tuple) -> dict[str, Probe]:
+def probe_folders(
+    cfg: IngestConfig, folders: dict[str, list[Entry]], to_uri: Callable[[str], str], cache_at: tuple
+) -> dict[str, Probe]:
     """Probe every folder holding files that are not NIfTI, in Ray tasks; a folder whose listing
     is unchanged since the last run reuses its cached result."""
     if not folders:
         return {}
     fs_out, cache_root = cache_at
     settings = cfg.input.dicom.model_dump_json() + str(cfg.preprocess.max_voxels)
-    stamps = {f: _digest(str(_PROBE_VERSION), settings, *(f"{posixpath.basename(e.path)}:{e.stamp}" for e in entries)) for f, entries in folders.items()}
-    cache = {f: join(cache_root, hashlib.sha1(f.encode("utf-8", "surrogatepass")).hexdigest() + ".json") for f in folders}
+    stamps = {
+        f: _digest(str(_PROBE_VERSION), settings, *(f"{posixpath.basename(e.path)}:{e.stamp}" for e in entries))
+        for f, entries in folders.items()
+    }
+    cache = {
+        f: join(cache_root, hashlib.sha1(f.encode("utf-8", "surrogatepass")).hexdigest() + ".json") for f in folders
+    }
     blobs = read_many(fs_out, list(cache.values()), cfg.storage, missing_ok=True)
     probes = {}
     for folder, path in cache.items():
@@ -149,12 +180,17 @@ def probe_folders(cfg: IngestConfig, folders: dict[str, list[Entry]], to_uri, ca
         batches[-1].append(folder)
     task = ray.remote(_probe_task).options(num_cpus=1, max_retries=cfg.task_retries)
     cfg_json = cfg.model_dump_json()
-    refs = [task.remote(cfg_json, [(f, to_uri(f), [to_uri(e.path) for e in folders[f]]) for f in batch]) for batch in batches]
+    refs = [
+        task.remote(cfg_json, [(f, to_uri(f), [to_uri(e.path) for e in folders[f]]) for f in batch])
+        for batch in batches
+    ]
     log.info("probing %d folder(s) of non-NIfTI files for DICOM series in %d task(s)", len(todo), len(refs))
     for ref in refs:
         for folder, probe_json in ray.get(ref).items():
             probes[folder] = _probe_from_json(probe_json)
-            publish_bytes(json.dumps({"stamp": stamps[folder], "probe": probe_json}).encode(), fs_out, cache[folder], cfg.storage)
+            publish_bytes(
+                json.dumps({"stamp": stamps[folder], "probe": probe_json}).encode(), fs_out, cache[folder], cfg.storage
+            )
     return probes
 
 
@@ -167,22 +203,28 @@ def _probe_task(cfg_json: str, folders: list[tuple[str, str, list[str]]]) -> dic
         for uri in uris:
             fs, path = filesystem(uri, cfg.storage)
             try:
-                head = with_retries(lambda fs=fs, p=path: fs.cat_file(p, start=0, end=PREAMBLE_BYTES), f"read {uri}", cfg.storage)
+                head = with_retries(partial(fs.cat_file, path, start=0, end=PREAMBLE_BYTES), f"read {uri}", cfg.storage)
             except FileNotFoundError:
                 head = None
-            headers.append((uri, head, lambda fs=fs, p=path: fs.open(p, "rb", block_size=1 << 16)))
+            headers.append((uri, head, partial(fs.open, path, "rb", block_size=1 << 16)))
         out[folder] = _probe_to_json(probe_folder(headers, folder_uri, cfg.input.dicom, cfg.preprocess.max_voxels))
     return out
 
 
 def _probe_to_json(p: Probe) -> dict:
-    return {"series": [{"uid": s.uid, "files": s.files, "rows": s.rows, "columns": s.columns} for s in p.series],
-            "skipped": [list(s) for s in p.skipped], "quarantined": [list(q) for q in p.quarantined]}
+    return {
+        "series": [{"uid": s.uid, "files": s.files, "rows": s.rows, "columns": s.columns} for s in p.series],
+        "skipped": [list(s) for s in p.skipped],
+        "quarantined": [list(q) for q in p.quarantined],
+    }
 
 
 def _probe_from_json(d: dict) -> Probe:
-    return Probe([Series(s["uid"], s["files"], s["rows"], s["columns"]) for s in d["series"]],
-                 [(u, w) for u, w in d["skipped"]], [(u, f, w) for u, f, w in d["quarantined"]])
+    return Probe(
+        [Series(s["uid"], s["files"], s["rows"], s["columns"]) for s in d["series"]],
+        [(u, w) for u, w in d["skipped"]],
+        [(u, f, w) for u, f, w in d["quarantined"]],
+    )
 
 
 def load_table(uri: str, what: str, storage: StorageConfig) -> tuple[bytes, str]:
@@ -253,6 +295,8 @@ def attach(inv: Inventory, masks: dict[str, Entry], table: ReportTable | None) -
             rep = next((table.reports[k] for k in keys if k in table.reports), None)
             if rep is not None:
                 reports[scan["scan_id"]] = {"text": rep.text, "problem": rep.problem, "labels": rep.labels}
-                report_part = hashlib.sha256(json.dumps(reports[scan["scan_id"]], sort_keys=True).encode("utf-8", "surrogatepass")).hexdigest()
+                report_part = hashlib.sha256(
+                    json.dumps(reports[scan["scan_id"]], sort_keys=True).encode("utf-8", "surrogatepass")
+                ).hexdigest()
         scan["stamp"] = _digest(*scan.pop("stamps"), mask.stamp if mask else "", report_part)
     return reports

@@ -23,8 +23,9 @@ import logging
 import posixpath
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from ctray.config import to_yaml
+from ctray.config import StorageConfig, to_yaml
 from ctray.errors import ConfigError, CtrayError, StorageError
 from ctray.ingest.config import IngestConfig
 from ctray.ingest.discover import Inventory, attach, discover, discover_masks, load_reports, probe_cache_location
@@ -57,13 +58,19 @@ class IngestIncomplete(CtrayError):
 
 def resolve(cfg: IngestConfig) -> IngestConfig:
     cfg = cfg.model_copy(deep=True)
-    for section, key in ((cfg.input, "scans"), (cfg.input, "reports"), (cfg.input, "labels"), (cfg.input, "masks"), (cfg.output, "uri")):
+    for section, key in (
+        (cfg.input, "scans"),
+        (cfg.input, "reports"),
+        (cfg.input, "labels"),
+        (cfg.input, "masks"),
+        (cfg.output, "uri"),
+    ):
         if getattr(section, key):
             setattr(section, key, resolve_uri(getattr(section, key)))
     return cfg
 
 
-def read_purged(uri: str, storage) -> list[str]:
+def read_purged(uri: str, storage: StorageConfig) -> list[str]:
     fs, root = filesystem(uri, storage)
     try:
         return json.loads(read_bytes(fs, join(root, PURGED), storage))
@@ -102,7 +109,9 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
         table = load_reports(cfg)  # a table that cannot be read fails before any work starts
         inventory = discover(cfg, names, probe_cache_location(cfg, names))
         if table is not None:
-            inventory.quarantined += [{"scan_id": "", "input": where, "reason": f"{where}: {why}"} for where, why in table.problems]
+            inventory.quarantined += [
+                {"scan_id": "", "input": where, "reason": f"{where}: {why}"} for where, why in table.problems
+            ]
         reports = attach(inventory, discover_masks(cfg), table)
         purged = read_purged(out_uri, cfg.storage)
         todo = plan(cfg, inventory, records, set(purged))
@@ -113,8 +122,15 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
         finally:  # whatever happened, the manifest describes every committed shard (if storage is up)
             try:
                 records = read_records(out_uri, cfg.storage)
-                manifest = build_manifest(cfg.model_dump(mode="json"), fingerprint, records, inventory.quarantined,
-                                          inventory.skipped, failed, purged)
+                manifest = build_manifest(
+                    cfg.model_dump(mode="json"),
+                    fingerprint,
+                    records,
+                    inventory.quarantined,
+                    inventory.skipped,
+                    failed,
+                    purged,
+                )
                 publish_bytes(json.dumps(manifest, indent=1).encode(), fs_out, join(root, MANIFEST), cfg.storage)
                 publish_bytes(to_yaml(cfg).encode(), fs_out, join(root, "ingest-config.yaml"), cfg.storage)
                 id_map = names.write_map()
@@ -123,17 +139,28 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
                 raise
     c = manifest["counts"]
     log.info(
-        "ingest done in %.1fs: %d inputs: %d written (%d scans in %d shards), %d quarantined, %d skipped%s; manifest %s%s",
-        time.time() - started, c["inputs"], c["written"], c["scans"], c["shards"], c["quarantined"], c["skipped"],
-        f", {c['failed']} in failed shards" if c["failed"] else "", posixpath.join(out_uri, MANIFEST),
+        "ingest done in %.1fs: %d inputs: %d written (%d scans in %d shards), %d quarantined, %d skipped%s;"
+        " manifest %s%s",
+        time.time() - started,
+        c["inputs"],
+        c["written"],
+        c["scans"],
+        c["shards"],
+        c["quarantined"],
+        c["skipped"],
+        f", {c['failed']} in failed shards" if c["failed"] else "",
+        posixpath.join(out_uri, MANIFEST),
         f"; id map {id_map}" if id_map else "",
     )
     if failed:
         raise IngestIncomplete(
-            f"{len(failed)} shard(s) failed after {cfg.task_retries} retries ({c['failed']} scans, listed under 'failed' in "
-            f"{posixpath.join(out_uri, MANIFEST)}); everything else is committed: re-run the same command to retry them"
+            f"{len(failed)} shard(s) failed after {cfg.task_retries} retries ({c['failed']} scans, listed under"
+            f" 'failed' in {posixpath.join(out_uri, MANIFEST)}); everything else is committed: re-run the same"
+            " command to retry them"
         )
-    return IngestResult(posixpath.join(out_uri, MANIFEST), c["shards"], c["scans"], c["quarantined"], c["skipped"], c["failed"])
+    return IngestResult(
+        posixpath.join(out_uri, MANIFEST), c["shards"], c["scans"], c["quarantined"], c["skipped"], c["failed"]
+    )
 
 
 def plan(cfg: IngestConfig, inventory: Inventory, records: Records, purged: set[str]) -> list[dict]:
@@ -144,7 +171,9 @@ def plan(cfg: IngestConfig, inventory: Inventory, records: Records, purged: set[
     for scan in inventory.scans:
         sid = scan["scan_id"]
         if sid in purged:
-            inventory.skipped.append({"input": scan["label"], "reason": f"{scan['label']}: removed by `ctray purge`; not ingested again"})
+            inventory.skipped.append(
+                {"input": scan["label"], "reason": f"{scan['label']}: removed by `ctray purge`; not ingested again"}
+            )
             continue
         if sid in committed:
             if committed[sid][0]["stamp"] == scan["stamp"]:
@@ -153,15 +182,23 @@ def plan(cfg: IngestConfig, inventory: Inventory, records: Records, purged: set[
         todo.append(scan)
     for record, drop in records.holding(changed):
         rewrite_without(cfg.output.uri, cfg.storage, record, drop, "input changed")
-    log.info("ingest: %d scans found, %d committed and unchanged, %d changed, %d to write -> %s",
-             len(inventory.scans), len(inventory.scans) - len(todo), len(changed), len(todo), cfg.output.uri)
+    log.info(
+        "ingest: %d scans found, %d committed and unchanged, %d changed, %d to write -> %s",
+        len(inventory.scans),
+        len(inventory.scans) - len(todo),
+        len(changed),
+        len(todo),
+        cfg.output.uri,
+    )
     return todo
 
 
 _WORK_KEYS = ("scan_id", "kind", "uri", "files", "label", "stamp", "mask_uri")
 
 
-def run_writers(cfg: IngestConfig, todo: list[dict], reports: dict[str, dict], api_key: Secret, lease: Lease) -> list[dict]:
+def run_writers(
+    cfg: IngestConfig, todo: list[dict], reports: dict[str, dict], api_key: Secret, lease: Lease
+) -> list[dict]:
     """Submit one task per shard (up to `concurrency` at once), log progress, return failed shards.
 
     Work items hold references only; each shard's reports travel through the object store, the
@@ -172,9 +209,11 @@ def run_writers(cfg: IngestConfig, todo: list[dict], reports: dict[str, dict], a
     ensure_ray(cfg.ray)
     shape = {"CPU": 1.0, **({"GPU": 1.0} if cfg.input.segment else {})}
     ensure_schedulable(shape, "ingest shard writer", cfg.ray.schedule_timeout_s)
-    task = ray.remote(write_shard).options(num_cpus=1, num_gpus=1 if cfg.input.segment else 0, max_retries=cfg.task_retries)
+    task = ray.remote(write_shard).options(
+        num_cpus=1, num_gpus=1 if cfg.input.segment else 0, max_retries=cfg.task_retries
+    )
     per = cfg.output.scans_per_shard
-    items = []
+    items: list[dict[str, Any]] = []
     for i in range(0, len(todo), per):
         group = [{k: s.get(k) for k in _WORK_KEYS} for s in todo[i : i + per]]
         items.append({"shard": shard_name(group), "scans": group, "lease_token": lease.token})
@@ -182,7 +221,7 @@ def run_writers(cfg: IngestConfig, todo: list[dict], reports: dict[str, dict], a
     key_ref = ray.put(api_key)
     limit = cfg.concurrency or len(items)
     queue = list(reversed(items))
-    pending: dict = {}
+    pending: dict[Any, dict[str, Any]] = {}
     failed: list[dict] = []
     done_shards = done_scans = 0
     t0 = time.time()
@@ -198,10 +237,19 @@ def run_writers(cfg: IngestConfig, todo: list[dict], reports: dict[str, dict], a
                 item = pending.pop(ref)
                 try:
                     record = ray.get(ref)
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError) as e:
-                    reason = f"shard {item['shard']}: its worker died {cfg.task_retries + 1} time(s) ({type(e).__name__}: a crash, out of memory or a lost node)"
+                except (
+                    ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.OutOfMemoryError,
+                    ray.exceptions.NodeDiedError,
+                ) as e:
+                    reason = (
+                        f"shard {item['shard']}: its worker died {cfg.task_retries + 1} time(s)"
+                        f" ({type(e).__name__}: a crash, out of memory or a lost node)"
+                    )
                     log.error("%s; its %d scans are not committed, the job goes on", reason, len(item["scans"]))
-                    failed.append({"shard": item["shard"], "scan_ids": [s["scan_id"] for s in item["scans"]], "reason": reason})
+                    failed.append(
+                        {"shard": item["shard"], "scan_ids": [s["scan_id"] for s in item["scans"]], "reason": reason}
+                    )
                     continue
                 done_shards += 1
                 done_scans += len(item["scans"])
@@ -209,8 +257,15 @@ def run_writers(cfg: IngestConfig, todo: list[dict], reports: dict[str, dict], a
                 left = (len(todo) - done_scans) / rate if rate else 0
                 log.info(
                     "[%d/%d shards, %d/%d scans, %.2f scans/s, ETA %s] %s: %d written, %d quarantined",
-                    done_shards, len(items), done_scans, len(todo), rate, _duration(left), record["shard"],
-                    len(record["scans"]), len(record["quarantine"]),
+                    done_shards,
+                    len(items),
+                    done_scans,
+                    len(todo),
+                    rate,
+                    _duration(left),
+                    record["shard"],
+                    len(record["scans"]),
+                    len(record["quarantine"]),
                 )
     except Exception as e:
         for ref in pending:
@@ -224,7 +279,9 @@ def run_writers(cfg: IngestConfig, todo: list[dict], reports: dict[str, dict], a
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 def _ctray_cause(e: BaseException) -> CtrayError | None:
@@ -233,11 +290,12 @@ def _ctray_cause(e: BaseException) -> CtrayError | None:
     import ray
 
     seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, ray.exceptions.RayTaskError):
-            return e.cause if isinstance(e.cause, CtrayError) else None
-        if isinstance(e, CtrayError):
-            return e
-        e = e.__cause__ or e.__context__
+    link: BaseException | None = e
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, ray.exceptions.RayTaskError):
+            return link.cause if isinstance(link.cause, CtrayError) else None
+        if isinstance(link, CtrayError):
+            return link
+        link = link.__cause__ or link.__context__
     return None

@@ -75,7 +75,7 @@ def _holder_gone(lease: dict) -> bool:
 class Lease:
     """Context manager: hold the output's lease while an ingest writes it."""
 
-    def __init__(self, uri: str, cfg: LeaseConfig, storage: StorageConfig, what: str = "ingest"):
+    def __init__(self, uri: str, cfg: LeaseConfig, storage: StorageConfig, what: str = "ingest") -> None:
         self.uri, self.cfg, self.storage, self.what = uri, cfg, storage, what
         self.fs, root = filesystem(uri, storage)
         self.path = join(root, LEASE)
@@ -88,13 +88,21 @@ class Lease:
 
     def _body(self) -> bytes:
         now = time.time()
-        return json.dumps({
-            "token": self.token, "holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
-            "started": self.started, "started_at": _utc(self.started),
-            "renewed": now, "expires": now + self.cfg.ttl_s, "expires_at": _utc(now + self.cfg.ttl_s),
-        }).encode()
+        return json.dumps(
+            {
+                "token": self.token,
+                "holder": self.holder,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": self.started,
+                "started_at": _utc(self.started),
+                "renewed": now,
+                "expires": now + self.cfg.ttl_s,
+                "expires_at": _utc(now + self.cfg.ttl_s),
+            }
+        ).encode()
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         current = read_lease(self.uri, self.storage)
         now = time.time()
         if current is not None and current.get("expires", 0) > now and not _holder_gone(current):
@@ -104,7 +112,12 @@ class Lease:
                 "wait for it to finish, or for its lease to expire if it crashed"
             )
         if current is not None:
-            log.warning("taking over the stale lease of %s on %s (expired %s)", current.get("holder", "?"), self.uri, current.get("expires_at", "?"))
+            log.warning(
+                "taking over the stale lease of %s on %s (expired %s)",
+                current.get("holder", "?"),
+                self.uri,
+                current.get("expires_at", "?"),
+            )
         publish_bytes(self._body(), self.fs, self.path, self.storage)
         time.sleep(self.cfg.settle_s)
         after = read_lease(self.uri, self.storage)
@@ -143,8 +156,8 @@ class Lease:
         except StorageError as e:
             log.warning("lease not released (%s); it expires by itself", e)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()

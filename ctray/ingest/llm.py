@@ -19,8 +19,9 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
@@ -39,7 +40,7 @@ _SYSTEM = (
     "You split radiology reports into atomic finding sentences per anatomy. Answer with one JSON "
     "object whose keys are anatomy names from this list: {anatomies}. Each value is a list of short, "
     "self-contained sentences copied or minimally rephrased from the report about that anatomy, "
-    "keeping negations (\"No pleural effusion.\"). Leave out anatomies the report does not mention."
+    'keeping negations ("No pleural effusion."). Leave out anatomies the report does not mention.'
 )
 # A report with no patient in it, for the check request at start.
 _CHECK_REPORT = "The lungs are clear. Heart size is normal."
@@ -78,7 +79,7 @@ def read_api_key(cfg: LLMConfig) -> Secret:
 
 def findings_schema(anatomies: list[str]) -> type[BaseModel]:
     """A pydantic model accepting {anatomy: [non-empty sentences]} for the given anatomies only."""
-    fields = {a: (list[str] | None, None) for a in anatomies}
+    fields: dict[str, Any] = {a: (list[str] | None, None) for a in anatomies}
     return create_model("Findings", __config__=ConfigDict(extra="forbid"), **fields)
 
 
@@ -102,7 +103,11 @@ def _category(e: BaseException) -> str:
     if isinstance(e, (urllib.error.URLError, ConnectionError)):
         return "unreachable"
     if isinstance(e, ValidationError):
-        return "answer is not JSON" if any(err["type"] == "json_invalid" for err in e.errors()) else "answer does not fit the schema"
+        return (
+            "answer is not JSON"
+            if any(err["type"] == "json_invalid" for err in e.errors())
+            else "answer does not fit the schema"
+        )
     if isinstance(e, json.JSONDecodeError):
         return "answer is not JSON"
     if isinstance(e, _Malformed):
@@ -122,7 +127,7 @@ class LLMParser:
         cache_root: str,
         storage: StorageConfig,
         api_key: Secret = Secret(None),
-    ):
+    ) -> None:
         self.cfg = cfg
         self.anatomies = anatomies
         self.schema = findings_schema(anatomies)
@@ -153,7 +158,9 @@ class LLMParser:
                 return Parsed(findings, f"llm:{self.cfg.model}", key)
             except urllib.error.HTTPError as e:
                 if e.code in (401, 403):
-                    raise LLMAuthError(f"LLM endpoint {self.cfg.base_url} refused the API key (HTTP {e.code})") from None
+                    raise LLMAuthError(
+                        f"LLM endpoint {self.cfg.base_url} refused the API key (HTTP {e.code})"
+                    ) from None
                 reason = _category(e)
             except (urllib.error.URLError, TimeoutError, OSError, ValueError, ValidationError) as e:
                 reason = _category(e)
@@ -198,7 +205,7 @@ def cache_path(cache_root: str, key: str) -> str:
     return join(cache_root, key[:2], key + ".json")
 
 
-def _content(answer) -> str:
+def _content(answer: object) -> str:
     """The first choice's message text of a chat completion, or _Malformed naming what is missing."""
     choices = answer.get("choices") if isinstance(answer, dict) else None
     if not isinstance(choices, list) or not choices:
@@ -220,10 +227,20 @@ def check_endpoint(cfg: LLMConfig, anatomies: list[str], api_key: Secret) -> Non
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             key_from = f"file {cfg.api_key_file}" if cfg.api_key_file else f"${cfg.api_key_env}"
-            raise LLMAuthError(f"LLM endpoint {cfg.base_url} refused the API key from {key_from} (HTTP {e.code})") from None
-        log.warning("LLM endpoint %s answered the check request with HTTP %d; reports may fall back to the rules", cfg.base_url, e.code)
+            raise LLMAuthError(
+                f"LLM endpoint {cfg.base_url} refused the API key from {key_from} (HTTP {e.code})"
+            ) from None
+        log.warning(
+            "LLM endpoint %s answered the check request with HTTP %d; reports may fall back to the rules",
+            cfg.base_url,
+            e.code,
+        )
     except (urllib.error.URLError, TimeoutError, OSError, ValueError, ValidationError) as e:
-        log.warning("LLM endpoint %s failed the check request (%s); reports may fall back to the rules", cfg.base_url, _category(e))
+        log.warning(
+            "LLM endpoint %s failed the check request (%s); reports may fall back to the rules",
+            cfg.base_url,
+            _category(e),
+        )
 
 
 def _strip_fences(content: str) -> str:

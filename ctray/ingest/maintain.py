@@ -55,15 +55,19 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
         committed = records.committed
         ids = _stored_ids(cfg, scan_ids, set(committed))
         known = set(committed) | {q.get("scan_id") for q in manifest["quarantine"]}
-        unknown = [given for sid, given in zip(ids, scan_ids) if sid not in known]
+        unknown = [given for sid, given in zip(ids, scan_ids, strict=False) if sid not in known]
         if unknown:
-            raise ConfigError(f"{uri}: no scan with id {', '.join(map(repr, unknown))} (see manifest.json 'written' and 'quarantine')")
+            raise ConfigError(
+                f"{uri}: no scan with id {', '.join(map(repr, unknown))} (see manifest.json 'written' and 'quarantine')"
+            )
         rewrites = records.holding(ids)
         cache_keys = []
         for record, drop in rewrites:
             with fs.open(join(root, record["path"]), "rb") as f:
                 table = pq.read_table(f, columns=["scan_id", "report_cache_key"])
-            cache_keys += [k for s, k in zip(table.column("scan_id").to_pylist(), table.column("report_cache_key").to_pylist()) if s in drop and k]
+            scan_ids = table.column("scan_id").to_pylist()
+            keys = table.column("report_cache_key").to_pylist()
+            cache_keys += [k for s, k in zip(scan_ids, keys, strict=False) if s in drop and k]
             rewrite_without(uri, storage, record, drop, "purged")
         for key in cache_keys:
             remove(fs, cache_path(join(root, CACHE_DIR), key), storage)
@@ -75,12 +79,26 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
             if any(q.get("scan_id") in gone for q in r["quarantine"]):
                 r["quarantine"] = [q for q in r["quarantine"] if q.get("scan_id") not in gone]
                 publish_bytes(json.dumps(r).encode(), fs, join(root, COMMITS_DIR, r["shard"] + ".json"), storage)
-        manifest = build_manifest(manifest["config"], manifest["fingerprint"], records, manifest["quarantine"], manifest["skipped"],
-                                  [f for f in manifest["failed"] if not gone & set(f["scan_ids"])], purged)
+        manifest = build_manifest(
+            manifest["config"],
+            manifest["fingerprint"],
+            records,
+            manifest["quarantine"],
+            manifest["skipped"],
+            [f for f in manifest["failed"] if not gone & set(f["scan_ids"])],
+            purged,
+        )
         publish_bytes(json.dumps(manifest, indent=1).encode(), fs, join(root, MANIFEST), storage)
         id_map = _drop_from_id_map(cfg, gone)
-    log.info("purged %d scan(s) from %s: %d shard(s) rewritten, %d LLM cache entr(ies) removed%s; manifest %s",
-             len(ids), uri, len(rewrites), len(cache_keys), f", id map {id_map} updated" if id_map else "", posixpath.join(uri, MANIFEST))
+    log.info(
+        "purged %d scan(s) from %s: %d shard(s) rewritten, %d LLM cache entr(ies) removed%s; manifest %s",
+        len(ids),
+        uri,
+        len(rewrites),
+        len(cache_keys),
+        f", id map {id_map} updated" if id_map else "",
+        posixpath.join(uri, MANIFEST),
+    )
     return {"scan_ids": ids, "shards_rewritten": len(rewrites), "cache_entries": len(cache_keys)}
 
 

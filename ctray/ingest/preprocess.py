@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
+from nibabel.affines import voxel_sizes
 from scipy import ndimage
 
 from ctray.errors import BadInput
 from ctray.ingest.config import PreprocessConfig
-from ctray.ingest.resample import axis_map, grid_affine, resample_linear, resample_nearest
+from ctray.resample import AxisMap, axis_map, grid_affine, resample_linear, resample_nearest
 from ctray.ingest.volume import RawVolume
 
 # Mask and scan grids are the same when their affines agree to this many mm.
@@ -71,8 +72,7 @@ def preprocess(scan: RawVolume, mask: RawVolume | None, cfg: PreprocessConfig) -
     check_intensity(scan, cfg)
     data, affine = orient(scan.data, scan.affine, cfg.orientation)
     labels_src = mask_labels(mask, data.shape, affine, cfg.orientation) if mask is not None else None
-    spacing_in = nib.affines.voxel_sizes(affine)
-    maps = tuple(axis_map(n, s_in, s_out) for n, s_in, s_out in zip(data.shape, spacing_in, cfg.spacing))
+    maps = _axis_maps(data.shape, voxel_sizes(affine), cfg.spacing)
     hu = resample_linear(data, maps, scan.slope, scan.inter)
     out_affine = grid_affine(affine, maps)
     labels = None
@@ -88,7 +88,16 @@ def preprocess(scan: RawVolume, mask: RawVolume | None, cfg: PreprocessConfig) -
         shift = np.eye(4)
         shift[:3, 3] = [s.start for s in box]
         out_affine = out_affine @ shift
-    return Preprocessed(hu, labels, out_affine, tuple(float(s) for s in nib.affines.voxel_sizes(out_affine)))
+    sz, sy, sx = voxel_sizes(out_affine)
+    return Preprocessed(hu, labels, out_affine, (float(sz), float(sy), float(sx)))
+
+
+def _axis_maps(
+    shape: tuple[int, ...], spacing_in: np.ndarray, spacing_out: tuple[float, float, float]
+) -> tuple[AxisMap, AxisMap, AxisMap]:
+    """Per-axis maps from the oriented 3D grid to `spacing_out`."""
+    z, y, x = (axis_map(n, s_in, s_out) for n, s_in, s_out in zip(shape, spacing_in, spacing_out, strict=False))
+    return z, y, x
 
 
 def foreground_box(hu: np.ndarray, threshold: float) -> tuple[slice, slice, slice] | None:
@@ -99,7 +108,8 @@ def foreground_box(hu: np.ndarray, threshold: float) -> tuple[slice, slice, slic
         if hits.size == 0:
             return None
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
+    z, y, x = box
+    return z, y, x
 
 
 def anatomy_boxes(labels: np.ndarray, groups: dict[str, list[int]]) -> list[dict]:

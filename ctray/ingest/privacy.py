@@ -22,7 +22,7 @@ from ctray.storage import filesystem, publish_bytes, read_bytes
 class Names:
     """Scan id and input label for each original id / input URI."""
 
-    def __init__(self, cfg: IngestConfig):
+    def __init__(self, cfg: IngestConfig) -> None:
         self.cfg = cfg
         self.pseudonymize = cfg.privacy.pseudonymize_ids
         self._key = b""

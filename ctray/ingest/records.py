@@ -15,6 +15,7 @@ import os
 import posixpath
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
@@ -42,7 +43,7 @@ class Records:
         """scan id -> (its entry, its live record)."""
         return {s["scan_id"]: (s, r) for r in self.live for s in r["scans"]}
 
-    def holding(self, scan_ids) -> list[tuple[dict, set[str]]]:
+    def holding(self, scan_ids: Iterable[str]) -> list[tuple[dict, set[str]]]:
         """(live record, which of `scan_ids` it holds) for each record holding any of them."""
         out: dict[str, tuple[dict, set[str]]] = {}
         committed = self.committed
@@ -116,8 +117,15 @@ def rewrite_without(uri: str, storage: StorageConfig, record: dict, drop: set[st
     return new
 
 
-def build_manifest(config: dict, fingerprint: str, records: Records, quarantined: list[dict], skipped: list[dict],
-                   failed: list[dict], purged: list[str]) -> dict:
+def build_manifest(
+    config: dict,
+    fingerprint: str,
+    records: Records,
+    quarantined: list[dict],
+    skipped: list[dict],
+    failed: list[dict],
+    purged: list[str],
+) -> dict:
     """Every input accounted for: written (from the live records), quarantined (this run's and
     earlier ones' for inputs still not written), skipped (this run's discovery) and failed."""
     committed = records.committed
@@ -128,10 +136,20 @@ def build_manifest(config: dict, fingerprint: str, records: Records, quarantined
         if key not in committed and key not in gone:
             latest[key] = {k: entry[k] for k in ("scan_id", "input", "reason") if k in entry}  # later records win
     shards = [
-        {"path": r["path"], "shard": r["shard"], "scans": len(r["scans"]), "sha256": r["sha256"], "bytes": r["bytes"], "stats": r["stats"]}
-        for r in records.live if r["path"]
+        {
+            "path": r["path"],
+            "shard": r["shard"],
+            "scans": len(r["scans"]),
+            "sha256": r["sha256"],
+            "bytes": r["bytes"],
+            "stats": r["stats"],
+        }
+        for r in records.live
+        if r["path"]
     ]
-    written = [{"scan_id": sid, "input": entry["input"], "shard": r["shard"]} for sid, (entry, r) in sorted(committed.items())]
+    written = [
+        {"scan_id": sid, "input": entry["input"], "shard": r["shard"]} for sid, (entry, r) in sorted(committed.items())
+    ]
     fallbacks: dict[str, int] = {}
     for r in records.live:
         for parser, n in r.get("parsers", {}).items():
@@ -200,7 +218,10 @@ def verify(uri: str, storage: StorageConfig) -> list[str]:
             problems.append(f"{r['path']}: committed but missing")
             continue
         if size != r["bytes"] or digest.hexdigest() != r["sha256"]:
-            problems.append(f"{r['path']}: {size} bytes, sha256 {digest.hexdigest()[:12]}..; the commit record says {r['bytes']} bytes, {str(r['sha256'])[:12]}..")
+            problems.append(
+                f"{r['path']}: {size} bytes, sha256 {digest.hexdigest()[:12]}..; the commit record says"
+                f" {r['bytes']} bytes, {str(r['sha256'])[:12]}.."
+            )
             continue
         with fs.open(path, "rb") as f:
             ids = pq.read_table(f, columns=["scan_id"]).column("scan_id").to_pylist()
@@ -215,5 +236,10 @@ def verify(uri: str, storage: StorageConfig) -> list[str]:
         problems.append(str(e))
     for p in problems:
         log.error("%s", p)
-    log.info("verify %s: %d committed shard(s), %s", uri, len(records.live), f"{len(problems)} problem(s)" if problems else "all whole")
+    log.info(
+        "verify %s: %d committed shard(s), %s",
+        uri,
+        len(records.live),
+        f"{len(problems)} problem(s)" if problems else "all whole",
+    )
     return problems

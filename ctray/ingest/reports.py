@@ -20,12 +20,30 @@ _BAD_UTF8 = re.compile("[\udc80-\udcff]")
 # Anatomy -> word-start patterns. Negation needs no special handling: sentences are never split
 # inside, so "No pleural effusion" reaches the lung with its "No".
 LEXICON: dict[str, list[str]] = {
-    "lung": [r"lung", r"pulmonar", r"lobe", r"lobar", r"bronch", r"pleura", r"nodul", r"emphysem",
-             r"atelecta", r"consolidat", r"ground[- ]glass", r"parenchym", r"trachea", r"alveol",
-             r"interstiti", r"pneumo", r"mosaic attenuation", r"fibro", r"septal thickening",
-             r"infiltrat", r"(?<!pericardial )effusion"],
-    "heart": [r"heart", r"cardi", r"pericard", r"coronary", r"atri(?:um|al)", r"ventric", r"myocard",
-              r"valv"],
+    "lung": [
+        r"lung",
+        r"pulmonar",
+        r"lobe",
+        r"lobar",
+        r"bronch",
+        r"pleura",
+        r"nodul",
+        r"emphysem",
+        r"atelecta",
+        r"consolidat",
+        r"ground[- ]glass",
+        r"parenchym",
+        r"trachea",
+        r"alveol",
+        r"interstiti",
+        r"pneumo",
+        r"mosaic attenuation",
+        r"fibro",
+        r"septal thickening",
+        r"infiltrat",
+        r"(?<!pericardial )effusion",
+    ],
+    "heart": [r"heart", r"cardi", r"pericard", r"coronary", r"atri(?:um|al)", r"ventric", r"myocard", r"valv"],
     "esophagus": [r"esophag", r"oesophag", r"hiatal hernia", r"hiatus hernia"],
     "aorta": [r"aort", r"arterial wall calcification", r"atherosc", r"atherom"],
     "liver": [r"liver", r"hepat", r"portal vein", r"periportal"],
@@ -34,12 +52,40 @@ LEXICON: dict[str, list[str]] = {
     "pancreas": [r"pancrea"],
     "stomach": [r"stomach", r"gastric", r"gastro"],
     "gallbladder": [r"gallbladder", r"gall bladder", r"cholecyst", r"cholelith", r"bile duct", r"biliary"],
-    "bowel": [r"bowel", r"colon", r"colonic", r"intestin", r"duoden", r"ileum", r"jejun", r"cecum",
-              r"rectum", r"sigmoid", r"diverticul"],
+    "bowel": [
+        r"bowel",
+        r"colon",
+        r"colonic",
+        r"intestin",
+        r"duoden",
+        r"ileum",
+        r"jejun",
+        r"cecum",
+        r"rectum",
+        r"sigmoid",
+        r"diverticul",
+    ],
     "bladder": [r"(?<!gall)bladder", r"vesical"],
-    "bone": [r"bone", r"osseous", r"vertebra", r"spine", r"spinal", r"rib\b", r"ribs\b", r"sternum",
-             r"clavic", r"scapul", r"fractur", r"lytic", r"sclerotic", r"osteo", r"spondyl", r"disc\b",
-             r"skelet", r"corpus height"],
+    "bone": [
+        r"bone",
+        r"osseous",
+        r"vertebra",
+        r"spine",
+        r"spinal",
+        r"rib\b",
+        r"ribs\b",
+        r"sternum",
+        r"clavic",
+        r"scapul",
+        r"fractur",
+        r"lytic",
+        r"sclerotic",
+        r"osteo",
+        r"spondyl",
+        r"disc\b",
+        r"skelet",
+        r"corpus height",
+    ],
 }
 
 
@@ -81,7 +127,7 @@ class RuleParser:
     stored report text.
     """
 
-    def __init__(self, anatomies: list[str]):
+    def __init__(self, anatomies: list[str]) -> None:
         self.patterns = _compile(anatomies)
 
     def __call__(self, text: str) -> dict[str, list[str]]:
@@ -93,7 +139,7 @@ class RuleParser:
         return found
 
 
-def _label_value(v) -> int | None:
+def _label_value(v: object) -> int | None:
     if isinstance(v, bool):
         return int(v)
     if isinstance(v, (int, float)) and v in (0, 1):
@@ -103,7 +149,7 @@ def _label_value(v) -> int | None:
     return None
 
 
-def _join_text(parts: list) -> str | None | object:
+def _join_text(parts: list[object]) -> str | object | None:
     """Several text columns (Findings, Impressions) -> one report. Each part ends with a full stop
     so that sentences never run across columns. A non-text part is returned as it is (a problem)."""
     texts = []
@@ -118,7 +164,7 @@ def _join_text(parts: list) -> str | None | object:
     return " ".join(texts) if texts else ("" if any(p is not None for p in parts) else None)
 
 
-def _make_report(text, labels: dict) -> Report:
+def _make_report(text: object, labels: dict) -> Report:
     clean_labels = {k: lv for k, v in labels.items() if (lv := _label_value(v)) is not None}
     if text is None:
         return Report(None, "report is missing", clean_labels)
@@ -131,7 +177,7 @@ def _make_report(text, labels: dict) -> Report:
     return Report(text, None, clean_labels)
 
 
-def table_id(value) -> str | None:
+def table_id(value: object) -> str | None:
     """A table's scan id as ctray spells scan ids: stripped, without a NIfTI suffix (CT-RATE's
     VolumeName column holds file names)."""
     if value is None or _BAD_UTF8.search(str(value)):

@@ -47,7 +47,7 @@ def check_weights(fast: bool) -> None:
 class Segmenter:
     """Callable: RawVolume (scan) -> RawVolume (label map on the same grid)."""
 
-    def __init__(self, fast: bool):
+    def __init__(self, fast: bool) -> None:
         check_weights(fast)
         import torch
         from totalsegmentator.python_api import totalsegmentator
@@ -60,4 +60,6 @@ class Segmenter:
         img = nib.Nifti1Image(np.asarray(scan.data), scan.affine)
         img.header.set_slope_inter(scan.slope, scan.inter)
         seg = self._run(img, None, task="total", fast=self.fast, device=self.device, quiet=True)
-        return RawVolume(np.asarray(seg.dataobj, dtype=np.uint8), scan.affine, 1.0, 0.0, f"{scan.source} (TotalSegmentator)")
+        return RawVolume(
+            np.asarray(seg.dataobj, dtype=np.uint8), scan.affine, 1.0, 0.0, f"{scan.source} (TotalSegmentator)"
+        )

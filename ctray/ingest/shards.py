@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 import ctray
 from ctray.data.schema import SCHEMA_VERSION, SHARD_SCHEMA
 from ctray.errors import BadInput, CtrayError, StorageError
-from ctray.ingest.anatomy import anatomy_label_ids
+from ctray.anatomy import anatomy_label_ids
 from ctray.ingest.config import IngestConfig
 from ctray.ingest.dicom import load_series
 from ctray.ingest.lease import LeaseHeld, lease_is_ours
@@ -64,13 +65,20 @@ def preprocess_fingerprint(cfg: IngestConfig) -> str:
         "schema": SCHEMA_VERSION,
         "preprocess": cfg.preprocess.model_dump(mode="json"),
         "input": cfg.input.model_dump(mode="json", exclude={"scans"}),
-        "reports": {"parser": cfg.reports.parser, **({"model": cfg.reports.llm.model, "prompt": PROMPT_VERSION} if cfg.reports.parser == "llm" else {})},
-        "privacy": {"ids": cfg.privacy.pseudonymize_ids, "report_text": cfg.privacy.keep_report_text, "paths": cfg.privacy.source_paths},
+        "reports": {
+            "parser": cfg.reports.parser,
+            **({"model": cfg.reports.llm.model, "prompt": PROMPT_VERSION} if cfg.reports.parser == "llm" else {}),
+        },
+        "privacy": {
+            "ids": cfg.privacy.pseudonymize_ids,
+            "report_text": cfg.privacy.keep_report_text,
+            "paths": cfg.privacy.source_paths,
+        },
     }
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def file_sha256(path: str) -> "hashlib._Hash":
+def file_sha256(path: str) -> hashlib._Hash:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
@@ -80,7 +88,9 @@ def file_sha256(path: str) -> "hashlib._Hash":
 
 def bug_reason(label: str, e: BaseException) -> str:
     """A one-line reason for an unexpected exception: its type and the innermost ctray frame."""
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}ctray{os.sep}" in f.filename] or traceback.extract_tb(e.__traceback__)
+    frames = [
+        f for f in traceback.extract_tb(e.__traceback__) if f"{os.sep}ctray{os.sep}" in f.filename
+    ] or traceback.extract_tb(e.__traceback__)
     where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
     return f"{label}: unexpected {type(e).__name__}{where} (a ctray bug or an input it does not handle)"
 
@@ -94,7 +104,7 @@ class ShardWriter:
     """Turns a work item into a published shard and its commit record. Built once per worker
     process (`writer_for`): the report parser and the segmenter stay warm across tasks."""
 
-    def __init__(self, cfg: IngestConfig, api_key: Secret):
+    def __init__(self, cfg: IngestConfig, api_key: Secret) -> None:
         self.cfg = cfg
         self.fs_out, self.root = filesystem(cfg.output.uri, cfg.storage)
         self.groups = anatomy_label_ids(cfg.preprocess.anatomies)
@@ -104,8 +114,13 @@ class ShardWriter:
             from ctray.ingest.llm import LLMParser
 
             self.llm = LLMParser(
-                cfg.reports.llm, list(cfg.preprocess.anatomies), self.rules, self.fs_out,
-                join(self.root, CACHE_DIR), cfg.storage, api_key,
+                cfg.reports.llm,
+                list(cfg.preprocess.anatomies),
+                self.rules,
+                self.fs_out,
+                join(self.root, CACHE_DIR),
+                cfg.storage,
+                api_key,
             )
         self.segmenter = None
         if cfg.input.segment:
@@ -137,27 +152,41 @@ class ShardWriter:
                 try:
                     row = self._row(scan, reports.get(scan["scan_id"]), scan_tmp)
                 except BadInput as e:
-                    quarantine.append({"scan_id": scan["scan_id"], "input": scan["label"], "reason": str(e), "stamp": scan["stamp"]})
+                    quarantine.append(
+                        {"scan_id": scan["scan_id"], "input": scan["label"], "reason": str(e), "stamp": scan["stamp"]}
+                    )
                     log.warning("quarantined %s", e)
                     continue
                 except (StorageError, LLMAuthError):
                     raise
-                except Exception as e:  # noqa: BLE001 - a bug must not cost the rest of the shard
+                except Exception as e:
                     reason = bug_reason(scan["label"], e)
-                    quarantine.append({"scan_id": scan["scan_id"], "input": scan["label"], "reason": reason, "stamp": scan["stamp"]})
+                    quarantine.append(
+                        {"scan_id": scan["scan_id"], "input": scan["label"], "reason": reason, "stamp": scan["stamp"]}
+                    )
                     log_bug("quarantined " + reason, e)
                     continue
                 finally:
                     shutil.rmtree(scan_tmp, ignore_errors=True)
                 if writer is None:
                     writer = pq.ParquetWriter(
-                        local, SHARD_SCHEMA, compression="zstd",
-                        compression_level=self.cfg.output.compression_level, use_dictionary=False,
+                        local,
+                        SHARD_SCHEMA,
+                        compression="zstd",
+                        compression_level=self.cfg.output.compression_level,
+                        use_dictionary=False,
                     )
                 writer.write_table(pa.Table.from_pylist([row], schema=SHARD_SCHEMA))
                 stats.add(row)
                 parsers[row["report_parser"] or "none"] += 1
-                written.append({"scan_id": row["scan_id"], "input": scan["label"], "stamp": row["stamp"], "content_hash": row["content_hash"]})
+                written.append(
+                    {
+                        "scan_id": row["scan_id"],
+                        "input": scan["label"],
+                        "stamp": row["stamp"],
+                        "content_hash": row["content_hash"],
+                    }
+                )
             if writer is not None:
                 writer.close()
                 shard_path = join(self.root, SHARDS_DIR, name + ".parquet")
@@ -165,16 +194,26 @@ class ShardWriter:
                 size = os.path.getsize(local)
                 publish_file(local, self.fs_out, shard_path, self.cfg.storage)
                 stats.bytes = size
-        record = commit_record(self.fingerprint, name, written, quarantine, stats.as_dict(), digest, size, started, dict(parsers))
+        record = commit_record(
+            self.fingerprint, name, written, quarantine, stats.as_dict(), digest, size, started, dict(parsers)
+        )
         self.commit(record, item.get("lease_token"))
         return record
 
     def commit(self, record: dict, lease_token: str | None) -> None:
         if lease_token is not None and not lease_is_ours(self.cfg.output.uri, self.cfg.storage, lease_token):
-            raise LeaseHeld(f"shard {record['shard']}: this ingest no longer holds the lease on {self.cfg.output.uri}; not committed")
-        publish_bytes(json.dumps(record).encode(), self.fs_out, join(self.root, COMMITS_DIR, record["shard"] + ".json"), self.cfg.storage)
+            raise LeaseHeld(
+                f"shard {record['shard']}: this ingest no longer holds the lease on {self.cfg.output.uri};"
+                " not committed"
+            )
+        publish_bytes(
+            json.dumps(record).encode(),
+            self.fs_out,
+            join(self.root, COMMITS_DIR, record["shard"] + ".json"),
+            self.cfg.storage,
+        )
 
-    def _fetch(self, uri: str, tmp: str) -> tuple[str, "hashlib._Hash"]:
+    def _fetch(self, uri: str, tmp: str) -> tuple[str, hashlib._Hash]:
         """A local path for `uri` (downloaded into `tmp` when remote) and the sha256 of its bytes."""
         if not is_remote(uri):
             local = resolve_uri(uri)
@@ -246,8 +285,18 @@ class ShardWriter:
         }
 
 
-def commit_record(fingerprint: str, name: str, written: list[dict], quarantine: list[dict], stats: dict, sha256: str | None,
-                  size: int, started: float, parsers: dict | None = None, supersedes: list[str] = ()) -> dict:
+def commit_record(
+    fingerprint: str,
+    name: str,
+    written: list[dict],
+    quarantine: list[dict],
+    stats: dict,
+    sha256: str | None,
+    size: int,
+    started: float,
+    parsers: dict | None = None,
+    supersedes: Iterable[str] = (),
+) -> dict:
     return {
         "shard": name,
         "path": f"{SHARDS_DIR}/{name}.parquet" if sha256 else None,
@@ -285,7 +334,7 @@ def write_shard(cfg_json: str, item: dict, reports: dict[str, dict], api_key: Se
         return writer_for(cfg_json, api_key).write(item, reports)
     except CtrayError as e:
         raise type(e)(str(e)) from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         reason = bug_reason(f"shard {item['shard']}", e)
         log_bug(reason, e)
         raise CtrayError(reason) from None
@@ -294,12 +343,12 @@ def write_shard(cfg_json: str, item: dict, reports: dict[str, dict], api_key: Se
 class _Stats:
     """Per-shard figures for the manifest (no report text)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.rows = 0
         self.voxels = 0
         self.bytes = 0
-        self.hu_min = None
-        self.hu_max = None
+        self.hu_min: int | None = None
+        self.hu_max: int | None = None
         self.with_labels = 0
         self.with_texts = 0
         self.anatomies: dict[str, int] = {}
@@ -318,7 +367,12 @@ class _Stats:
 
     def as_dict(self) -> dict:
         return {
-            "rows": self.rows, "voxels": self.voxels, "bytes": self.bytes, "hu_min": self.hu_min,
-            "hu_max": self.hu_max, "with_label_map": self.with_labels, "with_anatomy_texts": self.with_texts,
+            "rows": self.rows,
+            "voxels": self.voxels,
+            "bytes": self.bytes,
+            "hu_min": self.hu_min,
+            "hu_max": self.hu_max,
+            "with_label_map": self.with_labels,
+            "with_anatomy_texts": self.with_texts,
             "anatomies": self.anatomies,
         }

@@ -69,7 +69,10 @@ def load_nifti(path: str, source: str, max_voxels: int | None = None) -> RawVolu
         raise BadInput(f"{source}: {len(shape)}D image of shape {shape}; expected one 3D volume")
     voxels = int(np.prod(shape, dtype=np.int64))
     if max_voxels is not None and voxels > max_voxels:
-        raise BadInput(f"{source}: header claims {'x'.join(map(str, shape))} = {voxels} voxels, more than preprocess.max_voxels={max_voxels}")
+        raise BadInput(
+            f"{source}: header claims {'x'.join(map(str, shape))} = {voxels} voxels,"
+            f" more than preprocess.max_voxels={max_voxels}"
+        )
     dtype = img.header.get_data_dtype()
     if dtype.kind not in "iuf" or dtype.fields is not None:
         raise BadInput(f"{source}: voxel type {dtype} is not a scalar number")
@@ -101,7 +104,8 @@ def _inflate(path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, so
     """The voxels of a .nii.gz, read into an untouched np.empty in 16 MiB chunks (NIfTI is
     Fortran-ordered)."""
     data = np.empty(shape, dtype=dtype, order="F")
-    view = memoryview(data.reshape(-1, order="A").view(np.uint8))
+    # numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only; arrays are buffers on 3.11 too.
+    view = memoryview(data.reshape(-1, order="A").view(np.uint8))  # type: ignore[arg-type]
     with gzip.open(path, "rb") as f:
         f.seek(offset)
         done = 0

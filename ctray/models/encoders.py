@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from monai.networks.nets.segresnet_ds import SegResEncoder
 from torch import nn
+import itertools
 
 
 class PooledSegResEncoder(nn.Module):
@@ -16,7 +17,9 @@ class PooledSegResEncoder(nn.Module):
 
     def __init__(self, init_filters: int = 32, blocks_down: tuple[int, ...] = (1, 2, 2, 4, 4)):
         super().__init__()
-        self.encoder = SegResEncoder(spatial_dims=3, in_channels=1, init_filters=init_filters, blocks_down=tuple(blocks_down))
+        self.encoder = SegResEncoder(
+            spatial_dims=3, in_channels=1, init_filters=init_filters, blocks_down=tuple(blocks_down)
+        )
         self.out_features = init_filters * 2 ** (len(blocks_down) - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -26,7 +29,7 @@ class PooledSegResEncoder(nn.Module):
 def mlp_head(dims: tuple[int, ...]) -> nn.Sequential:
     """Linear -> ReLU -> ... -> Linear (no batch norm, as CT-FM's 512 -> 256 -> 128 head)."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         layers.append(nn.Linear(a, b))
         if i < len(dims) - 2:
             layers.append(nn.ReLU(inplace=True))

@@ -1,21 +1,16 @@
 """The report encoder: a BERT-style model (a hub model in real runs, e.g. CXR-BERT as in fVLM; here
-random init from the config) whose [CLS] token (or token mean) is projected and L2-normalised. The tokenizer is
-prepared once per run on the driver (`prepare_tokenizer`) and stored beside the run."""
+random init from the config) whose [CLS] token (or token mean) is projected and L2-normalised. Its
+tokenizer is prepared once per run on the driver (ctray.data.text.prepare_tokenizer)."""
 
 from __future__ import annotations
 
-import logging
-import posixpath
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ctray.config import Section, StorageConfig
-from ctray.storage import filesystem, publish_bytes, read_bytes
-
-log = logging.getLogger(__name__)
+from ctray.config import Section
 
 
 class TextConfig(Section):
@@ -47,52 +42,6 @@ class TextConfig(Section):
     on the other tokens (cosine ~1.0 between any two texts), and it takes long to learn otherwise."""
 
 
-def prepare_tokenizer(text: TextConfig, shards: str, run_dir: str, storage: StorageConfig) -> str:
-    """The run's tokenizer.json text: the configured file, the run's own from an earlier attempt,
-    the hub model's (exported from transformers), or one trained on the shards' sentences."""
-    from ctray.data.text import train_wordpiece
-
-    if text.tokenizer:
-        fs, path = filesystem(text.tokenizer, storage)
-        return read_bytes(fs, path, storage).decode()
-    fs, root = filesystem(run_dir, storage)
-    path = posixpath.join(root, "tokenizer.json")
-    if fs.exists(path):
-        return read_bytes(fs, path, storage).decode()
-    if text.model:
-        from transformers import AutoTokenizer
-
-        tokenizer_json = AutoTokenizer.from_pretrained(text.model).backend_tokenizer.to_str()
-    else:
-        reports = report_sentences(shards, storage)
-        log.info("training a WordPiece tokenizer (vocab %d, words of >= %d reports) on the sentences of %d reports in %s",
-                 text.vocab_size, text.tokenizer_min_reports, len(reports), shards)
-        tokenizer_json = train_wordpiece(reports, text.vocab_size, text.tokenizer_min_reports)
-    publish_bytes(tokenizer_json.encode(), fs, path, storage)
-    return tokenizer_json
-
-
-def report_sentences(shards: str, storage: StorageConfig) -> list[list[str]]:
-    """The anatomy sentences of each report in the committed shards (only the anatomy_texts
-    column is read)."""
-    import pyarrow.parquet as pq
-
-    from ctray.data.pipeline import scan_index
-    from ctray.storage import arrow_filesystem
-
-    afs, _ = arrow_filesystem(shards, storage)
-    paths = sorted({item["path"] for item in scan_index(shards, storage)})
-    out: list[list[str]] = []
-    for path in paths:
-        for texts in pq.read_table(path, columns=["anatomy_texts"], filesystem=afs).column("anatomy_texts").to_pylist():
-            sentences = [s for t in texts or [] for s in t["sentences"]]
-            if sentences:
-                out.append(sentences)
-    if not out:
-        raise ValueError(f"{shards}: no report sentences to train a tokenizer on (were reports ingested?)")
-    return out
-
-
 class TextEncoder(nn.Module):
     """(N, L) token ids + attention mask -> (N, out_dim) L2-normalised [CLS] projections."""
 
@@ -103,11 +52,17 @@ class TextEncoder(nn.Module):
         if cfg.model:
             self.bert = AutoModel.from_pretrained(cfg.model)
         else:
-            self.bert = BertModel(BertConfig(
-                vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
-                num_attention_heads=cfg.heads, intermediate_size=4 * cfg.hidden_size,
-                max_position_embeddings=max(512, cfg.max_length),
-            ), add_pooling_layer=False)
+            self.bert = BertModel(
+                BertConfig(
+                    vocab_size=cfg.vocab_size,
+                    hidden_size=cfg.hidden_size,
+                    num_hidden_layers=cfg.layers,
+                    num_attention_heads=cfg.heads,
+                    intermediate_size=4 * cfg.hidden_size,
+                    max_position_embeddings=max(512, cfg.max_length),
+                ),
+                add_pooling_layer=False,
+            )
         self.proj = nn.Linear(self.bert.config.hidden_size, out_dim)
         self.pooling = cfg.pooling
 

@@ -1,8 +1,8 @@
 """A plain 3D ViT on scaled_dot_product_attention, and fVLM/CA-GCL's anatomy query pooling.
 
 Written out rather than taken from MONAI: MONAI's ViT builds attention by hand (einsum + softmax),
-which measured 89 views/s against 187 for this shape with SDPA on an H100 at 112x256x352
-(DESIGN.md section 6), and it has no per-anatomy query pooling.
+which measured 89 views/s against 187 for this shape with SDPA on an H100 at 112x256x352,
+and it has no per-anatomy query pooling.
 """
 
 from __future__ import annotations
@@ -44,12 +44,16 @@ class ViT3D(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"ViT width {dim} is not a multiple of its {heads} heads")
-        self.grid = tuple(s // p for s, p in zip(input_size, patch))
+        self.grid = tuple(s // p for s, p in zip(input_size, patch, strict=False))
         self.patch_embed = nn.Conv3d(1, dim, kernel_size=patch, stride=patch)
         self.pos = nn.Parameter(torch.zeros(1, math.prod(self.grid), dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def no_weight_decay(self) -> set[str]:
+        """Position embeddings are not decayed (timm's and open_clip's convention)."""
+        return {"pos"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos
@@ -76,6 +80,10 @@ class AnatomyQueryPooling(nn.Module):
         self.proj_weight = nn.Parameter(torch.randn(anatomies, dim, out_dim) / math.sqrt(dim))
         self.proj_bias = nn.Parameter(torch.zeros(anatomies, out_dim))
         self.heads = heads
+
+    def no_weight_decay(self) -> set[str]:
+        """The anatomy queries are learned tokens, like a [CLS] token: not decayed."""
+        return {"queries"}
 
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         b = tokens.shape[0]

@@ -1,85 +1,79 @@
-"""The objective registry: an objective is a spec owning its config, CPU sampler, device task
-(augmentation + model + loss) and export. The trainer knows nothing about any one paper.
+"""The objective registry: one `Objective` (ctray.objectives.spec) per recipe folder. The config
+loader, the trainer, the CLI, `ctray bench step` and `ctray sweep` ask it; none of them names a
+recipe.
 
-To add one: a module with a `Section` config whose `name` is a Literal, a `prepare` function
-(driver-side assets, or `no_assets`), a sampler class (Ray Data map_batches UDF in
-ctray.data.samplers with a `columns` attribute naming the shard columns it reads) and a task
-nn.Module whose forward(batch) returns a dict with "loss", "views" and any metrics (and, to be
-evaluated during training, an `evaluate(batches, step)` method); then a
-`register(ObjectiveSpec(...))` line below and the config in `ObjectiveConfig`.
+Entries are "module:attribute" strings, imported on first use: `ctray --help` and Ray Data's
+sampler processes (which import a recipe's sampler module, and so this package) must not pay for
+torch and MONAI.
+
+To add a recipe: a folder beside ctfm/ with its config (a `RecipeConfig` whose `name` is a
+Literal), a numpy-only sampler, a `Task` and an `Objective` instance, then one line in `RECIPES`
+below (or `register(...)` from your own code before the config is loaded). The README's "Add an
+objective" section walks through a 40-line one (tests/test_registry.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Callable, Union
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-from torch import nn
+from ctray.errors import ConfigError
 
-from ctray.objectives import cagcl, ctfm, totalfm
+if TYPE_CHECKING:
+    from ctray.objectives.spec import Objective, RecipeConfig
 
+RECIPES: dict[str, str] = {
+    "ctfm_simclr": "ctray.objectives.ctfm.recipe:OBJECTIVE",
+    "totalfm_mae": "ctray.objectives.totalfm.recipe:MAE",
+    "totalfm_clip": "ctray.objectives.totalfm.recipe:CLIP",
+    "cagcl": "ctray.objectives.cagcl.recipe:OBJECTIVE",
+}
+"""Objective name -> where its Objective lives."""
 
-@dataclass(frozen=True)
-class ObjectiveSpec:
-    name: str
-    config: type
-    prepare: Callable[..., dict]
-    """PretrainConfig -> assets (JSON-able), run once on the driver before training: a trained or
-    exported tokenizer, label ids from the manifest, a checked stage-1 export. Every rank's task
-    and the sampler receive them."""
-    sampler: Callable[..., Callable[[dict], dict]]
-    """(config, assets, seed=None) -> map_batches UDF (from ctray.data.samplers: numpy only, so Ray Data's task processes
-    do not import torch); its attribute `columns` lists the shard columns it reads."""
-    task: Callable[..., nn.Module]
-    """(config, assets) -> nn.Module with forward(batch) -> {"loss", "views", ...}, export_module(),
-    export_config(); optionally evaluate(batches, step) -> ctray.objectives.zeroshot.Evaluation."""
-    synthetic_batch: Callable[..., dict]
-    """(config, scans, device) -> an in-memory batch like the sampler's, for `data.synthetic`."""
-    sweep_space: dict
-    """Default `ctray sweep` space: dotted path -> {grid|choice|uniform|loguniform: ...}."""
+_LOADED: dict[str, Objective[Any]] = {}
 
 
-OBJECTIVES: dict[str, ObjectiveSpec] = {}
+def objective_names() -> list[str]:
+    """Every registered name, without importing any recipe (CLI choices)."""
+    return sorted(RECIPES.keys() | _LOADED.keys())
 
 
-def register(spec: ObjectiveSpec) -> ObjectiveSpec:
-    if spec.name in OBJECTIVES:
-        raise ValueError(f"objective {spec.name!r} registered twice")
-    OBJECTIVES[spec.name] = spec
-    return spec
+def register(objective: Objective[Any]) -> Objective[Any]:
+    """Add an objective from your own code; its name must be new and its config's `name` default."""
+    if objective.name in RECIPES or objective.name in _LOADED:
+        raise ValueError(f"objective {objective.name!r} registered twice")
+    _check(objective.name, objective)
+    _LOADED[objective.name] = objective
+    return objective
 
 
-def get_objective(name: str) -> ObjectiveSpec:
-    try:
-        return OBJECTIVES[name]
-    except KeyError:
-        raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}") from None
+def get_objective(name: str) -> Objective[Any]:
+    if name not in _LOADED:
+        if name not in RECIPES:
+            raise ConfigError(f"unknown objective {name!r}; known: {', '.join(objective_names())}")
+        module, attr = RECIPES[name].split(":")
+        _LOADED[name] = _check(name, getattr(importlib.import_module(module), attr))
+    return _LOADED[name]
 
 
-def no_assets(cfg) -> dict:
-    return {}
+def _check(name: str, objective: Objective[Any]) -> Objective[Any]:
+    default = objective.config.model_fields["name"].default
+    if objective.name != name or default != name:
+        raise ValueError(
+            f"objective {name!r}: registered as {objective.name!r}, its config's name defaults to {default!r}"
+        )
+    return objective
 
 
-register(ObjectiveSpec("ctfm_simclr", ctfm.CTFMConfig, no_assets, ctfm.patch_sampler, ctfm.CTFMTask, ctfm.synthetic_batch, {
-    "objective.temperature": {"loguniform": (0.05, 0.5)},
-    "objective.patches_per_scan": {"choice": [10, 15, 20]},
-    "optim.lr": {"loguniform": (3e-5, 3e-4)},
-}))
-register(ObjectiveSpec("totalfm_mae", totalfm.TotalFMMAEConfig, no_assets, totalfm.organ_sampler, totalfm.TotalFMMAETask, totalfm.synthetic_batch, {
-    "objective.mask_ratio": {"choice": [0.75, 0.9]},
-    "optim.lr": {"loguniform": (1e-4, 1.5e-3)},
-}))
-register(ObjectiveSpec("totalfm_clip", totalfm.TotalFMCLIPConfig, totalfm.clip_assets, totalfm.organ_sampler, totalfm.TotalFMCLIPTask, totalfm.synthetic_batch, {
-    "objective.temperature_init": {"choice": [0.03, 0.07, 0.1]},
-    "optim.lr": {"loguniform": (1e-5, 3e-4)},
-}))
-register(ObjectiveSpec("cagcl", cagcl.CAGCLConfig, cagcl.cagcl_assets, cagcl.scan_sampler, cagcl.CAGCLTask, cagcl.synthetic_batch, {
-    "objective.global_weight": {"grid": [0.0, 0.05, 0.1, 0.2]},
-    "optim.lr": {"loguniform": (1e-5, 3e-4)},
-}))
+def objective_config(value: Any) -> RecipeConfig:
+    """A job's `objective:` section validated into the config type its `name` registers (what a
+    discriminated union would do, but open to objectives registered after import)."""
+    from ctray.objectives.spec import RecipeConfig
 
-ObjectiveConfig = Annotated[
-    Union[ctfm.CTFMConfig, totalfm.TotalFMMAEConfig, totalfm.TotalFMCLIPConfig, cagcl.CAGCLConfig], Field(discriminator="name")
-]
-"""Every registered objective's config, told apart by `name`."""
+    if isinstance(value, RecipeConfig):
+        return value
+    if not isinstance(value, dict) or "name" not in value:
+        raise ValueError(f"needs a `name`, one of {objective_names()}")
+    if value["name"] not in objective_names():
+        raise ValueError(f"unknown objective {value['name']!r}; known: {', '.join(objective_names())}")
+    return get_objective(value["name"]).config.model_validate(value)

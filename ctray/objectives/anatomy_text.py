@@ -4,22 +4,35 @@ worker (with autograd), and zero-shot evaluation. A subclass supplies `embed_ana
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
 
 from ctray import dist
-from ctray.config import Section
 from ctray.data.samplers import AnatomyTexts
-from ctray.data.text import TextEncoding
+from ctray.data.text import TextEncoding, prepare_tokenizer
 from ctray.models.text import TextConfig, TextEncoder
 from ctray.objectives.losses import AnatomyLocalLoss, LearnableTemperature
-from ctray.objectives.zeroshot import Evaluation, ZeroShotConfig, evaluate
+from ctray.objectives.spec import Batch, Evaluation, RecipeConfig, Task
+from ctray.objectives.zeroshot import ZeroShotConfig, evaluate
+from ctray.train.run_folder import RunFolder
 
 
-class ContrastConfig(Section):
-    """Vision-text contrast shared by TotalFM stage 2 and CA-GCL."""
+BERT_B = (
+    "objective.text.hidden_size=768",
+    "objective.text.layers=12",
+    "objective.text.heads=12",
+    "objective.text.max_length=64",
+)
+"""Overrides of the local jobs that build a BERT-base text tower (bench step on a GPU)."""
+
+
+class ContrastConfig(RecipeConfig):
+    """Vision-text contrast shared by TotalFM stage 2 and CA-GCL (their configs extend it)."""
 
     embed_dim: int = 256
     """Joint embedding width (fVLM: 256)."""
@@ -34,12 +47,15 @@ class ContrastConfig(Section):
     zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
 
 
-def synthetic_text_fields(cfg: ContrastConfig, scans: int, anatomies: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def synthetic_text_fields(
+    cfg: ContrastConfig, scans: int, anatomies: int, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
     """Random text fields of the samplers' shapes and dtypes (every anatomy present), for
     `data.synthetic` and FLOP counting."""
     length = cfg.text.max_length
     return {
-        "present": torch.ones((scans, anatomies), dtype=torch.uint8), "region": torch.ones((scans, anatomies), dtype=torch.uint8),
+        "present": torch.ones((scans, anatomies), dtype=torch.uint8),
+        "region": torch.ones((scans, anatomies), dtype=torch.uint8),
         "text_ids": torch.randint(5, cfg.text.vocab_size, (scans, anatomies, length), generator=gen, dtype=torch.int32),
         "text_mask": torch.ones((scans, anatomies, length), dtype=torch.uint8),
         "text_hash": torch.arange(scans * anatomies, dtype=torch.int64).reshape(scans, anatomies),
@@ -48,23 +64,19 @@ def synthetic_text_fields(cfg: ContrastConfig, scans: int, anatomies: int, gen: 
     }
 
 
-def text_assets(cfg) -> dict:
+def text_assets(cfg: Any) -> dict[str, Any]:
     """Driver side (PretrainConfig -> assets): the run's tokenizer."""
-    import posixpath
-
-    from ctray.models.text import prepare_tokenizer
-
-    run_dir = posixpath.join(cfg.run.storage, cfg.run.name)
+    run_dir = RunFolder.of(cfg).uri
     return {
         "tokenizer_json": prepare_tokenizer(cfg.objective.text, cfg.data.shards, run_dir, cfg.storage),
     }
 
 
-def text_encoding(cfg: ContrastConfig, assets: dict) -> TextEncoding:
+def text_encoding(cfg: ContrastConfig, assets: dict[str, Any]) -> TextEncoding:
     return TextEncoding(assets["tokenizer_json"], cfg.text.max_length)
 
 
-def anatomy_texts(cfg: ContrastConfig, anatomies: list[str], assets: dict, policy: str) -> AnatomyTexts:
+def anatomy_texts(cfg: ContrastConfig, anatomies: list[str], assets: dict[str, Any], policy: str) -> AnatomyTexts:
     """The sampler's text side for `anatomies`, with the run's tokenizer."""
     return AnatomyTexts(anatomies, cfg.zero_shot.findings, text_encoding(cfg, assets), policy)
 
@@ -76,19 +88,22 @@ def at_slots(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class AnatomyTextTask(nn.Module):
+class AnatomyTextTask(Task):
     """Base task. Batch keys (from ctray.data.samplers.AnatomyTexts): text_ids, text_mask (S, A, L);
     present, region (S, A); text_hash (S, A); abnormal (S, A); finding_labels (S, F)."""
 
     anatomies: list[str]
 
-    def __init__(self, contrast: ContrastConfig, assets: dict):
+    def __init__(self, contrast: ContrastConfig, assets: dict[str, Any]):
         super().__init__()
         self.contrast = contrast
         self.text = TextEncoder(contrast.text, contrast.embed_dim)
         self.temperature = LearnableTemperature(contrast.temperature_init, *contrast.temperature_range)
         self.local = AnatomyLocalLoss(contrast.soft_targets)
         self.encoding = text_encoding(contrast, assets)
+
+    def clamped_parameters(self) -> list[tuple[nn.Parameter, float, float]]:
+        return [(self.temperature.tau, *self.temperature.bounds)]
 
     def embed_anatomies(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """-> (S, A, embed_dim) L2-normalised anatomy image embeddings (rows outside `region` arbitrary)."""
@@ -106,7 +121,8 @@ class AnatomyTextTask(nn.Module):
     def gathered(self, v: torch.Tensor, r: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """The global batch: embeddings with autograd, the rest without (open_clip gather_features)."""
         return {
-            "v": dist.gather_with_grad(v), "r": dist.gather_with_grad(r),
+            "v": dist.gather_with_grad(v),
+            "r": dist.gather_with_grad(r),
             **{k: dist.gather(batch[k]) for k in ("present", "text_hash", "abnormal")},
         }
 
@@ -119,7 +135,7 @@ class AnatomyTextTask(nn.Module):
         return self.text(torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device))
 
     @torch.no_grad()
-    def evaluate(self, batches, step: int) -> Evaluation:
+    def evaluate(self, batches: Iterable[Batch], step: int) -> Evaluation:
         """Zero-shot metrics and the text-collapse diagnostic over evaluation batches (same keys as
         training batches, from the sampler with a fixed seed)."""
         vs, regions, findings, abnormal, texts, text_anatomy = [], [], [], [], [], []
@@ -133,7 +149,15 @@ class AnatomyTextTask(nn.Module):
             findings.append(batch["finding_labels"].cpu().numpy())
             abnormal.append(batch["abnormal"].cpu().numpy())
         return evaluate(
-            torch.cat(vs), np.concatenate(regions), np.concatenate(findings), np.concatenate(abnormal), torch.cat(texts),
-            np.concatenate(text_anatomy), self.anatomies, lambda t: self.embed_texts(t).float(),
-            float(self.temperature()), self.contrast.zero_shot, step,
+            torch.cat(vs),
+            np.concatenate(regions),
+            np.concatenate(findings),
+            np.concatenate(abnormal),
+            torch.cat(texts),
+            np.concatenate(text_anatomy),
+            self.anatomies,
+            lambda t: self.embed_texts(t).float(),
+            float(self.temperature()),
+            self.contrast.zero_shot,
+            step,
         )

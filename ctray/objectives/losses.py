@@ -45,33 +45,46 @@ class IntraSampleNTXent(nn.Module):
             raise ValueError(f"expected z of shape (scans, 2, patches, dim), got {tuple(z.shape)}")
         s, _, m, _ = z.shape
         if m < 2:
-            raise ValueError("intra-sample NT-Xent needs at least 2 patches per scan (negatives come from the same scan)")
+            raise ValueError(
+                "intra-sample NT-Xent needs at least 2 patches per scan (negatives come from the same scan)"
+            )
         views = F.normalize(_fp32(z), dim=-1).reshape(s, 2 * m, -1)  # view v of patch p at v * M + p
         sim = views @ views.transpose(1, 2)  # (S, 2M, 2M) cosine similarities
         positive = (torch.arange(2 * m, device=z.device) + m) % (2 * m)
-        logits = (sim / self.temperature).masked_fill(torch.eye(2 * m, dtype=torch.bool, device=z.device), float("-inf"))
+        logits = (sim / self.temperature).masked_fill(
+            torch.eye(2 * m, dtype=torch.bool, device=z.device), float("-inf")
+        )
         loss = F.cross_entropy(logits.reshape(s * 2 * m, 2 * m), positive.repeat(s))
         pos_sim = sim[:, torch.arange(2 * m, device=z.device), positive].mean()
         return loss, pos_sim.detach()
 
 
 class LearnableTemperature(nn.Module):
-    """CLIP's learnable temperature, kept as log(1/tau) and clamped to [tau_min, tau_max]
-    (fVLM: init 0.07, clamp 0.001..0.5). forward() -> the logit scale 1/tau, a scalar tensor."""
+    """The learnable temperature of fVLM (CA-GCL's code base): the parameter is tau itself (init
+    0.07, range 0.001..0.5) and logits are similarities / tau. forward() -> the logit scale 1/tau,
+    a scalar tensor.
+
+    As in fVLM and open_clip the range is kept by clamping the parameter in place (`bounds`, through
+    Task.clamped_parameters: the trainer does it after each optimizer step), so its gradient flows
+    even at a bound; a clamp inside forward would zero it there. Parametrised as tau (fVLM), not
+    open_clip's log(1/tau): AdamW moves a parameter by about lr per step, so tau falls from 0.07 to
+    0.01 in ~600 steps at fVLM's lr of 1e-4, where log(1/tau) would need ~19,000."""
 
     def __init__(self, init: float = 0.07, tau_min: float = 0.001, tau_max: float = 0.5):
         super().__init__()
         if not tau_min <= init <= tau_max:
             raise ValueError(f"temperature init {init} outside [{tau_min}, {tau_max}]")
         # Shape (1,), not (): DeepSpeed's flattening cannot view a 0-dim parameter.
-        self.log_scale = nn.Parameter(torch.full((1,), float(-torch.log(torch.tensor(init)))))
-        self.bounds = (float(-torch.log(torch.tensor(tau_max))), float(-torch.log(torch.tensor(tau_min))))
+        self.tau = nn.Parameter(torch.full((1,), float(init)))
+        self.bounds = (float(tau_min), float(tau_max))
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.clamp(*self.bounds).exp()[0]
+        return 1.0 / self.tau[0]
 
 
-def bidirectional_infonce(v: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+def bidirectional_infonce(
+    v: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor | None = None
+) -> torch.Tensor:
     """-1/N sum_i [log softmax_k <v_i, r_k> s + log softmax_k <v_k, r_i> s] at the positive:
     the two-direction InfoNCE of CA-GCL eq. (1) and (4) (a sum of the two directions, as written).
 
@@ -112,14 +125,26 @@ class AnatomyLocalLoss(nn.Module):
         super().__init__()
         self.soft_targets = soft_targets
 
-    def forward(self, v, r, present, scale, text_hash=None, abnormal=None) -> torch.Tensor:
+    def forward(
+        self,
+        v: torch.Tensor,
+        r: torch.Tensor,
+        present: torch.Tensor,
+        scale: torch.Tensor,
+        text_hash: torch.Tensor | None = None,
+        abnormal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         losses = []
         for j in range(v.shape[1]):
             idx = present[:, j].nonzero().squeeze(1)
             if len(idx) < 2:  # no negatives: 0, still attached to the graph so backward() works
                 losses.append(0.0 * _fp32(v[:, j].sum()))
                 continue
-            targets = false_negative_targets(text_hash[idx, j], abnormal[idx, j]) if self.soft_targets else None
+            targets = None
+            if self.soft_targets:
+                if text_hash is None or abnormal is None:
+                    raise ValueError("soft targets need text_hash and abnormal")
+                targets = false_negative_targets(text_hash[idx, j], abnormal[idx, j])
             losses.append(bidirectional_infonce(v[idx, j], r[idx, j], scale, targets))
         return torch.stack(losses)
 
@@ -138,11 +163,18 @@ class CrossAnatomyGlobalLoss(nn.Module):
     """
 
     @staticmethod
-    def permutations(b: int, a: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    def permutations(b: int, a: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         """(A, B): row j is pi_j."""
         return torch.stack([torch.randperm(b, generator=generator) for _ in range(a)]).to(device)
 
-    def forward(self, v, r, present, scale, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        v: torch.Tensor,
+        r: torch.Tensor,
+        present: torch.Tensor,
+        scale: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         b, a = present.shape
         perm = self.permutations(b, a, generator, v.device)  # (A, K=B)
         cols = torch.arange(a, device=v.device)[:, None]

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field
 
 from ctray.config import Section
-from ctray.data.phantoms import FINDINGS
+from ctray.anatomy import DEFAULT_FINDINGS
+from ctray.objectives.spec import Evaluation
 
 DEFAULT_TEMPLATES = [
     ("{finding} in the {anatomy}.", "no {finding} in the {anatomy}."),
@@ -38,9 +40,10 @@ DEFAULT_TEMPLATES = [
 class ZeroShotConfig(Section):
     """Zero-shot evaluation prompts and the finding labels they are scored against."""
 
-    findings: dict[str, str] = Field(default_factory=lambda: dict(FINDINGS))
+    findings: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_FINDINGS))
     """Finding label (a `labels` name in the shards) -> the anatomy whose embedding scores it.
-    Default: the phantoms' labels; real data names its reports table's labels here."""
+    Default: ctray.anatomy.DEFAULT_FINDINGS (the phantoms draw theirs from it); real data names its
+    reports table's labels here."""
     templates: list[tuple[str, str]] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     """(present, absent) prompt pairs with {finding} and {anatomy} placeholders (>= 5 recommended)."""
     finding_prompts: dict[str, tuple[str, str]] = Field(default_factory=dict)
@@ -69,29 +72,40 @@ def f1_accuracy(pred: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return f1, float((pred == (labels == 1)).mean())
 
 
-@dataclass
-class Evaluation:
-    metrics: dict[str, float]
-    """Scalars for metrics.jsonl / Tune (zs_* and text_cos_*)."""
-    files: dict[str, bytes] = field(default_factory=dict)
-    """zero_shot.json, zero_shot.md and text_similarity.png, for <run>/eval/step_N/."""
-
-
 def _scores(v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float) -> np.ndarray:
     """(N, D) image embeddings, (D,) prompts -> P(present) under a softmax over the two prompts."""
     logits = scale * torch.stack([v @ pos, v @ neg], dim=1)
     return logits.softmax(1)[:, 0].cpu().numpy()
 
 
-def _task_rows(name: str, v: torch.Tensor, region: np.ndarray, labels: np.ndarray, cfg: ZeroShotConfig, embed_texts, scale, items) -> list[dict]:
+ZeroShotItem = tuple[str, int, str, str, int]
+"""(title, anatomy index, anatomy name, finding phrase, label column)."""
+TextEmbedder = Callable[[list[str]], torch.Tensor]
+"""Texts -> (N, D) L2-normalised text embeddings."""
+
+
+def _task_rows(
+    name: str,
+    v: torch.Tensor,
+    region: np.ndarray,
+    labels: np.ndarray,
+    cfg: ZeroShotConfig,
+    embed_texts: TextEmbedder,
+    scale: float,
+    items: list[ZeroShotItem],
+) -> list[dict[str, Any]]:
     """items: (title, anatomy index, anatomy name, finding phrase, label column) -> one row per
     template with macro-averaged AUROC / F1 / accuracy over the items that have both classes."""
+    if not items:
+        return []
     rows = []
     prompts = [
         t.format(finding=phrase, anatomy=anat)
-        for title, _, anat, phrase, _ in items for pair in cfg.templates for t in cfg.finding_prompts.get(title, pair)
+        for title, _, anat, phrase, _ in items
+        for pair in cfg.templates
+        for t in cfg.finding_prompts.get(title, pair)
     ]
-    emb = embed_texts(prompts).reshape(len(items), len(cfg.templates), 2, -1) if items else None
+    emb = embed_texts(prompts).reshape(len(items), len(cfg.templates), 2, -1)
     for t, _ in enumerate(cfg.templates):
         per = []
         for k, (title, j, _, _, col) in enumerate(items):
@@ -103,19 +117,39 @@ def _task_rows(name: str, v: torch.Tensor, region: np.ndarray, labels: np.ndarra
             f1, acc = f1_accuracy(s > 0.5, y)
             per.append({"item": title, "auroc": auroc(s, y), "f1": f1, "accuracy": acc, "n": int(ok.sum())})
         if per:
-            rows.append({"task": name, "template": t, **{m: float(np.mean([p[m] for p in per])) for m in ("auroc", "f1", "accuracy")}, "items": per})
+            rows.append(
+                {
+                    "task": name,
+                    "template": t,
+                    **{m: float(np.mean([p[m] for p in per])) for m in ("auroc", "f1", "accuracy")},
+                    "items": per,
+                }
+            )
     return rows
 
 
-def evaluate(v: torch.Tensor, region: np.ndarray, finding_labels: np.ndarray, abnormal: np.ndarray, text_emb: torch.Tensor,
-             text_anatomy: np.ndarray, anatomies: list[str], embed_texts, scale: float, cfg: ZeroShotConfig, step: int) -> Evaluation:
+def evaluate(
+    v: torch.Tensor,
+    region: np.ndarray,
+    finding_labels: np.ndarray,
+    abnormal: np.ndarray,
+    text_emb: torch.Tensor,
+    text_anatomy: np.ndarray,
+    anatomies: list[str],
+    embed_texts: TextEmbedder,
+    scale: float,
+    cfg: ZeroShotConfig,
+    step: int,
+) -> Evaluation:
     """v (S, A, D) anatomy embeddings of the evaluation scans; region (S, A) bool; finding_labels
     (S, F) and abnormal (S, A) in {-1, 0, 1}; text_emb (T, D) the embeddings of their reports'
     anatomy texts with text_anatomy (T,) the anatomy index of each; embed_texts(list[str]) -> (N, D)."""
     index = {a: j for j, a in enumerate(anatomies)}
     findings = [(f, a) for f, a in cfg.findings.items() if a in index]
-    finding_items = [(f, index[a], a, f.replace("_", " "), c) for c, (f, a) in enumerate(findings)]
-    anatomy_items = [(f"{a} (any finding)", j, a, cfg.lesion_term, j) for j, a in enumerate(anatomies)]
+    finding_items: list[ZeroShotItem] = [(f, index[a], a, f.replace("_", " "), c) for c, (f, a) in enumerate(findings)]
+    anatomy_items: list[ZeroShotItem] = [
+        (f"{a} (any finding)", j, a, cfg.lesion_term, j) for j, a in enumerate(anatomies)
+    ]
     rows = _task_rows("finding", v, region, finding_labels, cfg, embed_texts, scale, finding_items)
     rows += _task_rows("anatomy", v, region, abnormal, cfg, embed_texts, scale, anatomy_items)
 
@@ -130,13 +164,27 @@ def evaluate(v: torch.Tensor, region: np.ndarray, finding_labels: np.ndarray, ab
     metrics["text_cos_mean"] = float(sims.mean()) if len(sims) else float("nan")
     metrics["text_cos_std"] = float(sims.std()) if len(sims) else float("nan")
 
-    report = {"step": step, "scans": int(len(region)), "metrics": metrics, "templates": [list(t) for t in cfg.templates], "per_template": rows}
+    report = {
+        "step": step,
+        "scans": len(region),
+        "metrics": metrics,
+        "templates": [list(t) for t in cfg.templates],
+        "per_template": rows,
+    }
     files = {
         "zero_shot.json": json.dumps(report, indent=1).encode(),
         "zero_shot.md": markdown_table(rows, metrics, step).encode(),
         "text_similarity.png": similarity_histogram(sims, step),
     }
-    return Evaluation(metrics, files)
+    z = metrics
+    summary = (
+        f"eval step {step}: zero-shot finding AUROC "
+        f"{z['zs_finding_auroc_mean']:.3f} ± {z['zs_finding_auroc_std']:.3f}, "
+        f"anatomy AUROC {z['zs_anatomy_auroc_mean']:.3f} ± {z['zs_anatomy_auroc_std']:.3f} "
+        f"(over {len(cfg.templates)} templates); text cos(different anatomies) "
+        f"{z['text_cos_mean']:.3f} ± {z['text_cos_std']:.3f}"
+    )
+    return Evaluation(metrics, summary, files)
 
 
 def cross_anatomy_similarity(text_emb: torch.Tensor, text_anatomy: np.ndarray) -> np.ndarray:
@@ -150,13 +198,28 @@ def cross_anatomy_similarity(text_emb: torch.Tensor, text_anatomy: np.ndarray) -
 
 
 def markdown_table(rows: list[dict], metrics: dict[str, float], step: int) -> str:
-    lines = [f"# Zero-shot evaluation at step {step}", "", "| task | template | AUROC | F1 | accuracy |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['task']} | {r['template']} | {r['auroc']:.3f} | {r['f1']:.3f} | {r['accuracy']:.3f} |" for r in rows]
+    lines = [
+        f"# Zero-shot evaluation at step {step}",
+        "",
+        "| task | template | AUROC | F1 | accuracy |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['task']} | {r['template']} | {r['auroc']:.3f} | {r['f1']:.3f} | {r['accuracy']:.3f} |" for r in rows
+    ]
     lines += ["", "| task | AUROC mean ± std | F1 mean ± std | accuracy mean ± std |", "| --- | --- | --- | --- |"]
     for task in ("finding", "anatomy"):
-        cells = [f"{metrics[f'zs_{task}_{m}_mean']:.3f} ± {metrics[f'zs_{task}_{m}_std']:.3f}" for m in ("auroc", "f1", "accuracy")]
+        cells = [
+            f"{metrics[f'zs_{task}_{m}_mean']:.3f} ± {metrics[f'zs_{task}_{m}_std']:.3f}"
+            for m in ("auroc", "f1", "accuracy")
+        ]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    lines += ["", f"Text embeddings of different anatomies: cosine similarity mean {metrics['text_cos_mean']:.3f}, std {metrics['text_cos_std']:.3f}", ""]
+    lines += [
+        "",
+        "Text embeddings of different anatomies: cosine similarity "
+        f"mean {metrics['text_cos_mean']:.3f}, std {metrics['text_cos_std']:.3f}",
+        "",
+    ]
     return "\n".join(lines)
 
 

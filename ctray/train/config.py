@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from ctray.config import RayConfig, Section, StorageConfig
-from ctray.objectives import ObjectiveConfig
+from ctray.objectives import objective_config
+from ctray.objectives.spec import RecipeConfig
 
 
 class DataConfig(Section):
@@ -21,13 +22,9 @@ class DataConfig(Section):
     """Batches each worker's iterator prepares ahead (iter_torch_batches)."""
     sampler_concurrency: int | None = None
     """CPU sampler tasks running at once (None: Ray Data decides from free CPUs)."""
-    min_scans_per_pass: int = 1
-    """Repeat the scan index until one pass of the iterator holds at least this many scans (each
-    copy in its own shuffled order). Ray Data restarts its executor at each pass (seconds), which
-    shows on small data sets; but a long pass keeps sampler tasks running ahead, which on a 2-core
-    machine measured slower (a 10-step test run: 82 s at 512 against 52 s at 1). 1: no repetition."""
     shuffle_buffer_scans: int = 0
-    """Local shuffle buffer (scans) in each worker on top of shuffled shard order; 0 disables."""
+    """Local shuffle buffer (scans) in each worker on top of the seeded scan order (seeded from
+    train.seed too); 0 disables."""
     synthetic: bool = False
     """Train on one in-memory batch of the objective's shape instead of the shards (to measure the
     step alone, `ctray bench step`); `shards` is then not read."""
@@ -49,13 +46,24 @@ class OptimConfig(Section):
     """Gradient norm clipping (0 disables; CT-FM does not clip)."""
     grad_accum: int = 1
     """Micro-steps per optimizer step (DeepSpeed gradient accumulation)."""
+    lr_base_batch: int | None = None
+    """Linear scaling rule (MAE, VideoMAE: lr = 1.5e-4 x batch / 256): when set, `lr` is the base
+    lr and the peak lr used is lr x views per step / lr_base_batch, with views per step =
+    data.scans_per_batch x grad_accum x lr_views_per_scan. Logged as the effective lr. None: lr as given."""
+    lr_views_per_scan: float = 1.0
+    """What the base batch counts, per scan: 1 for scans; a VideoMAE batch counts videos, so
+    TotalFM stage 1 says the organs per scan (13 in jobs/totalfm-mae.yaml)."""
 
 
 class TrainConfig(Section):
     """Loop length, logging and checkpoints."""
 
     max_steps: int = 250_000
-    """Optimizer steps in the run (CT-FM: 500 epochs x 500 steps)."""
+    """Optimizer steps in the run (CT-FM: 500 epochs x 500 steps); replaced by `epochs` when that is set."""
+    epochs: float | None = None
+    """Passes over the shards' scans instead of max_steps: steps = ceil(epochs x scans in the
+    manifest / (data.scans_per_batch x optim.grad_accum)), computed and logged at start (CA-GCL:
+    20 epochs at 56 scans per batch)."""
     log_every: int = 50
     """Steps between metric reports (loss, lr, views/s, data-wait fraction)."""
     checkpoint_every: int = 2000
@@ -65,7 +73,13 @@ class TrainConfig(Section):
     compile: bool = False
     """torch.compile the task (nn.Module.compile: parameter names unchanged) before DeepSpeed wraps it."""
     seed: int = 0
-    """Seed of model init (same on every worker) and augmentation (offset by rank)."""
+    """The one seed of the run: model init (the same on every worker), the scan order of every
+    pass, each draw's sampling (patches, organ cuts, texts), each step's device randomness
+    (augmentations, masking, dropout: offset by rank) and CA-GCL's permutations (the same on every
+    worker). A resumed run continues all of them where its checkpoint left off."""
+    sync_batchnorm: bool | None = None
+    """Turn the task's BatchNorm layers into SyncBatchNorm (CT-FM trains so across GPUs). None: on
+    when training on more than one GPU (SyncBatchNorm needs GPUs)."""
     fault_kill_at_step: int | None = None
     """Fault injection: rank 1 (or 0 alone) kills its own process once at this step, to test the
     cluster's recovery from checkpoints. Leave unset in real runs."""
@@ -124,7 +138,8 @@ class RunConfig(Section):
 class PretrainConfig(Section):
     """`ctray pretrain`: shards -> Ray Data -> Ray Train + DeepSpeed -> checkpoints + encoder export."""
 
-    objective: ObjectiveConfig
+    objective: SerializeAsAny[RecipeConfig]
+    """The recipe and its settings; `name` selects a registered objective (ctray.objectives)."""
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -135,13 +150,31 @@ class PretrainConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _registered(cls, value: object) -> RecipeConfig:
+        return objective_config(value)
+
     @model_validator(mode="after")
-    def _batch_splits(self) -> "PretrainConfig":
+    def _batch_splits(self) -> PretrainConfig:
         if self.data.scans_per_batch % self.scaling.num_workers:
             raise ValueError(
-                f"data.scans_per_batch={self.data.scans_per_batch} must be a multiple of scaling.num_workers={self.scaling.num_workers}"
+                f"data.scans_per_batch={self.data.scans_per_batch} must be a multiple of "
+                f"scaling.num_workers={self.scaling.num_workers}"
             )
         return self
+
+    @property
+    def scans_per_step(self) -> int:
+        """Scans per optimizer step across all workers (with gradient accumulation)."""
+        return self.data.scans_per_batch * self.optim.grad_accum
+
+    @property
+    def peak_lr(self) -> float:
+        """The lr the schedule peaks at: optim.lr, or scaled by the linear rule (optim.lr_base_batch)."""
+        if self.optim.lr_base_batch is None:
+            return self.optim.lr
+        return self.optim.lr * self.scans_per_step * self.optim.lr_views_per_scan / self.optim.lr_base_batch
 
     @property
     def scans_per_worker(self) -> int:

@@ -3,6 +3,11 @@
 Every rank saves its DeepSpeed checkpoint shards to its own temp folder and reports it; Ray
 Train merges the folders in the run's storage (shard names are rank-unique). On (re)start each
 rank loads the latest reported checkpoint and continues from its step.
+
+The loop is split into the pieces torchtitan's trainer has: a metrics window (sums since the last
+report), a cadence (when to log, evaluate, checkpoint), the run's files on rank 0 and the run
+folder (ctray.train.run_folder). The trainer knows no metric or recipe names: a task returns its
+scalars, an evaluating task returns its own summary line.
 """
 
 from __future__ import annotations
@@ -11,25 +16,29 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import os
-import posixpath
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from ctray import dist
 from ctray.objectives import get_objective
-from ctray.storage import filesystem, publish_bytes
-from ctray.train.config import PretrainConfig
+from ctray.objectives.spec import Batch, Evaluates, Objective, Task
+from ctray.train.config import PretrainConfig, TrainConfig
+from ctray.train.optim import clamp_, param_groups, warmup_cosine
+from ctray.train.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 TAG = "ctray"
 
 
-def deepspeed_config(cfg: PretrainConfig, use_gpu: bool) -> dict:
+def deepspeed_config(cfg: PretrainConfig, use_gpu: bool) -> dict[str, Any]:
     bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and use_gpu)
     return {
         "train_micro_batch_size_per_gpu": cfg.scans_per_worker,
@@ -43,257 +52,356 @@ def deepspeed_config(cfg: PretrainConfig, use_gpu: bool) -> dict:
     }
 
 
-def warmup_cosine(warmup: int, total: int, min_ratio: float):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def build_engine(cfg: PretrainConfig, task: Task, use_gpu: bool) -> tuple[Any, Any]:
+    """The DeepSpeed engine around `task` with torch AdamW and the warmup-cosine schedule."""
+    import deepspeed
 
-    return factor
-
-
-class _RunFiles:
-    """Rank 0's TensorBoard events and metrics.jsonl, written locally and copied to the run's
-    storage at every checkpoint and at the end."""
-
-    def __init__(self, cfg: PretrainConfig, start_step: int):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.fs, root = filesystem(cfg.run.storage, cfg.storage)
-        self.root = posixpath.join(root, cfg.run.name)
-        self.storage = cfg.storage
-        self.local = tempfile.mkdtemp(prefix="ctray-run-")
-        self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"))
-        # A resumed run keeps the history up to its checkpoint; later lines were lost with the crash.
-        try:
-            old = [json.loads(line) for line in self.fs.cat_file(posixpath.join(self.root, "metrics.jsonl")).decode().splitlines()]
-        except FileNotFoundError:
-            old = []
-        self.metrics: list[dict] = [m for m in old if m["step"] <= start_step]
-
-    def event(self, **fields) -> None:
-        self.metrics.append(fields)
-
-    def log(self, metrics: dict) -> None:
-        step = metrics["step"]
-        for k, v in metrics.items():
-            if k not in ("step", "time") and isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, step)
-        self.metrics.append(metrics)
-
-    def sync(self) -> None:
-        self.tb.flush()
-        publish_bytes("".join(json.dumps(m) + "\n" for m in self.metrics).encode(), self.fs, posixpath.join(self.root, "metrics.jsonl"), self.storage)
-        tb_local = os.path.join(self.local, "tensorboard")
-        for name in os.listdir(tb_local):
-            with open(os.path.join(tb_local, name), "rb") as f:
-                publish_bytes(f.read(), self.fs, posixpath.join(self.root, "tensorboard", name), self.storage)
+    groups = [g for g in param_groups(task, cfg.optim.weight_decay) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=cfg.optim.betas)
+    factor = warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    engine, _, _, sched = deepspeed.initialize(
+        model=task, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, use_gpu), dist_init_required=False
+    )
+    return engine, sched
 
 
-def _maybe_inject_fault(cfg: PretrainConfig, step: int, rank: int, world: int) -> None:
-    if cfg.train.fault_kill_at_step != step or rank != (1 if world > 1 else 0):
-        return
-    fs, root = filesystem(cfg.run.storage, cfg.storage)
-    marker = posixpath.join(root, cfg.run.name, f"_fault_injected_step{step}")
-    if fs.exists(marker):
-        return
-    publish_bytes(b"", fs, marker, cfg.storage)
-    log.warning("fault injection: rank %d kills its own process at step %d", rank, step)
-    os.kill(os.getpid(), 9)
+def gathered(module: torch.nn.Module, zero_stage: int) -> contextlib.AbstractContextManager[Any]:
+    """Full parameters inside the block (collective under ZeRO-3: every rank must enter)."""
+    import deepspeed
+
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 
 
 def param_checksum(module: torch.nn.Module, zero_stage: int) -> float:
     """Sum of |parameters| (gathered under ZeRO-3): a cheap fingerprint that a checkpoint loads back exactly."""
-    import deepspeed
-
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else contextlib.nullcontext():
-        return float(sum(p.detach().double().abs().sum() for p in params))
+    with gathered(module, zero_stage):
+        return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
 
 
-def _export(engine, task, cfg: PretrainConfig, step: int) -> None:
-    """The encoder as safetensors + JSON config in <run>/export (gathered first under ZeRO-3)."""
-    import deepspeed
-    from safetensors.torch import save
+@dataclass(frozen=True)
+class Cadence:
+    """When a step logs, evaluates and checkpoints; the last step does all three."""
 
-    module = task.export_module()
-    gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) if cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext()
-    with gather:
-        if dist.rank() == 0:
-            state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
-            fs, root = filesystem(cfg.run.storage, cfg.storage)
-            out = posixpath.join(root, cfg.run.name, "export")
-            publish_bytes(save(state), fs, posixpath.join(out, "encoder.safetensors"), cfg.storage)
-            meta = {"objective": cfg.objective.name, "step": step, **task.export_config()}
-            publish_bytes(json.dumps(meta, indent=1).encode(), fs, posixpath.join(out, "encoder.json"), cfg.storage)
+    train: TrainConfig
+    eval_every: int
+    """0: evaluate at the last step only; -1: never (no evaluation for this task or config)."""
+
+    def last(self, step: int) -> bool:
+        return step >= self.train.max_steps
+
+    def should_eval(self, step: int) -> bool:
+        if self.eval_every < 0:
+            return False
+        return self.last(step) or (self.eval_every > 0 and step % self.eval_every == 0)
+
+    def should_checkpoint(self, step: int) -> bool:
+        return self.last(step) or step % self.train.checkpoint_every == 0
+
+    def should_log(self, step: int) -> bool:
+        return step % self.train.log_every == 0 or self.should_checkpoint(step) or self.should_eval(step)
 
 
-def train_loop(config: dict) -> None:
-    cfg = PretrainConfig.model_validate(config["cfg"])
-    use_gpu = cfg.scaling.use_gpu
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
-    import deepspeed
-    import ray.train
-    import ray.train.torch
+class MetricsWindow:
+    """The task's scalars, views and data-wait summed over the micro-steps since the last report.
+    Sums stay on the device: a float() per step would wait for the GPU every step."""
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    rank, world = dist.rank(), dist.world_size()
-    device = ray.train.torch.get_device()
-    spec = get_objective(cfg.objective.name)
+    def __init__(self) -> None:
+        self.reset()
 
-    torch.manual_seed(cfg.train.seed)  # identical init on every rank
-    assets = config.get("assets", {})
-    task = spec.task(cfg.objective, assets)
-    if cfg.train.compile:
-        task.compile()
-    opt = torch.optim.AdamW(task.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio))
-    engine, opt, _, sched = deepspeed.initialize(
-        model=task, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, use_gpu), dist_init_required=False
-    )
-    torch.manual_seed(cfg.train.seed * 7919 + rank + 1)  # different augmentations per rank
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.wait_s = 0.0
+        self.views = 0.0
+        self.micro_steps = 0
+        self.sums: dict[str, torch.Tensor] = {}
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=TAG)
-        log.info("rank %d resumed from %s at step %d", rank, checkpoint.path, engine.global_steps)
-    step = engine.global_steps
-    files = _RunFiles(cfg, step) if rank == 0 else None
-    # Which Ray node each rank runs on: a run spanning nodes says so in its metrics.
-    nodes = dist.gather_object(ray.get_runtime_context().get_node_id())
-    if files is not None:
-        files.event(event="workers", step=step, time=time.time(), nodes=nodes)
-        log.info("%d worker(s) on %d node(s)", world, len(set(nodes)))
-    if checkpoint is not None:
-        checksum = param_checksum(engine.module, cfg.deepspeed.zero_stage)
-        if files is not None:
-            files.event(event="resume", step=step, checkpoint=checkpoint.path, param_checksum=checksum)
+    def add(self, out: dict[str, torch.Tensor], wait_s: float, world: int) -> None:
+        self.wait_s += wait_s
+        self.views += float(out["views"]) * world  # a CPU tensor: no device sync
+        self.micro_steps += 1
+        for k, v in out.items():
+            if k != "views":
+                self.sums[k] = self.sums.get(k, 0.0) + v.detach()
 
-    shard = None if cfg.data.synthetic else ray.train.get_dataset_shard("train")
-    fixed = spec.synthetic_batch(cfg.objective, cfg.scans_per_worker, device) if cfg.data.synthetic else None
+    def report(self, device: torch.device) -> dict[str, float]:
+        """Means over the window, averaged across workers (collective: every rank calls it)."""
+        elapsed = time.perf_counter() - self.t0
+        means = {k: dist.mean_across_workers(float(v) / self.micro_steps, device) for k, v in self.sums.items()}
+        return {
+            "loss": means.pop("loss"),
+            "views_per_s": self.views / elapsed,
+            "data_wait_fraction": dist.mean_across_workers(self.wait_s / elapsed, device),
+            **means,
+        }
 
-    def batches_of_epoch():
-        if fixed is not None:
-            return itertools.repeat(fixed)
-        return shard.iter_torch_batches(
-            batch_size=cfg.scans_per_worker, prefetch_batches=cfg.data.prefetch_batches, drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer_scans or None,
+
+class RunFiles:
+    """Rank 0's TensorBoard events and metrics.jsonl, written locally and copied to the run's
+    storage at every checkpoint and at the end."""
+
+    def __init__(self, run: RunFolder, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run = run
+        self.local = tempfile.mkdtemp(prefix="ctray-run-")
+        self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"))
+        # A resumed run keeps the history up to its checkpoint; later lines were lost with the crash.
+        old = (
+            [json.loads(line) for line in self.run.read("metrics.jsonl").decode().splitlines()]
+            if run.exists("metrics.jsonl")
+            else []
         )
+        self.metrics: list[dict[str, Any]] = [m for m in old if m["step"] <= start_step]
 
-    evaluation = _Evaluation(cfg, spec, assets, task, device) if cfg.eval.enabled and hasattr(task, "evaluate") else None
+    def event(self, **fields: Any) -> None:
+        self.metrics.append(fields)
 
-    win = {"t0": time.perf_counter(), "wait": 0.0, "views": 0.0, "n": 0, "metrics": {}}
-    epoch = 0
-    while step < cfg.train.max_steps:
-        batches = 0
-        t_end = time.perf_counter()
-        for batch in batches_of_epoch():
-            win["wait"] += time.perf_counter() - t_end
-            batches += 1
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            out = engine(batch)
-            engine.backward(out["loss"])
-            engine.step()
-            # Sums stay on the device: a float() per step would wait for the GPU every step.
-            win["views"] += float(out["views"]) * world  # a CPU tensor: no device sync
-            win["n"] += 1
-            for k, v in out.items():
-                if k != "views":
-                    win["metrics"][k] = win["metrics"].get(k, 0.0) + v.detach()
-            if not engine.is_gradient_accumulation_boundary():
-                t_end = time.perf_counter()
-                continue
-            step = engine.global_steps
-            _maybe_inject_fault(cfg, step, rank, world)
-            last = step >= cfg.train.max_steps
-            evaluate_now = evaluation is not None and (last or (cfg.eval.every and step % cfg.eval.every == 0))
-            if step % cfg.train.log_every == 0 or step % cfg.train.checkpoint_every == 0 or evaluate_now or last:
-                elapsed = time.perf_counter() - win["t0"]
-                metrics = {
-                    "step": step,
-                    "time": time.time(),
-                    "epoch": epoch,
-                    "loss": dist.mean_across_workers(float(win["metrics"].pop("loss")) / win["n"], device),
-                    "lr": sched.get_last_lr()[0],
-                    "views_per_s": win["views"] / elapsed,
-                    "data_wait_fraction": dist.mean_across_workers(win["wait"] / elapsed, device),
-                    **{k: dist.mean_across_workers(float(v) / win["n"], device) for k, v in win["metrics"].items()},
-                }
-                if evaluate_now:
-                    metrics.update(evaluation.run(step))
-                if files is not None:
-                    files.log(metrics)
-                    log.info("step %d  loss %.4f  lr %.2e  %.1f views/s  data-wait %.1f%%", step, metrics["loss"], metrics["lr"], metrics["views_per_s"], 100 * metrics["data_wait_fraction"])
-                if step % cfg.train.checkpoint_every == 0 or last:
-                    metrics["param_checksum"] = param_checksum(engine.module, cfg.deepspeed.zero_stage)
-                    _checkpoint(engine, metrics, files)
-                else:
-                    ray.train.report(metrics)
-                win = {"t0": time.perf_counter(), "wait": 0.0, "views": 0.0, "n": 0, "metrics": {}}
-            if last:
-                break
-            t_end = time.perf_counter()
-        if batches == 0:
-            raise RuntimeError(
-                f"worker {rank} got no full batch of {cfg.scans_per_worker} scans in an epoch; "
-                "ingest more scans or lower data.scans_per_batch"
-            )
-        epoch += 1
-    _export(engine, task, cfg, step)
-    if files is not None:
-        files.sync()
+    def log(self, metrics: dict[str, Any]) -> None:
+        for k, v in metrics.items():
+            if k not in ("step", "time") and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, metrics["step"])
+        self.metrics.append(metrics)
+
+    def sync(self) -> None:
+        self.tb.flush()
+        self.run.write("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics).encode())
+        tb_local = os.path.join(self.local, "tensorboard")
+        for name in os.listdir(tb_local):
+            with open(os.path.join(tb_local, name), "rb") as f:
+                self.run.write(f"tensorboard/{name}", f.read())
 
 
-class _Evaluation:
-    """The objective's evaluation on a fixed set of scans, sampled with a fixed seed and read chunk
-    by chunk at each evaluation (holding them would cost GBs at CA-GCL's input size). Every rank
-    runs it (ZeRO-3 gathers parameters collectively); rank 0 publishes the files."""
+class InTrainingEvaluation:
+    """The task's evaluation on a fixed set of scans, sampled with a fixed seed and read chunk by
+    chunk at each evaluation (holding them would cost GBs at CA-GCL's input size). Every rank runs
+    it (ZeRO-3 gathers parameters collectively); rank 0 publishes the files."""
 
-    def __init__(self, cfg: PretrainConfig, spec, assets: dict, task, device):
-        from ctray.data.pipeline import ShardRowReader, scan_index
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        objective: Objective[Any],
+        assets: dict[str, Any],
+        task: Evaluates,
+        device: torch.device,
+    ):
+        from ctray.data.pipeline import ScanOrder, ShardRowReader, scan_index
 
-        self.cfg, self.task, self.device = cfg, task, device
+        self.task, self.device = task, device
+        self.run = RunFolder.of(cfg)
         uri = cfg.eval.shards or cfg.data.shards
-        items = scan_index(uri, cfg.storage)[: cfg.eval.max_scans]
-        self.reader = ShardRowReader(uri, cfg.storage, spec.sampler(cfg.objective, assets, seed=0))
-        n = cfg.scans_per_worker
-        self.chunks = [items[i : i + n] for i in range(0, len(items), n)]
+        order = ScanOrder(scan_index(uri, cfg.storage), seed=None)  # manifest order
+        self.reader = ShardRowReader(uri, cfg.storage, objective.sampler(cfg.objective, assets), order, seed=0)
+        count, n = min(cfg.eval.max_scans, len(order)), cfg.scans_per_worker
+        self.chunks = [np.arange(i, min(i + n, count)) for i in range(0, count, n)]
 
-    def batches(self):
-        for chunk in self.chunks:
-            out = self.reader({"path": [i["path"] for i in chunk], "row_group": [i["row_group"] for i in chunk]})
+    def batches(self) -> Iterator[Batch]:
+        for draws in self.chunks:
+            out = self.reader({"id": draws})
             yield {k: torch.as_tensor(v).to(self.device) for k, v in out.items()}
 
-    def run(self, step: int) -> dict[str, float]:
-        self.task.eval()
+    def run_at(self, step: int, module: torch.nn.Module) -> dict[str, float]:
+        module.eval()
         try:
             result = self.task.evaluate(self.batches(), step)
         finally:
-            self.task.train()
+            module.train()
         if dist.rank() == 0:
-            fs, root = filesystem(self.cfg.run.storage, self.cfg.storage)
-            folder = posixpath.join(root, self.cfg.run.name, "eval", f"step_{step:08d}")
             for name, data in result.files.items():
-                publish_bytes(data, fs, posixpath.join(folder, name), self.cfg.storage)
-            m = result.metrics
-            log.info(
-                "eval step %d: zero-shot finding AUROC %.3f ± %.3f, anatomy AUROC %.3f ± %.3f (over %d templates); "
-                "text cos(different anatomies) %.3f ± %.3f; files %s",
-                step, m["zs_finding_auroc_mean"], m["zs_finding_auroc_std"], m["zs_anatomy_auroc_mean"], m["zs_anatomy_auroc_std"],
-                len(self.cfg.objective.zero_shot.templates), m["text_cos_mean"], m["text_cos_std"],
-                posixpath.join(self.cfg.run.storage, self.cfg.run.name, "eval", f"step_{step:08d}"),
-            )
+                self.run.write(f"{self.run.eval_dir(step)}/{name}", data)
+            log.info("%s; files %s", result.summary, self.run.uri_of(self.run.eval_dir(step)))
         return result.metrics
 
 
-def _checkpoint(engine, metrics: dict, files) -> None:
+def _maybe_inject_fault(cfg: PretrainConfig, run: RunFolder, step: int) -> None:
+    rank, world = dist.rank(), dist.world_size()
+    if cfg.train.fault_kill_at_step != step or rank != (1 if world > 1 else 0):
+        return
+    marker = f"_fault_injected_step{step}"
+    if run.exists(marker):
+        return
+    run.write(marker, b"")
+    log.warning("fault injection: rank %d kills its own process at step %d", rank, step)
+    os.kill(os.getpid(), 9)
+
+
+def _export(engine: Any, task: Task, cfg: PretrainConfig, run: RunFolder, step: int) -> None:
+    """The encoder as safetensors + JSON config in <run>/export (gathered first under ZeRO-3)."""
+    from safetensors.torch import save
+
+    module = task.export_module()
+    with gathered(module, cfg.deepspeed.zero_stage):
+        if dist.rank() == 0:
+            state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+            run.write("export/encoder.safetensors", save(state))
+            meta = {"objective": cfg.objective.name, "step": step, **task.export_config()}
+            run.write("export/encoder.json", json.dumps(meta, indent=1).encode())
+
+
+def _checkpoint(engine: Any, metrics: dict[str, Any], files: RunFiles | None) -> None:
     import ray.train
 
     local = tempfile.mkdtemp(prefix="ctray-ckpt-")
     engine.save_checkpoint(local, tag=TAG, client_state={"step": metrics["step"]})
     if files is not None:
         files.sync()
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=f"checkpoint_{metrics['step']:08d}")
+    checkpoint = ray.train.Checkpoint.from_directory(local)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{metrics['step']:08d}")
     shutil.rmtree(local, ignore_errors=True)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: config = {"cfg": PretrainConfig as JSON, "assets": ...}."""
+    cfg = PretrainConfig.model_validate(config["cfg"])
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    worker = Worker(cfg, config.get("assets", {}), config.get("scans", 0))
+    step = worker.restore()
+    while not worker.cadence.last(step):
+        step = worker.run_pass()
+    worker.finish(step)
+
+
+class Worker:
+    """One rank's training: the task in its DeepSpeed engine, its batches, the cadence of reports,
+    evaluations and checkpoints, and (rank 0) the run's files."""
+
+    def __init__(self, cfg: PretrainConfig, assets: dict[str, Any], scans: int):
+        import ray.train.torch
+
+        self.cfg = cfg
+        self.device = ray.train.torch.get_device()
+        self.objective = get_objective(cfg.objective.name)
+        self.run = RunFolder.of(cfg)
+        torch.manual_seed(cfg.train.seed)  # identical init on every rank
+        self.task = self.objective.task(cfg.objective, assets)
+        sync_bn = cfg.train.sync_batchnorm
+        if sync_bn or (sync_bn is None and cfg.scaling.use_gpu and dist.world_size() > 1):
+            self.task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.task)
+        if cfg.train.compile:
+            self.task.compile()
+        self.engine, self.sched = build_engine(cfg, self.task, cfg.scaling.use_gpu)
+        self.scans = scans
+        self.evaluation = None
+        if cfg.eval.enabled and isinstance(self.task, Evaluates):
+            self.evaluation = InTrainingEvaluation(cfg, self.objective, assets, self.task, self.device)
+        self.cadence = Cadence(cfg.train, cfg.eval.every if self.evaluation is not None else -1)
+        self.batches = _batches(cfg, self.objective, self.device)
+        self.window = MetricsWindow()
+        self.files: RunFiles | None = None
+
+    def restore(self) -> int:
+        """Load the latest checkpoint Ray Train hands this attempt (if any); record where the ranks
+        run and what was resumed. Returns the step to continue from."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                self.engine.load_checkpoint(d, tag=TAG)
+            log.info("rank %d resumed from %s at step %d", dist.rank(), checkpoint.path, self.engine.global_steps)
+        step = int(self.engine.global_steps)
+        self.files = RunFiles(self.run, step) if dist.rank() == 0 else None
+        # Which Ray node each rank runs on: a run spanning nodes says so in its metrics.
+        nodes = dist.gather_object(ray.get_runtime_context().get_node_id())
+        if self.files is not None:
+            self.files.event(event="workers", step=step, time=time.time(), nodes=nodes)
+            log.info("%d worker(s) on %d node(s)", dist.world_size(), len(set(nodes)))
+        if checkpoint is not None:
+            checksum = param_checksum(self.engine.module, self.cfg.deepspeed.zero_stage)  # collective under ZeRO-3
+            if self.files is not None:
+                self.files.event(event="resume", step=step, checkpoint=checkpoint.path, param_checksum=checksum)
+        return step
+
+    def run_pass(self) -> int:
+        """One pass over this worker's batches (or up to the last step); returns the step reached."""
+        engine, cadence = self.engine, self.cadence
+        step, seen, accumulated = int(engine.global_steps), 0, 0
+        t_end = time.perf_counter()
+        for batch in self.batches():
+            seen += 1
+            wait = time.perf_counter() - t_end
+            self.seed_step(step, step * self.cfg.optim.grad_accum + accumulated)
+            out = engine({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+            engine.backward(out["loss"])
+            engine.step()
+            self.window.add(out, wait, dist.world_size())
+            t_end = time.perf_counter()
+            accumulated += 1
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            accumulated = 0
+            for param, low, high in self.task.clamped_parameters():
+                clamp_(param, low, high, self.cfg.deepspeed.zero_stage)
+            step = int(engine.global_steps)
+            _maybe_inject_fault(self.cfg, self.run, step)
+            if cadence.should_log(step):
+                self.report(step)
+                t_end = time.perf_counter()
+            if cadence.last(step):
+                break
+        if seen == 0:
+            raise RuntimeError(
+                f"worker {dist.rank()} got no full batch of {self.cfg.scans_per_worker} scans from the shards; "
+                "ingest more scans or lower data.scans_per_batch"
+            )
+        return step
+
+    def seed_step(self, step: int, micro_step: int) -> None:
+        """Each micro-step's randomness from (train.seed, step, micro-step): torch's generators
+        (augmentations, masking, dropout) also from the rank, the task's shared draws (CA-GCL's
+        permutations) the same on every rank. So a resumed run draws what an uninterrupted one would."""
+        seed = self.cfg.train.seed
+        torch.manual_seed(int(np.random.SeedSequence([seed, micro_step, dist.rank()]).generate_state(1)[0]))
+        self.task.begin_step(step, int(np.random.SeedSequence([seed, micro_step]).generate_state(1)[0]))
+
+    def report(self, step: int) -> None:
+        """Means of the window (+ evaluation) to metrics.jsonl, TensorBoard, the console and Ray
+        Train; with a checkpoint when the cadence says so. Collective: every rank calls it."""
+        import ray.train
+
+        lr = self.sched.get_last_lr()[0]
+        # Passes over the scans so far, from the step: it continues on resume.
+        epoch = step * self.cfg.scans_per_step / self.scans if self.scans else 0.0
+        metrics: dict[str, Any] = {"step": step, "time": time.time(), "epoch": epoch, "lr": lr}
+        metrics.update(self.window.report(self.device))
+        self.window.reset()
+        if self.evaluation is not None and self.cadence.should_eval(step):
+            metrics.update(self.evaluation.run_at(step, self.engine.module))
+        if self.files is not None:
+            self.files.log(metrics)
+            log.info(
+                "step %d  loss %.4f  lr %.2e  %.1f views/s  data-wait %.1f%%",
+                step, metrics["loss"], metrics["lr"], metrics["views_per_s"], 100 * metrics["data_wait_fraction"],
+            )  # fmt: skip
+        if self.cadence.should_checkpoint(step):
+            metrics["param_checksum"] = param_checksum(self.engine.module, self.cfg.deepspeed.zero_stage)
+            _checkpoint(self.engine, metrics, self.files)
+        else:
+            ray.train.report(metrics)
+
+    def finish(self, step: int) -> None:
+        _export(self.engine, self.task, self.cfg, self.run, step)
+        if self.files is not None:
+            self.files.sync()
+
+
+def _batches(cfg: PretrainConfig, objective: Objective[Any], device: torch.device) -> Callable[[], Iterable[Batch]]:
+    """One pass of this worker's batches: Ray Data's shard, or one synthetic batch forever."""
+    import ray.train
+
+    if cfg.data.synthetic:
+        fixed = objective.synthetic_batch(cfg.objective, cfg.scans_per_worker, device)
+        return lambda: itertools.repeat(fixed)
+    shard = ray.train.get_dataset_shard(f"train_{dist.rank()}")
+    return lambda: shard.iter_torch_batches(
+        batch_size=cfg.scans_per_worker,
+        prefetch_batches=cfg.data.prefetch_batches,
+        drop_last=True,
+        local_shuffle_buffer_size=cfg.data.shuffle_buffer_scans or None,
+        local_shuffle_seed=int(np.random.SeedSequence([cfg.train.seed, dist.rank()]).generate_state(1)[0]),
+    )

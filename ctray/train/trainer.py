@@ -2,24 +2,52 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import posixpath
+import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from ctray.data.pipeline import training_dataset
+from ctray.data.pipeline import ingest_options, scan_index, training_datasets
 from ctray.objectives import get_objective
 from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.config import to_yaml
-from ctray.errors import ConfigError
-from ctray.storage import arrow_filesystem, filesystem, is_remote, publish_bytes, resolve_uri
-from ctray.train.config import PretrainConfig
+from ctray.storage import arrow_filesystem, is_remote, resolve_uri
+from ctray.train.config import PretrainConfig, ScalingConfig
 from ctray.train.loop import train_loop
+from ctray.train.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from ctray.objectives.spec import Sampler
 
 log = logging.getLogger(__name__)
 
 
-def worker_bundle(scaling) -> dict[str, float]:
+def steps_for_epochs(cfg: PretrainConfig, scans: int) -> int:
+    """train.epochs passes over `scans` scans, in optimizer steps (logged: the run's length)."""
+    assert cfg.train.epochs is not None
+    steps = max(1, math.ceil(cfg.train.epochs * scans / cfg.scans_per_step))
+    log.info(
+        "train.epochs=%g over %d scans at %d scans per step: %d steps",
+        cfg.train.epochs,
+        scans,
+        cfg.scans_per_step,
+        steps,
+    )
+    return steps
+
+
+def resumed_step(run: RunFolder) -> int:
+    """The step of the checkpoint Ray Train will resume this run from (0 for a new run): the data
+    order continues from there."""
+    if not run.exists("checkpoint_manager_snapshot.json"):
+        return 0
+    latest = json.loads(run.read("checkpoint_manager_snapshot.json")).get("latest_checkpoint_result") or {}
+    return int(latest.get("metrics", {}).get("step", 0))
+
+
+def worker_bundle(scaling: ScalingConfig) -> dict[str, float]:
     """The resources one training worker asks Ray for."""
     return {"CPU": scaling.cpus_per_worker, **({"GPU": 1.0} if scaling.use_gpu else {})}
 
@@ -33,12 +61,9 @@ class PretrainResult:
     logs: str
 
 
-def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> PretrainResult:
+def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> PretrainResult:
     """Run (or resume) the pretraining described by `cfg`. `callbacks` are Ray Train callbacks
     (a sweep passes Tune's TuneReportCallback)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     started = time.time()
     cfg = cfg.model_copy(deep=True)
     cfg.data.shards = resolve_uri(cfg.data.shards)
@@ -48,22 +73,102 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Pretrain
     ensure_ray(cfg.ray)
     ensure_schedulable(worker_bundle(cfg.scaling), "training worker", cfg.ray.schedule_timeout_s)
 
-    fs, root = filesystem(cfg.run.storage, cfg.storage)
-    publish_bytes(to_yaml(cfg).encode(), fs, posixpath.join(root, cfg.run.name, "config.yaml"), cfg.storage)
+    run = RunFolder.of(cfg)
+    scans = 0 if cfg.data.synthetic else len(scan_index(cfg.data.shards, cfg.storage))
+    if cfg.train.epochs is not None:
+        cfg.train.max_steps = steps_for_epochs(cfg, scans)
+    run.write("config.yaml", to_yaml(cfg).encode())
 
-    spec = get_objective(cfg.objective.name)
-    try:  # a config that does not fit its shards or its stage-1 run: one line for the CLI, as ingest does
-        assets = spec.prepare(cfg)
-        sampler = spec.sampler(cfg.objective, assets)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    objective = get_objective(cfg.objective.name)
+    assets = objective.prepare(cfg)  # a config that does not fit its shards raises ConfigError there
+    sampler = objective.sampler(cfg.objective, assets)
+    log.info(
+        "pretrain %s: objective %s, %d workers (%s), ZeRO %d, %d steps, peak lr %.3g -> %s",
+        cfg.run.name,
+        cfg.objective.name,
+        cfg.scaling.num_workers,
+        "GPU" if cfg.scaling.use_gpu else "CPU",
+        cfg.deepspeed.zero_stage,
+        cfg.train.max_steps,
+        cfg.peak_lr,
+        run.uri,
+    )
+    result = _fit_with_restarts(
+        cfg, run, sampler, {"cfg": cfg.model_dump(mode="json"), "assets": assets, "scans": scans}, callbacks
+    )
+    out = PretrainResult(
+        step=int(result.metrics.get("step", 0)),
+        loss=float(result.metrics.get("loss", float("nan"))),
+        checkpoint=run.checkpoint_uri(result.checkpoint.path if result.checkpoint else ""),
+        export=run.uri_of("export", "encoder.safetensors"),
+        logs=run.uri_of("tensorboard"),
+    )
+    log.info(
+        "pretrain done in %.0fs at step %d (loss %.4f): checkpoint %s; tensorboard %s; metrics %s; export %s%s",
+        time.time() - started,
+        out.step,
+        out.loss,
+        out.checkpoint,
+        out.logs,
+        run.uri_of("metrics.jsonl"),
+        out.export,
+        f"; evaluation {run.uri_of('eval')}" if run.exists("eval") else "",
+    )
+    return out
+
+
+def _fit_with_restarts(
+    cfg: PretrainConfig, run: RunFolder, sampler: Sampler, loop_config: dict[str, Any], callbacks: list[Any] | None
+) -> Any:
+    """trainer.fit(), and after a worker failure a new fit from the last checkpoint, up to
+    run.max_failures times (preemptions announced by the cloud are not counted).
+
+    ctray restarts instead of Ray Train so that each attempt's dataset starts at the checkpoint's
+    place in the run's scan order: Ray Train's own restart would replay the stream from where this
+    call began."""
+    import ray.train
+
+    failures = 0
+    while True:
+        trainer = _trainer(cfg, run, sampler, resumed_step(run), loop_config, callbacks)
+        try:
+            return trainer.fit()
+        except (ray.train.WorkerGroupError, ray.train.PreemptionError) as e:
+            preempted = isinstance(e, ray.train.PreemptionError)
+            failures += not preempted
+            if not preempted and cfg.run.max_failures != -1 and failures > cfg.run.max_failures:
+                raise
+            limit = "no limit" if cfg.run.max_failures == -1 else str(cfg.run.max_failures)
+            log.warning(
+                "pretrain %s: %s; restarting from the last checkpoint (failures %d, run.max_failures %s)",
+                cfg.run.name, "a node was preempted" if preempted else "a worker failed", failures, limit,
+            )  # fmt: skip
+
+
+def _trainer(
+    cfg: PretrainConfig,
+    run: RunFolder,
+    sampler: Sampler,
+    start: int,
+    loop_config: dict[str, Any],
+    callbacks: list[Any] | None,
+) -> Any:
+    """One Ray Train attempt: the workers, and the dataset of the draws from checkpoint `start` on."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     datasets = {}
     if not cfg.data.synthetic:
-        datasets["train"] = training_dataset(cfg.data.shards, cfg.storage, sampler, cfg.data.sampler_concurrency, cfg.data.min_scans_per_pass)
+        # The micro-steps left, and one of slack.
+        micro_steps = (max(0, cfg.train.max_steps - start) + 1) * cfg.optim.grad_accum
+        datasets = training_datasets(
+            cfg.data.shards, cfg.storage, sampler, cfg.data.sampler_concurrency, cfg.train.seed,
+            start * cfg.scans_per_step, micro_steps, cfg.scaling.num_workers, cfg.scans_per_worker,
+        )  # fmt: skip
     afs, storage_path = arrow_filesystem(cfg.run.storage, cfg.storage)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "assets": assets},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -74,34 +179,13 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list | None = None) -> Pretrain
             name=cfg.run.name,
             storage_path=storage_path,
             storage_filesystem=afs if is_remote(cfg.run.storage) else None,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            # ctray restarts failed attempts itself (_fit_with_restarts).
+            failure_config=ray.train.FailureConfig(max_failures=0, max_preemption_failures=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks or None,
         ),
         datasets=datasets,
+        # Each rank reads its own dataset (training_datasets), none is split.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest_options()),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
     )
-    log.info(
-        "pretrain %s: objective %s, %d workers (%s), ZeRO %d, %d steps -> %s",
-        cfg.run.name, cfg.objective.name, cfg.scaling.num_workers, "GPU" if cfg.scaling.use_gpu else "CPU",
-        cfg.deepspeed.zero_stage, cfg.train.max_steps, posixpath.join(cfg.run.storage, cfg.run.name),
-    )
-    result = trainer.fit()
-    run_dir = posixpath.join(cfg.run.storage, cfg.run.name)
-    ckpt = result.checkpoint.path if result.checkpoint else ""
-    if is_remote(cfg.run.storage) and ckpt and "://" not in ckpt:
-        ckpt = cfg.run.storage.split("://")[0] + "://" + ckpt
-    out = PretrainResult(
-        step=int(result.metrics.get("step", 0)),
-        loss=float(result.metrics.get("loss", float("nan"))),
-        checkpoint=ckpt,
-        export=posixpath.join(run_dir, "export", "encoder.safetensors"),
-        logs=posixpath.join(run_dir, "tensorboard"),
-    )
-    evaluated = cfg.eval.enabled and hasattr(spec.task, "evaluate")
-    log.info(
-        "pretrain done in %.0fs at step %d (loss %.4f): checkpoint %s; tensorboard %s; metrics %s; export %s%s",
-        time.time() - started, out.step, out.loss, out.checkpoint, out.logs, posixpath.join(run_dir, "metrics.jsonl"), out.export,
-        f"; evaluation {posixpath.join(run_dir, 'eval')}" if evaluated else "",
-    )
-    return out

@@ -23,11 +23,13 @@ class ParamSpace(Section):
 
     def example(self) -> Any:
         """One value of the space (to validate the swept path before any trial runs)."""
-        values = self.grid or self.choice or self.uniform or self.loguniform
-        return values[0]
+        for values in (self.grid, self.choice, self.uniform, self.loguniform):
+            if values is not None:
+                return values[0]
+        raise ValueError("empty space")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "ParamSpace":
+    def _exactly_one(self) -> ParamSpace:
         given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
@@ -59,9 +61,12 @@ class SweepConfig(Section):
     """Dotted config path -> its space. Empty: the objective's default space (temperature, patch
     count, loss weights, learning rate)."""
     search: Literal["grid", "random", "optuna"] = "random"
-    """random: Tune's sampler (grid fields are expanded); optuna: TPE via optuna (pip install optuna)."""
+    """grid: every combination of every field's values (grid or choice; continuous fields are an
+    error); random: Tune's sampler (grid fields are expanded, the others drawn); optuna: TPE via
+    optuna (pip install optuna)."""
     num_samples: int = 4
-    """Trials for random/optuna search; repetitions of the grid for grid search."""
+    """Trials for random/optuna search (times the grid fields' combinations for random); repetitions
+    of the whole grid for grid search."""
     max_concurrent: int | None = Field(None, ge=1)
     """Trials at once (None: all of them). Trials that do not fit wait for resources; on an
     autoscaling cluster they are what makes it add nodes. Cap it on a single machine."""

@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import posixpath
+from typing import Any
 
 import yaml
 
@@ -29,26 +30,53 @@ from ctray.tune.config import ParamSpace, SweepConfig
 log = logging.getLogger(__name__)
 
 
-def search_space(spaces: dict[str, ParamSpace], search: str) -> dict:
-    """Dotted path -> Tune domain. Keys keep their dots (Tune's config is flat here)."""
+def search_space(spaces: dict[str, ParamSpace], search: str) -> dict[str, Any]:
+    """Dotted path -> Tune domain. Keys keep their dots (Tune's config is flat here).
+
+    grid: every field is enumerated (grid and choice values alike), every combination once per
+    `num_samples`; a continuous field is an error. random: grid fields are enumerated, the others
+    drawn. optuna: every field is drawn by TPE (grid values become a choice)."""
     from ray import tune
 
-    out = {}
+    out: dict[str, Any] = {}
     for path, space in spaces.items():
-        if space.grid is not None:
+        values = space.grid if space.grid is not None else space.choice
+        if search == "grid":
+            if values is None:
+                raise ConfigError(
+                    f"search: grid enumerates every field, but {path!r} is continuous; give it grid values "
+                    "(or use search: random)"
+                )
+            out[path] = tune.grid_search(list(values))
+        elif space.grid is not None:
             out[path] = tune.grid_search(list(space.grid)) if search != "optuna" else tune.choice(list(space.grid))
         elif space.choice is not None:
             out[path] = tune.choice(list(space.choice))
         elif space.uniform is not None:
             out[path] = tune.uniform(*space.uniform)
-        else:
+        elif space.loguniform is not None:
             out[path] = tune.loguniform(*space.loguniform)
     return out
 
 
+def grid_size(spaces: dict[str, ParamSpace], search: str) -> int:
+    """Trials per sample: the product of the enumerated fields' sizes (1 for optuna)."""
+    sizes = [
+        len(s.grid if s.grid is not None else s.choice or [])
+        for s in spaces.values()
+        if (search == "grid" and (s.grid is not None or s.choice is not None))
+        or (search == "random" and s.grid is not None)
+    ]
+    return math.prod(sizes)
+
+
 def trial_config(base: dict, params: dict) -> PretrainConfig:
     """The base config with a trial's sampled values set (validated like any config)."""
-    return PretrainConfig.model_validate(apply_overrides(base, [f"{k}={yaml.safe_dump(v).strip().removesuffix('...').strip()}" for k, v in params.items()]))
+    return PretrainConfig.model_validate(
+        apply_overrides(
+            base, [f"{k}={yaml.safe_dump(v).strip().removesuffix('...').strip()}" for k, v in params.items()]
+        )
+    )
 
 
 def _trial(params: dict, base: dict, trials_root: str) -> None:
@@ -90,7 +118,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
     ensure_ray(cfg.ray)
     scaling = base_cfg.scaling
     ensure_schedulable(worker_bundle(scaling), "training worker of a trial", cfg.ray.schedule_timeout_s)
-    trials = cfg.num_samples * math.prod(len(s.grid) for s in spaces.values() if s.grid is not None and cfg.search != "optuna")
+    param_space = search_space(spaces, cfg.search)  # a grid search over a continuous field fails here
+    trials = cfg.num_samples * grid_size(spaces, cfg.search)
     # Every trial at once unless capped: on an autoscaling cluster, pending trials (their Train
     # workers' placement groups) are the demand that makes it add GPU nodes.
     concurrent = min(cfg.max_concurrent or trials, trials)
@@ -98,9 +127,14 @@ def run_sweep(cfg: SweepConfig) -> dict:
     sched_cfg = cfg.scheduler
     max_reports = math.ceil(base_cfg.train.max_steps / base_cfg.train.log_every)
     scheduler = (
-        ASHAScheduler(time_attr="training_iteration", max_t=max_reports, grace_period=sched_cfg.grace_period,
-                      reduction_factor=sched_cfg.reduction_factor)
-        if sched_cfg.kind == "asha" else FIFOScheduler()
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_reports,
+            grace_period=sched_cfg.grace_period,
+            reduction_factor=sched_cfg.reduction_factor,
+        )
+        if sched_cfg.kind == "asha"
+        else FIFOScheduler()
     )
     search_alg = None
     if cfg.search == "optuna":
@@ -121,38 +155,52 @@ def run_sweep(cfg: SweepConfig) -> dict:
     experiment = posixpath.join(path, cfg.name) if remote else sweep_dir
     if tune.Tuner.can_restore(experiment, storage_filesystem=trial_fs):
         log.info("sweep %s: continuing from %s (finished trials are kept)", cfg.name, sweep_dir)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=trial_fs)
+        tuner = tune.Tuner.restore(
+            experiment, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=trial_fs
+        )
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=search_space(spaces, cfg.search),
+            param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=sched_cfg.metric, mode=sched_cfg.mode, scheduler=scheduler, search_alg=search_alg,
-                num_samples=cfg.num_samples, max_concurrent_trials=concurrent,
+                metric=sched_cfg.metric,
+                mode=sched_cfg.mode,
+                scheduler=scheduler,
+                search_alg=search_alg,
+                num_samples=cfg.num_samples,
+                max_concurrent_trials=concurrent,
             ),
             run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=trial_fs),
         )
-    log.info("sweep %s: %d swept fields, search %s, scheduler %s, %d trial(s) at once -> %s",
-             cfg.name, len(spaces), cfg.search, sched_cfg.kind, concurrent, sweep_dir)
+    log.info(
+        "sweep %s: %d swept fields, search %s, scheduler %s, %d trial(s) at once -> %s",
+        cfg.name,
+        len(spaces),
+        cfg.search,
+        sched_cfg.kind,
+        concurrent,
+        sweep_dir,
+    )
     results = tuner.fit()
     return _report(cfg, base, spaces, results, sweep_dir)
 
 
-def _report(cfg: SweepConfig, base: dict, spaces: dict[str, ParamSpace], results, sweep_dir: str) -> dict:
+def _report(cfg: SweepConfig, base: dict, spaces: dict[str, ParamSpace], results: Any, sweep_dir: str) -> dict:
     metric, mode = cfg.scheduler.metric, cfg.scheduler.mode
     rows = []
     for r in results:
         params = {k: r.config.get(k) for k in spaces}
-        rows.append({
-            "trial": (r.metrics or {}).get("trial_id", ""),
-            **params,
-            metric: r.metrics.get(metric) if r.metrics else None,
-            **{m: (r.metrics or {}).get(m) for m in cfg.report_metrics if m != metric},
-            "reports": r.metrics.get("training_iteration") if r.metrics else 0,
-            "step": r.metrics.get("step") if r.metrics else None,
-            "status": "error" if r.error else "ok",
-        })
+        rows.append(
+            {
+                "trial": (r.metrics or {}).get("trial_id", ""),
+                **params,
+                metric: r.metrics.get(metric) if r.metrics else None,
+                **{m: (r.metrics or {}).get(m) for m in cfg.report_metrics if m != metric},
+                "reports": r.metrics.get("training_iteration") if r.metrics else 0,
+                "step": r.metrics.get("step") if r.metrics else None,
+                "status": "error" if r.error else "ok",
+            }
+        )
     good = [row for row in rows if row[metric] is not None and row["status"] == "ok"]
     if not good:
         raise ConfigError(f"sweep {cfg.name}: no trial reported {metric!r}")
@@ -166,7 +214,9 @@ def _report(cfg: SweepConfig, base: dict, spaces: dict[str, ParamSpace], results
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda row: (row[metric] is None, row[metric] if mode == "min" else -(row[metric] or 0))))
+    writer.writerows(
+        sorted(rows, key=lambda row: (row[metric] is None, row[metric] if mode == "min" else -(row[metric] or 0)))
+    )
     publish_bytes(buf.getvalue().encode(), fs, posixpath.join(root, "results.csv"), cfg.storage_options)
     best_cfg = trial_config(base, {k: best[k] for k in spaces})
     best_cfg.run.name = f"{cfg.name}-best"
@@ -175,9 +225,15 @@ def _report(cfg: SweepConfig, base: dict, spaces: dict[str, ParamSpace], results
 
     print(_table(rows, list(spaces), [metric, *(m for m in cfg.report_metrics if m != metric)]))
     print(f"best: trial {best['trial']} {metric}={best[metric]:.4f} " + " ".join(f"{k}={best[k]}" for k in spaces))
-    log.info("sweep %s done: %d trials, %d stopped early; table %s; plot %s; best config %s",
-             cfg.name, len(rows), sum(r["stopped_early"] for r in rows), posixpath.join(sweep_dir, "results.csv"),
-             posixpath.join(sweep_dir, "metric_vs_params.png"), posixpath.join(sweep_dir, "best.yaml"))
+    log.info(
+        "sweep %s done: %d trials, %d stopped early; table %s; plot %s; best config %s",
+        cfg.name,
+        len(rows),
+        sum(r["stopped_early"] for r in rows),
+        posixpath.join(sweep_dir, "results.csv"),
+        posixpath.join(sweep_dir, "metric_vs_params.png"),
+        posixpath.join(sweep_dir, "best.yaml"),
+    )
     return {"rows": rows, "best": best, "best_yaml": posixpath.join(sweep_dir, "best.yaml")}
 
 
@@ -185,12 +241,12 @@ def _table(rows: list[dict], params: list[str], metrics: list[str]) -> str:
     cols = ["trial", *params, *metrics, "reports", "stopped_early"]
     cells = [[_fmt(row.get(c)) for c in cols] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=False))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) for r in cells]
     return "\n".join(lines)
 
 
-def _fmt(v) -> str:
+def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
@@ -203,7 +259,7 @@ def _plot(rows: list[dict], spaces: dict[str, ParamSpace], metric: str) -> bytes
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(spaces), figsize=(4 * len(spaces), 3.2), squeeze=False)
-    for ax, (path, space) in zip(axes[0], spaces.items()):
+    for ax, (path, space) in zip(axes[0], spaces.items(), strict=False):
         pts = [(row[path], row[metric], row["stopped_early"]) for row in rows if row[metric] is not None]
         numeric = all(isinstance(x, (int, float)) for x, _, _ in pts)
         xs = [x if numeric else str(x) for x, _, _ in pts]

@@ -1,0 +1,57 @@
+"""CA-GCL's settings (defaults: the paper, and fVLM's released code where the paper is silent)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ctray.anatomy import DEFAULT_FINDING_ANATOMIES
+from ctray.objectives.anatomy_text import ContrastConfig
+
+
+class CAGCLConfig(ContrastConfig):
+    """CA-GCL (defaults: the paper / fVLM)."""
+
+    name: Literal["cagcl"] = "cagcl"
+    anatomies: list[str] = Field(default_factory=lambda: list(DEFAULT_FINDING_ANATOMIES))
+    """Anatomies (names of the ingest config's anatomy groups) with a query and a text each."""
+    anatomy_labels: dict[str, list[int]] = Field(default_factory=dict)
+    """Anatomy -> TotalSegmentator label ids; empty: read from the shards' manifest (the ingest
+    config's anatomy groups)."""
+    input_size: tuple[int, int, int] = (112, 256, 352)
+    """The ViT input (z, y, x): a random crop of the scan at its ingest spacing, padded where the
+    scan is smaller (fVLM: 112x256x352 at 3 x 1 x 1 mm, ctray's default ingest spacing)."""
+    crop_margin: tuple[int, int, int] = (5, 20, 20)
+    """Voxels kept around the anatomies' bounding box before the crop (fVLM: 5 slices, 20 in-plane)."""
+    fit: Literal["crop", "resize"] = "crop"
+    """crop: fVLM's random crop at the ingest spacing (physical scale kept); resize: the anatomies'
+    region resampled to input_size (for tiny local models on whole-body phantoms)."""
+    flip_prob: float = 0.2
+    """Probability of flipping the scan along each axis, independently (fVLM: 0.2)."""
+    min_voxels: int = 1
+    """An anatomy counts for a scan (N_j of eq. 1, the paper's "complete anatomical structures")
+    only with at least this many voxels in the crop, none on the crop's faces, and its box not
+    touching the scan's border (fVLM drops organs the crop cuts; any voxel is enough there)."""
+    patch: tuple[int, int, int] = (16, 16, 32)
+    """ViT patch (z, y, x) (fVLM: 16x16x32 -> 7x16x11 = 1232 tokens)."""
+    window_hu: tuple[float, float] = (-1150.0, 350.0)
+    """HU range mapped to 0..1 (fVLM: -1150..350)."""
+    width: int = 768
+    """ViT width (ViT-B: 768)."""
+    depth: int = 12
+    """ViT blocks (ViT-B: 12)."""
+    heads: int = 12
+    """ViT attention heads (ViT-B: 12)."""
+    pool_heads: int = 4
+    """Heads of the shared anatomy query attention (fVLM: 4)."""
+    global_weight: float = 0.1
+    """lambda of eq. (5); 0 trains the local loss only (the paper's fine-grained VLP baseline)."""
+    text_augmentation: bool = True
+    """Clinical-aware text augmentation (Sec. 2.3); off: all sentences in report order."""
+
+    @model_validator(mode="after")
+    def _patches_tile(self) -> CAGCLConfig:
+        if any(s % p for s, p in zip(self.input_size, self.patch, strict=False)):
+            raise ValueError(f"input_size {list(self.input_size)} is not a multiple of the patch {list(self.patch)}")
+        return self

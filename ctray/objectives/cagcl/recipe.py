@@ -1,0 +1,85 @@
+"""The cagcl registry entry: its Objective (ctray.objectives.spec), sweep space and driver-side assets."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any, ClassVar
+
+import torch
+
+from ctray.config import StorageConfig
+from ctray.errors import ConfigError
+from ctray.objectives.anatomy_text import BERT_B, anatomy_texts, text_assets
+from ctray.objectives.cagcl.config import CAGCLConfig
+from ctray.objectives.cagcl.sampler import AnatomyScanSampler
+from ctray.objectives.cagcl.task import CAGCLTask, synthetic_batch
+from ctray.objectives.spec import Batch, BenchProfile, Objective, SweepSpace
+
+
+def anatomy_labels(cfg: CAGCLConfig, shards: str, storage: StorageConfig) -> dict[str, list[int]]:
+    """Label ids of each configured anatomy: the config's, else the ingest config in the manifest."""
+    from ctray.anatomy import anatomy_label_ids
+    from ctray.storage import filesystem, read_bytes
+
+    if cfg.anatomy_labels:
+        groups = cfg.anatomy_labels
+    else:
+        fs, root = filesystem(shards, storage)
+        manifest = json.loads(read_bytes(fs, posixpath.join(root, "manifest.json"), storage))
+        groups = anatomy_label_ids(manifest["config"]["preprocess"]["anatomies"])
+    missing = [a for a in cfg.anatomies if a not in groups]
+    if missing:
+        raise ConfigError(f"objective.anatomies {missing} are not anatomy groups of the shards ({sorted(groups)})")
+    return {a: list(groups[a]) for a in cfg.anatomies}
+
+
+def cagcl_assets(cfg: Any) -> dict[str, Any]:
+    """The run's tokenizer and each anatomy's label ids."""
+    return {**text_assets(cfg), "anatomy_labels": anatomy_labels(cfg.objective, cfg.data.shards, cfg.storage)}
+
+
+class CAGCL:
+    name = "cagcl"
+    config = CAGCLConfig
+    sweep_space: ClassVar[SweepSpace] = {
+        "objective.global_weight": {"grid": [0.0, 0.05, 0.1, 0.2]},
+        "optim.lr": {"loguniform": (1e-5, 3e-4)},
+    }
+
+    bench = BenchProfile(
+        "cagcl-local.yaml",
+        (
+            "objective.input_size=[112,256,352]",
+            "objective.patch=[16,16,32]",
+            "objective.width=768",
+            "objective.depth=12",
+            "objective.heads=12",
+            "objective.pool_heads=4",
+            "objective.embed_dim=256",
+            *BERT_B,
+            "objective.text.pooling=cls",
+            "data.scans_per_batch=14",
+        ),
+        "target on one H100: >= 250 TFLOP/s (1.5x the plain SDPA ViT-B probe, 165)",
+    )
+
+    def prepare(self, cfg: Any) -> dict[str, Any]:
+        return cagcl_assets(cfg)
+
+    def sampler(self, cfg: CAGCLConfig, assets: dict[str, Any]) -> AnatomyScanSampler:
+        policy = "clinical_aware" if cfg.text_augmentation else "all"
+        texts = anatomy_texts(cfg, cfg.anatomies, assets, policy)
+        return AnatomyScanSampler(
+            assets["anatomy_labels"], cfg.input_size, cfg.patch, cfg.window_hu, texts,
+            cfg.crop_margin, cfg.flip_prob, cfg.min_voxels, cfg.fit,
+        )  # fmt: skip
+
+    def task(self, cfg: CAGCLConfig, assets: dict[str, Any]) -> CAGCLTask:
+        return CAGCLTask(cfg, assets)
+
+    def synthetic_batch(self, cfg: CAGCLConfig, scans: int, device: torch.device) -> Batch:
+        return synthetic_batch(cfg, scans, device)
+
+
+OBJECTIVE: Objective[CAGCLConfig] = CAGCL()

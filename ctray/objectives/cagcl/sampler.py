@@ -1,0 +1,124 @@
+"""CA-GCL's CPU side (numpy only), following fVLM's released data pipeline (which CA-GCL adopts):
+the scan at its ingest spacing (fVLM: 3 x 1 x 1 mm), cut to the anatomies' region plus a margin,
+padded to and randomly cropped at the ViT input, randomly flipped, windowed; each complete
+anatomy's mask max-pooled to the token grid; clinical-aware texts through the shared sampler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ctray.data.samplers import AnatomyTexts, resize_maps, small_columns, volumes, window01
+from ctray.resample import resample_linear, resample_nearest
+
+
+class AnatomyScanSampler:
+    """CA-GCL scans: rows -> {"scan": float16 (S, D, H, W) in [0, 1], "anatomy_tokens": uint8
+    (S, A, tokens), "region", text fields}.
+
+    As fVLM's preprocessing (data/preprocess.py, lavis/processors/blip_processors.py): the scan
+    is cut to the bounding box of its anatomies (the union of their stored boxes) plus `margin`
+    voxels (fVLM: 5 slices, 20 voxels in-plane), padded symmetrically to at least `size` with air
+    (the window's low end), cropped at `size` at a random corner, and flipped along each axis with
+    probability `flip_prob` (fVLM: 0.2) — no resizing, so physical scale is kept. The label map
+    takes the same cut, crop and flips.
+
+    An anatomy counts only when complete (the paper's N_j, fVLM's "remove incomplete organs
+    caused by random crop"): at least `min_voxels` voxels in the crop, none on the crop's faces,
+    and its stored box not touching the scan's own border (an organ cut by the field of view;
+    padding would otherwise hide it). With fit="resize" the region is resampled to `size` instead
+    of padded and cropped (tiny local models on whole-body phantoms; not fVLM). Its voxels
+    max-pooled to the ViT token grid (`patch`) select the tokens its query attends to, done here so
+    the device receives a few bytes per anatomy.
+    """
+
+    def __init__(
+        self,
+        anatomy_ids: dict[str, list[int]],
+        size: tuple[int, int, int],
+        patch: tuple[int, int, int],
+        window: tuple[float, float],
+        texts: AnatomyTexts,
+        margin: tuple[int, int, int] = (5, 20, 20),
+        flip_prob: float = 0.2,
+        min_voxels: int = 1,
+        fit: str = "crop",
+    ) -> None:
+        if any(s % p for s, p in zip(size, patch, strict=True)):
+            raise ValueError(f"input size {list(size)} is not a multiple of the patch {list(patch)}")
+        self.anatomy_ids = {a: list(ids) for a, ids in anatomy_ids.items()}
+        self.size, self.patch = size, patch
+        self.grid = tuple(s // p for s, p in zip(self.size, self.patch, strict=True))
+        self.window = window
+        self.texts = texts
+        self.margin, self.flip_prob, self.min_voxels = margin, flip_prob, min_voxels
+        if fit not in ("crop", "resize"):
+            raise ValueError(f"fit must be crop or resize, not {fit!r}")
+        self.resize = fit == "resize"
+        self.columns = ("volume", "shape", "label_map", "anatomy_boxes", *texts.columns)
+
+    def region(self, shape: tuple[int, ...], boxes: dict[str, list[int]]) -> tuple[slice, slice, slice]:
+        """The anatomies' bounding box plus the margin, within the scan (the whole scan without boxes)."""
+        mine = [boxes[a] for a in self.anatomy_ids if a in boxes]
+        if not mine:
+            return slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2])
+        lo = [max(0, min(b[k] for b in mine) - self.margin[k]) for k in range(3)]
+        hi = [min(shape[k], max(b[k + 3] for b in mine) + self.margin[k]) for k in range(3)]
+        return slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2])
+
+    def fit(self, vol: np.ndarray, fill: float, starts: list[int], nearest: bool = False) -> np.ndarray:
+        """Pad (symmetrically, with `fill`) to at least `size`, then crop `size` at `starts`; or,
+        with fit="resize", resample the whole region to `size` (linear, or nearest for labels)."""
+        if self.resize:
+            maps = resize_maps(vol.shape, self.size)
+            return resample_nearest(vol, maps) if nearest else resample_linear(vol, maps)
+        short = [max(0, s - n) for s, n in zip(self.size, vol.shape, strict=True)]
+        if any(short):
+            vol = np.pad(vol, [(d // 2, d - d // 2) for d in short], constant_values=fill)
+        (z, y, x), (d, h, w) = starts, self.size
+        return vol[z : z + d, y : y + h, x : x + w]
+
+    def token_masks(self, labels: np.ndarray, cut: list[bool]) -> np.ndarray:
+        """(D, H, W) label ids of the crop -> (A, tokens) uint8 for the complete anatomies (`cut`:
+        the anatomy's stored box touches the scan's border)."""
+        g = self.grid
+        pz, py, px = self.patch
+        out = np.zeros((len(self.anatomy_ids), int(np.prod(g))), dtype=np.uint8)
+        for j, ids in enumerate(self.anatomy_ids.values()):
+            hit = np.isin(labels, ids)
+            faces = (hit[0], hit[-1], hit[:, 0], hit[:, -1], hit[:, :, 0], hit[:, :, -1])
+            if cut[j] or hit.sum() < self.min_voxels or any(f.any() for f in faces):
+                continue
+            out[j] = hit.reshape(g[0], pz, g[1], py, g[2], px).any(axis=(1, 3, 5)).reshape(-1)
+        return out
+
+    def __call__(self, batch: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        rows = small_columns(batch, self.columns)
+        label_maps = batch["label_map"] if isinstance(batch, dict) else batch.column("label_map").to_pylist()
+        scans = np.zeros((len(rows), *self.size), dtype=np.float16)
+        tokens = np.zeros((len(rows), len(self.anatomy_ids), int(np.prod(self.grid))), dtype=np.uint8)
+        for i, (vol, lab, row) in enumerate(zip(volumes(batch), label_maps, rows, strict=True)):
+            boxes = {b["anatomy"]: b["box"] for b in row["anatomy_boxes"] or []}
+            cut_region = self.region(vol.shape, boxes)
+            padded = [
+                max(s, n.stop - n.start) if not self.resize else s for s, n in zip(self.size, cut_region, strict=True)
+            ]
+            starts = [int(rng.integers(0, n - s + 1)) for n, s in zip(padded, self.size, strict=True)]
+            flips = tuple(k for k in range(3) if rng.random() < self.flip_prob)
+            scan = self.fit(vol[cut_region], self.window[0], starts)
+            scans[i] = window01(np.flip(scan, flips) if flips else scan, *self.window)
+            if lab is not None:
+                labels = self.fit(
+                    np.frombuffer(lab, dtype=np.uint8).reshape(vol.shape)[cut_region], 0, starts, nearest=True
+                )
+                cut = [
+                    a in boxes
+                    and (min(boxes[a][:3]) == 0 or any(e >= n for e, n in zip(boxes[a][3:], vol.shape, strict=True)))
+                    for a in self.anatomy_ids
+                ]
+                tokens[i] = self.token_masks(np.flip(labels, flips) if flips else labels, cut)
+        region = np.asarray(tokens.any(axis=2))
+        out: dict[str, np.ndarray] = {"scan": scans, "anatomy_tokens": tokens, "region": region.astype(np.uint8)}
+        out.update(self.texts(rows, region, rng))
+        return out

@@ -1,0 +1,85 @@
+"""CA-GCL on the device: a 3D ViT over the whole scan (ctray.models.vit), one learnable query per
+anatomy attending to its tokens (shared attention, per-anatomy projection), the anatomy text tower
+(ctray.objectives.anatomy_text), and eq. (5): the local loss (eq. 1) summed over anatomies plus
+lambda x the cross-anatomy global loss (eq. 2-4, ctray.objectives.losses)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ctray.models.vit import AnatomyQueryPooling, ViT3D
+from ctray.objectives.anatomy_text import AnatomyTextTask, synthetic_text_fields
+from ctray.objectives.cagcl.config import CAGCLConfig
+from ctray.objectives.losses import CrossAnatomyGlobalLoss
+from ctray.objectives.spec import Batch
+
+
+def synthetic_batch(cfg: CAGCLConfig, scans: int, device: torch.device) -> Batch:
+    """Random scans, token masks covering ~20% of the grid per anatomy, and random text fields."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = len(cfg.anatomies)
+    tokens = math.prod(s // p for s, p in zip(cfg.input_size, cfg.patch, strict=False))
+    batch = {
+        "scan": torch.rand((scans, *cfg.input_size), generator=gen).half(),
+        "anatomy_tokens": (torch.rand((scans, a, tokens), generator=gen) < 0.2).to(torch.uint8),
+        **synthetic_text_fields(cfg, scans, a, gen),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class CAGCLTask(AnatomyTextTask):
+    """Batch {"scan": (S, D, H, W) float16, "anatomy_tokens": (S, A, N) + text fields} -> eq. (5)."""
+
+    def __init__(self, cfg: CAGCLConfig, assets: dict[str, Any]):
+        super().__init__(cfg, assets)
+        self.cfg = cfg
+        self.anatomies = list(cfg.anatomies)
+        self.vit = ViT3D(cfg.input_size, cfg.patch, cfg.width, cfg.depth, cfg.heads)
+        self.pool = AnatomyQueryPooling(len(cfg.anatomies), cfg.width, cfg.pool_heads, cfg.embed_dim)
+        self.global_loss = CrossAnatomyGlobalLoss()
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(0)
+
+    def begin_step(self, step: int, seed: int) -> None:
+        # The global loss's permutations: the same on every worker (they all hold the same
+        # gathered batch), new at every micro-step, and where they were after a resume.
+        self.generator.manual_seed(seed)
+
+    def embed_anatomies(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["scan"].unsqueeze(1).to(next(self.parameters()).dtype)
+        return self.pool(self.vit(x), batch["anatomy_tokens"].bool())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        g = self.gathered(self.embed_anatomies(batch), self.embed_reports(batch), batch)
+        scale = self.temperature()
+        local = self.local_losses(g, scale).sum()
+        out = {
+            "loss_local": local.detach(),
+            "temperature": 1 / scale.detach(),
+            "views": torch.tensor(float(len(batch["scan"]))),
+        }
+        loss = local
+        if self.cfg.global_weight:
+            glo = self.global_loss(g["v"], g["r"], g["present"].bool(), scale, self.generator)
+            loss = local + self.cfg.global_weight * glo
+            out["loss_global"] = glo.detach()
+        return {"loss": loss, **out}
+
+    def export_module(self) -> torch.nn.Module:
+        return self
+
+    def export_config(self) -> dict:
+        c = self.cfg
+        return {
+            "architecture": "ctray.objectives.cagcl.CAGCLTask (ViT3D + anatomy query pooling, BERT text tower)",
+            "anatomies": list(c.anatomies),
+            "input_size": list(c.input_size),
+            "patch": list(c.patch),
+            "vit": {"width": c.width, "depth": c.depth, "heads": c.heads},
+            "embed_dim": c.embed_dim,
+            "window_hu": list(c.window_hu),
+            "text": c.text.model_dump(mode="json"),
+        }

@@ -1,0 +1,16 @@
+"""CT-FM intra-sample SimCLR (Pai et al. 2025; public code: project-lighter/CT-FM), top to bottom:
+
+- config.py: the recipe's settings (paper defaults; the released code's where it differs, noted);
+- sampler.py: CPU side, in Ray Data: M random patches per scan, sliced out of the stored int16
+  volume (padded with -1024 HU where the scan is smaller than a patch);
+- task.py: device side: window, two augmented views per patch (shared augmentations,
+  ctray.objectives.augment), SegResEncoder + MLP head (ctray.models.encoders), and the
+  intra-sample NT-Xent over each scan's 2M views (ctray.objectives.losses);
+- recipe.py: the registry entry and the default sweep space.
+
+Defaults follow the paper (20 patches of 24x128x128 per scan, 16 scans per global batch,
+temperature 0.1); the released repository uses 15 patches of 32x128x128.
+
+This package's __init__ imports nothing: Ray Data's task processes import the sampler module
+alone, without torch.
+"""

@@ -1,0 +1,40 @@
+"""CT-FM's CPU side (numpy only): M random patches per scan, cut from the stored int16 volume."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+import numpy as np
+
+from ctray.data.samplers import volumes
+
+
+class PatchSampler:
+    """M random patches per scan (CT-FM): rows -> {"patches": int16 (rows, M, d, h, w)}.
+
+    Patch corners are uniform over the volume (MONAI RandSpatialCropSamples, as CT-FM); a volume
+    smaller than a patch along an axis is first padded with `pad` HU (air), as CT-FM's SpatialPad.
+    """
+
+    columns = ("volume", "shape")
+
+    def __init__(self, patches_per_scan: int, patch_size: tuple[int, int, int], pad: int = -1024):
+        self.m = patches_per_scan
+        self.size = tuple(patch_size)
+        self.pad = pad
+
+    def sample(self, vol: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        out = np.empty((self.m, *self.size), dtype=np.int16)
+        short = [max(0, p - s) for p, s in zip(self.size, vol.shape, strict=False)]
+        if any(short):
+            vol = np.pad(vol, [(d // 2, d - d // 2) for d in short], constant_values=self.pad)
+        starts = [rng.integers(0, s - p + 1, size=self.m) for s, p in zip(vol.shape, self.size, strict=False)]
+        d, h, w = self.size
+        for i in range(self.m):
+            z, y, x = starts[0][i], starts[1][i], starts[2][i]
+            out[i] = vol[z : z + d, y : y + h, x : x + w]
+        return out
+
+    def __call__(self, batch: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {"patches": np.stack([self.sample(vol, rng) for vol in volumes(batch)])}

@@ -1,0 +1,83 @@
+"""CT-FM's device side: window, two augmented views per patch, SegResEncoder + MLP head, and the
+intra-sample NT-Xent over each scan's 2M views."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ctray.models.encoders import PooledSegResEncoder, mlp_head
+from ctray.objectives.augment import gaussian_smooth, histogram_shift, resized_crop_flip, window
+from ctray.objectives.ctfm.config import CTFMConfig
+from ctray.objectives.losses import IntraSampleNTXent
+from ctray.objectives.spec import Task
+
+
+def synthetic_batch(cfg: CTFMConfig, scans: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """In-memory input of the right shape and dtype, for measuring the step without the data path."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    patches = torch.randint(
+        int(cfg.window_hu[0]),
+        int(cfg.window_hu[1]),
+        (scans, cfg.patches_per_scan, *cfg.patch_size),
+        dtype=torch.int16,
+        generator=gen,
+    )
+    return {"patches": patches.to(device)}
+
+
+class CTFMTask(Task):
+    """Model + augmentation + loss: batch {"patches": (S, M, d, h, w) int16} -> dict of losses/metrics."""
+
+    def __init__(self, cfg: CTFMConfig, assets: dict[str, Any] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = PooledSegResEncoder(cfg.init_filters, cfg.blocks_down)
+        self.head = mlp_head((self.encoder.out_features, *cfg.head_dims))
+        self.loss = IntraSampleNTXent(cfg.temperature)
+
+    @torch.no_grad()
+    def views(self, patches: torch.Tensor) -> torch.Tensor:
+        """(S, M, d, h, w) int16 HU -> (S * 2 * M, 1, d, h, w) augmented views in [0, 1]."""
+        s, m = patches.shape[:2]
+        x = window(patches, *self.cfg.window_hu).reshape(s * m, 1, *patches.shape[2:])
+        x = torch.cat([x, x])  # view 0 of every patch, then view 1
+        x = resized_crop_flip(x, self.cfg.crop_scale, self.cfg.flip_prob)
+        x = histogram_shift(x, self.cfg.histogram_shift_prob, self.cfg.histogram_control_points)
+        x = gaussian_smooth(x, self.cfg.smooth_prob, self.cfg.smooth_sigma)
+        # (2, S, M) order -> (S, 2, M) so that each scan's views are contiguous
+        return x.reshape(2, s, m, *x.shape[1:]).transpose(0, 1).reshape(s * 2 * m, *x.shape[1:])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        patches = batch["patches"]
+        s, m = patches.shape[:2]
+        x = self.views(patches)
+        if x.is_cuda:  # cuDNN picks its fast 3D kernels for channels-last input (measured ~2x on an H100)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        param = next(self.parameters())
+        z = self.head(self.encoder(x.to(param.dtype)))
+        loss, pos_sim = self.loss.forward_with_metrics(z.reshape(s, 2, m, -1))
+        return {"loss": loss, "positive_cosine": pos_sim, "views": torch.tensor(float(s * 2 * m))}
+
+    def export_module(self) -> nn.Module:
+        return self.encoder
+
+    def export_config(self) -> dict:
+        return {
+            "architecture": "monai.networks.nets.segresnet_ds.SegResEncoder",
+            "kwargs": {
+                "spatial_dims": 3,
+                "in_channels": 1,
+                "init_filters": self.cfg.init_filters,
+                "blocks_down": list(self.cfg.blocks_down),
+            },
+            "pooling": "mean of the last level",
+            "input": {
+                "orientation": "SPL",
+                "spacing_zyx_mm": [3.0, 1.0, 1.0],
+                "window_hu": list(self.cfg.window_hu),
+                "patch_size": list(self.cfg.patch_size),
+            },
+        }

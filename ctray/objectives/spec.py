@@ -1,0 +1,151 @@
+"""The contract between the trainer and a recipe: what an objective provides, typed.
+
+A recipe (one folder under ctray/objectives/) supplies an `Objective`: its typed config (a
+`RecipeConfig` whose `name` is a Literal), a driver-side `prepare`, a numpy-only CPU `sampler`
+(Ray Data map_batches UDF), a device `task` (augmentation + model + loss + export, and
+optionally evaluation) and a default sweep space. The registry (ctray.objectives) holds one
+instance per recipe; the trainer, the config loader, the CLI, `ctray bench` and `ctray sweep` ask
+it and know no recipe by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ctray.config import Section
+
+if TYPE_CHECKING:
+    from ctray.train.config import PretrainConfig
+
+SweepSpace = Mapping[str, Mapping[str, Any]]
+"""Dotted config path -> {grid|choice|uniform|loguniform: values} (ctray.tune.config.ParamSpace)."""
+
+Batch = dict[str, torch.Tensor]
+"""A device batch: the sampler's arrays as tensors, keyed as the sampler named them."""
+
+
+class RecipeConfig(Section):
+    """Base of every objective's config section (`objective:` in a pretrain job)."""
+
+    name: str
+    """The registered objective (`ctray pretrain --help` lists them)."""
+
+
+C = TypeVar("C", bound=RecipeConfig)
+C_contra = TypeVar("C_contra", bound=RecipeConfig, contravariant=True)
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """A Ray Data map_batches UDF: shard rows (a pyarrow batch, or a dict of columns in tests) ->
+    dict of numpy arrays with a leading scan axis. Imports numpy only: every Ray Data task
+    process unpickles it, and torch would cost each new process seconds before its first scan."""
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The shard columns it reads (the rest are never fetched)."""
+        ...
+
+    def __call__(self, batch: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Every random draw comes from `rng` (seeded by the run's seed and the draw)."""
+        ...
+
+
+@dataclass
+class Evaluation:
+    """What a task's evaluation hands the trainer: it prints `summary`, logs `metrics` and stores
+    `files`, knowing none of their names."""
+
+    metrics: dict[str, float]
+    """Scalars for metrics.jsonl, TensorBoard and Tune."""
+    summary: str
+    """One line for the console."""
+    files: dict[str, bytes] = field(default_factory=dict)
+    """File name -> bytes, stored in <run>/eval/step_N/."""
+
+
+class Task(nn.Module):
+    """A recipe's device side. forward(batch) -> {"loss": scalar, "views": a CPU scalar (views or
+    volumes in the batch, for throughput), other scalars to log}."""
+
+    def export_module(self) -> nn.Module:
+        """The module whose weights are exported at the end of training."""
+        return self
+
+    def export_config(self) -> dict[str, Any]:
+        """JSON-able description of the export: the class that loads it, its arguments, its input."""
+        raise NotImplementedError
+
+    def begin_step(self, step: int, seed: int) -> None:
+        """Called before each micro-step with the optimizer step and a seed derived from
+        train.seed and the micro-step, the same on every rank (draws every rank must agree on,
+        like CA-GCL's permutations). torch's global generators are already seeded per rank."""
+
+    def clamped_parameters(self) -> list[tuple[nn.Parameter, float, float]]:
+        """(parameter, low, high): clamped in place after every optimizer step (a learnable
+        temperature), so that the gradient at a bound is never cut."""
+        return []
+
+
+@runtime_checkable
+class Evaluates(Protocol):
+    """A task that evaluates itself during training on batches from its own sampler (fixed seed)."""
+
+    def evaluate(self, batches: Iterable[Batch], step: int) -> Evaluation: ...
+
+
+@dataclass(frozen=True)
+class BenchProfile:
+    """How `ctray bench step` runs a recipe when given no --config."""
+
+    local_job: str
+    """A jobs/ YAML with the recipe's tiny local config (CPU runs start from it)."""
+    paper_size: tuple[str, ...] = ()
+    """Overrides of that job that build the paper-size model and batch (GPU runs)."""
+    target: str = "no target"
+    """The throughput target on one GPU, printed beside the figures."""
+
+
+class Objective(Protocol, Generic[C_contra]):
+    """One pretraining recipe, as the registry holds it."""
+
+    @property
+    def name(self) -> str:
+        """The `objective.name` that selects it."""
+        ...
+
+    @property
+    def config(self) -> type[RecipeConfig]:
+        """Its config section (a RecipeConfig subclass with `name: Literal[...]`)."""
+        ...
+
+    @property
+    def sweep_space(self) -> SweepSpace:
+        """Default `ctray sweep` space: dotted path -> {grid|choice|uniform|loguniform: ...}."""
+        ...
+
+    @property
+    def bench(self) -> BenchProfile:
+        """How `ctray bench step` runs it."""
+        ...
+
+    def prepare(self, cfg: PretrainConfig) -> dict[str, Any]:
+        """Driver side, once before training: JSON-able assets every rank's task and the sampler
+        receive (a tokenizer, label ids from the manifest, a checked stage-1 export). A config
+        that does not fit its shards raises ConfigError here."""
+        ...
+
+    def sampler(self, cfg: C_contra, assets: dict[str, Any]) -> Sampler: ...
+
+    def task(self, cfg: C_contra, assets: dict[str, Any]) -> Task: ...
+
+    def synthetic_batch(self, cfg: C_contra, scans: int, device: torch.device) -> Batch:
+        """An in-memory batch like the sampler's (after tensor conversion), for `data.synthetic`
+        and FLOP counting."""
+        ...

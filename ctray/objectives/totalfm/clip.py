@@ -1,0 +1,150 @@
+"""TotalFM stage 2 on the driver and the device: the stage-1 hand-off (checked before any worker
+starts) and the organ-wise CLIP task, the stage-1 encoder mean-pooled and projected against one
+finding sentence of the organ per step."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctray.config import StorageConfig
+from ctray.errors import ConfigError
+from ctray.objectives.anatomy_text import AnatomyTextTask, at_slots, text_assets
+from ctray.objectives.totalfm.config import TotalFMCLIPConfig, export_config
+from ctray.objectives.totalfm.mae import organ_videos
+
+log = logging.getLogger(__name__)
+
+
+def stage1_export(init_from: str) -> str:
+    """A stage-1 run folder or its encoder.safetensors -> the safetensors URI."""
+    if init_from.endswith(".safetensors"):
+        return init_from
+    return init_from.rstrip("/") + "/export/encoder.safetensors"
+
+
+def check_stage1(cfg: TotalFMCLIPConfig, storage: StorageConfig) -> str | None:
+    """Driver-side check of the hand-off: the stage-1 export exists and was cut and built like this
+    stage's organs and model. Returns the resolved URI (None: random init, with a loud warning)."""
+    from ctray.storage import filesystem, read_bytes, resolve_uri
+
+    if cfg.init_from is None:
+        log.warning(
+            "=" * 70 + "\ntotalfm_clip: objective.init_from is not set, so the vision encoder starts from RANDOM "
+            "INIT instead of the stage-1 VideoMAE encoder. Set it to the totalfm_mae run folder.\n" + "=" * 70
+        )
+        return None
+    uri = resolve_uri(stage1_export(cfg.init_from))
+    fs, path = filesystem(uri, storage)
+    try:
+        meta = json.loads(read_bytes(fs, path[: -len(".safetensors")] + ".json", storage))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"objective.init_from: no stage-1 export at {uri} (run totalfm_mae to the end first)"
+        ) from None
+    ours = json.loads(json.dumps(export_config(cfg)))
+    if meta.get("organs") != ours["organs"]:
+        raise ConfigError(
+            f"objective.init_from: {uri} was trained with different organs than this stage "
+            "(objective.organs must match)"
+        )
+    theirs, mine = _encoder_fields(meta.get("config", {})), _encoder_fields(ours["config"])
+    if theirs != mine:
+        diff = sorted(k for k in theirs.keys() | mine.keys() if theirs.get(k) != mine.get(k))
+        raise ConfigError(
+            f"objective.init_from: {uri} has a different encoder than objective.model ({', '.join(diff)})"
+        )
+    return uri
+
+
+def _encoder_fields(config: dict) -> dict:
+    """The VideoMAE config fields that shape the encoder's weights (the decoder and versions may differ)."""
+    return {k: config.get(k) for k in _ENCODER_FIELDS}
+
+
+_ENCODER_FIELDS = (
+    "image_size",
+    "num_frames",
+    "num_channels",
+    "patch_size",
+    "tubelet_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "qv_bias",
+    "use_mean_pooling",
+)
+
+
+def clip_assets(cfg: Any) -> dict[str, Any]:
+    """The run's tokenizer and the checked stage-1 export."""
+    return {
+        **text_assets(cfg),
+        "init_from": check_stage1(cfg.objective, cfg.storage),
+        "storage": cfg.storage.model_dump(mode="json"),
+    }
+
+
+class TotalFMCLIPTask(AnatomyTextTask):
+    """Organ volumes + one sentence per organ -> organ-wise CLIP loss (see module docstring)."""
+
+    def __init__(self, cfg: TotalFMCLIPConfig, assets: dict):
+        super().__init__(cfg, assets)
+        from transformers import VideoMAEModel
+
+        self.cfg = cfg
+        self.anatomies = list(cfg.organs.anatomies)
+        self.vision = VideoMAEModel(cfg.model.videomae_config(cfg.organs))
+        if assets.get("init_from"):
+            self._load_stage1(assets["init_from"], StorageConfig.model_validate(assets["storage"]))
+        self.vision_norm = nn.LayerNorm(cfg.model.hidden_size)
+        self.vision_proj = nn.Linear(cfg.model.hidden_size, cfg.embed_dim)
+
+    def _load_stage1(self, uri: str, storage: StorageConfig) -> None:
+        from safetensors.torch import load
+
+        from ctray.storage import filesystem, read_bytes
+
+        fs, path = filesystem(uri, storage)
+        state = load(read_bytes(fs, path, storage))
+        self.vision.load_state_dict(state, strict=True)
+        log.info("totalfm_clip: vision encoder loaded from stage 1 (%s, %d tensors)", uri, len(state))
+
+    def embed_volumes(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, 1, H, W) -> (N, embed_dim) L2-normalised."""
+        tokens = self.vision(pixel_values=x).last_hidden_state
+        return F.normalize(self.vision_proj(self.vision_norm(tokens.mean(1))).float(), dim=-1)
+
+    def embed_organs(self, organs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(S, A, T, H, W) organ volumes -> (S, A, embed_dim), only the `mask` slots encoded."""
+        mask = mask.bool()
+        return at_slots(mask, self.embed_volumes(organ_videos(organs, mask, next(self.parameters()).dtype)))
+
+    def embed_anatomies(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.embed_organs(batch["organs"], batch["region"])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        present = batch["present"].bool()
+        g = self.gathered(self.embed_organs(batch["organs"], present), self.embed_reports(batch), batch)
+        scale = self.temperature()
+        per_organ = self.local_losses(g, scale)
+        organs_with_pairs = (g["present"].bool().sum(0) >= 2).sum().clamp(min=1)
+        loss = per_organ.sum() / (2 * organs_with_pairs)
+        return {"loss": loss, "temperature": 1 / scale.detach(), "views": torch.tensor(float(present.sum()))}
+
+    def export_module(self) -> nn.Module:
+        return self
+
+    def export_config(self) -> dict:
+        return {
+            **export_config(self.cfg),
+            "architecture": "ctray.objectives.totalfm.TotalFMCLIPTask (vision + text towers)",
+            "embed_dim": self.cfg.embed_dim,
+            "text": self.cfg.text.model_dump(mode="json"),
+        }

@@ -1,0 +1,68 @@
+"""TotalFM stage 1 on the device: tube masking and transformers' VideoMAEForPreTraining (1 channel,
+tubelet 2, patch 16, normalised-pixel MSE) over the batch's organ volumes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ctray.objectives.anatomy_text import synthetic_text_fields
+from ctray.objectives.spec import Batch, Task
+from ctray.objectives.totalfm.config import OrganInput, TotalFMCLIPConfig, TotalFMMAEConfig, VideoMAESize, export_config
+
+
+def synthetic_batch(cfg: TotalFMMAEConfig | TotalFMCLIPConfig, scans: int, device: torch.device) -> Batch:
+    """Random organ volumes (every organ present) and, for stage 2, random text fields."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = len(cfg.organs.anatomies)
+    batch = {
+        "organs": torch.rand((scans, a, *cfg.organs.size), generator=gen).half(),
+        "present": torch.ones((scans, a), dtype=torch.uint8),
+        "region": torch.ones((scans, a), dtype=torch.uint8),
+    }
+    if isinstance(cfg, TotalFMCLIPConfig):
+        batch.update(synthetic_text_fields(cfg, scans, a, gen))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def tube_mask(n: int, cfg: VideoMAESize, organs: OrganInput, ratio: float, device: torch.device) -> torch.Tensor:
+    """(n, tokens) bool, True = masked: the same random spatial patches in every tubelet (VideoMAE's
+    tube masking), exactly round(ratio * patches) per volume (at most all but one) so the batch stays rectangular."""
+    t, h, _ = organs.size
+    spatial = (h // cfg.patch_size) ** 2
+    masked = min(spatial - 1, round(ratio * spatial))  # at least one visible patch
+    order = torch.rand(n, spatial, device=device).argsort(1)
+    mask = torch.zeros(n, spatial, dtype=torch.bool, device=device)
+    mask.scatter_(1, order[:, :masked], True)
+    return mask.repeat(1, t // cfg.tubelet_size)
+
+
+def organ_videos(organs: torch.Tensor, present: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(S, A, T, H, W) + present (S, A) -> (N, T, 1, H, W): the present organ volumes as 1-channel videos."""
+    return organs[present.bool()].unsqueeze(2).to(dtype)
+
+
+class TotalFMMAETask(Task):
+    """Batch {"organs": (S, A, T, H, W) float16 in [0, 1], "present": (S, A)} -> VideoMAE loss."""
+
+    def __init__(self, cfg: TotalFMMAEConfig, assets: dict[str, Any] | None = None):
+        super().__init__()
+        from transformers import VideoMAEForPreTraining
+
+        self.cfg = cfg
+        self.mae = VideoMAEForPreTraining(cfg.model.videomae_config(cfg.organs))
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        param = next(self.parameters())
+        x = organ_videos(batch["organs"], batch["present"], param.dtype)
+        mask = tube_mask(len(x), self.cfg.model, self.cfg.organs, self.cfg.mask_ratio, x.device)
+        loss = self.mae(pixel_values=x, bool_masked_pos=mask).loss
+        return {"loss": loss, "views": torch.tensor(float(len(x)))}
+
+    def export_module(self) -> nn.Module:
+        return self.mae.videomae
+
+    def export_config(self) -> dict:
+        return export_config(self.cfg)

@@ -1,0 +1,97 @@
+"""The totalfm registry entry: its Objective (ctray.objectives.spec), sweep space and driver-side assets."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ctray.objectives.anatomy_text import BERT_B, anatomy_texts
+from ctray.objectives.spec import Batch, BenchProfile, Objective, SweepSpace
+from ctray.objectives.totalfm.clip import TotalFMCLIPTask, clip_assets
+from ctray.objectives.totalfm.config import TotalFMCLIPConfig, TotalFMMAEConfig
+from ctray.objectives.totalfm.mae import TotalFMMAETask, synthetic_batch
+from ctray.objectives.totalfm.sampler import OrganSampler
+
+
+VIDEOMAE_B = (
+    "objective.organs.size=[16,160,160]",
+    "objective.model.patch_size=16",
+    "objective.model.hidden_size=768",
+    "objective.model.layers=12",
+    "objective.model.heads=12",
+    "objective.model.intermediate_size=3072",
+)
+"""Overrides of the local jobs that build VideoMAE-B on 16x160x160 organ volumes (bench step on a GPU)."""
+
+
+def organ_sampler(cfg: TotalFMMAEConfig | TotalFMCLIPConfig, assets: dict[str, Any]) -> OrganSampler:
+    o = cfg.organs
+    texts = anatomy_texts(cfg, o.anatomies, assets, "one") if isinstance(cfg, TotalFMCLIPConfig) else None
+    return OrganSampler(o.anatomies, o.size, o.margin_mm, o.window_hu, texts)
+
+
+class TotalFMMAE:
+    name = "totalfm_mae"
+    config = TotalFMMAEConfig
+    sweep_space: ClassVar[SweepSpace] = {
+        "objective.mask_ratio": {"choice": [0.75, 0.9]},
+        "optim.lr": {"loguniform": (1e-4, 1.5e-3)},
+    }
+
+    bench = BenchProfile(
+        "totalfm-mae-local.yaml",
+        (
+            *VIDEOMAE_B,
+            "objective.model.decoder_hidden_size=384",
+            "objective.model.decoder_layers=4",
+            "objective.model.decoder_heads=6",
+            "objective.model.decoder_intermediate_size=1536",
+            "objective.mask_ratio=0.9",
+            "objective.organs.margin_mm=10",
+            "data.scans_per_batch=16",
+        ),
+        "target on one H100: >= 1,400 views/s (2x transformers' VideoMAE-B probe, 677)",
+    )
+
+    def prepare(self, cfg: Any) -> dict[str, Any]:
+        return {}
+
+    def sampler(self, cfg: TotalFMMAEConfig, assets: dict[str, Any]) -> OrganSampler:
+        return organ_sampler(cfg, assets)
+
+    def task(self, cfg: TotalFMMAEConfig, assets: dict[str, Any]) -> TotalFMMAETask:
+        return TotalFMMAETask(cfg, assets)
+
+    def synthetic_batch(self, cfg: TotalFMMAEConfig, scans: int, device: torch.device) -> Batch:
+        return synthetic_batch(cfg, scans, device)
+
+
+class TotalFMCLIP:
+    name = "totalfm_clip"
+    config = TotalFMCLIPConfig
+    sweep_space: ClassVar[SweepSpace] = {
+        "objective.temperature_init": {"choice": [0.03, 0.07, 0.1]},
+        "optim.lr": {"loguniform": (1e-5, 3e-4)},
+    }
+
+    bench = BenchProfile(
+        "totalfm-clip-local.yaml",
+        ("objective.init_from=null", *VIDEOMAE_B, *BERT_B, "objective.embed_dim=256", "data.scans_per_batch=8"),
+    )
+
+    def prepare(self, cfg: Any) -> dict[str, Any]:
+        return clip_assets(cfg)
+
+    def sampler(self, cfg: TotalFMCLIPConfig, assets: dict[str, Any]) -> OrganSampler:
+        return organ_sampler(cfg, assets)
+
+    def task(self, cfg: TotalFMCLIPConfig, assets: dict[str, Any]) -> TotalFMCLIPTask:
+        return TotalFMCLIPTask(cfg, assets)
+
+    def synthetic_batch(self, cfg: TotalFMCLIPConfig, scans: int, device: torch.device) -> Batch:
+        return synthetic_batch(cfg, scans, device)
+
+
+MAE: Objective[TotalFMMAEConfig] = TotalFMMAE()
+CLIP: Objective[TotalFMCLIPConfig] = TotalFMCLIP()
