@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ctray: interrupted; committed shards and checkpoints are kept", file=sys.stderr)
         return 130
-    except Exception as e:
+    except Exception as e:  # a bug: its message may quote patient data, so -v shows it
         if args.verbose:
             raise
         frames = traceback.extract_tb(e.__traceback__)

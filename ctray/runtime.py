@@ -60,7 +60,7 @@ def _node_types() -> list[dict] | None:
 
     try:
         config = ray._private.state.state.get_cluster_config()
-    except Exception:
+    except Exception:  # an older GCS without the key: fall back to waiting
         return None
     if config is None or not config.node_group_configs:
         return None

@@ -14,8 +14,8 @@ import posixpath
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import fsspec
@@ -120,7 +120,7 @@ def with_retries(fn: Callable[[], R], what: str, cfg: StorageConfig) -> R:
             return fn()
         except _PERMANENT:
             raise
-        except Exception as e:
+        except Exception as e:  # any transport error is worth another try
             if attempt == cfg.retries:
                 raise StorageError(
                     f"{what}: storage unreachable after {cfg.retries} attempts "

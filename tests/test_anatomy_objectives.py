@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, REPO, ingest_cfg
 from safetensors.torch import load_file
 
 from ctray.config import load_config
@@ -18,6 +17,8 @@ from ctray.objectives import get_objective
 from ctray.objectives.totalfm.clip import TotalFMCLIPTask
 from ctray.train.config import PretrainConfig
 from ctray.train.trainer import run_pretrain
+
+from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, REPO, ingest_cfg
 
 pytestmark = pytest.mark.slow  # end-to-end runs of a minute or more: the slow tier
 

@@ -11,17 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from ctray.data.samplers import AnatomyTexts, window01
-from ctray.objectives.cagcl.sampler import AnatomyScanSampler
-from ctray.objectives.totalfm.sampler import OrganSampler
 from ctray.data.text import TextEncoding, clinical_aware, train_wordpiece
 from ctray.models.vit import AnatomyQueryPooling, ViT3D
+from ctray.objectives.cagcl.sampler import AnatomyScanSampler
 from ctray.objectives.losses import (
     AnatomyLocalLoss,
     CrossAnatomyGlobalLoss,
     LearnableTemperature,
     false_negative_targets,
 )
-from ctray.objectives.zeroshot import auroc, f1_accuracy
+from ctray.objectives.totalfm.sampler import OrganSampler
+from ctray.objectives.zeroshot import auroc, classification_metrics, logit_margins
 
 
 def cos(a, b):
@@ -297,16 +297,37 @@ def scan_present(sampler, row) -> list[list[int]]:
     return sampler(row, np.random.default_rng(0))["present"].tolist()
 
 
-def test_auroc_and_f1_against_counting():
+def test_zero_shot_metrics_equal_scikit_learn_with_ties():
+    """The papers' metrics against scikit-learn's own, on random margins with ties and random labels."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
     rng = np.random.default_rng(0)
-    scores = rng.random(40).round(1)  # ties on purpose
-    labels = (rng.random(40) < 0.4).astype(int)
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
-    assert abs(auroc(scores, labels) - pairs) < 1e-12
-    assert math.isnan(auroc(scores, np.zeros(40, dtype=int)))
-    f1, acc = f1_accuracy(np.array([True, True, False, False]), np.array([1, 0, 1, 0]))
-    assert f1 == 0.5 and acc == 0.5
+    for trial in range(20):
+        n = int(rng.integers(6, 80))
+        margin = rng.normal(size=n).round(1)  # ties on purpose, and margins of exactly 0
+        labels = (rng.random(n) < rng.uniform(0.1, 0.6)).astype(int)
+        labels[:2] = [0, 1]  # both classes
+        got, pred = classification_metrics(margin, labels), (margin > 0).astype(int)
+        assert got["auroc"] == pytest.approx(roc_auc_score(labels, margin), abs=1e-12), trial
+        assert got["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, pred), abs=1e-12), trial
+        assert got["weighted_f1"] == pytest.approx(f1_score(labels, pred, average="weighted"), abs=1e-12), trial
+        assert got["sensitivity"] == pytest.approx(recall_score(labels, pred), abs=1e-12)
+        assert got["specificity"] == pytest.approx(recall_score(labels, pred, pos_label=0), abs=1e-12)
+        assert got["precision"] == pytest.approx(precision_score(labels, pred, zero_division=0), abs=1e-12)
+    assert math.isnan(auroc(np.zeros(5), np.zeros(5, dtype=int)))
+
+
+def test_zero_shot_auroc_does_not_change_with_the_temperature():
+    """Ranking by the logit margin: a model that only sharpens (tau 0.07 -> 0.001) keeps its AUROC,
+    where float32 softmax probabilities saturate at 1.0 and tie."""
+    gen = torch.Generator().manual_seed(0)
+    v = F.normalize(torch.randn(200, 16, generator=gen), dim=-1)
+    pos, neg = F.normalize(torch.randn(2, 16, generator=gen), dim=-1)
+    labels = ((v @ pos - v @ neg) + 0.3 * torch.randn(200, generator=gen) > 0).int().numpy()
+    warm, sharp = (classification_metrics(logit_margins(v, pos, neg, 1 / tau), labels) for tau in (0.07, 0.001))
+    assert sharp["auroc"] == warm["auroc"] and sharp["balanced_accuracy"] == warm["balanced_accuracy"]
+    probabilities = (torch.stack([v @ pos, v @ neg], 1) / 0.001).softmax(1)[:, 0].numpy()  # float32
+    assert auroc(probabilities, labels) < warm["auroc"]  # what ranking by saturated probabilities costs
 
 
 def test_losses_without_pairs_are_zero_and_still_backpropagate():

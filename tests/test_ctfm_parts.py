@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from monai.networks.layers.convutils import gaussian_1d
 from monai.transforms import Flip, GaussianSmooth, RandHistogramShift, Resize, SpatialCrop
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pyarrow.parquet as pq
+import pydicom
 import pytest
 
 from ctray.data.phantoms import to_axcodes, write_ct_series

@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from ctray.config import StorageConfig
 from ctray.data.phantoms import make_phantom, write_nifti
 from ctray.data.schema import SCHEMA_VERSION, label_map_of, volume_of
-from ctray.config import StorageConfig
 from ctray.errors import ConfigError
 from ctray.ingest.job import run_ingest
 from ctray.ingest.records import verify

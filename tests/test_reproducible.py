@@ -8,13 +8,21 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_pretrain import pretrain_cfg
 
 from ctray.train.trainer import run_pretrain
 
+from test_pretrain import pretrain_cfg
+
 pytestmark = pytest.mark.slow  # end-to-end runs of a minute or more: the slow tier
 
-STEPS = ["train.max_steps=10", "train.log_every=1", "train.checkpoint_every=5", "optim.warmup_steps=2"]
+# Two micro-steps per optimizer step: the accumulation boundary, and the seeds of each micro-step.
+STEPS = [
+    "train.max_steps=10",
+    "train.log_every=1",
+    "train.checkpoint_every=5",
+    "optim.warmup_steps=2",
+    "optim.grad_accum=2",
+]
 
 
 def losses(run_dir: Path) -> list[tuple[int, float, float]]:

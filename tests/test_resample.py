@@ -7,12 +7,11 @@ import pytest
 from scipy import ndimage
 
 from ctray.data.phantoms import make_phantom, to_axcodes
-from ctray.ingest.config import PreprocessConfig
-from ctray.ingest.preprocess import anatomy_boxes, orient, preprocess
-from ctray.resample import axis_map, resample_linear, resample_nearest
-from ctray.ingest.config import DicomConfig
+from ctray.ingest.config import DicomConfig, PreprocessConfig
 from ctray.ingest.dicom import load_series
+from ctray.ingest.preprocess import anatomy_boxes, orient, preprocess
 from ctray.ingest.volume import RawVolume
+from ctray.resample import axis_map, resample_linear, resample_nearest
 
 
 def _naive_trilinear(src, spacing_in, spacing_out):

@@ -5,7 +5,6 @@ import threading
 import time
 
 import nibabel as nib
-
 import pyarrow.parquet as pq
 import pytest
 import s3fs

@@ -107,9 +107,9 @@ def bench_data(
 
     from ctray.config import StorageConfig, load_config
     from ctray.data.pipeline import training_datasets
-    from ctray.objectives.ctfm.sampler import PatchSampler
     from ctray.ingest.config import IngestConfig
     from ctray.ingest.job import run_ingest
+    from ctray.objectives.ctfm.sampler import PatchSampler
 
     tmp = None
     if workdir is None:

@@ -84,8 +84,8 @@ def _driver(n: int) -> Callable[[], dict]:
     from ctray.ingest.job import plan, resolve
     from ctray.ingest.privacy import Names
     from ctray.ingest.records import build_manifest, read_records
-    from ctray.objectives.ctfm.sampler import PatchSampler
     from ctray.ingest.shards import preprocess_fingerprint
+    from ctray.objectives.ctfm.sampler import PatchSampler
     from ctray.storage import filesystem, publish_bytes
 
     logging.disable(logging.INFO)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from ctray.anatomy import CLASS_IDS, DEFAULT_FINDINGS as FINDINGS
+from ctray.anatomy import CLASS_IDS
+from ctray.anatomy import DEFAULT_FINDINGS as FINDINGS
 
 _NORMAL = {
     "lung": ["The lungs are clear without nodules or consolidation.", "No pleural effusion is seen."],

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctray.config import StorageConfig
@@ -55,10 +53,20 @@ def scan_index(uri: str, storage: StorageConfig) -> list[dict]:
     return items
 
 
+STREAMS = {"order": 0, "sample": 1, "shared": 2, "augment": 3, "shuffle": 4}
+"""The run's independent random streams, each a tag in its seed (so pass k and draw k differ)."""
+
+
+def stream_seed(seed: int, stream: str, *keys: int) -> int:
+    """A 32-bit seed for one of the run's random streams (STREAMS) at `keys` (pass, draw, step, rank)."""
+    return int(np.random.SeedSequence([seed, STREAMS[stream], *keys]).generate_state(1)[0])
+
+
 class ScanOrder:
-    """The run's sequence of scan draws, a function of the seed alone: draw k is position k % n of
-    pass k // n, and pass p visits the manifest's n scans in the permutation drawn by
-    numpy.random.default_rng([seed, p]). seed None: manifest order every pass (evaluation).
+    """The run's sequence of scan draws, a function of the seed and the manifest: draw k is
+    position k % n of pass k // n, and pass p visits the manifest's n scans in a permutation drawn
+    from the seed's "order" stream at p. seed None: manifest order every pass (evaluation). A run
+    resumed after an ingest added scans continues in the new manifest's order.
 
     Held as compact arrays (a shard list and two int32 columns), so a million scans cost a few MB
     in the Ray Data task that maps draws to rows."""
@@ -84,7 +92,7 @@ class ScanOrder:
         if self.seed is None:
             return pos
         if self._pass is None or self._pass[0] != p:
-            self._pass = (p, np.random.default_rng([self.seed, p]).permutation(n))
+            self._pass = (p, np.random.default_rng(stream_seed(self.seed, "order", p)).permutation(n))
         return int(self._pass[1][pos])
 
     def location(self, draw: int) -> tuple[str, int]:
@@ -111,12 +119,22 @@ class RankDraws:
         return self.start + (i // self.per_rank) * self.per_step + self.rank * self.per_rank + i % self.per_rank
 
 
+def labelled(items: list[dict[str, Any]], storage: StorageConfig, uri: str) -> list[dict[str, Any]]:
+    """The items whose scan has at least one finding label (only the small `labels` column is read)."""
+    afs, _ = arrow_filesystem(uri, storage)
+    known: dict[str, list[bool]] = {}
+    for path in sorted({item["path"] for item in items}):
+        column = pq.read_table(path, columns=["labels"], filesystem=afs).column("labels").to_pylist()
+        known[path] = [bool(labels) for labels in column]
+    return [item for item in items if known[item["path"]][item["row_group"]]]
+
+
 class ShardRowReader:
     """map_batches UDF: {"id": draw numbers} -> the sampler's output for those draws' scans.
 
-    The sampler's random generator is numpy.random.default_rng([seed, start + draw, ...]): the
+    Each draw is sampled with its own generator (stream "sample" of the seed, at the draw): the
     patches, organ cuts and texts of a draw are the same in every run with that seed, resumed or
-    not, whichever task or node samples it."""
+    not, whichever task, node or batch samples it."""
 
     def __init__(
         self,
@@ -134,13 +152,15 @@ class ShardRowReader:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._fs is None:  # built in the task process: filesystems do not travel well
             self._fs = arrow_filesystem(self.uri, self.storage)[0]
-        draws = [self.draws.draw(int(i)) for i in batch["id"]]
-        tables = []
-        for draw in draws:
+        outputs = []
+        for i in batch["id"]:  # one generator per draw: a draw samples alike in any batch
+            draw = self.draws.draw(int(i))
             path, row_group = self.order.location(draw)
-            file = pq.ParquetFile(path, filesystem=self._fs)
-            tables.append(file.read_row_group(row_group, columns=list(self.sampler.columns)))
-        return self.sampler(pa.concat_tables(tables), np.random.default_rng([self.seed, *draws]))
+            table = pq.ParquetFile(path, filesystem=self._fs).read_row_group(
+                row_group, columns=list(self.sampler.columns)
+            )
+            outputs.append(self.sampler(table, np.random.default_rng(stream_seed(self.seed, "sample", draw))))
+        return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 
 def training_datasets(
@@ -175,6 +195,16 @@ def training_datasets(
         ds.context.execution_options.preserve_order = True
         out[f"train_{rank}"] = ds
     return out
+
+
+def place_data_actors_here() -> None:
+    """Run a one-row dataset in this (the driver's) process. Ray Data creates its cluster-wide
+    helper actor (the autoscaling coordinator: detached, 0 CPU) on the node of the first process
+    that runs a dataset; with one dataset per training rank that would be a worker node, which the
+    actor would then keep from ever scaling down."""
+    import ray
+
+    ray.data.range(1).materialize()
 
 
 def ingest_options() -> ray.data.ExecutionOptions:

@@ -10,9 +10,9 @@ sampler tasks. Samplers handle a hub tokenizer and a trained one the same way.
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
 import logging
 import posixpath
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 

@@ -8,8 +8,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from ctray.config import RayConfig, Section, StorageConfig
 from ctray.anatomy import DEFAULT_ANATOMIES, anatomy_label_ids
+from ctray.config import RayConfig, Section, StorageConfig
 
 
 class DicomConfig(Section):

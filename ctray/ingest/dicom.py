@@ -177,7 +177,7 @@ def _group_by_series(
                 continue
             try:
                 h = _read_header(opener)
-            except Exception as e:
+            except Exception as e:  # any header that does not parse: the file is reported, not fatal
                 skipped.append((uri, f"unreadable DICOM header ({type(e).__name__})"))
                 continue
             if h.rows is None:
@@ -249,7 +249,7 @@ def load_series(paths: list[str], label: str, cfg: DicomConfig) -> RawVolume:
         for i, p in enumerate(paths):
             try:
                 ds = pydicom.dcmread(p, defer_size="1 KB")
-            except Exception as e:
+            except Exception as e:  # named by type only: a message may quote a header value
                 raise BadInput(
                     f"{label}: file {i + 1} of {len(paths)} (by name) is not readable DICOM ({type(e).__name__})"
                 ) from None
@@ -274,7 +274,7 @@ def load_series(paths: list[str], label: str, cfg: DicomConfig) -> RawVolume:
         for k, i in enumerate(order):
             try:
                 pixels = slices[i].pixel_array
-            except Exception as e:
+            except Exception as e:  # keep to the type: a message may quote a header value
                 syntax = getattr(getattr(slices[i], "file_meta", None), "TransferSyntaxUID", None)
                 what = getattr(syntax, "name", "unknown transfer syntax")
                 raise BadInput(

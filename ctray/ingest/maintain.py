@@ -21,8 +21,8 @@ from ctray.ingest.job import PURGED, read_purged, resolve
 from ctray.ingest.lease import Lease
 from ctray.ingest.llm import CACHE_DIR, cache_path
 from ctray.ingest.privacy import Names, read_id_map, write_id_map
-from ctray.ingest.shards import COMMITS_DIR
 from ctray.ingest.records import MANIFEST, build_manifest, read_manifest, read_records, rewrite_without
+from ctray.ingest.shards import COMMITS_DIR
 from ctray.storage import filesystem, join, publish_bytes, remove
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from scipy import ndimage
 
 from ctray.errors import BadInput
 from ctray.ingest.config import PreprocessConfig
-from ctray.resample import AxisMap, axis_map, grid_affine, resample_linear, resample_nearest
 from ctray.ingest.volume import RawVolume
+from ctray.resample import AxisMap, axis_map, grid_affine, resample_linear, resample_nearest
 
 # Mask and scan grids are the same when their affines agree to this many mm.
 _GRID_TOL_MM = 1e-2

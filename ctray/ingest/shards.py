@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import ctray
+from ctray.anatomy import anatomy_label_ids
 from ctray.data.schema import SCHEMA_VERSION, SHARD_SCHEMA
 from ctray.errors import BadInput, CtrayError, StorageError
-from ctray.anatomy import anatomy_label_ids
 from ctray.ingest.config import IngestConfig
 from ctray.ingest.dicom import load_series
 from ctray.ingest.lease import LeaseHeld, lease_is_ours
@@ -159,7 +159,7 @@ class ShardWriter:
                     continue
                 except (StorageError, LLMAuthError):
                     raise
-                except Exception as e:
+                except Exception as e:  # a bug must not cost the rest of the shard
                     reason = bug_reason(scan["label"], e)
                     quarantine.append(
                         {"scan_id": scan["scan_id"], "input": scan["label"], "reason": reason, "stamp": scan["stamp"]}
@@ -334,7 +334,7 @@ def write_shard(cfg_json: str, item: dict, reports: dict[str, dict], api_key: Se
         return writer_for(cfg_json, api_key).write(item, reports)
     except CtrayError as e:
         raise type(e)(str(e)) from None
-    except Exception as e:
+    except Exception as e:  # a bug: reported by type and place, never by message
         reason = bug_reason(f"shard {item['shard']}", e)
         log_bug(reason, e)
         raise CtrayError(reason) from None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from monai.networks.nets.segresnet_ds import SegResEncoder
 from torch import nn
-import itertools
 
 
 class PooledSegResEncoder(nn.Module):

@@ -19,8 +19,7 @@ from ctray.models.text import TextConfig, TextEncoder
 from ctray.objectives.losses import AnatomyLocalLoss, LearnableTemperature
 from ctray.objectives.spec import Batch, Evaluation, RecipeConfig, Task
 from ctray.objectives.zeroshot import ZeroShotConfig, evaluate
-from ctray.train.run_folder import RunFolder
-
+from ctray.run_folder import RunFolder
 
 BERT_B = (
     "objective.text.hidden_size=768",

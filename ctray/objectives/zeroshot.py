@@ -1,12 +1,14 @@
 """Zero-shot evaluation of anatomy-level vision-text models (TotalFM stage 2, CA-GCL).
 
 For a finding f of anatomy a and a prompt template pair (present, absent), a scan's score is the
-softmax probability of the "present" prompt given the scan's anatomy-a embedding (CLIP-style
-zero-shot, as in fVLM and CA-GCL). Two tasks:
+logit margin of the "present" prompt given the scan's anatomy-a embedding, scale x (cos present -
+cos absent): the log-odds of CLIP-style zero-shot (as in fVLM and CA-GCL), which ranks like the
+softmax probability but does not saturate. Two tasks:
 - finding-wise: every finding label of the shards (finding -> anatomy from the config);
 - anatomy-wise lesion presence: the anatomy is abnormal when any finding mapped to it is present.
-Per template: AUROC, F1 and accuracy (threshold 0.5), macro-averaged over findings (anatomies);
-then mean and std over templates (CA-GCL's robustness to prompts).
+Per template: the METRICS (AUROC, balanced accuracy, weighted F1 as the papers report, and
+sensitivity, specificity, precision; threshold: margin > 0), macro-averaged over findings
+(anatomies); then mean and std over templates (CA-GCL's robustness to prompts).
 
 The collapse diagnostic (CA-GCL Fig. 1): the distribution of cosine similarity between the text
 embeddings of different anatomies, over the evaluation reports; its mean, std and a histogram.
@@ -23,8 +25,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ctray.config import Section
 from ctray.anatomy import DEFAULT_FINDINGS
+from ctray.config import Section
 from ctray.objectives.spec import Evaluation
 
 DEFAULT_TEMPLATES = [
@@ -64,18 +66,41 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def f1_accuracy(pred: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    tp = int((pred & (labels == 1)).sum())
-    fp = int((pred & (labels == 0)).sum())
-    fn = int((~pred & (labels == 1)).sum())
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    return f1, float((pred == (labels == 1)).mean())
+METRICS = ("auroc", "balanced_accuracy", "weighted_f1", "sensitivity", "specificity", "precision")
+"""Per finding (anatomy), then macro-averaged: CA-GCL and fVLM report AUROC, balanced accuracy
+and weighted F1; sensitivity, specificity and precision complete the confusion matrix."""
 
 
-def _scores(v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float) -> np.ndarray:
-    """(N, D) image embeddings, (D,) prompts -> P(present) under a softmax over the two prompts."""
-    logits = scale * torch.stack([v @ pos, v @ neg], dim=1)
-    return logits.softmax(1)[:, 0].cpu().numpy()
+def classification_metrics(margin: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Binary metrics of logit margins (> 0: "present" wins) against 0/1 labels with both classes.
+
+    AUROC ranks the margins themselves: a softmax probability rounds to 1.0 in float32 once
+    scale x cosine margin passes ~17, which would tie sharpened models' scores and lower their
+    AUROC with unchanged rankings. The thresholded metrics use margin > 0 (probability > 0.5).
+    Weighted F1 is the F1 of each class weighted by its support (scikit-learn's "weighted")."""
+    y = labels.astype(bool)
+    pred = margin > 0
+    tp, fn = int((pred & y).sum()), int((~pred & y).sum())
+    fp, tn = int((pred & ~y).sum()), int((~pred & ~y).sum())
+    sensitivity = tp / (tp + fn)
+    specificity = tn / (tn + fp)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    f1_pos = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    f1_neg = 2 * tn / (2 * tn + fn + fp) if tn + fn + fp else 0.0
+    return {
+        "auroc": auroc(margin, labels),
+        "balanced_accuracy": (sensitivity + specificity) / 2,
+        "weighted_f1": (f1_pos * (tp + fn) + f1_neg * (tn + fp)) / len(y),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "precision": precision,
+    }
+
+
+def logit_margins(v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float) -> np.ndarray:
+    """(N, D) image embeddings, (D,) prompt embeddings -> scale x (cos(v, present) - cos(v, absent))
+    in float64: the log-odds of "present" under the two-prompt softmax, without its saturation."""
+    return (scale * (v.double() @ pos.double() - v.double() @ neg.double())).cpu().numpy()
 
 
 ZeroShotItem = tuple[str, int, str, str, int]
@@ -95,7 +120,7 @@ def _task_rows(
     items: list[ZeroShotItem],
 ) -> list[dict[str, Any]]:
     """items: (title, anatomy index, anatomy name, finding phrase, label column) -> one row per
-    template with macro-averaged AUROC / F1 / accuracy over the items that have both classes."""
+    template with every metric (METRICS) macro-averaged over the items that have both classes."""
     if not items:
         return []
     rows = []
@@ -113,15 +138,14 @@ def _task_rows(
             y = labels[ok, col].astype(int)
             if ok.sum() < 2 or y.min() == y.max():
                 continue
-            s = _scores(v[torch.as_tensor(ok, device=v.device), j], emb[k, t, 0], emb[k, t, 1], scale)
-            f1, acc = f1_accuracy(s > 0.5, y)
-            per.append({"item": title, "auroc": auroc(s, y), "f1": f1, "accuracy": acc, "n": int(ok.sum())})
+            margin = logit_margins(v[torch.as_tensor(ok, device=v.device), j], emb[k, t, 0], emb[k, t, 1], scale)
+            per.append({"item": title, **classification_metrics(margin, y), "n": int(ok.sum())})
         if per:
             rows.append(
                 {
                     "task": name,
                     "template": t,
-                    **{m: float(np.mean([p[m] for p in per])) for m in ("auroc", "f1", "accuracy")},
+                    **{m: float(np.mean([p[m] for p in per])) for m in METRICS},
                     "items": per,
                 }
             )
@@ -156,7 +180,7 @@ def evaluate(
     metrics: dict[str, float] = {}
     for task in ("finding", "anatomy"):
         mine = [r for r in rows if r["task"] == task]
-        for m in ("auroc", "f1", "accuracy"):
+        for m in METRICS:
             vals = [r[m] for r in mine]
             metrics[f"zs_{task}_{m}_mean"] = float(np.mean(vals)) if vals else float("nan")
             metrics[f"zs_{task}_{m}_std"] = float(np.std(vals)) if vals else float("nan")
@@ -198,21 +222,17 @@ def cross_anatomy_similarity(text_emb: torch.Tensor, text_anatomy: np.ndarray) -
 
 
 def markdown_table(rows: list[dict], metrics: dict[str, float], step: int) -> str:
+    head = " | ".join(m.replace("_", " ") for m in METRICS)
     lines = [
         f"# Zero-shot evaluation at step {step}",
         "",
-        "| task | template | AUROC | F1 | accuracy |",
-        "| --- | --- | --- | --- | --- |",
+        f"| task | template | {head} |",
+        "| --- " * (2 + len(METRICS)) + "|",
     ]
-    lines += [
-        f"| {r['task']} | {r['template']} | {r['auroc']:.3f} | {r['f1']:.3f} | {r['accuracy']:.3f} |" for r in rows
-    ]
-    lines += ["", "| task | AUROC mean ± std | F1 mean ± std | accuracy mean ± std |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['task']} | {r['template']} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS) + " |" for r in rows]
+    lines += ["", f"| task | {head} (mean ± std over templates) |", "| --- " * (1 + len(METRICS)) + "|"]
     for task in ("finding", "anatomy"):
-        cells = [
-            f"{metrics[f'zs_{task}_{m}_mean']:.3f} ± {metrics[f'zs_{task}_{m}_std']:.3f}"
-            for m in ("auroc", "f1", "accuracy")
-        ]
+        cells = [f"{metrics[f'zs_{task}_{m}_mean']:.3f} ± {metrics[f'zs_{task}_{m}_std']:.3f}" for m in METRICS]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     lines += [
         "",

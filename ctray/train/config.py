@@ -58,12 +58,12 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     """Loop length, logging and checkpoints."""
 
-    max_steps: int = 250_000
-    """Optimizer steps in the run (CT-FM: 500 epochs x 500 steps); replaced by `epochs` when that is set."""
+    max_steps: int | None = None
+    """Optimizer steps in the run (CT-FM: 500 epochs x 500 steps); None: 250,000, or `epochs`."""
     epochs: float | None = None
-    """Passes over the shards' scans instead of max_steps: steps = ceil(epochs x scans in the
-    manifest / (data.scans_per_batch x optim.grad_accum)), computed and logged at start (CA-GCL:
-    20 epochs at 56 scans per batch)."""
+    """Passes over the shards' scans instead of max_steps (give one of the two): steps =
+    ceil(epochs x scans in the manifest / (data.scans_per_batch x optim.grad_accum)), computed and
+    logged at start, and written to the run's config.yaml as max_steps (CA-GCL: 20 epochs at 56)."""
     log_every: int = 50
     """Steps between metric reports (loss, lr, views/s, data-wait fraction)."""
     checkpoint_every: int = 2000
@@ -83,6 +83,13 @@ class TrainConfig(Section):
     fault_kill_at_step: int | None = None
     """Fault injection: rank 1 (or 0 alone) kills its own process once at this step, to test the
     cluster's recovery from checkpoints. Leave unset in real runs."""
+
+    @property
+    def steps(self) -> int:
+        """The run's length in optimizer steps (epochs are turned into max_steps by `ctray pretrain`)."""
+        if self.epochs is not None:
+            raise ValueError("train.epochs is not resolved to steps yet (ctray.train.trainer.steps_for_epochs)")
+        return 250_000 if self.max_steps is None else self.max_steps
 
 
 class EvalConfig(Section):
@@ -154,6 +161,14 @@ class PretrainConfig(Section):
     @classmethod
     def _registered(cls, value: object) -> RecipeConfig:
         return objective_config(value)
+
+    @model_validator(mode="after")
+    def _one_length(self) -> PretrainConfig:
+        if self.train.epochs is not None and self.train.max_steps is not None:
+            raise ValueError("train: give max_steps or epochs, not both (override the other with null)")
+        if self.train.epochs is not None and self.data.synthetic:
+            raise ValueError("train.epochs counts passes over the shards: with data.synthetic give train.max_steps")
+        return self
 
     @model_validator(mode="after")
     def _batch_splits(self) -> PretrainConfig:

@@ -6,7 +6,7 @@ rank loads the latest reported checkpoint and continues from its step.
 
 The loop is split into the pieces torchtitan's trainer has: a metrics window (sums since the last
 report), a cadence (when to log, evaluate, checkpoint), the run's files on rank 0 and the run
-folder (ctray.train.run_folder). The trainer knows no metric or recipe names: a task returns its
+folder (ctray.run_folder). The trainer knows no metric or recipe names: a task returns its
 scalars, an evaluating task returns its own summary line.
 """
 
@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from ctray import dist
+from ctray.data.pipeline import stream_seed
 from ctray.objectives import get_objective
 from ctray.objectives.spec import Batch, Evaluates, Objective, Task
+from ctray.run_folder import RunFolder
 from ctray.train.config import PretrainConfig, TrainConfig
 from ctray.train.optim import clamp_, param_groups, warmup_cosine
-from ctray.train.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 TAG = "ctray"
@@ -58,7 +59,7 @@ def build_engine(cfg: PretrainConfig, task: Task, use_gpu: bool) -> tuple[Any, A
 
     groups = [g for g in param_groups(task, cfg.optim.weight_decay) if g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=cfg.optim.betas)
-    factor = warmup_cosine(cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
+    factor = warmup_cosine(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     engine, _, _, sched = deepspeed.initialize(
         model=task, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, use_gpu), dist_init_required=False
@@ -90,7 +91,7 @@ class Cadence:
     """0: evaluate at the last step only; -1: never (no evaluation for this task or config)."""
 
     def last(self, step: int) -> bool:
-        return step >= self.train.max_steps
+        return step >= self.train.steps
 
     def should_eval(self, step: int) -> bool:
         if self.eval_every < 0:
@@ -165,6 +166,12 @@ class RunFiles:
                 self.tb.add_scalar(k, v, metrics["step"])
         self.metrics.append(metrics)
 
+    def close(self) -> None:
+        """The last sync; the writer and the local folder go."""
+        self.sync()
+        self.tb.close()
+        shutil.rmtree(self.local, ignore_errors=True)
+
     def sync(self) -> None:
         self.tb.flush()
         self.run.write("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics).encode())
@@ -187,12 +194,13 @@ class InTrainingEvaluation:
         task: Evaluates,
         device: torch.device,
     ):
-        from ctray.data.pipeline import ScanOrder, ShardRowReader, scan_index
+        from ctray.data.pipeline import ScanOrder, ShardRowReader, labelled, scan_index
 
         self.task, self.device = task, device
         self.run = RunFolder.of(cfg)
         uri = cfg.eval.shards or cfg.data.shards
-        order = ScanOrder(scan_index(uri, cfg.storage), seed=None)  # manifest order
+        # The first scans with finding labels, in manifest order: unlabelled ones score nothing.
+        order = ScanOrder(labelled(scan_index(uri, cfg.storage), cfg.storage, uri), seed=None)
         self.reader = ShardRowReader(uri, cfg.storage, objective.sampler(cfg.objective, assets), order, seed=0)
         count, n = min(cfg.eval.max_scans, len(order)), cfg.scans_per_worker
         self.chunks = [np.arange(i, min(i + n, count)) for i in range(0, count, n)]
@@ -227,7 +235,7 @@ def _maybe_inject_fault(cfg: PretrainConfig, run: RunFolder, step: int) -> None:
     os.kill(os.getpid(), 9)
 
 
-def _export(engine: Any, task: Task, cfg: PretrainConfig, run: RunFolder, step: int) -> None:
+def _export(task: Task, cfg: PretrainConfig, run: RunFolder, step: int) -> None:
     """The encoder as safetensors + JSON config in <run>/export (gathered first under ZeRO-3)."""
     from safetensors.torch import save
 
@@ -243,13 +251,12 @@ def _export(engine: Any, task: Task, cfg: PretrainConfig, run: RunFolder, step: 
 def _checkpoint(engine: Any, metrics: dict[str, Any], files: RunFiles | None) -> None:
     import ray.train
 
-    local = tempfile.mkdtemp(prefix="ctray-ckpt-")
-    engine.save_checkpoint(local, tag=TAG, client_state={"step": metrics["step"]})
-    if files is not None:
-        files.sync()
-    checkpoint = ray.train.Checkpoint.from_directory(local)
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{metrics['step']:08d}")
-    shutil.rmtree(local, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="ctray-ckpt-") as local:
+        engine.save_checkpoint(local, tag=TAG, client_state={"step": metrics["step"]})
+        if files is not None:
+            files.sync()
+        checkpoint = ray.train.Checkpoint.from_directory(local)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{metrics['step']:08d}")
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -261,8 +268,10 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     worker = Worker(cfg, config.get("assets", {}), config.get("scans", 0))
     step = worker.restore()
-    while not worker.cadence.last(step):
-        step = worker.run_pass()
+    # One pass holds every step left (training_datasets); the synthetic batch repeats for ever.
+    step = worker.run_pass()
+    if not worker.cadence.last(step):
+        raise RuntimeError(f"worker {dist.rank()}: its data stream ended at step {step} of {cfg.train.steps}")
     worker.finish(step)
 
 
@@ -289,6 +298,9 @@ class Worker:
         self.evaluation = None
         if cfg.eval.enabled and isinstance(self.task, Evaluates):
             self.evaluation = InTrainingEvaluation(cfg, self.objective, assets, self.task, self.device)
+            if not self.evaluation.chunks:
+                log.warning("no evaluation: no scan of %s has finding labels", cfg.eval.shards or cfg.data.shards)
+                self.evaluation = None
         self.cadence = Cadence(cfg.train, cfg.eval.every if self.evaluation is not None else -1)
         self.batches = _batches(cfg, self.objective, self.device)
         self.window = MetricsWindow()
@@ -318,7 +330,7 @@ class Worker:
         return step
 
     def run_pass(self) -> int:
-        """One pass over this worker's batches (or up to the last step); returns the step reached."""
+        """This worker's batches up to the last step; returns the step reached."""
         engine, cadence = self.engine, self.cadence
         step, seen, accumulated = int(engine.global_steps), 0, 0
         t_end = time.perf_counter()
@@ -328,11 +340,12 @@ class Worker:
             self.seed_step(step, step * self.cfg.optim.grad_accum + accumulated)
             out = engine({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
             engine.backward(out["loss"])
+            boundary = engine.is_gradient_accumulation_boundary()  # asked before step() counts this micro-step
             engine.step()
             self.window.add(out, wait, dist.world_size())
             t_end = time.perf_counter()
             accumulated += 1
-            if not engine.is_gradient_accumulation_boundary():
+            if not boundary:
                 continue
             accumulated = 0
             for param, low, high in self.task.clamped_parameters():
@@ -356,8 +369,8 @@ class Worker:
         (augmentations, masking, dropout) also from the rank, the task's shared draws (CA-GCL's
         permutations) the same on every rank. So a resumed run draws what an uninterrupted one would."""
         seed = self.cfg.train.seed
-        torch.manual_seed(int(np.random.SeedSequence([seed, micro_step, dist.rank()]).generate_state(1)[0]))
-        self.task.begin_step(step, int(np.random.SeedSequence([seed, micro_step]).generate_state(1)[0]))
+        torch.manual_seed(stream_seed(seed, "augment", micro_step, dist.rank()))
+        self.task.begin_step(step, stream_seed(seed, "shared", micro_step))
 
     def report(self, step: int) -> None:
         """Means of the window (+ evaluation) to metrics.jsonl, TensorBoard, the console and Ray
@@ -369,7 +382,6 @@ class Worker:
         epoch = step * self.cfg.scans_per_step / self.scans if self.scans else 0.0
         metrics: dict[str, Any] = {"step": step, "time": time.time(), "epoch": epoch, "lr": lr}
         metrics.update(self.window.report(self.device))
-        self.window.reset()
         if self.evaluation is not None and self.cadence.should_eval(step):
             metrics.update(self.evaluation.run_at(step, self.engine.module))
         if self.files is not None:
@@ -383,11 +395,12 @@ class Worker:
             _checkpoint(self.engine, metrics, self.files)
         else:
             ray.train.report(metrics)
+        self.window.reset()  # after evaluation and checkpoint: the next window times training alone
 
     def finish(self, step: int) -> None:
-        _export(self.engine, self.task, self.cfg, self.run, step)
+        _export(self.task, self.cfg, self.run, step)
         if self.files is not None:
-            self.files.sync()
+            self.files.close()
 
 
 def _batches(cfg: PretrainConfig, objective: Objective[Any], device: torch.device) -> Callable[[], Iterable[Batch]]:
@@ -403,5 +416,6 @@ def _batches(cfg: PretrainConfig, objective: Objective[Any], device: torch.devic
         prefetch_batches=cfg.data.prefetch_batches,
         drop_last=True,
         local_shuffle_buffer_size=cfg.data.shuffle_buffer_scans or None,
-        local_shuffle_seed=int(np.random.SeedSequence([cfg.train.seed, dist.rank()]).generate_state(1)[0]),
+        # Seeded, but from the start of this attempt's stream: a resumed run shuffles its buffer anew.
+        local_shuffle_seed=stream_seed(cfg.train.seed, "shuffle", dist.rank()),
     )

@@ -57,7 +57,7 @@ def clamp_(param: nn.Parameter, low: float, high: float, zero_stage: int) -> Non
     """Clamp a parameter in place after the optimizer step (fVLM's and open_clip's
     `logit_scale.clamp_`), so its gradient keeps flowing at the bound. Under ZeRO the optimizer
     steps an fp32 master copy and writes it back into the model: that copy is clamped too.
-    Collective under ZeRO-3: every rank calls it."""
+    Collective whenever there is such a copy (ZeRO 1-3, bf16): every rank calls it."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
     master = safe_get_full_fp32_param(param)  # None without ZeRO: the optimizer owns `param` itself

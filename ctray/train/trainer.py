@@ -9,14 +9,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ctray.data.pipeline import ingest_options, scan_index, training_datasets
-from ctray.objectives import get_objective
-from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.config import to_yaml
+from ctray.data.pipeline import ingest_options, place_data_actors_here, scan_index, training_datasets
+from ctray.objectives import get_objective
+from ctray.run_folder import RunFolder
+from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import arrow_filesystem, is_remote, resolve_uri
 from ctray.train.config import PretrainConfig, ScalingConfig
 from ctray.train.loop import train_loop
-from ctray.train.run_folder import RunFolder
 
 if TYPE_CHECKING:
     from ctray.objectives.spec import Sampler
@@ -76,7 +76,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     run = RunFolder.of(cfg)
     scans = 0 if cfg.data.synthetic else len(scan_index(cfg.data.shards, cfg.storage))
     if cfg.train.epochs is not None:
-        cfg.train.max_steps = steps_for_epochs(cfg, scans)
+        cfg.train.max_steps, cfg.train.epochs = steps_for_epochs(cfg, scans), None
     run.write("config.yaml", to_yaml(cfg).encode())
 
     objective = get_objective(cfg.objective.name)
@@ -89,7 +89,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
         cfg.scaling.num_workers,
         "GPU" if cfg.scaling.use_gpu else "CPU",
         cfg.deepspeed.zero_stage,
-        cfg.train.max_steps,
+        cfg.train.steps,
         cfg.peak_lr,
         run.uri,
     )
@@ -128,6 +128,8 @@ def _fit_with_restarts(
     call began."""
     import ray.train
 
+    if not cfg.data.synthetic:
+        place_data_actors_here()
     failures = 0
     while True:
         trainer = _trainer(cfg, run, sampler, resumed_step(run), loop_config, callbacks)
@@ -159,8 +161,8 @@ def _trainer(
 
     datasets = {}
     if not cfg.data.synthetic:
-        # The micro-steps left, and one of slack.
-        micro_steps = (max(0, cfg.train.max_steps - start) + 1) * cfg.optim.grad_accum
+        # The micro-steps of the steps left, and one optimizer step's worth of slack.
+        micro_steps = (max(0, cfg.train.steps - start) + 1) * cfg.optim.grad_accum
         datasets = training_datasets(
             cfg.data.shards, cfg.storage, sampler, cfg.data.sampler_concurrency, cfg.train.seed,
             start * cfg.scans_per_step, micro_steps, cfg.scaling.num_workers, cfg.scans_per_worker,

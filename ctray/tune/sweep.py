@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ctray.config import apply_overrides, load_config, to_yaml
+from ctray.data.pipeline import place_data_actors_here
 from ctray.errors import ConfigError
 from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import arrow_filesystem, filesystem, is_remote, publish_bytes, resolve_uri
@@ -99,6 +100,23 @@ def _spaces(cfg: SweepConfig, base: PretrainConfig) -> dict[str, ParamSpace]:
     return {k: ParamSpace.model_validate(v) for k, v in get_objective(base.objective.name).sweep_space.items()}
 
 
+def reports_per_run(cfg: PretrainConfig) -> int:
+    """How many reports a trial makes (ASHA's max_t): every step the loop's cadence reports at."""
+    from ctray.data.pipeline import scan_index
+    from ctray.train.loop import Cadence
+    from ctray.train.trainer import steps_for_epochs
+
+    steps = (
+        cfg.train.steps
+        if cfg.train.epochs is None
+        else steps_for_epochs(cfg, len(scan_index(cfg.data.shards, cfg.storage)))
+    )
+    cadence = Cadence(
+        cfg.train.model_copy(update={"max_steps": steps, "epochs": None}), cfg.eval.every if cfg.eval.enabled else -1
+    )
+    return sum(cadence.should_log(step) for step in range(1, steps + 1))
+
+
 def run_sweep(cfg: SweepConfig) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -116,6 +134,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     storage = resolve_uri(cfg.storage)
     sweep_dir = posixpath.join(storage, cfg.name)
     ensure_ray(cfg.ray)
+    place_data_actors_here()  # before any trial runs a dataset on a worker node
     scaling = base_cfg.scaling
     ensure_schedulable(worker_bundle(scaling), "training worker of a trial", cfg.ray.schedule_timeout_s)
     param_space = search_space(spaces, cfg.search)  # a grid search over a continuous field fails here
@@ -125,7 +144,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     concurrent = min(cfg.max_concurrent or trials, trials)
 
     sched_cfg = cfg.scheduler
-    max_reports = math.ceil(base_cfg.train.max_steps / base_cfg.train.log_every)
+    max_reports = reports_per_run(base_cfg)
     scheduler = (
         ASHAScheduler(
             time_attr="training_iteration",

@@ -41,7 +41,6 @@ class CAGCLTask(AnatomyTextTask):
         self.pool = AnatomyQueryPooling(len(cfg.anatomies), cfg.width, cfg.pool_heads, cfg.embed_dim)
         self.global_loss = CrossAnatomyGlobalLoss()
         self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(0)
 
     def begin_step(self, step: int, seed: int) -> None:
         # The global loss's permutations: the same on every worker (they all hold the same
@@ -74,7 +73,7 @@ class CAGCLTask(AnatomyTextTask):
     def export_config(self) -> dict:
         c = self.cfg
         return {
-            "architecture": "ctray.objectives.cagcl.CAGCLTask (ViT3D + anatomy query pooling, BERT text tower)",
+            "architecture": "ctray.objectives.cagcl.task.CAGCLTask (ViT3D + anatomy query pooling, BERT text tower)",
             "anatomies": list(c.anatomies),
             "input_size": list(c.input_size),
             "patch": list(c.patch),

@@ -8,8 +8,9 @@
   intra-sample NT-Xent over each scan's 2M views (ctray.objectives.losses);
 - recipe.py: the registry entry and the default sweep space.
 
-Defaults follow the paper (20 patches of 24x128x128 per scan, 16 scans per global batch,
-temperature 0.1); the released repository uses 15 patches of 32x128x128.
+Defaults follow the paper (16 scans per global batch, temperature 0.1) except where its released
+code disagrees and is the one that can run: 15 patches of 32x128x128 per scan (the paper's 24
+slices do not divide by the encoder's 16x downsampling); the augmentations are the released ones.
 
 This package's __init__ imports nothing: Ray Data's task processes import the sampler module
 alone, without torch.

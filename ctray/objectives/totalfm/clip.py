@@ -144,7 +144,7 @@ class TotalFMCLIPTask(AnatomyTextTask):
     def export_config(self) -> dict:
         return {
             **export_config(self.cfg),
-            "architecture": "ctray.objectives.totalfm.TotalFMCLIPTask (vision + text towers)",
+            "architecture": "ctray.objectives.totalfm.clip.TotalFMCLIPTask (vision + text towers)",
             "embed_dim": self.cfg.embed_dim,
             "text": self.cfg.text.model_dump(mode="json"),
         }

@@ -13,7 +13,6 @@ from ctray.objectives.totalfm.config import TotalFMCLIPConfig, TotalFMMAEConfig
 from ctray.objectives.totalfm.mae import TotalFMMAETask, synthetic_batch
 from ctray.objectives.totalfm.sampler import OrganSampler
 
-
 VIDEOMAE_B = (
     "objective.organs.size=[16,160,160]",
     "objective.model.patch_size=16",

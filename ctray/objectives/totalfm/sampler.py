@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 import numpy as np
 
 from ctray.data.samplers import AnatomyTexts, resize_maps, small_columns, volumes, window01

@@ -13,7 +13,7 @@ from ctray.config import StorageConfig
 from ctray.storage import filesystem, is_remote, publish_bytes, read_bytes
 
 if TYPE_CHECKING:
-    from ctray.train.config import PretrainConfig
+    from ctray.train.config import PretrainConfig  # the type only: this module is beneath train/ and objectives/
 
 
 @dataclass(frozen=True)
