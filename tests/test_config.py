@@ -35,3 +35,32 @@ def test_bad_values_fail_early():
         apply_overrides({}, ["novalue"])
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(IngestConfig, "/nonexistent.yaml")
+
+
+def test_epochs_or_steps_and_the_linear_lr_rule(tmp_path):
+    """train.epochs becomes steps from the scan count and the global batch (ceil), written back as
+    max_steps so the run's config.yaml loads again; giving both is refused; the linear lr rule
+    scales by views per optimizer step."""
+    from ctray.train.config import PretrainConfig
+    from ctray.train.trainer import steps_for_epochs
+
+    base = ["objective.name=ctfm_simclr", "data.shards=s", "data.scans_per_batch=56", "scaling.num_workers=4"]
+    cfg = load_config(PretrainConfig, None, [*base, "train.epochs=20"])
+    assert steps_for_epochs(cfg, 1000) == 358  # ceil(20 x 1000 / 56)
+    assert (
+        steps_for_epochs(cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"grad_accum": 2})}), 1000) == 179
+    )
+    with pytest.raises(ValueError, match="not resolved"):
+        _ = cfg.train.steps
+    with pytest.raises(ConfigError, match="give max_steps or epochs, not both"):
+        load_config(PretrainConfig, None, [*base, "train.epochs=20", "train.max_steps=10"])
+    with pytest.raises(ConfigError, match=r"data\.synthetic"):
+        load_config(PretrainConfig, None, [*base, "train.epochs=20", "data.synthetic=true"])
+    cfg.train.max_steps, cfg.train.epochs = 358, None  # what ctray pretrain writes to config.yaml
+    (tmp_path / "run.yaml").write_text(to_yaml(cfg))
+    assert load_config(PretrainConfig, tmp_path / "run.yaml").train.steps == 358
+    assert load_config(PretrainConfig, None, base).train.steps == 250_000
+    scaled = load_config(
+        PretrainConfig, None, [*base, "optim.lr=1.5e-4", "optim.lr_base_batch=256", "optim.lr_views_per_scan=13"]
+    )
+    assert scaled.peak_lr == pytest.approx(1.5e-4 * 56 * 13 / 256)
