@@ -173,15 +173,23 @@ def training_datasets(
     steps: int,
     ranks: int,
     per_rank: int,
-) -> dict[str, ray.data.Dataset]:
-    """One dataset per training rank ("train_<rank>"): its share of `steps` micro-steps of the
+    reserved: dict[str, float] | None = None,
+) -> dict[str, ray.data.DataIterator]:
+    """One stream per training rank ("train_<rank>"): its share of `steps` micro-steps of the
     run's scan order (ScanOrder) from draw `start` on (RankDraws), sampled, in order. A rank's
     stream depends on nothing but the seed, so every run with that seed feeds every rank the same
     batches, and a resumed run continues where its checkpoint left off. (One split dataset would
-    hand its blocks to whichever worker asks first.)"""
+    hand its blocks to whichever worker asks first.)
+
+    Each stream is a one-way streaming_split: its dataset runs in a coordinator actor on this
+    (the driver's) node, as Ray Train's own split does, not in the training process, where its
+    scheduling thread would share the GIL with the training loop. `reserved`: the training
+    workers' resources, left out of Ray Data's budget (as Ray Train does for its datasets)."""
     import ray
 
     order = ScanOrder(scan_index(uri, storage), seed)
+    reserved = reserved or {}
+    exclude = ray.data.ExecutionResources(cpu=reserved.get("CPU", 0.0), gpu=reserved.get("GPU", 0.0))
     out = {}
     for rank in range(ranks):
         draws = RankDraws(start, rank, per_rank, per_rank * ranks)
@@ -193,7 +201,8 @@ def training_datasets(
             concurrency=concurrency,
         )
         ds.context.execution_options.preserve_order = True
-        out[f"train_{rank}"] = ds
+        ds.context.execution_options.exclude_resources = exclude
+        out[f"train_{rank}"] = ds.streaming_split(1, equal=False)[0]
     return out
 
 
@@ -205,13 +214,3 @@ def place_data_actors_here() -> None:
     import ray
 
     ray.data.range(1).materialize()
-
-
-def ingest_options() -> ray.data.ExecutionOptions:
-    """Ray Train's ingest options with preserve_order on (Ray Train takes them from the driver's
-    global DataContext, not from the dataset's)."""
-    import ray.train
-
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options

@@ -266,7 +266,7 @@ def train_loop(config: dict[str, Any]) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    worker = Worker(cfg, config.get("assets", {}), config.get("scans", 0))
+    worker = Worker(cfg, config.get("assets", {}), config.get("scans", 0), config.get("streams", {}))
     step = worker.restore()
     # One pass holds every step left (training_datasets); the synthetic batch repeats for ever.
     step = worker.run_pass()
@@ -279,7 +279,7 @@ class Worker:
     """One rank's training: the task in its DeepSpeed engine, its batches, the cadence of reports,
     evaluations and checkpoints, and (rank 0) the run's files."""
 
-    def __init__(self, cfg: PretrainConfig, assets: dict[str, Any], scans: int):
+    def __init__(self, cfg: PretrainConfig, assets: dict[str, Any], scans: int, streams: dict[str, Any]):
         import ray.train.torch
 
         self.cfg = cfg
@@ -302,7 +302,7 @@ class Worker:
                 log.warning("no evaluation: no scan of %s has finding labels", cfg.eval.shards or cfg.data.shards)
                 self.evaluation = None
         self.cadence = Cadence(cfg.train, cfg.eval.every if self.evaluation is not None else -1)
-        self.batches = _batches(cfg, self.objective, self.device)
+        self.batches = _batches(cfg, self.objective, self.device, streams)
         self.window = MetricsWindow()
         self.files: RunFiles | None = None
 
@@ -403,15 +403,15 @@ class Worker:
             self.files.close()
 
 
-def _batches(cfg: PretrainConfig, objective: Objective[Any], device: torch.device) -> Callable[[], Iterable[Batch]]:
-    """One pass of this worker's batches: Ray Data's shard, or one synthetic batch forever."""
-    import ray.train
-
+def _batches(
+    cfg: PretrainConfig, objective: Objective[Any], device: torch.device, streams: dict[str, Any]
+) -> Callable[[], Iterable[Batch]]:
+    """This worker's batches: its Ray Data stream (training_datasets), or one synthetic batch forever."""
     if cfg.data.synthetic:
         fixed = objective.synthetic_batch(cfg.objective, cfg.scans_per_worker, device)
         return lambda: itertools.repeat(fixed)
-    shard = ray.train.get_dataset_shard(f"train_{dist.rank()}")
-    return lambda: shard.iter_torch_batches(
+    stream = streams[f"train_{dist.rank()}"]
+    return lambda: stream.iter_torch_batches(
         batch_size=cfg.scans_per_worker,
         prefetch_batches=cfg.data.prefetch_batches,
         drop_last=True,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ctray.config import to_yaml
-from ctray.data.pipeline import ingest_options, place_data_actors_here, scan_index, training_datasets
+from ctray.data.pipeline import place_data_actors_here, scan_index, training_datasets
 from ctray.objectives import get_objective
 from ctray.run_folder import RunFolder
 from ctray.runtime import ensure_ray, ensure_schedulable
@@ -159,18 +159,19 @@ def _trainer(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    datasets = {}
+    streams = {}
     if not cfg.data.synthetic:
         # The micro-steps of the steps left, and one optimizer step's worth of slack.
         micro_steps = (max(0, cfg.train.steps - start) + 1) * cfg.optim.grad_accum
-        datasets = training_datasets(
+        reserved = {k: v * cfg.scaling.num_workers for k, v in worker_bundle(cfg.scaling).items()}
+        streams = training_datasets(
             cfg.data.shards, cfg.storage, sampler, cfg.data.sampler_concurrency, cfg.train.seed,
-            start * cfg.scans_per_step, micro_steps, cfg.scaling.num_workers, cfg.scans_per_worker,
+            start * cfg.scans_per_step, micro_steps, cfg.scaling.num_workers, cfg.scans_per_worker, reserved,
         )  # fmt: skip
     afs, storage_path = arrow_filesystem(cfg.run.storage, cfg.storage)
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "streams": streams},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -186,8 +187,5 @@ def _trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks or None,
         ),
-        datasets=datasets,
-        # Each rank reads its own dataset (training_datasets), none is split.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest_options()),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
     )
