@@ -53,6 +53,19 @@ def _at_positions(pos: np.ndarray, n_in: int, ratio: float) -> AxisMap:
     return AxisMap(lo, hi, (pos - lo).astype(np.float32), nearest, ratio)
 
 
+def spacing_maps(
+    shape: tuple[int, ...], spacing_in: np.ndarray, spacing_out: tuple[float, float, float]
+) -> tuple[AxisMap, AxisMap, AxisMap]:
+    """Per-axis maps from a 3D grid at `spacing_in` to `spacing_out` (ingest)."""
+    z, y, x = (axis_map(n, s_in, s_out) for n, s_in, s_out in zip(shape, spacing_in, spacing_out, strict=False))
+    return z, y, x
+
+
+def size_maps(shape: tuple[int, ...], size: tuple[int, int, int]) -> tuple[AxisMap, AxisMap, AxisMap]:
+    """Per-axis maps that resize a volume of `shape` to `size` (the samplers)."""
+    return size_map(shape[0], size[0]), size_map(shape[1], size[1]), size_map(shape[2], size[2])
+
+
 def grid_affine(affine: np.ndarray, maps: tuple[AxisMap, AxisMap, AxisMap]) -> np.ndarray:
     """Voxel -> world affine of the output grid, given the input grid's affine."""
     scale = np.eye(4)

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ctray.data.schema import volume_of
-from ctray.resample import AxisMap, size_map
 
 if TYPE_CHECKING:
     from ctray.data.text import TextEncoding
@@ -39,11 +38,6 @@ def volumes(batch: Any) -> list[np.ndarray]:
         ).reshape(shapes[i])
         for i in range(len(col))
     ]
-
-
-def resize_maps(shape: tuple[int, ...], size: tuple[int, int, int]) -> tuple[AxisMap, AxisMap, AxisMap]:
-    """Per-axis maps that resize a volume of `shape` to `size` (ctray.resample)."""
-    return size_map(shape[0], size[0]), size_map(shape[1], size[1]), size_map(shape[2], size[2])
 
 
 def window01(vol: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -12,7 +12,7 @@ from scipy import ndimage
 from ctray.errors import BadInput
 from ctray.ingest.config import PreprocessConfig
 from ctray.ingest.volume import RawVolume
-from ctray.resample import AxisMap, axis_map, grid_affine, resample_linear, resample_nearest
+from ctray.resample import grid_affine, resample_linear, resample_nearest, spacing_maps
 
 # Mask and scan grids are the same when their affines agree to this many mm.
 _GRID_TOL_MM = 1e-2
@@ -72,7 +72,7 @@ def preprocess(scan: RawVolume, mask: RawVolume | None, cfg: PreprocessConfig) -
     check_intensity(scan, cfg)
     data, affine = orient(scan.data, scan.affine, cfg.orientation)
     labels_src = mask_labels(mask, data.shape, affine, cfg.orientation) if mask is not None else None
-    maps = _axis_maps(data.shape, voxel_sizes(affine), cfg.spacing)
+    maps = spacing_maps(data.shape, voxel_sizes(affine), cfg.spacing)
     hu = resample_linear(data, maps, scan.slope, scan.inter)
     out_affine = grid_affine(affine, maps)
     labels = None
@@ -90,14 +90,6 @@ def preprocess(scan: RawVolume, mask: RawVolume | None, cfg: PreprocessConfig) -
         out_affine = out_affine @ shift
     sz, sy, sx = voxel_sizes(out_affine)
     return Preprocessed(hu, labels, out_affine, (float(sz), float(sy), float(sx)))
-
-
-def _axis_maps(
-    shape: tuple[int, ...], spacing_in: np.ndarray, spacing_out: tuple[float, float, float]
-) -> tuple[AxisMap, AxisMap, AxisMap]:
-    """Per-axis maps from the oriented 3D grid to `spacing_out`."""
-    z, y, x = (axis_map(n, s_in, s_out) for n, s_in, s_out in zip(shape, spacing_in, spacing_out, strict=False))
-    return z, y, x
 
 
 def foreground_box(hu: np.ndarray, threshold: float) -> tuple[slice, slice, slice] | None:

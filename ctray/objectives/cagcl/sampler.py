@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ctray.data.samplers import AnatomyTexts, resize_maps, small_columns, volumes, window01
-from ctray.resample import resample_linear, resample_nearest
+from ctray.data.samplers import AnatomyTexts, small_columns, volumes, window01
+from ctray.resample import resample_linear, resample_nearest, size_maps
 
 
 class AnatomyScanSampler:
@@ -71,7 +71,7 @@ class AnatomyScanSampler:
         """Pad (symmetrically, with `fill`) to at least `size`, then crop `size` at `starts`; or,
         with fit="resize", resample the whole region to `size` (linear, or nearest for labels)."""
         if self.resize:
-            maps = resize_maps(vol.shape, self.size)
+            maps = size_maps(vol.shape, self.size)
             return resample_nearest(vol, maps) if nearest else resample_linear(vol, maps)
         short = [max(0, s - n) for s, n in zip(self.size, vol.shape, strict=True)]
         if any(short):

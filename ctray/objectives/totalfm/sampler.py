@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from ctray.data.samplers import AnatomyTexts, resize_maps, small_columns, volumes, window01
-from ctray.resample import resample_linear
+from ctray.data.samplers import AnatomyTexts, small_columns, volumes, window01
+from ctray.resample import resample_linear, size_maps
 
 
 class OrganSampler:
@@ -40,7 +40,7 @@ class OrganSampler:
         lo = [max(0, b - round(self.margin_mm / sp)) for b, sp in zip(box[:3], spacing, strict=False)]
         hi = [min(n, b + round(self.margin_mm / sp)) for b, sp, n in zip(box[3:], spacing, vol.shape, strict=False)]
         crop = vol[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        maps = resize_maps(crop.shape, self.size)
+        maps = size_maps(crop.shape, self.size)
         return window01(resample_linear(crop, maps), *self.window)
 
     def __call__(self, batch: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
