@@ -82,6 +82,24 @@ def _phantoms(args: argparse.Namespace) -> None:
     log.info("wrote %d phantoms to %s (scans/, masks/, reports.jsonl)", args.n, args.out)
 
 
+def _embed(args: argparse.Namespace) -> None:
+    from ctray.config import RayConfig
+    from ctray.embed import run_embed
+    from ctray.runtime import ensure_ray
+
+    ensure_ray(RayConfig(address=args.ray_address))
+    run_embed(
+        args.export, args.shards, args.out, _storage(args), args.batch_scans, args.patches, args.actors, args.seed
+    )
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from ctray.evaluate.config import EvalReportConfig
+    from ctray.evaluate.run import run_eval
+
+    run_eval(_loaded(EvalReportConfig, args))
+
+
 def _bench(args: argparse.Namespace) -> None:
     from ctray.bench import run_bench
 
@@ -113,7 +131,13 @@ def _config_command(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctray", description=__doc__.split("\n")[0] + " See README.md.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, Ray Train's own lines (a TrainingReport per report and worker), Ray Data's progress "
+        "bars, every worker's copy of a repeated line, and the messages of internal errors",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _config_command(
@@ -185,6 +209,36 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--dicom", type=int, default=0, help="write the first K phantoms as DICOM series")
     ph.set_defaults(fn=_phantoms)
 
+    em = sub.add_parser(
+        "embed",
+        help="a trained encoder over shards -> Parquet embeddings (Ray Data batch inference, resumable)",
+        description="Embeds every committed scan of SHARDS with the export of a pretrain run (its sampler is the "
+        "preprocessing; one GPU per actor where the cluster has GPUs, an autoscaling actor pool) into "
+        "OUT/part-<shard>.parquet + OUT/embed.json. Re-running skips shards already embedded. "
+        "Example: ctray embed runs/cagcl-local shards embeddings/cagcl",
+    )
+    em.add_argument("export", help="a pretrain run folder or its export/ (folder or s3:// URI)")
+    em.add_argument("shards", help="ingest output (folder or s3:// URI)")
+    em.add_argument("out", help="embeddings folder (folder or s3:// URI)")
+    em.add_argument("--batch-scans", type=int, default=4, help="scans per inference batch (default 4)")
+    em.add_argument("--patches", action="store_true", help="CT-FM: also each sampled patch's embedding")
+    em.add_argument("--actors", type=int, default=None, help="most inference actors (default: GPUs, or CPUs / 4)")
+    em.add_argument("--seed", type=int, default=0, help="seed of the sampler's draws per scan (default 0)")
+    em.add_argument("--ray-address", default=None, help="Ray cluster (default: start or join a local one)")
+    em.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (MinIO, ...)")
+    em.set_defaults(fn=_embed)
+    _config_command(
+        sub,
+        "eval",
+        _eval,
+        "jobs/eval.yaml",
+        "bootstrap=200",
+        help="embeddings -> zero-shot, linear probe, kNN, retrieval, plots and one report",
+        description="Evaluates the embeddings of `ctray embed`: zero-shot finding- and anatomy-wise (CLIP-type "
+        "objectives, with the export's text tower), linear probe and kNN with k-fold CV, retrieval; writes "
+        "report.md, PNGs, figures.json and metrics.json. Example: ctray eval jobs/eval.yaml embeddings=emb/cagcl",
+    )
+
     be = sub.add_parser(
         "bench",
         help="measure ctray against the reference pipelines",
@@ -209,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        # Every worker's copy of a line instead of Ray's "[repeated Nx across cluster]"; read by Ray's log
+        # monitor in this process, which starts later (commands import Ray lazily).
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,6 +1,7 @@
 """`ctray quickstart`: the README's main job on one machine (local Ray, local folders, CPU):
 phantoms -> ingest -> a few steps of each objective with 2 DeepSpeed workers: CT-FM, TotalFM
-stage 1 (organ VideoMAE) then stage 2 (organ-wise CLIP from stage 1), and CA-GCL.
+stage 1 (organ VideoMAE) then stage 2 (organ-wise CLIP from stage 1), and CA-GCL; then each
+run's export embeds the shards (`ctray embed`) and is evaluated (`ctray eval`), one report each.
 
 The configs are jobs/ingest-local.yaml and jobs/<objective>-local.yaml (shipped inside the
 package as well, so the command works from any folder), pointed at `--dir`.
@@ -17,7 +18,7 @@ from ctray.data.phantoms import write_dataset
 from ctray.ingest.config import IngestConfig
 from ctray.ingest.job import run_ingest
 from ctray.train.config import PretrainConfig
-from ctray.train.trainer import run_pretrain
+from ctray.train.trainer import PretrainResult, run_pretrain
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,9 @@ def job_yaml(name: str) -> str:
 def run_quickstart(workdir: str, scans: int, steps: int) -> None:
     data = os.path.join(workdir, "phantoms")
     if not os.path.exists(os.path.join(data, "reports.jsonl")):
-        log.info("quickstart 1/6: writing %d phantoms to %s", scans, data)
+        log.info("quickstart 1/7: writing %d phantoms to %s", scans, data)
         write_dataset(data, scans, seed=0, dicom=1)
-    log.info("quickstart 2/6: ingest")
+    log.info("quickstart 2/7: ingest")
     ingest = load_config(
         IngestConfig,
         job_yaml("ingest-local.yaml"),
@@ -44,7 +45,7 @@ def run_quickstart(workdir: str, scans: int, steps: int) -> None:
         ],
     )
     shards = run_ingest(ingest)
-    runs = {}
+    runs: dict[str, tuple[PretrainConfig, PretrainResult]] = {}
     stages = [
         ("CT-FM intra-sample SimCLR", "ctfm-local.yaml", []),
         ("TotalFM stage 1, organ VideoMAE", "totalfm-mae-local.yaml", []),
@@ -56,7 +57,7 @@ def run_quickstart(workdir: str, scans: int, steps: int) -> None:
         ("CA-GCL", "cagcl-local.yaml", []),
     ]
     for i, (title, yaml, extra) in enumerate(stages, start=3):
-        log.info("quickstart %d/%d: %s, 2 DeepSpeed workers on CPU", i, len(stages) + 2, title)
+        log.info("quickstart %d/%d: %s, 2 DeepSpeed workers on CPU", i, len(stages) + 3, title)
         cfg = load_config(
             PretrainConfig,
             job_yaml(yaml),
@@ -67,12 +68,34 @@ def run_quickstart(workdir: str, scans: int, steps: int) -> None:
                 *extra,
             ],
         )
-        runs[cfg.objective.name] = run_pretrain(cfg)
+        runs[cfg.objective.name] = (cfg, run_pretrain(cfg))
+    reports = {}
+    for name, (cfg, result) in runs.items():
+        log.info("quickstart %d/%d: embed and evaluate %s", len(stages) + 3, len(stages) + 3, name)
+        reports[name] = evaluate_run(cfg, result.export, f"{workdir}/embeddings/{name}")
     log.info(
         "quickstart done: %d scans in %d shards (manifest %s); runs in %s: %s",
         shards.scans,
         shards.shards,
         shards.manifest_uri,
         os.path.join(workdir, "runs"),
-        "; ".join(f"{name} {r.step} steps, loss {r.loss:.3f}, export {r.export}" for name, r in runs.items()),
+        "; ".join(
+            f"{name} {r.step} steps, loss {r.loss:.3f}, export {r.export}, report {reports[name]}"
+            for name, (_, r) in runs.items()
+        ),
     )
+
+
+def evaluate_run(cfg: PretrainConfig, export: str, out: str) -> str:
+    """The run's export over its shards (ctray embed), then ctray eval with the run's zero-shot
+    prompts; returns the report's URI."""
+    from ctray.embed import run_embed
+    from ctray.evaluate.config import EvalReportConfig
+    from ctray.evaluate.run import run_eval
+
+    run_embed(export, cfg.data.shards, out, cfg.storage)
+    zero_shot = getattr(cfg.objective, "zero_shot", None)
+    settings = {"embeddings": out, "bootstrap": 200, "storage": cfg.storage.model_dump()}
+    if zero_shot is not None:
+        settings["zero_shot"] = zero_shot.model_dump()
+    return run_eval(EvalReportConfig.model_validate(settings)).report

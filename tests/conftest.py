@@ -24,6 +24,32 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+LOCAL_JOBS = {
+    "ctfm_simclr": "ctfm-local.yaml",
+    "totalfm_mae": "totalfm-mae-local.yaml",
+    "totalfm_clip": "totalfm-clip-local.yaml",
+    "cagcl": "cagcl-local.yaml",
+}
+"""Every registered objective's tiny local job."""
+
+
+def tiny_task(name: str, *overrides: str):
+    """The objective's task as its local job builds it, without shards: a tokenizer trained on one
+    sentence, every anatomy on label 1, no stage-1 hand-off."""
+    from ctray.data.text import train_wordpiece
+    from ctray.objectives import get_objective
+    from ctray.train.config import PretrainConfig
+
+    extra = ["objective.init_from=null"] if name == "totalfm_clip" else []
+    cfg = load_config(PretrainConfig, REPO / "jobs" / LOCAL_JOBS[name], [*extra, *overrides])
+    assets = {
+        "tokenizer_json": train_wordpiece([["the liver is normal"]] * 6, 64, 1),
+        "init_from": None,
+        "anatomy_labels": {a: [1] for a in getattr(cfg.objective, "anatomies", [])},
+    }
+    return get_objective(name).task(cfg.objective, assets), cfg, assets
+
+
 # Small phantoms keep the suite fast; geometry is resolution independent.
 PHANTOM_SHAPE = (32, 80, 80)
 PHANTOM_SPACING = (3.0, 4.0, 4.0)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from transformers import VideoMAEModel
 
 from ctray.config import load_config
 from ctray.data.phantoms import report_prompts, write_dataset
 from ctray.errors import ConfigError
 from ctray.objectives import get_objective
 from ctray.objectives.totalfm.clip import TotalFMCLIPTask
+from ctray.quickstart import evaluate_run
 from ctray.train.config import PretrainConfig
 from ctray.train.trainer import run_pretrain
 
@@ -95,7 +96,7 @@ def test_totalfm_stage1_to_stage2_zero_shot(clinical_shards, tmp_path):
     clip.objective.zero_shot.finding_prompts = report_prompts()
     # Hand-off: the stage-2 vision tower starts as the stage-1 encoder, tensor for tensor.
     assets = get_objective("totalfm_clip").prepare(clip)
-    exported = load_file(stage1 / "export" / "encoder.safetensors")
+    exported = VideoMAEModel.from_pretrained(stage1 / "export" / "vision").state_dict()
     vision = TotalFMCLIPTask(clip.objective, assets).vision.state_dict()
     assert exported.keys() == vision.keys() and all(torch.equal(exported[k], vision[k]) for k in exported)
 
@@ -159,4 +160,9 @@ def test_cagcl_trains_with_two_workers(clinical_shards, tmp_path):
     )
     assert 0 <= last["text_cos_std"] and -1 <= last["text_cos_mean"] <= 1 and 0 <= last["zs_finding_auroc_mean"] <= 1
     assert (run / "eval" / "step_00000040" / "text_similarity.png").read_bytes()[:4] == b"\x89PNG"
-    assert (run / "export" / "encoder.safetensors").exists() and (run / "tokenizer.json").exists()
+    assert (run / "export" / "vision.safetensors").exists() and (run / "export" / "text" / "tokenizer.json").exists()
+
+    # As the quickstart ends: the run's export embeds its shards and `ctray eval` reports on them.
+    report = evaluate_run(cfg, result.export, str(tmp_path / "embeddings"))
+    metrics = json.loads((tmp_path / "embeddings" / "report" / "metrics.json").read_text())
+    assert report.endswith("report.md") and 0 <= metrics["metrics"]["zs_finding_auroc_mean"] <= 1

@@ -14,7 +14,18 @@ def ctray(*args, **kw):
     return subprocess.run([sys.executable, "-m", "ctray.cli", *args], capture_output=True, text=True, timeout=120, **kw)
 
 
-COMMANDS = [[], ["ingest"], ["pretrain"], ["sweep"], ["verify"], ["purge"], ["phantoms"], ["quickstart"]]
+COMMANDS = [
+    [],
+    ["ingest"],
+    ["pretrain"],
+    ["sweep"],
+    ["verify"],
+    ["purge"],
+    ["phantoms"],
+    ["quickstart"],
+    ["embed"],
+    ["eval"],
+]
 BENCHES = [["bench"], ["bench", "ingest"], ["bench", "data"], ["bench", "scale"], ["bench", "step"]]
 
 
@@ -73,6 +84,7 @@ def test_every_job_yaml_validates(monkeypatch):
     """The shipped configs load into their typed models (a renamed field breaks here, not on a cluster);
     the cluster jobs take their bucket from $CTRAY_BUCKET, and say so when it is not set."""
     from ctray.config import load_config
+    from ctray.evaluate import EvalReportConfig
     from ctray.ingest.config import IngestConfig
     from ctray.train.config import PretrainConfig
     from ctray.tune.config import SweepConfig
@@ -85,6 +97,7 @@ def test_every_job_yaml_validates(monkeypatch):
         "totalfm": PretrainConfig,
         "cagcl": PretrainConfig,
         "sweep": SweepConfig,
+        "eval": EvalReportConfig,
     }
     monkeypatch.delenv("CTRAY_BUCKET", raising=False)
     with pytest.raises(ConfigError, match=r"data.shards uses \$\{CTRAY_BUCKET\}, which is not set"):
@@ -96,3 +109,13 @@ def test_every_job_yaml_validates(monkeypatch):
         cfg = load_config(model, path)
         if model is SweepConfig:
             load_config(PretrainConfig, REPO / cfg.base, cfg.overrides)
+
+
+def test_verbose_shows_every_workers_lines(tmp_path, monkeypatch):
+    """`ctray -v` turns off Ray's log deduplication (every worker's copy of a line, not "[repeated Nx
+    across cluster]"); it is set before any command imports Ray, whose log monitor reads it then."""
+    monkeypatch.delenv("RAY_DEDUP_LOGS", raising=False)
+    assert main(["phantoms", str(tmp_path / "a"), "--n", "1", "--shape", "16", "32", "32"]) == 0
+    assert "RAY_DEDUP_LOGS" not in os.environ
+    assert main(["-v", "phantoms", str(tmp_path / "b"), "--n", "1", "--shape", "16", "32", "32"]) == 0
+    assert os.environ["RAY_DEDUP_LOGS"] == "0"

@@ -217,3 +217,20 @@ def test_task_forward_backward_tiny():
     assert set(out) == {"loss", "positive_cosine", "views"} and out["views"] == 12
     out["loss"].backward()
     assert all(p.grad is not None for p in task.encoder.parameters())
+
+
+def test_sliding_patches_cover_the_scan_and_pad_like_training():
+    from ctray.objectives.ctfm.sliding import SlidingPatches, tile_starts
+
+    assert tile_starts(10, 4) == [0, 4, 6] and tile_starts(8, 4) == [0, 4] and tile_starts(4, 4) == [0]
+    vol = np.arange(6 * 10 * 9, dtype=np.int16).reshape(6, 10, 9)
+    out = SlidingPatches((8, 4, 4), pad=-1024)({"volume": [vol.tobytes()], "shape": [list(vol.shape)]}, None)
+    patches, origins = out["patches"][0], out["patch_origin"][0]
+    assert patches.shape == (3 * 3, 8, 4, 4) and origins.shape == (9, 3)
+    for patch, (z, y, x) in zip(patches, origins, strict=True):  # naive: each patch is the scan at its origin
+        assert z == -1 and np.all(patch[0] == -1024) and np.all(patch[7] == -1024)
+        assert np.array_equal(patch[1:7], vol[:, y : y + 4, x : x + 4])
+    covered = np.zeros(vol.shape[1:], dtype=bool)
+    for _, y, x in origins:
+        covered[y : y + 4, x : x + 4] = True
+    assert covered.all()

@@ -5,40 +5,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ctray.config import load_config
-from ctray.data.text import train_wordpiece
-from ctray.objectives import get_objective, objective_names
+from ctray.objectives import objective_names
 from ctray.objectives.losses import LearnableTemperature, bidirectional_infonce
-from ctray.train.config import PretrainConfig
 from ctray.train.optim import clamp_, param_groups
 
-from conftest import REPO
-
-LOCAL_JOBS = {
-    "ctfm_simclr": "ctfm-local.yaml",
-    "totalfm_mae": "totalfm-mae-local.yaml",
-    "totalfm_clip": "totalfm-clip-local.yaml",
-    "cagcl": "cagcl-local.yaml",
-}
-
-
-def tiny_task(name: str):
-    cfg = load_config(
-        PretrainConfig, REPO / "jobs" / LOCAL_JOBS[name], ["objective.init_from=null"] if name == "totalfm_clip" else []
-    )
-    tokenizer = train_wordpiece([["the liver is normal"]] * 6, 64, 1)
-    assets = {
-        "tokenizer_json": tokenizer,
-        "init_from": None,
-        "anatomy_labels": {a: [1] for a in getattr(cfg.objective, "anatomies", [])},
-    }
-    return get_objective(name).task(cfg.objective, assets)
+from conftest import LOCAL_JOBS, tiny_task
 
 
 @pytest.mark.parametrize("name", sorted(LOCAL_JOBS))
 def test_parameter_groups_leave_norms_biases_embeddings_and_temperature_undecayed(name):
     assert set(LOCAL_JOBS) == set(objective_names())  # every registered objective is listed here
-    task = tiny_task(name)
+    task, _, _ = tiny_task(name)
     decay, keep = param_groups(task, 0.05)
     assert decay["weight_decay"] == 0.05 and keep["weight_decay"] == 0.0
     params = dict(task.named_parameters())

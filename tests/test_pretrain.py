@@ -6,8 +6,10 @@ import json
 import numpy as np
 import pytest
 import s3fs
+import torch
 
-from ctray.config import load_config
+from ctray.config import StorageConfig, load_config
+from ctray.export import load_encoder
 from ctray.train.config import PretrainConfig
 from ctray.train.trainer import run_pretrain
 
@@ -64,5 +66,9 @@ def test_loss_falls_training_from_s3_shards(train_shards, s3_endpoint, tmp_path)
     assert all(0 <= m["data_wait_fraction"] <= 1 and m["views_per_s"] > 0 for m in log if "loss" in m)
     assert fs.exists("ct-train/runs/falls/export/encoder.safetensors")
     assert fs.find("ct-train/runs/falls/tensorboard")
-    meta = json.loads(fs.cat_file("ct-train/runs/falls/export/encoder.json"))
-    assert meta["kwargs"]["init_filters"] == 4 and meta["step"] == 36
+    meta = json.loads(fs.cat_file("ct-train/runs/falls/export/export.json"))
+    assert meta["parts"]["encoder"]["kwargs"]["init_filters"] == 4 and meta["step"] == 36
+    # The export loads from the object store (copied down) and embeds without ctray's trainer.
+    encoder = load_encoder(result.export, StorageConfig(endpoint_url=s3_endpoint))
+    patches = torch.randint(-1024, 2048, (2, 3, 8, 32, 32), dtype=torch.int16)
+    assert encoder.step == 36 and encoder.embed({"patches": patches})["embedding"].shape == (2, 16)

@@ -38,6 +38,9 @@ def test_same_seed_same_losses_and_a_killed_run_resumes_the_same_trajectory(trai
     )
     assert killed.step == 10 and (runs / "killed" / "_fault_injected_step7").exists()
     straight, resumed = losses(runs / "straight"), losses(runs / "killed")
+    # Re-running a finished run trains nothing and hands back its result.
+    again = run_pretrain(pretrain_cfg(train_shards, runs, "straight", *STEPS))
+    assert again.step == 10 and again.loss == straight[-1][1] and losses(runs / "straight") == straight
     assert [s for s, _, _ in straight] == list(range(1, 11)) == [s for s, _, _ in resumed]
     # Steps 6-10 of the killed run were redone from the step-5 checkpoint (the 2 steps after it were
     # lost: less than one checkpoint interval) by a new attempt whose data stream starts at that
@@ -46,7 +49,7 @@ def test_same_seed_same_losses_and_a_killed_run_resumes_the_same_trajectory(trai
     resumes = [m for m in log if m.get("event") == "resume"]
     saved = {m["step"]: m["param_checksum"] for m in log if "param_checksum" in m}
     assert [r["step"] for r in resumes] == [5] and resumes[0]["param_checksum"] == pytest.approx(saved[5], rel=1e-12)
-    export = load_file(str(runs / "killed" / "export" / "encoder.safetensors"))
+    export = load_file(str(runs / "killed" / "export" / "encoder.safetensors"))  # MONAI SegResEncoder keys
     assert export and all(t.dtype.is_floating_point for t in export.values())
     assert [loss for _, loss, _ in resumed] == pytest.approx([loss for _, loss, _ in straight], rel=1e-6, abs=1e-7)
     assert [e for _, _, e in resumed] == [e for _, _, e in straight] and straight[-1][2] > 1  # epochs continue

@@ -23,15 +23,24 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     ing = sub.add_parser(
         "ingest",
         help="ctray's per-scan preprocessing vs MONAI's LoadImage+Orientation+Spacing, per core",
-        description="Scans/s per core and peak memory on a clinical-size phantom, ctray vs MONAI, one run.",
+        description="Scans/s per core and peak memory on a clinical-size phantom, ctray vs MONAI, each in a "
+        "fresh one-thread process (its own CPU time): an untimed scan, then --repeats runs of as many scans as "
+        "fill --seconds; median and spread of each and of the ratio over paired runs.",
     )
     add_geometry_arguments(ing, (300, 512, 512), (1.0, 0.7, 0.7), "phantom ")
-    ing.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline (default 3)")
+    ing.add_argument("--repeats", type=int, default=3, help="timed runs per pipeline after warm-up (default 3)")
+    ing.add_argument(
+        "--seconds", type=float, default=20.0, help="wall seconds of each timed run, in whole scans (default 20)"
+    )
     ing.add_argument("--workdir", default=None, help="where to write the phantom (default: a temp folder)")
     da = sub.add_parser(
         "data",
         help="CPU time per view from shards vs CT-FM's per-step MONAI chain",
-        description="CPU ms per view delivered from shards by Ray Data, vs CT-FM's MONAI chain on the same scan.",
+        description="CPU ms per view delivered from shards by the training pipeline (Ray Data on a local Ray of "
+        "its own; CPU of this process and its descendants, not of other processes), vs CT-FM's MONAI chain on "
+        "the same scan on one core, and the view augmentation on one core; warm-up excluded, --repeats runs of "
+        "about --seconds each (ctray's and MONAI's alternating), median and spread of each and of the ratio "
+        "over paired runs.",
     )
     add_geometry_arguments(da, (300, 512, 512), (1.0, 0.7, 0.7), "phantom ")
     da.add_argument("--patches", type=int, default=15, help="patches per scan (default 15, CT-FM's released code)")
@@ -39,8 +48,14 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--patch-size", type=int, nargs=3, default=[32, 128, 128], metavar=("Z", "Y", "X"), help="default 32 128 128"
     )
     da.add_argument("--scans", type=int, default=16, help="rows in the benchmark shards (default 16)")
-    da.add_argument("--epochs", type=int, default=4, help="passes over the rows in one timed run (default 4)")
-    da.add_argument("--repeats", type=int, default=3, help="timed runs after an untimed warm-up run (default 3)")
+    da.add_argument(
+        "--seconds",
+        type=float,
+        default=20.0,
+        help="wall seconds of each timed run of each pipeline (default 20): passes over the rows for ctray,"
+        " scans for MONAI",
+    )
+    da.add_argument("--repeats", type=int, default=3, help="timed runs of each pipeline after warm-up (default 3)")
     da.add_argument("--workdir", default=None, help="where to keep the phantom and shards (default: a temp folder)")
     sc = sub.add_parser(
         "scale",
@@ -60,7 +75,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "step",
         help="views/s and TFLOP/s of the training step, synthetic input vs streaming from shards",
         description="Runs the real trainer twice (in-memory input, then shards through Ray Data) and "
-        "prints views/s, TFLOP/s and the data-stall fraction. Without --config, per --objective: on a "
+        "prints views/s (median and spread of the logging windows after the first), TFLOP/s and the data-stall "
+        "fraction. Without --config, per --objective: on a "
         "GPU the paper-size model of the recipe's bench profile (CT-FM's SegResEncoder at 32x128x128, "
         "VideoMAE-B at 16x160x160 organ volumes, CA-GCL's ViT-B at 112x256x352), on a CPU its local job. A view "
         "is a patch view (CT-FM), an organ volume (TotalFM) or a scan (CA-GCL).",
@@ -80,7 +96,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="input modes to run (default both)",
     )
     st.add_argument("overrides", nargs="*", help="dotted overrides of the pretrain config")
-    st.add_argument("--steps", type=int, default=60, help="steps per run (default 60)")
+    st.add_argument(
+        "--steps",
+        type=int,
+        default=300,
+        help="steps per run, logged in 6 windows; the first (start-up) is left out (default 300)",
+    )
     st.add_argument("--scans", type=int, default=8, help="phantoms in the benchmark shards (default 8)")
     st.add_argument("--workdir", default=None, help="where to keep phantoms, shards and runs (default: a temp folder)")
 
@@ -89,7 +110,7 @@ def run_bench(what: str, args: argparse.Namespace) -> dict:
     if what == "ingest":
         from ctray.bench.ingest import bench_ingest
 
-        return bench_ingest(tuple(args.shape), tuple(args.spacing), args.repeats, args.workdir)
+        return bench_ingest(tuple(args.shape), tuple(args.spacing), args.repeats, args.seconds, args.workdir)
     if what == "data":
         from ctray.bench.data import bench_data
 
@@ -99,9 +120,9 @@ def run_bench(what: str, args: argparse.Namespace) -> dict:
             args.patches,
             tuple(args.patch_size),
             args.scans,
-            args.epochs,
-            args.workdir,
+            args.seconds,
             args.repeats,
+            args.workdir,
         )
     if what == "scale":
         from ctray.bench.scale import bench_scale

@@ -4,7 +4,12 @@ run; prints the data-stall fraction.
 
 FLOPs per view are counted once with torch's FlopCounterMode over the task's forward + backward on
 a one-scan synthetic batch (device augmentation and the text tower included), so the figure does
-not depend on the hardware. Steady state excludes the first logging window (start-up).
+not depend on the hardware. Each run logs 6 windows of steps/6 steps; the first (start-up: Ray
+Train, DeepSpeed, Ray Data's first blocks) is left out and the other 5 are repeated measurements of
+the steady state: median and spread of each mode's views/s, and of streaming/synthetic over
+paired windows (window i of one against window i of the other). views/s is wall-clock: other load
+on the machine lowers it, so each run also prints how many cores processes outside this process
+tree kept busy (when Ray runs locally, in this tree).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ctray.bench.common import spread
+from ctray.bench.common import OtherLoad, spread
 
 if TYPE_CHECKING:
     from ctray.objectives.spec import Objective, RecipeConfig
@@ -38,19 +43,26 @@ def flops_per_view(
     return counter.get_total_flops() / float(out["views"])
 
 
-def _steady(log: list[dict]) -> dict:
+def _steady(log: list[dict], log_every: int) -> dict:
     """Median and spread over the logging windows after the first (start-up): each window is one
-    repeated measurement of the same steady state."""
-    windows = [m for m in log if "loss" in m][1:]
+    repeated measurement of the same steady state (a shorter last window is left out too)."""
+    windows = [m for m in log if "loss" in m and m["step"] % log_every == 0][1:]
     if len(windows) < 3:
         raise RuntimeError("fewer than 3 steady-state windows: raise --steps or lower train.log_every")
     rates = [m["views_per_s"] for m in windows]
     return {
         "views_per_s": statistics.median(rates),
         "views_per_s_spread": spread(rates),
+        "views_per_s_windows": rates,
         "data_wait_fraction": statistics.median(m["data_wait_fraction"] for m in windows),
         "windows": len(windows),
     }
+
+
+def _rounded(v: Any) -> Any:
+    if isinstance(v, list):
+        return [round(x, 4) for x in v]
+    return v if v is None else round(v, 4)
 
 
 def bench_step(
@@ -127,11 +139,14 @@ def bench_step(
             config,
             [*overrides, *common, f"data.synthetic={mode == 'synthetic'}", f"run.name=step-{mode}-{os.getpid()}"],
         )
+        other = OtherLoad(sample_s=1.0)
         run_pretrain(cfg)
+        other_cores = other.cores() if other.tree.has_ray() else None  # Ray's own processes are not "other"
         run_dir = os.path.join(root, "bench-step-runs", cfg.run.name)
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            results[mode] = r = _steady([json.loads(line) for line in f])
+            results[mode] = r = _steady([json.loads(line) for line in f], log_every)
         r["tflops"] = r["views_per_s"] * fpv / 1e12
+        r["other_load_cores"] = other_cores
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     print(
         f"\n{base.objective.name} step on {device}: {base.scans_per_worker} scans/worker, "
@@ -139,21 +154,29 @@ def bench_step(
     )
     for mode, r in results.items():
         print(
-            f"  {mode:9s} {r['views_per_s']:9.1f} views/s (median of {r['windows']} windows, spread "
-            f"{100 * r['views_per_s_spread']:.0f}%)  {r['tflops']:8.3f} TFLOP/s"
+            f"  {mode:9s} {r['views_per_s']:9.1f} views/s (median of {r['windows']} windows of {log_every} steps,"
+            f" spread {100 * r['views_per_s_spread']:.0f}%)  {r['tflops']:8.3f} TFLOP/s"
             f"  data-stall {100 * r['data_wait_fraction']:5.1f}%"
+            + (f"  other processes kept {load:.1f} cores busy" if (load := r["other_load_cores"]) is not None else "")
         )
     figures = {
         "bench": "step",
         "objective": base.objective.name,
         "device": device,
         "gflop_per_view": round(fpv / 1e9, 3),
-        **{f"{m}_{k}": round(v, 4) for m, r in results.items() for k, v in r.items()},
+        "steps_per_window": log_every,
+        **{f"{m}_{k}": _rounded(v) for m, r in results.items() for k, v in r.items()},
     }
     if len(results) == 2:
         ratio = results["streaming"]["views_per_s"] / results["synthetic"]["views_per_s"]
+        windows = (results["streaming"]["views_per_s_windows"], results["synthetic"]["views_per_s_windows"])
+        ratios = [a / b for a, b in zip(*windows, strict=False)]
         figures["streaming_over_synthetic"] = round(ratio, 4)
-        print(f"streaming / synthetic: {ratio:.3f} (target >= 0.97)")
+        figures["streaming_over_synthetic_spread"] = round(spread(ratios), 4)
+        print(
+            f"streaming / synthetic: {ratio:.3f} (spread {100 * spread(ratios):.0f}% over {len(ratios)} paired windows;"
+            " target >= 0.97)"
+        )
     print(get_objective(base.objective.name).bench.target)
     print(json.dumps(figures))
     ray.shutdown()

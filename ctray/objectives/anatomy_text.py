@@ -15,6 +15,7 @@ from torch import nn
 from ctray import dist
 from ctray.data.samplers import AnatomyTexts
 from ctray.data.text import TextEncoding, prepare_tokenizer
+from ctray.export import ExportPart, linear_part
 from ctray.models.text import TextConfig, TextEncoder
 from ctray.objectives.losses import AnatomyLocalLoss, LearnableTemperature
 from ctray.objectives.spec import Batch, Evaluation, RecipeConfig, Task
@@ -87,6 +88,15 @@ def at_slots(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def anatomy_embeddings(v: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(S, A, D) L2-normalised anatomy embeddings, (S, A) region -> "anatomy_embedding" (zeros
+    outside the region) and "embedding" (S, D): the L2-normalised mean over the scan's anatomies."""
+    region = region.bool()
+    v = v.float() * region.unsqueeze(-1)
+    mean = v.sum(1) / region.sum(1, keepdim=True).clamp(min=1)
+    return {"anatomy_embedding": v, "embedding": torch.nn.functional.normalize(mean, dim=-1)}
+
+
 class AnatomyTextTask(Task):
     """Base task. Batch keys (from ctray.data.samplers.AnatomyTexts): text_ids, text_mask (S, A, L);
     present, region (S, A); text_hash (S, A); abnormal (S, A); finding_labels (S, F)."""
@@ -127,6 +137,22 @@ class AnatomyTextTask(Task):
 
     def local_losses(self, g: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
         return self.local(g["v"], g["r"], g["present"].bool(), scale, g["text_hash"], g["abnormal"])
+
+    @torch.no_grad()
+    def embed(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Anatomy embeddings where the anatomy is in the image (`region`), their scan mean, and the
+        embeddings of the report's anatomy texts where it has one (`present`, zeros elsewhere)."""
+        out = anatomy_embeddings(self.embed_anatomies(batch), batch["region"])
+        return {**out, "text_embedding": self.embed_reports(batch).float()}
+
+    def text_parts(self) -> dict[str, ExportPart]:
+        """The text tower: BERT as a transformers folder (with the tokenizer) and its projection."""
+        bert = self.text.bert
+        no_pooler = {"add_pooling_layer": False} if getattr(bert, "pooler", True) is None else {}
+        return {"text": ExportPart(bert, kwargs=no_pooler), "text_proj": linear_part(self.text.proj)}
+
+    def export_config(self) -> dict[str, Any]:
+        return {"temperature": float(self.temperature.tau.detach()[0]), "anatomies": list(self.anatomies)}
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         device = next(self.parameters()).device

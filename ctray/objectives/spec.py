@@ -21,6 +21,7 @@ from torch import nn
 from ctray.config import Section
 
 if TYPE_CHECKING:
+    from ctray.export import ExportPart
     from ctray.train.config import PretrainConfig
 
 SweepSpace = Mapping[str, Mapping[str, Any]]
@@ -74,12 +75,22 @@ class Task(nn.Module):
     """A recipe's device side. forward(batch) -> {"loss": scalar, "views": a CPU scalar (views or
     volumes in the batch, for throughput), other scalars to log}."""
 
-    def export_module(self) -> nn.Module:
-        """The module whose weights are exported at the end of training."""
-        return self
+    def export_parts(self) -> dict[str, ExportPart]:
+        """Part name -> module, exported at the end of training (ctray.export): a transformers
+        model as a save_pretrained folder, any other module as safetensors + its class and kwargs."""
+        raise NotImplementedError
 
     def export_config(self) -> dict[str, Any]:
-        """JSON-able description of the export: the class that loads it, its arguments, its input."""
+        """JSON-able fields of export.json: "vision_part" (the part that is the vision encoder),
+        "input" (the preprocessing it expects), "embedding" (what `embed` returns), and
+        "temperature" for objectives with a text tower."""
+        raise NotImplementedError
+
+    def embed(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Frozen embeddings of a batch of the recipe's sampler, without augmentation: "embedding"
+        (S, D) for every objective; anatomy objectives add "anatomy_embedding" (S, A, D) and, with
+        a text tower, "text_embedding" (S, A, D) of the report's anatomy texts; CT-FM adds
+        "patch_embedding" (S, M, D). `ctray embed` and the export's loader call it."""
         raise NotImplementedError
 
     def begin_step(self, step: int, seed: int) -> None:
@@ -98,6 +109,15 @@ class Evaluates(Protocol):
     """A task that evaluates itself during training on batches from its own sampler (fixed seed)."""
 
     def evaluate(self, batches: Iterable[Batch], step: int) -> Evaluation: ...
+
+
+@runtime_checkable
+class EmbedsWith(Protocol):
+    """An objective whose embeddings (`ctray embed`, ctray.export.Encoder.sampler) take another
+    sampler than training: deterministic, without augmentation (CT-FM: the whole scan as a grid of
+    patches). Others embed through their training sampler with a seed per scan."""
+
+    def embed_sampler(self, cfg: Any, assets: dict[str, Any]) -> Sampler: ...
 
 
 @dataclass(frozen=True)

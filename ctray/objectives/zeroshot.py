@@ -1,4 +1,6 @@
-"""Zero-shot evaluation of anatomy-level vision-text models (TotalFM stage 2, CA-GCL).
+"""Zero-shot evaluation of anatomy-level vision-text models (TotalFM stage 2, CA-GCL): the one
+place of its metric code, shared by the in-training evaluation (AnatomyTextTask.evaluate ->
+`evaluate`) and the offline report (ctray.evaluate, which adds bootstrap CIs, curves and probes).
 
 For a finding f of anatomy a and a prompt template pair (present, absent), a scan's score is the
 logit margin of the "present" prompt given the scan's anatomy-a embedding, scale x (cos present -
@@ -16,10 +18,10 @@ embeddings of different anatomies, over the evaluation reports; its mean, std an
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -55,6 +57,29 @@ class ZeroShotConfig(Section):
     """{finding} in the anatomy-wise lesion-presence prompts."""
 
 
+class TextTower(Protocol):
+    """The text side of a CLIP-type export, as zero-shot needs it."""
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> (N, D) L2-normalised text embeddings."""
+        ...
+
+    @property
+    def temperature(self) -> float:
+        """The learned tau; the logit scale is 1 / tau."""
+        ...
+
+
+TextEmbedder = Callable[[list[str]], torch.Tensor]
+"""Texts -> (N, D) L2-normalised text embeddings."""
+
+TASKS = ("finding", "anatomy")
+
+METRICS = ("auroc", "balanced_accuracy", "weighted_f1", "sensitivity", "specificity", "precision")
+"""Per finding (anatomy), then macro-averaged: CA-GCL and fVLM report AUROC, balanced accuracy
+and weighted F1; sensitivity, specificity and precision complete the confusion matrix."""
+
+
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties); NaN with one class."""
     from scipy.stats import rankdata
@@ -66,13 +91,27 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[labels == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-METRICS = ("auroc", "balanced_accuracy", "weighted_f1", "sensitivity", "specificity", "precision")
-"""Per finding (anatomy), then macro-averaged: CA-GCL and fVLM report AUROC, balanced accuracy
-and weighted F1; sensitivity, specificity and precision complete the confusion matrix."""
+def _ratio(num: np.ndarray, den: np.ndarray, empty: float) -> np.ndarray:
+    return np.divide(num, den, out=np.full(num.shape, empty), where=den > 0)
 
 
-def classification_metrics(margin: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Binary metrics of logit margins (> 0: "present" wins) against 0/1 labels with both classes.
+def _weighted_auroc(margin: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Mann-Whitney AUROC of each weighted copy: P(positive margin > negative margin) + 1/2 P(tie),
+    over the scans' margin levels, so that bootstrap resamples need no sort of their own."""
+    order = np.argsort(margin, kind="stable")
+    sorted_margin = margin[order]
+    starts = np.flatnonzero(np.r_[True, sorted_margin[1:] != sorted_margin[:-1]])
+    pos = np.add.reduceat((weights * y)[:, order], starts, axis=1)  # (B, levels)
+    neg = np.add.reduceat((weights * ~y)[:, order], starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    return _ratio((pos * (below + 0.5 * neg)).sum(1), pos.sum(1) * neg.sum(1), np.nan)
+
+
+def weighted_metrics(margin: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """margin (n,) logit margins, labels (n,) 0/1, weights (B, n) scan multiplicities -> each of
+    METRICS as a (B,) array: the metrics of B weighted copies of the scans. Bootstrap resamples are
+    such copies (weights = how often each scan was drawn), so the report's CIs and the point
+    estimates share these formulas. NaN for a copy with only one class.
 
     AUROC ranks the margins themselves: a softmax probability rounds to 1.0 in float32 once
     scale x cosine margin passes ~17, which would tie sharpened models' scores and lower their
@@ -80,21 +119,27 @@ def classification_metrics(margin: np.ndarray, labels: np.ndarray) -> dict[str, 
     Weighted F1 is the F1 of each class weighted by its support (scikit-learn's "weighted")."""
     y = labels.astype(bool)
     pred = margin > 0
-    tp, fn = int((pred & y).sum()), int((~pred & y).sum())
-    fp, tn = int((pred & ~y).sum()), int((~pred & ~y).sum())
-    sensitivity = tp / (tp + fn)
-    specificity = tn / (tn + fp)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    f1_pos = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    f1_neg = 2 * tn / (2 * tn + fn + fp) if tn + fn + fp else 0.0
-    return {
-        "auroc": auroc(margin, labels),
+    w = weights.astype(np.float64)
+    tp, fn = w @ (pred & y), w @ (~pred & y)
+    fp, tn = w @ (pred & ~y), w @ (~pred & ~y)
+    sensitivity, specificity = _ratio(tp, tp + fn, np.nan), _ratio(tn, tn + fp, np.nan)
+    f1_pos, f1_neg = _ratio(2 * tp, 2 * tp + fp + fn, 0.0), _ratio(2 * tn, 2 * tn + fn + fp, 0.0)
+    out = {
+        "auroc": _weighted_auroc(margin, y, w),
         "balanced_accuracy": (sensitivity + specificity) / 2,
-        "weighted_f1": (f1_pos * (tp + fn) + f1_neg * (tn + fp)) / len(y),
+        "weighted_f1": (f1_pos * (tp + fn) + f1_neg * (tn + fp)) / w.sum(1),
         "sensitivity": sensitivity,
         "specificity": specificity,
-        "precision": precision,
+        "precision": _ratio(tp, tp + fp, 0.0),
     }
+    one_class = (tp + fn == 0) | (tn + fp == 0)
+    return {m: np.where(one_class, np.nan, v) for m, v in out.items()}
+
+
+def classification_metrics(margin: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Binary metrics (METRICS) of logit margins (> 0: "present" wins) against 0/1 labels with both
+    classes; see weighted_metrics."""
+    return {m: float(v[0]) for m, v in weighted_metrics(margin, labels, np.ones((1, len(margin)))).items()}
 
 
 def logit_margins(v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float) -> np.ndarray:
@@ -103,53 +148,104 @@ def logit_margins(v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: 
     return (scale * (v.double() @ pos.double() - v.double() @ neg.double())).cpu().numpy()
 
 
-ZeroShotItem = tuple[str, int, str, str, int]
+@dataclass(frozen=True)
+class ItemScores:
+    """One zero-shot item (a finding, or an anatomy's lesion presence) over the evaluation scans
+    that show its anatomy and have its label."""
+
+    task: str
+    """"finding" or "anatomy" (TASKS)."""
+    item: str
+    """The finding label, or "<anatomy> (any finding)"."""
+    anatomy: str
+    scans: np.ndarray
+    """(n,) indices of the scans scored."""
+    labels: np.ndarray
+    """(n,) 0/1."""
+    margins: np.ndarray
+    """(T, n) logit margins, one row per template."""
+
+    @property
+    def scorable(self) -> bool:
+        """Both classes among the scans: the metrics are defined."""
+        return len(self.labels) >= 2 and 0 < int(self.labels.sum()) < len(self.labels)
+
+    def per_template(self) -> dict[str, np.ndarray]:
+        """METRICS -> (T,) values, one per template."""
+        per = [classification_metrics(m, self.labels) for m in self.margins]
+        return {m: np.array([p[m] for p in per]) for m in METRICS}
+
+
+ItemSpec = tuple[str, int, str, str, int]
 """(title, anatomy index, anatomy name, finding phrase, label column)."""
-TextEmbedder = Callable[[list[str]], torch.Tensor]
-"""Texts -> (N, D) L2-normalised text embeddings."""
 
 
-def _task_rows(
-    name: str,
+def zero_shot_scores(
     v: torch.Tensor,
     region: np.ndarray,
-    labels: np.ndarray,
-    cfg: ZeroShotConfig,
+    finding_labels: np.ndarray,
+    finding_columns: list[str],
+    abnormal: np.ndarray,
+    anatomies: list[str],
     embed_texts: TextEmbedder,
     scale: float,
-    items: list[ZeroShotItem],
-) -> list[dict[str, Any]]:
-    """items: (title, anatomy index, anatomy name, finding phrase, label column) -> one row per
-    template with every metric (METRICS) macro-averaged over the items that have both classes."""
-    if not items:
+    cfg: ZeroShotConfig,
+) -> list[ItemScores]:
+    """Every finding column whose anatomy (cfg.findings) is one of `anatomies`, then every anatomy's
+    lesion presence -> its logit margins per template (items with one class included; see
+    ItemScores.scorable). v (S, A, D) anatomy embeddings; region (S, A) bool; finding_labels (S, F)
+    with F = len(finding_columns) and abnormal (S, A) in {-1, 0, 1}."""
+    index = {a: j for j, a in enumerate(anatomies)}
+    specs: list[tuple[str, ItemSpec]] = [
+        ("finding", (f, index[cfg.findings[f]], cfg.findings[f], f.replace("_", " "), c))
+        for c, f in enumerate(finding_columns)
+        if cfg.findings.get(f) in index
+    ]
+    specs += [("anatomy", (f"{a} (any finding)", j, a, cfg.lesion_term, j)) for j, a in enumerate(anatomies)]
+    if not specs:
         return []
-    rows = []
     prompts = [
         t.format(finding=phrase, anatomy=anat)
-        for title, _, anat, phrase, _ in items
+        for _, (title, _, anat, phrase, _) in specs
         for pair in cfg.templates
         for t in cfg.finding_prompts.get(title, pair)
     ]
-    emb = embed_texts(prompts).reshape(len(items), len(cfg.templates), 2, -1)
-    for t, _ in enumerate(cfg.templates):
-        per = []
-        for k, (title, j, _, _, col) in enumerate(items):
-            ok = region[:, j] & (labels[:, col] >= 0)
-            y = labels[ok, col].astype(int)
-            if ok.sum() < 2 or y.min() == y.max():
-                continue
-            margin = logit_margins(v[torch.as_tensor(ok, device=v.device), j], emb[k, t, 0], emb[k, t, 1], scale)
-            per.append({"item": title, **classification_metrics(margin, y), "n": int(ok.sum())})
-        if per:
-            rows.append(
-                {
-                    "task": name,
-                    "template": t,
-                    **{m: float(np.mean([p[m] for p in per])) for m in METRICS},
-                    "items": per,
-                }
-            )
+    emb = embed_texts(prompts).reshape(len(specs), len(cfg.templates), 2, -1)
+    items = []
+    for k, (task, (title, j, anat, _, col)) in enumerate(specs):
+        labels = finding_labels if task == "finding" else abnormal
+        ok = region[:, j] & (labels[:, col] >= 0)
+        scans = np.flatnonzero(ok)
+        vj = v[torch.as_tensor(scans, device=v.device), j]
+        margins = np.stack([logit_margins(vj, emb[k, t, 0], emb[k, t, 1], scale) for t in range(len(cfg.templates))])
+        items.append(ItemScores(task, title, anat, scans, labels[scans, col].astype(int), margins))
+    return items
+
+
+def template_rows(items: list[ItemScores]) -> list[dict[str, Any]]:
+    """One row per task and template: METRICS macro-averaged over the scorable items, and each
+    item's own values under "items"."""
+    rows = []
+    for task in TASKS:
+        mine = [(it, it.per_template()) for it in items if it.task == task and it.scorable]
+        if not mine:
+            continue
+        for t in range(len(mine[0][0].margins)):
+            per = [{"item": it.item, **{m: float(v[m][t]) for m in METRICS}, "n": len(it.labels)} for it, v in mine]
+            macro = {m: float(np.mean([p[m] for p in per])) for m in METRICS}
+            rows.append({"task": task, "template": t, **macro, "items": per})
     return rows
+
+
+def template_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """zs_<task>_<metric>_mean and _std over the templates' macro rows (NaN for a task without one)."""
+    metrics: dict[str, float] = {}
+    for task in TASKS:
+        for m in METRICS:
+            vals = [r[m] for r in rows if r["task"] == task]
+            metrics[f"zs_{task}_{m}_mean"] = float(np.mean(vals)) if vals else float("nan")
+            metrics[f"zs_{task}_{m}_std"] = float(np.std(vals)) if vals else float("nan")
+    return metrics
 
 
 def evaluate(
@@ -165,25 +261,17 @@ def evaluate(
     cfg: ZeroShotConfig,
     step: int,
 ) -> Evaluation:
-    """v (S, A, D) anatomy embeddings of the evaluation scans; region (S, A) bool; finding_labels
-    (S, F) and abnormal (S, A) in {-1, 0, 1}; text_emb (T, D) the embeddings of their reports'
-    anatomy texts with text_anatomy (T,) the anatomy index of each; embed_texts(list[str]) -> (N, D)."""
-    index = {a: j for j, a in enumerate(anatomies)}
-    findings = [(f, a) for f, a in cfg.findings.items() if a in index]
-    finding_items: list[ZeroShotItem] = [(f, index[a], a, f.replace("_", " "), c) for c, (f, a) in enumerate(findings)]
-    anatomy_items: list[ZeroShotItem] = [
-        (f"{a} (any finding)", j, a, cfg.lesion_term, j) for j, a in enumerate(anatomies)
-    ]
-    rows = _task_rows("finding", v, region, finding_labels, cfg, embed_texts, scale, finding_items)
-    rows += _task_rows("anatomy", v, region, abnormal, cfg, embed_texts, scale, anatomy_items)
+    """The in-training evaluation. v (S, A, D) anatomy embeddings of the evaluation scans; region
+    (S, A) bool; finding_labels (S, F) (columns: cfg.findings in order) and abnormal (S, A) in
+    {-1, 0, 1}; text_emb (T, D) the embeddings of their reports' anatomy texts with text_anatomy (T,)
+    the anatomy index of each; embed_texts(list[str]) -> (N, D)."""
+    from ctray.evaluate.plots import similarity_histogram  # the plotting side imports this module
 
-    metrics: dict[str, float] = {}
-    for task in ("finding", "anatomy"):
-        mine = [r for r in rows if r["task"] == task]
-        for m in METRICS:
-            vals = [r[m] for r in mine]
-            metrics[f"zs_{task}_{m}_mean"] = float(np.mean(vals)) if vals else float("nan")
-            metrics[f"zs_{task}_{m}_std"] = float(np.std(vals)) if vals else float("nan")
+    items = zero_shot_scores(
+        v, region, finding_labels, list(cfg.findings), abnormal, anatomies, embed_texts, scale, cfg
+    )
+    rows = template_rows(items)
+    metrics = template_summary(rows)
     sims = cross_anatomy_similarity(text_emb, text_anatomy)
     metrics["text_cos_mean"] = float(sims.mean()) if len(sims) else float("nan")
     metrics["text_cos_std"] = float(sims.std()) if len(sims) else float("nan")
@@ -198,7 +286,7 @@ def evaluate(
     files = {
         "zero_shot.json": json.dumps(report, indent=1).encode(),
         "zero_shot.md": markdown_table(rows, metrics, step).encode(),
-        "text_similarity.png": similarity_histogram(sims, step),
+        "text_similarity.png": similarity_histogram(sims, f"text embedding collapse at step {step}").png,
     }
     z = metrics
     summary = (
@@ -231,7 +319,7 @@ def markdown_table(rows: list[dict], metrics: dict[str, float], step: int) -> st
     ]
     lines += [f"| {r['task']} | {r['template']} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS) + " |" for r in rows]
     lines += ["", f"| task | {head} (mean ± std over templates) |", "| --- " * (1 + len(METRICS)) + "|"]
-    for task in ("finding", "anatomy"):
+    for task in TASKS:
         cells = [f"{metrics[f'zs_{task}_{m}_mean']:.3f} ± {metrics[f'zs_{task}_{m}_std']:.3f}" for m in METRICS]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     lines += [
@@ -241,21 +329,3 @@ def markdown_table(rows: list[dict], metrics: dict[str, float], step: int) -> st
         "",
     ]
     return "\n".join(lines)
-
-
-def similarity_histogram(sims: np.ndarray, step: int) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.hist(sims, bins=50, range=(-1, 1), color="tab:blue")
-    ax.set_xlabel("cosine similarity, texts of different anatomies")
-    ax.set_ylabel("pairs")
-    ax.set_title(f"text embedding collapse at step {step} (mean {sims.mean() if len(sims) else float('nan'):.2f})")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()

@@ -129,8 +129,41 @@ class DeepSpeedConfig(Section):
     """auto: bf16 on GPU, fp32 on CPU."""
 
 
+Logger = Literal["tensorboard", "mlflow", "wandb"]
+
+
+class MlflowConfig(Section):
+    """MLflow tracking (run.loggers has mlflow): the driver opens the run and logs the config, rank 0
+    logs the metrics, evaluation files and the export (ctray.train.tracking)."""
+
+    tracking_uri: str | None = None
+    """Tracking server (http://host:5000, databricks, sqlite:///path/mlflow.db). None:
+    $MLFLOW_TRACKING_URI of the driver; neither set is an error, since MLflow's own default
+    (./mlflow.db of the logging process) would land on whichever node rank 0 ran on. Credentials go
+    in MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN, never here."""
+    experiment: str = "ctray"
+    """Experiment holding the run (created when missing); the MLflow run is named run.name."""
+    parent_run_id: str | None = None
+    """MLflow run this one nests under (`ctray sweep` sets its sweep's run); None: top level."""
+
+
+class WandbConfig(Section):
+    """Weights & Biases tracking (run.loggers has wandb), all from rank 0; the entity is $WANDB_ENTITY
+    or the API key's default."""
+
+    project: str = "ctray"
+    """W&B project; the W&B run is named run.name."""
+    mode: Literal["online", "offline"] | None = None
+    """None: $WANDB_MODE, else online when WANDB_API_KEY is set and offline when not (upload an
+    offline run later with `wandb sync <dir>`)."""
+    dir: str | None = None
+    """Folder W&B writes its wandb/ folder into, on rank 0's node. None: the run folder when
+    run.storage is local; on object storage a temporary folder whose offline run is copied to
+    <run>/wandb/ at the end."""
+
+
 class RunConfig(Section):
-    """Where the run lives; a re-run with the same storage and name resumes it."""
+    """Where the run lives and where it is tracked; a re-run with the same storage and name resumes it."""
 
     storage: str = "runs"
     """Folder or s3:// URI holding every run."""
@@ -140,6 +173,15 @@ class RunConfig(Section):
     """Worker-group restarts from the last checkpoint before the run fails (-1: no limit). On spot
     or preemptible nodes, allow one per expected preemption (e.g. 10 for a multi-day run, or -1);
     each costs at most `train.checkpoint_every` steps plus the time to get the nodes back."""
+    loggers: list[Logger] = Field(default_factory=lambda: list[Logger](["tensorboard"]))
+    """Where metrics go besides <run>/metrics.jsonl (always written): tensorboard (<run>/tensorboard),
+    mlflow and wandb (`pip install 'ctray[tracking]'`), which also get the config, evaluation files
+    and the export as artifacts. A resumed run continues the same MLflow and W&B runs."""
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    group: str | None = None
+    """A name shared by related runs (`ctray sweep` sets its name): the W&B group and the MLflow tag
+    ctray.group."""
 
 
 class PretrainConfig(Section):

@@ -5,14 +5,17 @@ Train merges the folders in the run's storage (shard names are rank-unique). On 
 rank loads the latest reported checkpoint and continues from its step.
 
 The loop is split into the pieces torchtitan's trainer has: a metrics window (sums since the last
-report), a cadence (when to log, evaluate, checkpoint), the run's files on rank 0 and the run
-folder (ctray.run_folder). The trainer knows no metric or recipe names: a task returns its
-scalars, an evaluating task returns its own summary line.
+report), a cadence (when to log, evaluate, checkpoint), the run's files and tracker
+(ctray.train.tracking) on rank 0, the console's step line and the run folder (ctray.run_folder).
+The trainer knows no metric or recipe names: a task returns its scalars, an evaluating task
+returns its own summary line.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import datetime
 import itertools
 import json
 import logging
@@ -34,6 +37,7 @@ from ctray.objectives.spec import Batch, Evaluates, Objective, Task
 from ctray.run_folder import RunFolder
 from ctray.train.config import PretrainConfig, TrainConfig
 from ctray.train.optim import clamp_, param_groups, warmup_cosine
+from ctray.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 TAG = "ctray"
@@ -139,16 +143,44 @@ class MetricsWindow:
         }
 
 
-class RunFiles:
-    """Rank 0's TensorBoard events and metrics.jsonl, written locally and copied to the run's
-    storage at every checkpoint and at the end."""
+class StepClock:
+    """The recent optimizer-step rate (over the last few reports, checkpoints and evaluations included:
+    they are part of what is left) and the time to the last step it gives."""
 
-    def __init__(self, run: RunFolder, start_step: int):
+    def __init__(self, reports: int = 5, now: Callable[[], float] = time.perf_counter):
+        self.points: collections.deque[tuple[int, float]] = collections.deque(maxlen=reports + 1)
+        self.now = now
+
+    def mark(self, step: int) -> None:
+        self.points.append((step, self.now()))
+
+    def eta_s(self, step: int, total: int) -> float | None:
+        """Marks `step` now; seconds to `total` at the recent rate (None before a step was timed)."""
+        self.mark(step)
+        (s0, t0), (s1, t1) = self.points[0], self.points[-1]
+        return max(0, total - step) * (t1 - t0) / (s1 - s0) if s1 > s0 else None
+
+
+def step_line(step: int, total: int, metrics: dict[str, Any], eta_s: float | None) -> str:
+    """The console's line per report, e.g.
+    `step 40/200  loss 1.2345  lr 1.0e-04  312.4 views/s  data-wait 3.1%  eta 0:04:12`."""
+    eta = "?" if eta_s is None else str(datetime.timedelta(seconds=round(eta_s)))
+    return (
+        f"step {step}/{total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.1e}  {metrics['views_per_s']:.1f} views/s"
+        f"  data-wait {100 * metrics['data_wait_fraction']:.1f}%  eta {eta}"
+    )
+
+
+class RunFiles:
+    """Rank 0's metrics.jsonl and (run.loggers has tensorboard) TensorBoard events, written locally
+    and copied to the run's storage at every checkpoint and at the end."""
+
+    def __init__(self, run: RunFolder, start_step: int, tensorboard: bool = True):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run = run
         self.local = tempfile.mkdtemp(prefix="ctray-run-")
-        self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"))
+        self.tb = SummaryWriter(os.path.join(self.local, "tensorboard")) if tensorboard else None
         # A resumed run keeps the history up to its checkpoint; later lines were lost with the crash.
         old = (
             [json.loads(line) for line in self.run.read("metrics.jsonl").decode().splitlines()]
@@ -162,19 +194,22 @@ class RunFiles:
 
     def log(self, metrics: dict[str, Any]) -> None:
         for k, v in metrics.items():
-            if k not in ("step", "time") and isinstance(v, (int, float)):
+            if self.tb is not None and k not in ("step", "time") and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, metrics["step"])
         self.metrics.append(metrics)
 
     def close(self) -> None:
         """The last sync; the writer and the local folder go."""
         self.sync()
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
         shutil.rmtree(self.local, ignore_errors=True)
 
     def sync(self) -> None:
-        self.tb.flush()
         self.run.write("metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.metrics).encode())
+        if self.tb is None:
+            return
+        self.tb.flush()
         tb_local = os.path.join(self.local, "tensorboard")
         for name in os.listdir(tb_local):
             with open(os.path.join(tb_local, name), "rb") as f:
@@ -235,17 +270,13 @@ def _maybe_inject_fault(cfg: PretrainConfig, run: RunFolder, step: int) -> None:
     os.kill(os.getpid(), 9)
 
 
-def _export(task: Task, cfg: PretrainConfig, run: RunFolder, step: int) -> None:
-    """The encoder as safetensors + JSON config in <run>/export (gathered first under ZeRO-3)."""
-    from safetensors.torch import save
+def _export(task: Task, cfg: PretrainConfig, run: RunFolder, step: int, assets: dict[str, Any]) -> None:
+    """The trained parts in <run>/export (ctray.export), gathered first under ZeRO-3."""
+    from ctray.export import write_export
 
-    module = task.export_module()
-    with gathered(module, cfg.deepspeed.zero_stage):
+    with gathered(task, cfg.deepspeed.zero_stage):
         if dist.rank() == 0:
-            state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
-            run.write("export/encoder.safetensors", save(state))
-            meta = {"objective": cfg.objective.name, "step": step, **task.export_config()}
-            run.write("export/encoder.json", json.dumps(meta, indent=1).encode())
+            write_export(task, cfg.objective, step, assets, lambda name, data: run.write(f"export/{name}", data))
 
 
 def _checkpoint(engine: Any, metrics: dict[str, Any], files: RunFiles | None) -> None:
@@ -259,30 +290,59 @@ def _checkpoint(engine: Any, metrics: dict[str, Any], files: RunFiles | None) ->
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{metrics['step']:08d}")
 
 
+def _quiet_ray_reports() -> None:
+    """Ray Train logs every report of every rank ("Reporting training result N: TrainingReport(...)")
+    at INFO on a logger named after its file, outside `ray.train`, so the run's LoggingConfig misses
+    it; ctray's own line says the same once. `ctray -v` keeps it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # moved in another Ray: its lines show, nothing breaks
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: config = {"cfg": PretrainConfig as JSON, "assets": ...}."""
     cfg = PretrainConfig.model_validate(config["cfg"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
+    if not config.get("verbose"):
+        _quiet_ray_reports()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    worker = Worker(cfg, config.get("assets", {}), config.get("scans", 0), config.get("streams", {}))
-    step = worker.restore()
-    # One pass holds every step left (training_datasets); the synthetic batch repeats for ever.
-    step = worker.run_pass()
-    if not worker.cadence.last(step):
-        raise RuntimeError(f"worker {dist.rank()}: its data stream ended at step {step} of {cfg.train.steps}")
-    worker.finish(step)
+    worker = Worker(
+        cfg, config.get("assets", {}), config.get("scans", 0), config.get("streams", {}), config.get("tracking", {})
+    )
+    done = False
+    try:
+        step = worker.restore()
+        # One pass holds every step left (training_datasets); the synthetic batch repeats for ever.
+        step = worker.run_pass()
+        if not worker.cadence.last(step):
+            raise RuntimeError(f"worker {dist.rank()}: its data stream ended at step {step} of {cfg.train.steps}")
+        worker.finish(step)
+        worker.track_export(step)
+        done = True
+    finally:
+        if worker.tracker is not None:
+            worker.tracker.close(done)
 
 
 class Worker:
     """One rank's training: the task in its DeepSpeed engine, its batches, the cadence of reports,
     evaluations and checkpoints, and (rank 0) the run's files."""
 
-    def __init__(self, cfg: PretrainConfig, assets: dict[str, Any], scans: int, streams: dict[str, Any]):
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        assets: dict[str, Any],
+        scans: int,
+        streams: dict[str, Any],
+        tracking: dict[str, Any] | None = None,
+    ):
         import ray.train.torch
 
-        self.cfg = cfg
+        self.cfg, self.assets = cfg, assets
         self.device = ray.train.torch.get_device()
         self.objective = get_objective(cfg.objective.name)
         self.run = RunFolder.of(cfg)
@@ -305,6 +365,9 @@ class Worker:
         self.batches = _batches(cfg, self.objective, self.device, streams)
         self.window = MetricsWindow()
         self.files: RunFiles | None = None
+        self.tracking = tracking or {}  # the MLflow / W&B runs the driver opened (tracking.start)
+        self.tracker: Tracker | None = None
+        self.clock = StepClock()
 
     def restore(self) -> int:
         """Load the latest checkpoint Ray Train hands this attempt (if any); record where the ranks
@@ -317,7 +380,10 @@ class Worker:
                 self.engine.load_checkpoint(d, tag=TAG)
             log.info("rank %d resumed from %s at step %d", dist.rank(), checkpoint.path, self.engine.global_steps)
         step = int(self.engine.global_steps)
-        self.files = RunFiles(self.run, step) if dist.rank() == 0 else None
+        if dist.rank() == 0:
+            self.files = RunFiles(self.run, step, "tensorboard" in self.cfg.run.loggers)
+            self.tracker = Tracker(self.cfg, self.run, self.tracking) if self.tracking else None
+        self.clock.mark(step)
         # Which Ray node each rank runs on: a run spanning nodes says so in its metrics.
         nodes = dist.gather_object(ray.get_runtime_context().get_node_id())
         if self.files is not None:
@@ -384,12 +450,13 @@ class Worker:
         metrics.update(self.window.report(self.device))
         if self.evaluation is not None and self.cadence.should_eval(step):
             metrics.update(self.evaluation.run_at(step, self.engine.module))
+            if self.tracker is not None:  # the files rank 0's run_at has just written
+                self.tracker.log_folder(self.run.eval_dir(step), step)
         if self.files is not None:
             self.files.log(metrics)
-            log.info(
-                "step %d  loss %.4f  lr %.2e  %.1f views/s  data-wait %.1f%%",
-                step, metrics["loss"], metrics["lr"], metrics["views_per_s"], 100 * metrics["data_wait_fraction"],
-            )  # fmt: skip
+            log.info("%s", step_line(step, self.cfg.train.steps, metrics, self.clock.eta_s(step, self.cfg.train.steps)))
+        if self.tracker is not None:
+            self.tracker.log_metrics(step, metrics)
         if self.cadence.should_checkpoint(step):
             metrics["param_checksum"] = param_checksum(self.engine.module, self.cfg.deepspeed.zero_stage)
             _checkpoint(self.engine, metrics, self.files)
@@ -398,9 +465,17 @@ class Worker:
         self.window.reset()  # after evaluation and checkpoint: the next window times training alone
 
     def finish(self, step: int) -> None:
-        _export(self.task, self.cfg, self.run, step)
+        _export(self.task, self.cfg, self.run, step, self.assets)
         if self.files is not None:
             self.files.close()
+
+    def track_export(self, step: int) -> None:
+        """export/ as artifacts, from rank 0 once every rank has finished its part of it (the barrier):
+        rank 0 holds the W&B run, and the export is complete whichever ranks write it."""
+        if dist.is_dist():
+            torch.distributed.barrier()
+        if self.tracker is not None:
+            self.tracker.log_folder("export", step)
 
 
 def _batches(

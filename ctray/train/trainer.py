@@ -15,6 +15,7 @@ from ctray.objectives import get_objective
 from ctray.run_folder import RunFolder
 from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import arrow_filesystem, is_remote, resolve_uri
+from ctray.train import tracking
 from ctray.train.config import PretrainConfig, ScalingConfig
 from ctray.train.loop import train_loop
 
@@ -38,13 +39,39 @@ def steps_for_epochs(cfg: PretrainConfig, scans: int) -> int:
     return steps
 
 
+def _latest_checkpoint(run: RunFolder) -> dict[str, Any]:
+    """Ray Train's record of the run's latest checkpoint ({} for a new run)."""
+    if not run.exists("checkpoint_manager_snapshot.json"):
+        return {}
+    return json.loads(run.read("checkpoint_manager_snapshot.json")).get("latest_checkpoint_result") or {}
+
+
 def resumed_step(run: RunFolder) -> int:
     """The step of the checkpoint Ray Train will resume this run from (0 for a new run): the data
     order continues from there."""
-    if not run.exists("checkpoint_manager_snapshot.json"):
-        return 0
-    latest = json.loads(run.read("checkpoint_manager_snapshot.json")).get("latest_checkpoint_result") or {}
-    return int(latest.get("metrics", {}).get("step", 0))
+    return int(_latest_checkpoint(run).get("metrics", {}).get("step", 0))
+
+
+def finished(run: RunFolder, steps: int) -> PretrainResult | None:
+    """The result of a run that already reached `steps` and wrote its export (re-running it then
+    trains nothing), else None."""
+    latest = _latest_checkpoint(run)
+    metrics = latest.get("metrics", {})
+    if int(metrics.get("step", 0)) < steps or not run.exists("export/export.json"):
+        return None
+    return PretrainResult(
+        step=int(metrics["step"]),
+        loss=float(metrics.get("loss", float("nan"))),
+        checkpoint=run.uri_of(latest.get("checkpoint_dir_name", "")),
+        export=run.uri_of("export"),
+        logs=run.uri_of("tensorboard"),
+    )
+
+
+def verbose() -> bool:
+    """`ctray -v` (debug logging): Ray Train's own lines (a TrainingReport per report and rank, worker
+    group events) and Ray Data's progress bars are shown too; otherwise the console has ctray's lines."""
+    return logging.getLogger("ctray").isEnabledFor(logging.DEBUG)
 
 
 def worker_bundle(scaling: ScalingConfig) -> dict[str, float]:
@@ -77,6 +104,10 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     scans = 0 if cfg.data.synthetic else len(scan_index(cfg.data.shards, cfg.storage))
     if cfg.train.epochs is not None:
         cfg.train.max_steps, cfg.train.epochs = steps_for_epochs(cfg, scans), None
+    done = finished(run, cfg.train.steps)
+    if done is not None:
+        log.info("pretrain %s already reached step %d; export %s", run.uri, done.step, done.export)
+        return done
     run.write("config.yaml", to_yaml(cfg).encode())
 
     objective = get_objective(cfg.objective.name)
@@ -93,14 +124,30 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
         cfg.peak_lr,
         run.uri,
     )
-    result = _fit_with_restarts(
-        cfg, run, sampler, {"cfg": cfg.model_dump(mode="json"), "assets": assets, "scans": scans}, callbacks
-    )
+    if not cfg.data.synthetic and not verbose():
+        import ray.data
+
+        # Ray Data's progress bars, redrawn by every rank's split coordinator, would bury the step lines.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    ids = tracking.start(cfg, run)  # after prepare: a config that fails there opens no MLflow run
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "assets": assets,
+        "scans": scans,
+        "tracking": ids,
+        "verbose": verbose(),
+    }
+    try:
+        result = _fit_with_restarts(cfg, run, sampler, loop_config, callbacks)
+    except BaseException as e:  # a KeyboardInterrupt or a sweep stopping the trial: KILLED, not FAILED
+        tracking.end(ids, "FAILED" if isinstance(e, Exception) else "KILLED")
+        raise
+    tracking.end(ids, "FINISHED")
     out = PretrainResult(
         step=int(result.metrics.get("step", 0)),
         loss=float(result.metrics.get("loss", float("nan"))),
         checkpoint=run.checkpoint_uri(result.checkpoint.path if result.checkpoint else ""),
-        export=run.uri_of("export", "encoder.safetensors"),
+        export=run.uri_of("export"),
         logs=run.uri_of("tensorboard"),
     )
     log.info(
@@ -186,6 +233,8 @@ def _trainer(
             failure_config=ray.train.FailureConfig(max_failures=0, max_preemption_failures=0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks or None,
+            # Ray Train's INFO lines to its log files only (<ray session>/logs/train), unless -v.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
     )

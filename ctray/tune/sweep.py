@@ -6,6 +6,11 @@ TuneReportCallback forwarding the loop's reports to Tune; ASHA stops poor trials
 reports. Each trial's run lives in <storage>/<name>/trials/<trial id>, so a trial interrupted
 with the sweep resumes from its own checkpoint when the sweep is re-run, and finished trials are
 not run again (Tuner.restore).
+
+Tracking: each trial logs like any pretrain run (the base's run.loggers), nested in MLflow under
+the sweep's own run, which ends with the results table, plot and best config; W&B groups the
+trials by the sweep's name. Tune's MLflowLoggerCallback / WandbLoggerCallback are not used: why
+is in ctray.train.tracking.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import yaml
 from ctray.config import apply_overrides, load_config, to_yaml
 from ctray.data.pipeline import place_data_actors_here
 from ctray.errors import ConfigError
+from ctray.run_folder import RunFolder
 from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import arrow_filesystem, filesystem, is_remote, publish_bytes, resolve_uri
+from ctray.train import tracking
 from ctray.train.config import PretrainConfig
 from ctray.train.trainer import worker_bundle
 from ctray.tune.config import ParamSpace, SweepConfig
@@ -133,6 +140,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
     storage = resolve_uri(cfg.storage)
     sweep_dir = posixpath.join(storage, cfg.name)
+    parent = tracking.start_sweep(cfg, base_cfg, RunFolder(sweep_dir, cfg.storage_options))
+    # The trials' MLflow runs nest under the sweep's own; W&B groups them by the sweep's name.
+    base["run"]["group"] = base["run"]["group"] or cfg.name
+    base["run"]["mlflow"]["parent_run_id"] = parent
     ensure_ray(cfg.ray)
     place_data_actors_here()  # before any trial runs a dataset on a worker node
     scaling = base_cfg.scaling
@@ -201,7 +212,12 @@ def run_sweep(cfg: SweepConfig) -> dict:
         sweep_dir,
     )
     results = tuner.fit()
-    return _report(cfg, base, spaces, results, sweep_dir)
+    out = _report(cfg, base, spaces, results, sweep_dir)
+    if parent is not None:
+        files = ["results.csv", "best.yaml", "metric_vs_params.png"]
+        best = {f"best_{sched_cfg.metric}": float(out["best"][sched_cfg.metric])}
+        tracking.end_sweep(base_cfg, parent, RunFolder(sweep_dir, cfg.storage_options), files, best)
+    return out
 
 
 def _report(cfg: SweepConfig, base: dict, spaces: dict[str, ParamSpace], results: Any, sweep_dir: str) -> dict:
@@ -239,6 +255,7 @@ def _report(cfg: SweepConfig, base: dict, spaces: dict[str, ParamSpace], results
     publish_bytes(buf.getvalue().encode(), fs, posixpath.join(root, "results.csv"), cfg.storage_options)
     best_cfg = trial_config(base, {k: best[k] for k in spaces})
     best_cfg.run.name = f"{cfg.name}-best"
+    best_cfg.run.mlflow.parent_run_id = None  # a run of its own, no longer one of the sweep's trials
     publish_bytes(to_yaml(best_cfg).encode(), fs, posixpath.join(root, "best.yaml"), cfg.storage_options)
     publish_bytes(_plot(rows, spaces, metric), fs, posixpath.join(root, "metric_vs_params.png"), cfg.storage_options)
 

@@ -75,6 +75,10 @@ class CAGCL:
             cfg.crop_margin, cfg.flip_prob, cfg.min_voxels, cfg.fit,
         )  # fmt: skip
 
+    def embed_sampler(self, cfg: CAGCLConfig, assets: dict[str, Any]) -> AnatomyScanSampler:
+        """The training sampler without flips and with every sentence of each anatomy's text."""
+        return self.sampler(cfg.model_copy(update={"flip_prob": 0.0, "text_augmentation": False}), assets)
+
     def task(self, cfg: CAGCLConfig, assets: dict[str, Any]) -> CAGCLTask:
         return CAGCLTask(cfg, assets)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ctray.export import ExportPart
 from ctray.models.vit import AnatomyQueryPooling, ViT3D
 from ctray.objectives.anatomy_text import AnatomyTextTask, synthetic_text_fields
 from ctray.objectives.cagcl.config import CAGCLConfig
@@ -67,18 +68,28 @@ class CAGCLTask(AnatomyTextTask):
             out["loss_global"] = glo.detach()
         return {"loss": loss, **out}
 
-    def export_module(self) -> torch.nn.Module:
-        return self
+    def export_parts(self) -> dict[str, ExportPart]:
+        c = self.cfg
+        vit = {"input_size": list(c.input_size), "patch": list(c.patch), "dim": c.width}
+        vit |= {"depth": c.depth, "heads": c.heads}
+        pool = {"anatomies": len(c.anatomies), "dim": c.width, "heads": c.pool_heads, "out_dim": c.embed_dim}
+        return {
+            "vision": ExportPart(self.vit, "ctray.models.vit.ViT3D", vit),
+            "anatomy_pooling": ExportPart(self.pool, "ctray.models.vit.AnatomyQueryPooling", pool),
+            **self.text_parts(),
+        }
 
     def export_config(self) -> dict:
         c = self.cfg
         return {
-            "architecture": "ctray.objectives.cagcl.task.CAGCLTask (ViT3D + anatomy query pooling, BERT text tower)",
-            "anatomies": list(c.anatomies),
-            "input_size": list(c.input_size),
-            "patch": list(c.patch),
-            "vit": {"width": c.width, "depth": c.depth, "heads": c.heads},
-            "embed_dim": c.embed_dim,
-            "window_hu": list(c.window_hu),
-            "text": c.text.model_dump(mode="json"),
+            **super().export_config(),
+            "vision_part": "vision",
+            "embedding": "anatomy_pooling(vision(scan), anatomy token masks): (S, A, embed_dim), L2-normalised",
+            "input": {
+                "spacing_zyx_mm": "the shards' (fVLM: 3 x 1 x 1)",
+                "window_hu": list(c.window_hu),
+                "input_size": list(c.input_size),
+                "fit": c.fit,
+                "crop_margin": list(c.crop_margin),
+            },
         }

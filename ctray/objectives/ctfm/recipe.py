@@ -8,6 +8,7 @@ import torch
 
 from ctray.objectives.ctfm.config import CTFMConfig
 from ctray.objectives.ctfm.sampler import PatchSampler
+from ctray.objectives.ctfm.sliding import SlidingPatches
 from ctray.objectives.ctfm.task import CTFMTask, synthetic_batch
 from ctray.objectives.spec import Batch, BenchProfile, Objective, SweepSpace
 
@@ -39,6 +40,9 @@ class CTFMSimCLR:
 
     def sampler(self, cfg: CTFMConfig, assets: dict[str, Any]) -> PatchSampler:
         return PatchSampler(cfg.patches_per_scan, cfg.patch_size, int(cfg.window_hu[0]))
+
+    def embed_sampler(self, cfg: CTFMConfig, assets: dict[str, Any]) -> SlidingPatches:
+        return SlidingPatches(cfg.patch_size, int(cfg.window_hu[0]))
 
     def task(self, cfg: CTFMConfig, assets: dict[str, Any]) -> CTFMTask:
         return CTFMTask(cfg, assets)

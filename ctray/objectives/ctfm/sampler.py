@@ -23,8 +23,10 @@ class PatchSampler:
         self.size = tuple(patch_size)
         self.pad = pad
 
-    def sample(self, vol: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        out = np.empty((self.m, *self.size), dtype=np.int16)
+    def sample(self, vol: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
+        """M patches of `vol`: int16 (M, d, h, w), written into `out` if given."""
+        if out is None:
+            out = np.empty((self.m, *self.size), dtype=np.int16)
         short = [max(0, p - s) for p, s in zip(self.size, vol.shape, strict=False)]
         if any(short):
             vol = np.pad(vol, [(d // 2, d - d // 2) for d in short], constant_values=self.pad)
@@ -36,4 +38,8 @@ class PatchSampler:
         return out
 
     def __call__(self, batch: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {"patches": np.stack([self.sample(vol, rng) for vol in volumes(batch)])}
+        vols = volumes(batch)
+        out = np.empty((len(vols), self.m, *self.size), dtype=np.int16)
+        for row, vol in enumerate(vols):  # straight into the batch: np.stack would copy every patch again
+            self.sample(vol, rng, out[row])
+        return {"patches": out}

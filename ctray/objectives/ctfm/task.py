@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
+from ctray.export import ExportPart
 from ctray.models.encoders import PooledSegResEncoder, mlp_head
 from ctray.objectives.augment import gaussian_smooth, histogram_shift, resized_crop_flip, window
 from ctray.objectives.ctfm.config import CTFMConfig
@@ -61,23 +61,41 @@ class CTFMTask(Task):
         loss, pos_sim = self.loss.forward_with_metrics(z.reshape(s, 2, m, -1))
         return {"loss": loss, "positive_cosine": pos_sim, "views": torch.tensor(float(s * 2 * m))}
 
-    def export_module(self) -> nn.Module:
-        return self.encoder
+    @torch.no_grad()
+    def embed(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{"patches": (S, M, d, h, w) int16 HU} -> "patch_embedding" (S, M, F): each patch windowed,
+        not augmented, through the encoder (mean of its last level, the features the head sees in
+        training); "embedding" (S, F): their mean over the scan's patches."""
+        patches = batch["patches"]
+        s, m = patches.shape[:2]
+        x = window(patches, *self.cfg.window_hu).reshape(s * m, 1, *patches.shape[2:])
+        z = self.encoder(x.to(next(self.parameters()).dtype)).float().reshape(s, m, -1)
+        return {"embedding": z.mean(1), "patch_embedding": z}
+
+    def export_parts(self) -> dict[str, ExportPart]:
+        kwargs = {"spatial_dims": 3, "in_channels": 1, "init_filters": self.cfg.init_filters}
+        return {
+            "encoder": ExportPart(
+                self.encoder.encoder,
+                "monai.networks.nets.segresnet_ds.SegResEncoder",
+                {**kwargs, "blocks_down": list(self.cfg.blocks_down)},
+            ),
+            "head": ExportPart(
+                self.head, "ctray.models.encoders.mlp_head", {"dims": [self.encoder.out_features, *self.cfg.head_dims]}
+            ),
+        }
 
     def export_config(self) -> dict:
         return {
-            "architecture": "monai.networks.nets.segresnet_ds.SegResEncoder",
-            "kwargs": {
-                "spatial_dims": 3,
-                "in_channels": 1,
-                "init_filters": self.cfg.init_filters,
-                "blocks_down": list(self.cfg.blocks_down),
-            },
-            "pooling": "mean of the last level",
+            "vision_part": "encoder",
+            "embedding": "SegResEncoder(x)[-1].mean over (d, h, w): (N, init_filters * 2**(levels-1)); "
+            "the head (projection for the contrastive loss) is exported separately",
             "input": {
                 "orientation": "SPL",
                 "spacing_zyx_mm": [3.0, 1.0, 1.0],
                 "window_hu": list(self.cfg.window_hu),
+                "window_to": [0.0, 1.0],
                 "patch_size": list(self.cfg.patch_size),
+                "shape": "(N, 1, d, h, w), each of d, h, w a multiple of 16",
             },
         }

@@ -14,6 +14,7 @@ from torch import nn
 
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
+from ctray.export import ExportPart, layer_norm_part, linear_part
 from ctray.objectives.anatomy_text import AnatomyTextTask, at_slots, text_assets
 from ctray.objectives.totalfm.config import TotalFMCLIPConfig, export_config
 from ctray.objectives.totalfm.mae import organ_videos
@@ -22,15 +23,16 @@ log = logging.getLogger(__name__)
 
 
 def stage1_export(init_from: str) -> str:
-    """A stage-1 run folder or its encoder.safetensors -> the safetensors URI."""
-    if init_from.endswith(".safetensors"):
-        return init_from
-    return init_from.rstrip("/") + "/export/encoder.safetensors"
+    """A stage-1 run folder or its export/ folder -> the export folder's URI."""
+    init_from = init_from.rstrip("/")
+    return init_from if init_from.endswith("/export") or init_from == "export" else init_from + "/export"
 
 
 def check_stage1(cfg: TotalFMCLIPConfig, storage: StorageConfig) -> str | None:
     """Driver-side check of the hand-off: the stage-1 export exists and was cut and built like this
-    stage's organs and model. Returns the resolved URI (None: random init, with a loud warning)."""
+    stage's organs and model. Returns the URI of its VideoMAE folder (None: random init,
+    with a loud warning)."""
+    from ctray.export import META
     from ctray.storage import filesystem, read_bytes, resolve_uri
 
     if cfg.init_from is None:
@@ -42,11 +44,13 @@ def check_stage1(cfg: TotalFMCLIPConfig, storage: StorageConfig) -> str | None:
     uri = resolve_uri(stage1_export(cfg.init_from))
     fs, path = filesystem(uri, storage)
     try:
-        meta = json.loads(read_bytes(fs, path[: -len(".safetensors")] + ".json", storage))
+        meta = json.loads(read_bytes(fs, f"{path}/{META}", storage))
     except FileNotFoundError:
         raise ConfigError(
             f"objective.init_from: no stage-1 export at {uri} (run totalfm_mae to the end first)"
         ) from None
+    if "folder" not in meta.get("parts", {}).get("vision", {}):
+        raise ConfigError(f"objective.init_from: {uri} is a {meta.get('objective')} export, not a VideoMAE stage 1")
     ours = json.loads(json.dumps(export_config(cfg)))
     if meta.get("organs") != ours["organs"]:
         raise ConfigError(
@@ -59,7 +63,7 @@ def check_stage1(cfg: TotalFMCLIPConfig, storage: StorageConfig) -> str | None:
         raise ConfigError(
             f"objective.init_from: {uri} has a different encoder than objective.model ({', '.join(diff)})"
         )
-    return uri
+    return f"{uri}/{meta['parts']['vision']['folder']}"
 
 
 def _encoder_fields(config: dict) -> dict:
@@ -107,14 +111,10 @@ class TotalFMCLIPTask(AnatomyTextTask):
         self.vision_proj = nn.Linear(cfg.model.hidden_size, cfg.embed_dim)
 
     def _load_stage1(self, uri: str, storage: StorageConfig) -> None:
-        from safetensors.torch import load
+        from ctray.export import load_pretrained_into, local_copy
 
-        from ctray.storage import filesystem, read_bytes
-
-        fs, path = filesystem(uri, storage)
-        state = load(read_bytes(fs, path, storage))
-        self.vision.load_state_dict(state, strict=True)
-        log.info("totalfm_clip: vision encoder loaded from stage 1 (%s, %d tensors)", uri, len(state))
+        load_pretrained_into(self.vision, local_copy(uri, storage), {})
+        log.info("totalfm_clip: vision encoder loaded from stage 1 (%s)", uri)
 
     def embed_volumes(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, 1, H, W) -> (N, embed_dim) L2-normalised."""
@@ -138,13 +138,18 @@ class TotalFMCLIPTask(AnatomyTextTask):
         loss = per_organ.sum() / (2 * organs_with_pairs)
         return {"loss": loss, "temperature": 1 / scale.detach(), "views": torch.tensor(float(present.sum()))}
 
-    def export_module(self) -> nn.Module:
-        return self
+    def export_parts(self) -> dict[str, ExportPart]:
+        return {
+            "vision": ExportPart(self.vision),
+            "vision_norm": layer_norm_part(self.vision_norm),
+            "vision_proj": linear_part(self.vision_proj),
+            **self.text_parts(),
+        }
 
     def export_config(self) -> dict:
         return {
             **export_config(self.cfg),
-            "architecture": "ctray.objectives.totalfm.clip.TotalFMCLIPTask (vision + text towers)",
-            "embed_dim": self.cfg.embed_dim,
-            "text": self.cfg.text.model_dump(mode="json"),
+            **super().export_config(),
+            "vision_part": "vision",
+            "embedding": "vision_proj(vision_norm(VideoMAEModel tokens mean)) per organ volume, L2-normalised",
         }

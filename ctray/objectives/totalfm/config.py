@@ -105,7 +105,7 @@ class TotalFMCLIPConfig(ContrastConfig):
     organs: OrganInput = Field(default_factory=OrganInput)
     model: VideoMAESize = Field(default_factory=VideoMAESize)
     init_from: str | None = None
-    """Stage-1 run folder (or its export/encoder.safetensors). None trains the vision encoder from
+    """Stage-1 run folder (or its export/ folder). None trains the vision encoder from
     random init, which defeats stage 1: a warning says so."""
 
     @model_validator(mode="after")

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ctray.objectives.anatomy_text import synthetic_text_fields
+from ctray.export import ExportPart
+from ctray.objectives.anatomy_text import anatomy_embeddings, at_slots, synthetic_text_fields
 from ctray.objectives.spec import Batch, Task
 from ctray.objectives.totalfm.config import OrganInput, TotalFMCLIPConfig, TotalFMMAEConfig, VideoMAESize, export_config
 
@@ -61,8 +62,23 @@ class TotalFMMAETask(Task):
         loss = self.mae(pixel_values=x, bool_masked_pos=mask).loss
         return {"loss": loss, "views": torch.tensor(float(len(x)))}
 
-    def export_module(self) -> nn.Module:
-        return self.mae.videomae
+    @torch.no_grad()
+    def embed(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Each organ in the scan (`region`): the encoder's tokens mean-pooled, L2-normalised (the
+        features stage 2 projects); the scan: their mean."""
+        region = batch["region"].bool()
+        x = organ_videos(batch["organs"], region, next(self.parameters()).dtype)
+        tokens = self.mae.videomae(pixel_values=x).last_hidden_state
+        v = at_slots(region, nn.functional.normalize(tokens.mean(1).float(), dim=-1))
+        return anatomy_embeddings(v, region)
+
+    def export_parts(self) -> dict[str, ExportPart]:
+        return {"vision": ExportPart(self.mae.videomae)}
 
     def export_config(self) -> dict:
-        return export_config(self.cfg)
+        return {
+            **export_config(self.cfg),
+            "vision_part": "vision",
+            "anatomies": list(self.cfg.organs.anatomies),
+            "embedding": "VideoMAEModel last_hidden_state mean over tokens, per organ volume",
+        }

@@ -1,0 +1,67 @@
+"""`ctray eval` configuration: where the embeddings are, where the report goes, and the settings of
+each evaluation (zero-shot prompts, bootstrap, probes, retrieval, the anatomy map)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from ctray.config import Section, StorageConfig
+from ctray.objectives.zeroshot import ZeroShotConfig
+
+
+class ProbeConfig(Section):
+    """Linear probe and kNN on frozen embeddings, k-fold cross-validated (scikit-learn)."""
+
+    folds: int = Field(5, ge=2)
+    """Stratified folds; capped per label to its minority class count (a label with fewer than 2
+    scans of either class is skipped, and the report says so)."""
+    labelled_fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    """Fractions of each training fold (stratified, at least one scan per class) that the probes
+    are fitted on, for the label-efficiency curve; the largest gives the headline numbers."""
+    knn_k: int = Field(10, ge=1)
+    """Neighbours of the kNN classifier (cosine); capped to the training scans of a fold."""
+    c: float = Field(1.0, gt=0)
+    """Inverse L2 strength of the logistic-regression probe (on standardised features)."""
+    max_iter: int = Field(2000, ge=1)
+    """Iterations of the logistic-regression solver."""
+
+    @field_validator("labelled_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f <= 1 for f in v):
+            raise ValueError(f"labelled_fractions must be non-empty and in (0, 1], got {v}")
+        return sorted(set(v))
+
+
+class EvalReportConfig(Section):
+    """`ctray eval`: metrics, plots and a report over an embeddings folder written by `ctray embed`."""
+
+    embeddings: str
+    """The embeddings folder (local path or s3:// URI): part-*.parquet and embed.json."""
+    out: str | None = None
+    """Report folder; None: <embeddings>/report."""
+    zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
+    """Prompts of the zero-shot metrics (CLIP-type embeddings only: those with text embeddings).
+    A finding's anatomy comes from embed.json's finding_anatomies; `zero_shot.findings` maps the
+    findings it leaves out."""
+    bootstrap: int = Field(1000, ge=0)
+    """Bootstrap resamples of the scans for the zero-shot confidence intervals (0: none)."""
+    ci: float = Field(0.95, gt=0, lt=1)
+    """Coverage of the percentile bootstrap intervals."""
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    """Linear probe and kNN."""
+    retrieval_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    """k of scan-to-scan precision@k and text-to-scan recall@k (capped to the gallery size)."""
+    tsne_points: int = Field(3000, ge=10)
+    """At most this many anatomy embeddings (drawn with the seed) in the t-SNE map."""
+    seed: int = 0
+    """Seed of every random draw: bootstrap resamples, folds, labelled subsets, t-SNE."""
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """How the embeddings and the report folder are reached."""
+
+    @field_validator("retrieval_k")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError(f"retrieval_k must be positive integers, got {v}")
+        return sorted(set(v))

@@ -1,0 +1,379 @@
+"""`ctray eval`: zero-shot (CLIP-type embeddings), linear probe and kNN, retrieval and the anatomy
+map over an embeddings folder, written as one report. Each evaluation is a function of the
+embeddings returning a report Part; run_eval loads, runs them and publishes the folder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ctray.errors import ConfigError
+from ctray.evaluate.bootstrap import nanmean, resample_weights, zero_shot_intervals
+from ctray.evaluate.config import EvalReportConfig
+from ctray.evaluate.embeddings import Embeddings, load_embeddings, require_labels
+from ctray.evaluate.plots import label_efficiency, roc_curves, similarity_histogram, tsne_map
+from ctray.evaluate.probe import KINDS, SCORES, ProbeRow, ProbeTask, probe_tasks, run_probes
+from ctray.evaluate.report import Part, fmt, table, write_report
+from ctray.evaluate.retrieval import precision_at_k, text_to_scan_ranks
+from ctray.objectives.zeroshot import (
+    METRICS,
+    TASKS,
+    ItemScores,
+    TextTower,
+    cross_anatomy_similarity,
+    template_rows,
+    template_summary,
+    zero_shot_scores,
+)
+from ctray.storage import join
+
+log = logging.getLogger("ctray")
+
+SHORT = {
+    "auroc": "AUROC",
+    "balanced_accuracy": "bal. acc.",
+    "weighted_f1": "weighted F1",
+    "sensitivity": "sens.",
+    "specificity": "spec.",
+    "precision": "prec.",
+}
+
+KIND_NAMES = {"linear": "linear probe", "knn": "kNN"}
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    metrics: dict[str, float]
+    """Flat metric name -> value (also in metrics.json)."""
+    report: str
+    """URI of report.md."""
+    summary: str
+    """One line for the console."""
+
+
+def run_eval(cfg: EvalReportConfig, text_tower: TextTower | None = None) -> EvalResult:
+    """Evaluate the embeddings folder cfg.embeddings and publish the report to cfg.out. Zero-shot
+    needs the text tower of the export (loaded from embed.json's export when None); it applies to
+    CLIP-type embeddings (those with text embeddings) only."""
+    emb = load_embeddings(cfg.embeddings, cfg.storage)
+    require_labels(emb)
+    parts = []
+    if emb.text_embedding is not None:
+        parts.append(zero_shot_part(emb, cfg, text_tower or _export_tower(emb, cfg)))
+    parts += [probe_part(emb, cfg), retrieval_part(emb, cfg), map_part(emb, cfg)]
+    out = cfg.out or join(cfg.embeddings, "report")
+    report = write_report(out, _header(emb, cfg), parts, cfg.model_dump(mode="json"), cfg.storage)
+    metrics = {"eval_scans": float(len(emb.scan_ids)), **{k: v for p in parts for k, v in p.metrics.items()}}
+    summary = _summary(emb, metrics, cfg, report)
+    log.info("%s", summary)
+    return EvalResult(metrics, report, summary)
+
+
+def _export_tower(emb: Embeddings, cfg: EvalReportConfig) -> TextTower:
+    from ctray.export import load_encoder  # torch models and weights only when zero-shot needs them
+
+    return load_encoder(emb.export, cfg.storage)
+
+
+def _header(emb: Embeddings, cfg: EvalReportConfig) -> list[str]:
+    known = (emb.finding_labels >= 0).any(1).sum()
+    return [
+        f"# Evaluation of {emb.objective} embeddings",
+        "",
+        f"- embeddings: `{emb.uri}` (export `{emb.export}`)",
+        f"- {len(emb.scan_ids)} scans ({known} with finding labels), {emb.dim} dimensions, "
+        f"{len(emb.findings)} findings, {len(emb.anatomies)} anatomies",
+        f"- seed {cfg.seed}; {cfg.bootstrap} bootstrap resamples, {cfg.ci:.0%} percentile intervals",
+        "",
+    ]
+
+
+def _summary(emb: Embeddings, m: dict[str, float], cfg: EvalReportConfig, report: str) -> str:
+    bits = []
+    if "zs_finding_auroc_mean" in m:
+        ci = f" [{fmt(m['zs_finding_auroc_ci_low'])}, {fmt(m['zs_finding_auroc_ci_high'])}]" if cfg.bootstrap else ""
+        bits.append(
+            f"zero-shot finding AUROC {fmt(m['zs_finding_auroc_mean'])} ± {fmt(m['zs_finding_auroc_std'])}{ci}, "
+            f"anatomy {fmt(m['zs_anatomy_auroc_mean'])}"
+        )
+    bits.append(
+        f"probe finding AUROC linear {fmt(m.get('probe_linear_finding_auroc', float('nan')))}, "
+        f"kNN {fmt(m.get('probe_knn_finding_auroc', float('nan')))}"
+    )
+    k = cfg.retrieval_k[0]
+    bits.append(f"P@{k} {fmt(m.get(f'retrieval_finding_p@{k}', float('nan')))}")
+    if f"text_to_scan_r@{k}" in m:
+        bits.append(f"text-to-scan R@{k} {fmt(m[f'text_to_scan_r@{k}'])}")
+    return f"eval {emb.objective} ({len(emb.scan_ids)} scans): " + "; ".join(bits) + f"; report {report}"
+
+
+# Zero-shot ---------------------------------------------------------------------------------------
+
+
+def zero_shot_part(emb: Embeddings, cfg: EvalReportConfig, tower: TextTower) -> Part:
+    """The papers' zero-shot metrics per item and macro, mean ± std over templates, with bootstrap
+    CIs of the template mean; ROC curves and the text-similarity histogram."""
+    assert emb.anatomy_embedding is not None and emb.region is not None and emb.abnormal is not None
+    assert emb.text_embedding is not None and emb.present is not None
+    dt = int(tower.embed_texts(["a"]).shape[-1])
+    if dt != emb.dim:
+        raise ConfigError(
+            f"the text tower embeds in {dt} dimensions, the embeddings of {emb.uri} have {emb.dim}: "
+            "they come from different exports"
+        )
+    zs = cfg.zero_shot.model_copy(update={"findings": {**cfg.zero_shot.findings, **emb.finding_anatomies}})
+    log.info("eval: zero-shot over %d templates, %d bootstrap resamples", len(zs.templates), cfg.bootstrap)
+    items = zero_shot_scores(
+        torch.from_numpy(emb.anatomy_embedding),
+        emb.region,
+        emb.finding_labels,
+        emb.findings,
+        emb.abnormal,
+        emb.anatomies,
+        lambda t: tower.embed_texts(t).detach().float().cpu(),
+        1.0 / float(tower.temperature),
+        zs,
+    )
+    rows = template_rows(items)
+    metrics = template_summary(rows)
+    intervals = (
+        zero_shot_intervals(items, resample_weights(len(emb.scan_ids), cfg.bootstrap, cfg.seed), cfg.ci)
+        if cfg.bootstrap
+        else {}
+    )
+    per_item = _item_metrics(items, intervals)
+    for task, by_item in intervals.items():
+        for m, (lo, hi) in by_item["macro"].items():
+            metrics[f"zs_{task}_{m}_ci_low"], metrics[f"zs_{task}_{m}_ci_high"] = lo, hi
+    present = emb.present
+    sims = cross_anatomy_similarity(torch.from_numpy(emb.text_embedding[present]), np.nonzero(present)[1])
+    metrics["text_cos_mean"] = float(sims.mean()) if len(sims) else float("nan")
+    metrics["text_cos_std"] = float(sims.std()) if len(sims) else float("nan")
+    figures = [roc_curves(items)] if any(it.scorable for it in items) else []
+    figures.append(similarity_histogram(sims, "text embeddings of different anatomies"))
+    return Part(
+        "Zero-shot",
+        {**metrics, **{k: v for row in per_item for k, v in row["metrics"].items()}},
+        _zero_shot_tables(metrics, per_item, len(zs.templates), cfg),
+        figures,
+        _zero_shot_notes(emb, zs.findings, items, len(zs.templates)),
+        {"per_template": rows, "items": per_item, "templates": [list(t) for t in zs.templates]},
+    )
+
+
+def _item_metrics(items: list[ItemScores], intervals: dict) -> list[dict]:
+    """Each scorable item: its n, positives and zs_<task>.<item>.<metric>_{mean,std,ci_low,ci_high}."""
+    out = []
+    for it in (it for it in items if it.scorable):
+        values = it.per_template()
+        flat = {}
+        for m in METRICS:
+            key = f"zs_{it.task}.{it.item}.{m}"
+            flat[f"{key}_mean"], flat[f"{key}_std"] = float(values[m].mean()), float(values[m].std())
+            if intervals:
+                flat[f"{key}_ci_low"], flat[f"{key}_ci_high"] = intervals[it.task][it.item][m]
+        out.append(
+            {
+                "task": it.task,
+                "item": it.item,
+                "anatomy": it.anatomy,
+                "n": len(it.labels),
+                "positives": int(it.labels.sum()),
+                "metrics": flat,
+            }
+        )
+    return out
+
+
+def _ci(m: dict[str, float], key: str) -> str:
+    return f"[{fmt(m[f'{key}_ci_low'])}, {fmt(m[f'{key}_ci_high'])}]" if f"{key}_ci_low" in m else "-"
+
+
+def _zero_shot_tables(
+    metrics: dict[str, float], per_item: list[dict], templates: int, cfg: EvalReportConfig
+) -> list[str]:
+    ci = f"{cfg.ci:.0%} CI"
+    macro = [
+        [
+            task,
+            SHORT[m],
+            f"{fmt(metrics[f'zs_{task}_{m}_mean'])} ± {fmt(metrics[f'zs_{task}_{m}_std'])}",
+            _ci(metrics, f"zs_{task}_{m}"),
+        ]
+        for task in TASKS
+        for m in METRICS
+        if f"zs_{task}_{m}_mean" in metrics and np.isfinite(metrics[f"zs_{task}_{m}_mean"])
+    ]
+    lines = [
+        f"Logit margin of the present vs absent prompt, over the labelled scans showing the item's anatomy; "
+        f"macro over items, mean ± std over {templates} templates; {ci} of the template mean by bootstrap over scans.",
+        "",
+        *table(["task", "metric", "mean ± std", ci], macro),
+    ]
+    rows = []
+    for r in per_item:
+        fm = r["metrics"]
+        key = f"zs_{r['task']}.{r['item']}"
+        cells = [f"{fmt(fm[f'{key}.{m}_mean'])} ± {fmt(fm[f'{key}.{m}_std'])}" for m in METRICS]
+        rows.append([r["task"], r["item"], r["anatomy"], f"{r['positives']}/{r['n']}", *cells, _ci(fm, f"{key}.auroc")])
+    head = ["task", "item", "anatomy", "pos/n", *(SHORT[m] for m in METRICS), f"AUROC {ci}"]
+    return lines + table(head, rows)
+
+
+def _zero_shot_notes(emb: Embeddings, findings: dict[str, str], items: list[ItemScores], templates: int) -> list[str]:
+    notes = [f"only {templates} prompt templates: the papers average over >= 5"] if templates < 5 else []
+    notes += [
+        f"zero-shot: finding {f} has no anatomy among {emb.anatomies} (embed.json finding_anatomies or "
+        "zero_shot.findings); not scored"
+        for f in emb.findings
+        if findings.get(f) not in emb.anatomies
+    ]
+    notes += [
+        f"zero-shot {it.task} {it.item}: {int(it.labels.sum())} positive of {len(it.labels)} scans; one class, skipped"
+        for it in items
+        if not it.scorable
+    ]
+    return notes
+
+
+# Probes ------------------------------------------------------------------------------------------
+
+
+def probe_part(emb: Embeddings, cfg: EvalReportConfig) -> Part:
+    """Linear probe and kNN per label, cross-validated, at every labelled fraction."""
+    tasks = probe_tasks(emb)
+    rows, notes = run_probes(tasks, cfg.probe, cfg.seed)
+    fractions = cfg.probe.labelled_fractions
+    metrics: dict[str, float] = {}
+    curves: dict[str, list[float]] = {}
+    for kind in KINDS:
+        for family in ("finding", "anatomy"):
+            mine = [r for r in rows if r.kind == kind and r.family == family]
+            if mine:
+                metrics |= _probe_metrics(f"probe_{kind}_{family}", mine, fractions)
+                curves[f"{KIND_NAMES[kind]}, {family}"] = [
+                    metrics[f"probe_{kind}_{family}_auroc@{f:g}"] for f in fractions
+                ]
+    lines = [
+        f"Stratified k-fold CV (k capped to the minority class); logistic regression on standardised features, "
+        f"distance-weighted kNN (k = {cfg.probe.knn_k}, cosine); training folds at labelled fraction "
+        f"{fractions[-1]:g}.",
+        "",
+        *_probe_table(tasks, [r for r in rows if r.fraction == fractions[-1]]),
+    ]
+    figures = [label_efficiency(fractions, curves, "AUROC")] if curves else []
+    return Part("Linear probe and kNN", metrics, lines, figures, notes, {"rows": [asdict(r) for r in rows]})
+
+
+def _probe_metrics(prefix: str, rows: list[ProbeRow], fractions: list[float]) -> dict[str, float]:
+    """<prefix>_<score>@<fraction> macro over labels, <prefix>_<score> at the largest fraction, and
+    <prefix>.<label>.<score> there."""
+    out = {}
+    for f in fractions:
+        for s in SCORES:
+            out[f"{prefix}_{s}@{f:g}"] = float(nanmean(np.array([getattr(r, s) for r in rows if r.fraction == f]), 0))
+    for s in SCORES:
+        out[f"{prefix}_{s}"] = out[f"{prefix}_{s}@{fractions[-1]:g}"]
+        out |= {f"{prefix}.{r.name}.{s}": getattr(r, s) for r in rows if r.fraction == fractions[-1]}
+    return out
+
+
+def _probe_table(tasks: list[ProbeTask], rows: list[ProbeRow]) -> list[str]:
+    size = {(t.family, t.name): f"{int(t.y.sum())}/{len(t.y)}" for t in tasks}
+    cells: dict[tuple[str, str], list[str]] = {}
+    for r in sorted(rows, key=lambda r: KINDS.index(r.kind)):  # linear's columns first
+        cells.setdefault((r.family, r.name), [str(r.folds)]).extend([fmt(r.auroc), fmt(r.balanced_accuracy)])
+    head = [
+        "family",
+        "label",
+        "pos/n",
+        "folds",
+        *(f"{KIND_NAMES[k]} {s}" for k in KINDS for s in ("AUROC", "bal. acc.")),
+    ]
+    return table(head, [[fam, name, size[fam, name], *c] for (fam, name), c in cells.items()])
+
+
+# Retrieval ---------------------------------------------------------------------------------------
+
+
+def retrieval_part(emb: Embeddings, cfg: EvalReportConfig) -> Part:
+    """Scan-to-scan precision@k by finding (queries: the positive scans; gallery: the scans with
+    that label) and by anatomy (anatomy embeddings); text-to-scan recall@k for CLIP-type ones."""
+    metrics: dict[str, float] = {}
+    notes: list[str] = []
+    per_finding: dict[str, dict[str, float]] = {}
+    for c, f in enumerate(emb.findings):
+        ok = emb.finding_labels[:, c] >= 0
+        y = emb.finding_labels[ok, c].astype(int)
+        if y.sum() == 0 or y.sum() == len(y):
+            notes.append(f"retrieval by {f}: {int(y.sum())} positive of {len(y)} labelled scans; skipped")
+            continue
+        per_finding[f] = {f"p@{k}": precision_at_k(emb.embedding[ok], y, k, y == 1) for k in cfg.retrieval_k}
+    head = ["query", *(f"P@{k}" for k in cfg.retrieval_k)]
+    body = [[f, *(fmt(v) for v in p.values())] for f, p in per_finding.items()]
+    for k in cfg.retrieval_k:
+        metrics[f"retrieval_finding_p@{k}"] = float(nanmean(np.array([p[f"p@{k}"] for p in per_finding.values()]), 0))
+        metrics.update({f"retrieval_finding.{f}.p@{k}": p[f"p@{k}"] for f, p in per_finding.items()})
+    if emb.anatomy_embedding is not None and emb.region is not None:
+        x, anatomy = emb.anatomy_embedding[emb.region], np.nonzero(emb.region)[1]
+        for k in cfg.retrieval_k:
+            metrics[f"retrieval_anatomy_p@{k}"] = precision_at_k(x, anatomy, k, np.ones(len(x), bool))
+        body.append(["same anatomy", *(fmt(metrics[f"retrieval_anatomy_p@{k}"]) for k in cfg.retrieval_k)])
+    lines = [
+        "Scan-to-scan precision@k by cosine similarity: a finding's positive scans retrieve among the scans "
+        "labelled for it (macro over findings below the table); anatomy embeddings retrieve their own anatomy.",
+        "",
+        *table(head, body),
+        "Macro over findings: "
+        + ", ".join(f"P@{k} {fmt(metrics[f'retrieval_finding_p@{k}'])}" for k in cfg.retrieval_k),
+        "",
+    ]
+    tables = {"finding": per_finding}
+    if emb.text_embedding is not None and emb.present is not None:
+        lines += _text_to_scan(emb, cfg, metrics, tables)
+    return Part("Retrieval", metrics, lines, [], notes, tables)
+
+
+def _text_to_scan(emb: Embeddings, cfg: EvalReportConfig, metrics: dict[str, float], tables: dict) -> list[str]:
+    """Adds text_to_scan_r@k (all report texts pooled) and per anatomy to metrics; -> its table."""
+    assert emb.text_embedding is not None and emb.anatomy_embedding is not None
+    assert emb.present is not None and emb.region is not None
+    ranks = text_to_scan_ranks(emb.text_embedding, emb.anatomy_embedding, emb.present, emb.region, emb.anatomies)
+    if not ranks:
+        return ["No report texts: no text-to-scan retrieval.", ""]
+    pooled = np.concatenate(list(ranks.values()))
+    rows = []
+    for k in cfg.retrieval_k:
+        metrics[f"text_to_scan_r@{k}"] = float((pooled < k).mean())
+        metrics.update({f"text_to_scan.{a}.r@{k}": float((r < k).mean()) for a, r in ranks.items()})
+    gallery = {a: int(emb.region[:, emb.anatomies.index(a)].sum()) for a in ranks}
+    for a, r in ranks.items():
+        rows.append([a, f"{len(r)}/{gallery[a]}", *(fmt(float((r < k).mean())) for k in cfg.retrieval_k)])
+    rows.append(["all", f"{len(pooled)}", *(fmt(metrics[f"text_to_scan_r@{k}"]) for k in cfg.retrieval_k)])
+    tables["text_to_scan"] = {a: {"texts": len(r), "gallery": gallery[a], "ranks": r} for a, r in ranks.items()}
+    return [
+        "Text-to-scan recall@k: an anatomy's report text retrieves its own scan among the scans showing that anatomy.",
+        "",
+        *table(["anatomy", "texts/gallery", *(f"R@{k}" for k in cfg.retrieval_k)], rows),
+    ]
+
+
+# Anatomy map -------------------------------------------------------------------------------------
+
+
+def map_part(emb: Embeddings, cfg: EvalReportConfig) -> Part:
+    """t-SNE of the anatomy embeddings coloured by anatomy (CA-GCL Fig. 4)."""
+    if emb.anatomy_embedding is None or emb.region is None:
+        return Part("Anatomy embedding map", notes=["scan-level embeddings (no anatomy embeddings): no anatomy map"])
+    scan, anatomy = np.nonzero(emb.region)
+    if len(scan) > cfg.tsne_points:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(scan), cfg.tsne_points, replace=False))
+        scan, anatomy = scan[keep], anatomy[keep]
+    if len(scan) < 3:
+        return Part("Anatomy embedding map", notes=[f"{len(scan)} anatomy embeddings: too few for a t-SNE map"])
+    log.info("eval: t-SNE of %d anatomy embeddings", len(scan))
+    fig = tsne_map(emb.anatomy_embedding[scan, anatomy], [emb.anatomies[a] for a in anatomy], cfg.seed)
+    return Part("Anatomy embedding map", figures=[fig])

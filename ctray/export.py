@@ -1,0 +1,320 @@
+"""A run's export: what a user loads after pretraining, with the libraries' own classes.
+
+<run>/export/ holds one file or folder per part of the trained model (Task.export_parts):
+- a transformers model (VideoMAE, BERT) as a `save_pretrained` folder <part>/ (config.json +
+  model.safetensors; the text tower's folder also holds its tokenizer), which
+  `transformers.AutoModel.from_pretrained` loads;
+- any other module as <part>.safetensors, its state_dict, loadable with `strict=True` into the
+  class export.json names, built with the kwargs export.json gives (CT-FM's encoder is MONAI's
+  `SegResEncoder`; the custom 3D ViT is `ctray.models.vit.ViT3D`);
+- export.json: the objective, its config section ("recipe"), the step, each part's class and kwargs, the
+  learned temperature, the sampler's assets and the input preprocessing.
+
+`load_encoder(path)` rebuilds the recipe's task from export.json, loads every part strictly and
+returns an `Encoder`: the same `Task.embed` that training-time evaluation runs, the recipe's
+sampler as its preprocessing, and the text tower where the objective has one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ctray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ctray.config import StorageConfig
+    from ctray.objectives.spec import Batch, RecipeConfig, Sampler, Task
+
+FORMAT = 1
+"""Bump on an incompatible change of the layout; load_encoder refuses other versions."""
+META = "export.json"
+SAMPLER_ASSETS_LEFT_OUT = ("tokenizer_json", "init_from", "storage")
+"""Assets not copied into export.json: the tokenizer is saved in the text part's folder, the
+stage-1 hand-off and storage settings belong to the training run."""
+
+
+@dataclass(frozen=True)
+class ExportPart:
+    """One exported module: a transformers PreTrainedModel (saved with save_pretrained), or any
+    module with the class (dotted path) and kwargs that rebuild it for a strict load."""
+
+    module: nn.Module
+    cls: str | None = None
+    """None: a transformers model (its folder's config.json names its class)."""
+    kwargs: dict[str, Any] | None = None
+    """The class's constructor arguments; for a transformers model, from_pretrained's."""
+
+
+def linear_part(m: nn.Linear) -> ExportPart:
+    return ExportPart(m, "torch.nn.Linear", {"in_features": m.in_features, "out_features": m.out_features})
+
+
+def layer_norm_part(m: nn.LayerNorm) -> ExportPart:
+    return ExportPart(m, "torch.nn.LayerNorm", {"normalized_shape": list(m.normalized_shape), "eps": m.eps})
+
+
+def write_export(task: Task, objective: RecipeConfig, step: int, assets: dict[str, Any], write: Writer) -> list[str]:
+    """Every part of `task` and export.json through write(relative name, bytes); returns the names.
+    Parameters must be whole (gathered under ZeRO-3) when this runs."""
+    from safetensors.torch import save
+
+    parts: dict[str, Any] = {}
+    names: list[str] = []
+    for name, part in task.export_parts().items():
+        if part.cls is None:
+            files = _pretrained_files(part.module)
+            parts[name] = {
+                "folder": name,
+                "class": f"transformers.{type(part.module).__name__}",
+                "kwargs": part.kwargs or {},  # of from_pretrained
+            }
+        else:
+            state = {k: v.detach().float().cpu().contiguous() for k, v in part.module.state_dict().items()}
+            files = {f"{name}.safetensors": save(state)}
+            parts[name] = {"file": f"{name}.safetensors", "class": part.cls, "kwargs": part.kwargs or {}}
+        for rel, data in files.items():
+            write(posixpath.join(name, rel) if part.cls is None else rel, data)
+            names.append(posixpath.join(name, rel) if part.cls is None else rel)
+    tokenizer = assets.get("tokenizer_json")
+    if tokenizer is not None and "text" in parts:
+        for rel, data in _tokenizer_files(tokenizer, getattr(objective, "text", None)).items():
+            write(posixpath.join("text", rel), data)
+            names.append(posixpath.join("text", rel))
+    meta = {
+        "format": FORMAT,
+        "objective": objective.name,
+        "step": step,
+        "recipe": objective.model_dump(mode="json"),
+        "parts": parts,
+        "assets": {k: v for k, v in assets.items() if k not in SAMPLER_ASSETS_LEFT_OUT},
+        **task.export_config(),
+    }
+    write(META, json.dumps(meta, indent=1).encode())
+    return [*names, META]
+
+
+Writer = Callable[[str, bytes], None]
+
+
+def _pretrained_files(model: nn.Module) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory(prefix="ctray-export-") as d:
+        model.save_pretrained(d)
+        return _read_tree(d)
+
+
+def _tokenizer_files(tokenizer_json: str, text_cfg: Any) -> dict[str, bytes]:
+    """tokenizer.json plus transformers' tokenizer files, so that AutoTokenizer loads the folder."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer_json),
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=getattr(text_cfg, "max_length", 512),
+    )
+    with tempfile.TemporaryDirectory(prefix="ctray-export-") as d:
+        tok.save_pretrained(d)
+        files = _read_tree(d)
+    files["tokenizer.json"] = tokenizer_json.encode()  # the run's own, byte for byte
+    return files
+
+
+def _read_tree(root: str) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root).replace(os.sep, "/")] = fh.read()
+    return out
+
+
+@dataclass
+class Encoder:
+    """A loaded export: `embed` a batch of the recipe's sampler (`sampler()`), embed texts where
+    the objective has a text tower. Everything runs in eval mode without gradients."""
+
+    objective: str
+    config: RecipeConfig
+    """The objective section the run trained with."""
+    task: Task
+    """The recipe's task with every exported part loaded (strict)."""
+    meta: dict[str, Any]
+    """export.json."""
+    assets: dict[str, Any]
+
+    @property
+    def module(self) -> nn.Module:
+        """The vision encoder, an instance of the library class export.json names (MONAI
+        SegResEncoder, transformers VideoMAEModel, ctray ViT3D)."""
+        return self.task.export_parts()[self.meta["vision_part"]].module
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The input the encoder expects (orientation, spacing, window, sizes), from export.json."""
+        return dict(self.meta.get("input", {}))
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def anatomies(self) -> list[str] | None:
+        return list(getattr(self.task, "anatomies", [])) or None
+
+    @property
+    def has_text(self) -> bool:
+        return "text" in self.meta["parts"]
+
+    @property
+    def temperature(self) -> float:
+        """The learned temperature tau (logit scale 1 / tau)."""
+        if "temperature" not in self.meta:
+            raise ConfigError(f"the {self.objective} export has no text tower and no temperature")
+        return float(self.meta["temperature"])
+
+    def sampler(self) -> Sampler:
+        """The recipe's CPU sampler with the run's settings: the input pipeline of `embed`."""
+        return embed_sampler(self.objective, self.config, self.assets)
+
+    @torch.no_grad()
+    def embed(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Task.embed: {"embedding": (S, D), ...} (see the recipe's task)."""
+        device = next(self.task.parameters()).device
+        return self.task.embed({k: torch.as_tensor(v).to(device) for k, v in batch.items()})
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """(N, D) L2-normalised text embeddings (CLIP-type objectives only)."""
+        if not self.has_text:
+            raise ConfigError(f"the {self.objective} export has no text tower (zero-shot needs totalfm_clip or cagcl)")
+        return self.task.embed_texts(texts).float()
+
+    def to(self, device: torch.device | str) -> Encoder:
+        self.task.to(device)
+        return self
+
+
+def export_uri(path: str, storage: StorageConfig) -> str:
+    """A run folder or its export/ folder (local or s3://) -> the export folder's URI."""
+    from ctray.storage import filesystem, resolve_uri
+
+    uri = resolve_uri(path).rstrip("/")
+    fs, root = filesystem(uri, storage)
+    if not fs.exists(posixpath.join(root, META)) and fs.exists(posixpath.join(root, "export", META)):
+        uri, root = posixpath.join(uri, "export"), posixpath.join(root, "export")
+    if not fs.exists(posixpath.join(root, META)):
+        raise ConfigError(f"{uri}: no {META} (not a ctray export; pass a run folder or its export/)")
+    return uri
+
+
+def load_encoder(path: str, storage: StorageConfig | None = None, device: torch.device | str = "cpu") -> Encoder:
+    """A run folder or its export/ folder (local or s3://) -> the Encoder (see module docstring)."""
+    from ctray.config import StorageConfig
+
+    storage = storage or StorageConfig()
+    uri = export_uri(path, storage)
+    return _load_local(local_copy(uri, storage), uri, device)
+
+
+def load_sampler(path: str, storage: StorageConfig) -> tuple[dict[str, Any], Sampler]:
+    """export.json and the recipe's embedding sampler with the run's settings, without the model."""
+    uri = export_uri(path, storage)
+    meta, config, assets = _recipe(local_copy(uri, storage), uri)
+    return meta, embed_sampler(meta["objective"], config, assets)
+
+
+def embed_sampler(name: str, config: RecipeConfig, assets: dict[str, Any]) -> Sampler:
+    """The recipe's embedding sampler (spec.EmbedsWith), else its training sampler."""
+    from ctray.objectives import get_objective
+    from ctray.objectives.spec import EmbedsWith
+
+    objective = get_objective(name)
+    if isinstance(objective, EmbedsWith):
+        return objective.embed_sampler(config, assets)
+    return objective.sampler(config, assets)
+
+
+def _recipe(root: str, uri: str) -> tuple[dict[str, Any], RecipeConfig, dict[str, Any]]:
+    """export.json, the objective section and the assets of a local export folder."""
+    from ctray.objectives import objective_config
+
+    with open(os.path.join(root, META)) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"{uri}: export format {meta.get('format')}, this ctray reads format {FORMAT}")
+    config = objective_config(_offline(meta["recipe"], root))
+    assets = dict(meta.get("assets", {}))
+    text = os.path.join(root, "text", "tokenizer.json")
+    if os.path.exists(text):
+        with open(text) as f:
+            assets["tokenizer_json"] = f.read()
+    return meta, config, assets
+
+
+def _load_local(root: str, uri: str, device: torch.device | str) -> Encoder:
+    from safetensors.torch import load_file
+
+    from ctray.objectives import get_objective
+
+    meta, config, assets = _recipe(root, uri)
+    task = get_objective(meta["objective"]).task(config, assets)
+    parts = task.export_parts()
+    if set(parts) != set(meta["parts"]):
+        raise ConfigError(f"{uri}: parts {sorted(meta['parts'])} do not match the {meta['objective']} recipe's")
+    for name, part in parts.items():
+        saved = meta["parts"][name]
+        if "folder" in saved:
+            load_pretrained_into(part.module, os.path.join(root, saved["folder"]), saved.get("kwargs", {}))
+        else:
+            part.module.load_state_dict(load_file(os.path.join(root, saved["file"])), strict=True)
+    if "temperature" in meta:
+        task.temperature.tau.data.fill_(float(meta["temperature"]))
+    task.eval().to(device)
+    return Encoder(meta["objective"], config, task, meta, assets)
+
+
+def load_pretrained_into(module: nn.Module, folder: str, kwargs: dict[str, Any]) -> None:
+    """A save_pretrained folder's weights into `module`, strictly. Through from_pretrained, not the
+    safetensors file: transformers renames some keys on saving (VideoMAE's q_bias) and back on loading."""
+    loaded, info = type(module).from_pretrained(folder, **kwargs, output_loading_info=True)
+    wrong = [k for key in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(key, ())]
+    if wrong:
+        raise ConfigError(f"{folder}: weights do not fit {type(module).__name__} ({len(wrong)} keys, e.g. {wrong[0]})")
+    module.load_state_dict(loaded.state_dict(), strict=True)
+
+
+def local_copy(uri: str, storage: StorageConfig) -> str:
+    """A local path of a folder (downloaded to a temporary folder when remote)."""
+    from ctray.storage import filesystem, is_remote
+
+    if not is_remote(uri):
+        return filesystem(uri, storage)[1]
+    fs, root = filesystem(uri, storage)
+    local = tempfile.mkdtemp(prefix="ctray-export-")
+    fs.get(root.rstrip("/") + "/", local, recursive=True)
+    return local
+
+
+def _offline(config: dict[str, Any], root: str) -> dict[str, Any]:
+    """The objective section as the task is rebuilt from it here: no stage-1 load (the export holds
+    the trained weights) and a text tower from the export's folder, not a hub download."""
+    config = json.loads(json.dumps(config))
+    if "init_from" in config:
+        config["init_from"] = None
+    if isinstance(config.get("text"), dict) and config["text"].get("model"):
+        config["text"]["model"] = os.path.join(root, "text")
+    return config

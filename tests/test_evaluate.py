@@ -1,0 +1,410 @@
+"""`ctray eval` (ctray.evaluate) and the shared zero-shot metric code: bootstrap, probes and
+retrieval against naive scikit-learn / numpy loops, the report folder end to end on a synthetic
+embeddings folder (the `ctray embed` contract), and the one-line errors of bad input.
+
+The text tower of these tests is a hashing bag-of-words embedder (HashTower): each lower-cased
+word maps to a fixed random vector seeded by its hash, a text to the normalised sum of its words'
+vectors. It is deterministic and needs no tokenizer or weights, and distinct prompts get distinct
+embeddings, which is all the zero-shot code relies on; the expected zero-shot numbers are
+recomputed from the same tower with scikit-learn, never hard-coded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+from ctray.errors import ConfigError
+from ctray.evaluate import EvalReportConfig, run_eval
+from ctray.evaluate.bootstrap import percentile_interval, resample_weights, zero_shot_intervals
+from ctray.evaluate.config import ProbeConfig
+from ctray.evaluate.probe import ProbeTask, cross_validate, labelled_subset, run_probes
+from ctray.evaluate.retrieval import precision_at_k, truth_ranks
+from ctray.objectives.zeroshot import ItemScores, ZeroShotConfig, evaluate, weighted_metrics
+
+DIM = 16
+
+
+class HashTower:
+    """Hashing bag-of-words text tower (see the module docstring)."""
+
+    def __init__(self, dim: int = DIM, temperature: float = 0.05):
+        self.dim, self._tau = dim, temperature
+
+    def _word(self, word: str) -> np.ndarray:
+        seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+        return np.random.default_rng(seed).standard_normal(self.dim)
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        out = np.stack([sum(self._word(w) for w in re.findall(r"\w+", t.lower())) for t in texts])
+        return torch.from_numpy(out / np.linalg.norm(out, axis=1, keepdims=True)).float()
+
+    @property
+    def temperature(self) -> float:
+        return self._tau
+
+
+def sklearn_metrics(margin: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    pred = (margin > 0).astype(int)
+    return {
+        "auroc": roc_auc_score(labels, margin),
+        "balanced_accuracy": balanced_accuracy_score(labels, pred),
+        "weighted_f1": f1_score(labels, pred, average="weighted"),
+        "sensitivity": recall_score(labels, pred),
+        "specificity": recall_score(labels, pred, pos_label=0),
+        "precision": precision_score(labels, pred, zero_division=0),
+    }
+
+
+# Bootstrap ---------------------------------------------------------------------------------------
+
+
+def test_bootstrap_metrics_equal_scikit_learn_on_each_resample():
+    """weighted_metrics with bootstrap counts == scikit-learn on the resampled arrays, drawn by a
+    naive loop from the same seed (ties and margins of 0 included; NaN where a class is missing)."""
+    rng = np.random.default_rng(1)
+    n, resamples = 25, 60
+    margin = rng.normal(size=n).round(1)
+    labels = (rng.random(n) < 0.3).astype(int)
+    labels[:2] = [0, 1]
+    got = weighted_metrics(margin, labels, resample_weights(n, resamples, seed=7))
+    loop = np.random.default_rng(7)
+    for b in range(resamples):
+        idx = loop.integers(0, n, n)
+        if labels[idx].min() == labels[idx].max():
+            assert all(math.isnan(got[m][b]) for m in got)
+            continue
+        for m, want in sklearn_metrics(margin[idx], labels[idx]).items():
+            assert got[m][b] == pytest.approx(want, abs=1e-12), (b, m)
+
+
+def test_bootstrap_interval_of_a_mean_known_case():
+    """The CI of a sample mean: equal to a naive resampling loop, contains the estimate, width
+    about 2 x 1.96 sigma / sqrt(n), and half as wide with 4x the scans."""
+    widths = []
+    for n in (400, 1600):
+        x = np.random.default_rng(n).normal(size=n)
+        lo, hi = percentile_interval(resample_weights(n, 1000, seed=3) @ x / n, 0.95)
+        loop = np.random.default_rng(3)
+        naive = [x[loop.integers(0, n, n)].mean() for _ in range(1000)]
+        assert (lo, hi) == pytest.approx(tuple(np.percentile(naive, [2.5, 97.5])), abs=1e-12)
+        assert lo < x.mean() < hi
+        assert hi - lo == pytest.approx(2 * 1.96 * x.std() / math.sqrt(n), rel=0.15)
+        widths.append(hi - lo)
+    assert widths[1] / widths[0] == pytest.approx(0.5, abs=0.1)
+
+
+def test_zero_shot_intervals_resample_scans_jointly_like_a_naive_loop():
+    """Item and macro CIs of the template-mean AUROC: two items over overlapping scans, resampled
+    jointly, against a loop that resamples scan ids and recomputes with scikit-learn."""
+    rng = np.random.default_rng(2)
+    s, resamples = 30, 80
+    items = []
+    for task_item, scans in (("a", np.arange(0, 24)), ("b", np.arange(8, 30))):
+        labels = (rng.random(len(scans)) < 0.4).astype(int)
+        labels[:2] = [0, 1]
+        margins = rng.normal(size=(3, len(scans))).round(1) + labels
+        items.append(ItemScores("finding", task_item, "liver", scans, labels, margins))
+    got = zero_shot_intervals(items, resample_weights(s, resamples, seed=5), 0.9)["finding"]
+    loop = np.random.default_rng(5)
+    per_item: dict[str, list[float]] = {"a": [], "b": []}
+    macro = []
+    for _ in range(resamples):
+        drawn = loop.integers(0, s, s)
+        values = []
+        for it in items:
+            pos = np.concatenate([np.flatnonzero(it.scans == d) for d in drawn])  # the item's scans drawn
+            y = it.labels[pos]
+            v = np.mean([roc_auc_score(y, m[pos]) for m in it.margins]) if 0 < y.sum() < len(y) else np.nan
+            per_item[it.item].append(v)
+            values.append(v)
+        macro.append(np.nanmean(values) if np.isfinite(values).any() else np.nan)
+    for name, values in per_item.items():
+        want = np.nanpercentile(values, [5, 95])
+        assert got[name]["auroc"] == pytest.approx(tuple(want), abs=1e-12)
+    assert got["macro"]["auroc"] == pytest.approx(tuple(np.nanpercentile(macro, [5, 95])), abs=1e-12)
+
+
+# Probes and retrieval ----------------------------------------------------------------------------
+
+
+def separable(n: int, seed: int, positives: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.zeros(n, dtype=int)
+    y[rng.choice(n, positives, replace=False)] = 1
+    x = rng.normal(size=(n, 8)) + 0.8 * y[:, None] * np.linspace(1, -1, 8)
+    return x, y
+
+
+def test_probe_and_knn_cross_validation_equal_cross_val_score():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = separable(60, 0, 20)
+    cfg = ProbeConfig(knn_k=5)
+    reference = {
+        "linear": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced")),
+        "knn": KNeighborsClassifier(5, metric="cosine", weights="distance"),
+    }
+    for kind, model in reference.items():
+        got = cross_validate(ProbeTask("finding", "f", x, y), kind, cfg, folds=4, fraction=1.0, seed=3)
+        cv = StratifiedKFold(4, shuffle=True, random_state=3)
+        for score, scoring in (("auroc", "roc_auc"), ("balanced_accuracy", "balanced_accuracy")):
+            want = cross_val_score(model, x, y, cv=cv, scoring=scoring).mean()
+            assert got[score] == pytest.approx(want, abs=1e-12), (kind, score)
+
+
+def test_probe_folds_capped_subsets_stratified_and_tiny_labels_skipped():
+    rng = np.random.default_rng(0)
+    train = np.arange(40)
+    y = (np.arange(40) < 10).astype(int)
+    sub = labelled_subset(train, y, 0.1, rng)
+    assert sorted(np.bincount(y[sub], minlength=2)) == [1, 3]  # 10% of each class, at least one
+    x3, y3 = separable(20, 1, 3)
+    x1, y1 = separable(20, 2, 1)
+    rows, notes = run_probes(
+        [ProbeTask("finding", "three", x3, y3), ProbeTask("finding", "one", x1, y1)],
+        ProbeConfig(folds=5, labelled_fractions=[0.5, 1.0], knn_k=3),
+        seed=0,
+    )
+    assert {r.folds for r in rows} == {3} and {r.name for r in rows} == {"three"}
+    assert len(rows) == 4  # 2 kinds x 2 fractions
+    assert notes == ["probe finding one: 1 positive of 20 labelled scans (needs >= 2 of each class)"]
+
+
+def test_retrieval_precision_and_recall_equal_naive_loops():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(30, 6))
+    classes = rng.integers(0, 3, 30)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    queries = classes == 1
+    for k in (1, 5, 40):
+        want = []
+        for i in np.flatnonzero(queries):
+            others = [j for j in np.argsort(-(unit @ unit[i]), kind="stable") if j != i][: min(k, 29)]
+            want.append(np.mean(classes[others] == classes[i]))
+        assert precision_at_k(x, classes, k, queries, chunk=4) == pytest.approx(np.mean(want), abs=1e-12)
+    texts, gallery = rng.normal(size=(10, 6)), rng.normal(size=(25, 6))
+    truth = rng.choice(25, 10, replace=False)
+    ranks = truth_ranks(texts, gallery, truth)
+    gn = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    for i, t in enumerate(texts):
+        order = list(np.argsort(-(gn @ (t / np.linalg.norm(t))), kind="stable"))
+        assert ranks[i] == order.index(truth[i])
+    for k in (1, 5):
+        assert float((ranks < k).mean()) == np.mean(
+            [truth[i] in list(np.argsort(-(gn @ t)))[:k] for i, t in enumerate(texts)]
+        )
+
+
+# The in-training evaluation ----------------------------------------------------------------------
+
+
+def test_in_training_evaluation_scores_each_finding_by_its_own_label_column():
+    """evaluate() (AnatomyTextTask's): finding columns follow cfg.findings even when a finding's
+    anatomy is not evaluated, and the result is the per-template macro of the shared metrics."""
+    tower = HashTower()
+    gen = torch.Generator().manual_seed(0)
+    v = torch.nn.functional.normalize(torch.randn(12, 1, DIM, generator=gen), dim=-1)
+    cfg = ZeroShotConfig(findings={"gone": "brain", "liver_lesion": "liver"})
+    labels = np.stack([np.full(12, -1), np.arange(12) % 2], 1)
+    abnormal = labels[:, 1:]
+    ev = evaluate(
+        v,
+        np.ones((12, 1), bool),
+        labels,
+        abnormal,
+        v[:, 0],
+        np.zeros(12),
+        ["liver"],
+        tower.embed_texts,
+        20.0,
+        cfg,
+        step=3,
+    )
+    want = []
+    for pos, neg in cfg.templates:
+        p, n = tower.embed_texts(
+            [pos.format(finding="liver lesion", anatomy="liver"), neg.format(finding="liver lesion", anatomy="liver")]
+        )
+        want.append(roc_auc_score(labels[:, 1], (20.0 * (v[:, 0].double() @ (p - n).double())).numpy()))
+    assert ev.metrics["zs_finding_auroc_mean"] == pytest.approx(np.mean(want), abs=1e-9)
+    assert ev.summary.startswith("eval step 3: zero-shot finding AUROC") and "\n" not in ev.summary
+    assert ev.files["text_similarity.png"].startswith(b"\x89PNG")
+
+
+# run_eval end to end -----------------------------------------------------------------------------
+
+ANATOMIES = ["liver", "lung", "spleen"]
+FINDINGS = {"liver_lesion": "liver", "lung_nodule": "lung", "splenomegaly": "spleen", "rare": "spleen"}
+
+
+def write_embeddings(
+    folder: Path,
+    scans: int = 24,
+    anatomy: bool = True,
+    text: bool = True,
+    unknown: bool = False,
+    fixed: bool = True,
+    **meta,
+) -> str:
+    """An embeddings folder as `ctray embed` writes it: two parts, embed.json. Anatomy embeddings
+    cluster by anatomy and shift with their lesions; report texts are noisy copies of them."""
+    rng = np.random.default_rng(0)
+    a, f = len(ANATOMIES), len(FINDINGS)
+    labels = (rng.random((scans, f)) < 0.4).astype(np.int8)
+    labels[:2, :3] = [[0, 0, 0], [1, 1, 1]]
+    labels[:, 3] = 0  # a finding without positives: skipped, and said so
+    labels[5, 0] = -1
+    centres, lesion = rng.normal(size=(a, DIM)), rng.normal(size=(a, DIM))
+    region = rng.random((scans, a)) < 0.9
+    abnormal = np.stack([labels[:, 0], labels[:, 1], labels[:, 2] | labels[:, 3]], 1)
+    v = centres + 0.6 * abnormal[..., None] * lesion + 0.5 * rng.normal(size=(scans, a, DIM))
+    v = (v / np.linalg.norm(v, axis=-1, keepdims=True) * region[..., None]).astype(np.float32)
+    t = v + 0.3 * rng.normal(size=v.shape)
+    present = region & (rng.random((scans, a)) < 0.8)
+    t = (t / np.linalg.norm(t, axis=-1, keepdims=True) * present[..., None]).astype(np.float32)
+    if unknown:
+        labels[:], abnormal[:] = -1, -1
+    scan = v.sum(1)
+    scan = scan / np.linalg.norm(scan, axis=1, keepdims=True)
+
+    def column(x: np.ndarray) -> pa.Array:  # fixed-size lists as `ctray embed` writes; else plain lists
+        if not fixed:
+            return pa.array(x.tolist())
+        flat = pa.array(x.reshape(-1))
+        for size in reversed(x.shape[1:]):
+            flat = pa.FixedSizeListArray.from_arrays(flat, size)
+        return flat
+
+    cols = {
+        "scan_id": [f"scan{i:03d}" for i in range(scans)],
+        "embedding": column(scan.astype(np.float32)),
+        "finding_labels": column(labels),
+    }
+    if anatomy:
+        cols |= {"anatomy_embedding": column(v), "region": column(region), "abnormal": column(abnormal.astype(np.int8))}
+    if text:
+        cols |= {"text_embedding": column(t), "present": column(present)}
+    table = pa.table(cols)
+    folder.mkdir(parents=True, exist_ok=True)
+    order = rng.permutation(scans)  # parts not in scan order: the reader sorts
+    pq.write_table(table.take(order[: scans // 2]), folder / "part-00000.parquet")
+    pq.write_table(table.take(order[scans // 2 :]), folder / "part-00001.parquet")
+    info = {
+        "objective": "cagcl" if text else ("totalfm_mae" if anatomy else "ctfm"),
+        "export": str(folder / "export"),
+        "dim": DIM,
+        "anatomies": ANATOMIES if anatomy else None,
+        "findings": list(FINDINGS),
+        "finding_anatomies": FINDINGS if anatomy else {},
+        "scans": scans,
+    } | meta
+    (folder / "embed.json").write_text(json.dumps(info))
+    return str(folder)
+
+
+def quick(folder: str, **kw) -> EvalReportConfig:
+    return EvalReportConfig(
+        embeddings=folder,
+        bootstrap=200,
+        probe=ProbeConfig(folds=3, labelled_fractions=[0.5, 1.0], knn_k=3),
+        retrieval_k=[1, 5],
+        **kw,
+    )
+
+
+def test_run_eval_writes_the_report_and_a_json_of_every_figure(tmp_path):
+    folder = write_embeddings(tmp_path / "emb")
+    result = run_eval(quick(folder), HashTower())
+    report = tmp_path / "emb" / "report"
+    assert result.report == str(report / "report.md")
+    pngs = {p.stem for p in report.glob("*.png")}
+    assert pngs == {"roc", "text_similarity", "label_efficiency", "anatomy_tsne"}
+    figures = json.loads((report / "figures.json").read_text())
+    assert set(figures) == pngs and all(figures[k]["data"] for k in figures)
+    md = (report / "report.md").read_text()
+    assert all(f"({name}.png)" in md for name in pngs)
+    assert "zero-shot finding rare: 0 positive of" in md and "one class, skipped" in md
+    assert "\n" not in result.summary and result.summary.startswith("eval cagcl (24 scans): zero-shot finding AUROC")
+
+    # The zero-shot numbers, recomputed with the tower and scikit-learn from the parquet files.
+    m = result.metrics
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "emb").glob("part-*.parquet"))]).sort_by(
+        "scan_id"
+    )
+    v = np.array(table.column("anatomy_embedding").to_pylist())
+    region = np.array(table.column("region").to_pylist())
+    labels = np.array(table.column("finding_labels").to_pylist())
+    tower, cfg = HashTower(), ZeroShotConfig()
+    per_template = []
+    for pos, neg in cfg.templates:
+        aucs = []
+        for c, (f, anat) in enumerate(list(FINDINGS.items())[:3]):
+            j = ANATOMIES.index(anat)
+            ok = region[:, j] & (labels[:, c] >= 0)
+            p, n = (
+                tower.embed_texts([s.format(finding=f.replace("_", " "), anatomy=anat) for s in (pos, neg)])
+                .double()
+                .numpy()
+            )
+            aucs.append(roc_auc_score(labels[ok, c], v[ok, j] @ (p - n) / tower.temperature))
+        per_template.append(np.mean(aucs))
+    assert m["zs_finding_auroc_mean"] == pytest.approx(np.mean(per_template), abs=1e-9)
+    assert m["zs_finding_auroc_std"] == pytest.approx(np.std(per_template), abs=1e-9)
+    assert m["zs_finding_auroc_ci_low"] <= m["zs_finding_auroc_mean"] <= m["zs_finding_auroc_ci_high"]
+    roc = figures["roc"]["data"]["finding"]["liver_lesion"]
+    assert len(roc["fpr"]) == len(roc["tpr"]) and 0 <= roc["auroc"] <= 1
+
+    for key in (
+        "probe_linear_finding_auroc",
+        "probe_knn_anatomy_auroc@0.5",
+        "retrieval_finding_p@5",
+        "retrieval_anatomy_p@1",
+        "text_to_scan_r@5",
+        "text_cos_mean",
+    ):
+        assert math.isfinite(m[key]), key
+    assert m["retrieval_anatomy_p@1"] > 0.9  # anatomy embeddings cluster by anatomy
+    assert figures["label_efficiency"]["data"]["fractions"] == [0.5, 1.0]
+    assert json.loads((report / "metrics.json").read_text())["metrics"]["zs_finding_auroc_mean"] == pytest.approx(
+        m["zs_finding_auroc_mean"]
+    )
+
+
+def test_scan_level_embeddings_get_probes_and_retrieval_only(tmp_path):
+    folder = write_embeddings(tmp_path / "ctfm", anatomy=False, text=False, fixed=False)  # variable-size lists
+    result = run_eval(quick(folder, out=str(tmp_path / "out")))  # no text tower needed, none loaded
+    assert not any(k.startswith("zs_") for k in result.metrics)
+    assert math.isfinite(result.metrics["probe_linear_finding_auroc"])
+    assert {p.stem for p in (tmp_path / "out").glob("*.png")} == {"label_efficiency"}
+    assert "no anatomy map" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    def error(cfg: EvalReportConfig, tower=None) -> str:
+        with pytest.raises(ConfigError) as e:
+            run_eval(cfg, tower)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "no embed.json" in error(quick(str(tmp_path / "nothing")))
+    unlabelled = write_embeddings(tmp_path / "unlabelled", unknown=True)
+    assert "no finding labels (every finding_labels entry is -1)" in error(quick(unlabelled))
+    assert "text tower embeds in 8 dimensions, the embeddings" in error(
+        quick(write_embeddings(tmp_path / "ok")), HashTower(dim=8)
+    )
+    wrong = write_embeddings(tmp_path / "wrong", dim=32)
+    assert "embedding has 16 dimensions, embed.json says 32" in error(quick(wrong))
