@@ -169,7 +169,6 @@ def run_embed(
     seed: int = 0,
 ) -> EmbedResult:
     """Embed every committed scan of `shards` with `export` into `out` (see module docstring)."""
-
     from ctray.data.pipeline import scan_index
     from ctray.export import export_uri, load_sampler
     from ctray.storage import filesystem, publish_bytes, resolve_uri

@@ -71,7 +71,7 @@ def write_export(task: Task, objective: RecipeConfig, step: int, assets: dict[st
     names: list[str] = []
     for name, part in task.export_parts().items():
         if part.cls is None:
-            files = _pretrained_files(part.module)
+            files = {posixpath.join(name, rel): data for rel, data in _pretrained_files(part.module).items()}
             parts[name] = {
                 "folder": name,
                 "class": f"transformers.{type(part.module).__name__}",
@@ -82,8 +82,8 @@ def write_export(task: Task, objective: RecipeConfig, step: int, assets: dict[st
             files = {f"{name}.safetensors": save(state)}
             parts[name] = {"file": f"{name}.safetensors", "class": part.cls, "kwargs": part.kwargs or {}}
         for rel, data in files.items():
-            write(posixpath.join(name, rel) if part.cls is None else rel, data)
-            names.append(posixpath.join(name, rel) if part.cls is None else rel)
+            write(rel, data)
+            names.append(rel)
     tokenizer = assets.get("tokenizer_json")
     if tokenizer is not None and "text" in parts:
         for rel, data in _tokenizer_files(tokenizer, getattr(objective, "text", None)).items():
@@ -224,17 +224,33 @@ def export_uri(path: str, storage: StorageConfig) -> str:
 def load_encoder(path: str, storage: StorageConfig | None = None, device: torch.device | str = "cpu") -> Encoder:
     """A run folder or its export/ folder (local or s3://) -> the Encoder (see module docstring)."""
     from ctray.config import StorageConfig
+    from ctray.storage import local_folder
 
     storage = storage or StorageConfig()
     uri = export_uri(path, storage)
-    return _load_local(local_copy(uri, storage), uri, device)
+    with local_folder(uri, storage) as root:  # every part is in memory once loaded
+        return _load_local(root, uri, device)
 
 
 def load_sampler(path: str, storage: StorageConfig) -> tuple[dict[str, Any], Sampler]:
     """export.json and the recipe's embedding sampler with the run's settings, without the model."""
+    from ctray.storage import filesystem
+
     uri = export_uri(path, storage)
-    meta, config, assets = _recipe(local_copy(uri, storage), uri)
+    fs, root = filesystem(uri, storage)
+    meta, config, assets = _recipe(_reader(fs, root, storage), root, uri)  # export.json and tokenizer only
     return meta, embed_sampler(meta["objective"], config, assets)
+
+
+def _reader(fs: Any, root: str, storage: StorageConfig) -> Callable[[str], bytes | None]:
+    """A file of the export folder by relative name (None when absent)."""
+    from ctray.storage import read_bytes
+
+    def read(name: str) -> bytes | None:
+        path = posixpath.join(root, name)
+        return read_bytes(fs, path, storage) if fs.exists(path) else None
+
+    return read
 
 
 def embed_sampler(name: str, config: RecipeConfig, assets: dict[str, Any]) -> Sampler:
@@ -248,29 +264,32 @@ def embed_sampler(name: str, config: RecipeConfig, assets: dict[str, Any]) -> Sa
     return objective.sampler(config, assets)
 
 
-def _recipe(root: str, uri: str) -> tuple[dict[str, Any], RecipeConfig, dict[str, Any]]:
-    """export.json, the objective section and the assets of a local export folder."""
+def _recipe(
+    read: Callable[[str], bytes | None], root: str, uri: str
+) -> tuple[dict[str, Any], RecipeConfig, dict[str, Any]]:
+    """export.json, the objective section (its text tower pointed at <root>/text) and the assets
+    (with the tokenizer), from the export's files."""
     from ctray.objectives import objective_config
 
-    with open(os.path.join(root, META)) as f:
-        meta = json.load(f)
+    meta = json.loads(read(META) or b"{}")
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{uri}: export format {meta.get('format')}, this ctray reads format {FORMAT}")
     config = objective_config(_offline(meta["recipe"], root))
     assets = dict(meta.get("assets", {}))
-    text = os.path.join(root, "text", "tokenizer.json")
-    if os.path.exists(text):
-        with open(text) as f:
-            assets["tokenizer_json"] = f.read()
+    tokenizer = read("text/tokenizer.json")
+    if tokenizer is not None:
+        assets["tokenizer_json"] = tokenizer.decode()
     return meta, config, assets
 
 
 def _load_local(root: str, uri: str, device: torch.device | str) -> Encoder:
+    from fsspec.implementations.local import LocalFileSystem
     from safetensors.torch import load_file
 
+    from ctray.config import StorageConfig
     from ctray.objectives import get_objective
 
-    meta, config, assets = _recipe(root, uri)
+    meta, config, assets = _recipe(_reader(LocalFileSystem(), root, StorageConfig()), root, uri)
     task = get_objective(meta["objective"]).task(config, assets)
     parts = task.export_parts()
     if set(parts) != set(meta["parts"]):
@@ -295,18 +314,6 @@ def load_pretrained_into(module: nn.Module, folder: str, kwargs: dict[str, Any])
     if wrong:
         raise ConfigError(f"{folder}: weights do not fit {type(module).__name__} ({len(wrong)} keys, e.g. {wrong[0]})")
     module.load_state_dict(loaded.state_dict(), strict=True)
-
-
-def local_copy(uri: str, storage: StorageConfig) -> str:
-    """A local path of a folder (downloaded to a temporary folder when remote)."""
-    from ctray.storage import filesystem, is_remote
-
-    if not is_remote(uri):
-        return filesystem(uri, storage)[1]
-    fs, root = filesystem(uri, storage)
-    local = tempfile.mkdtemp(prefix="ctray-export-")
-    fs.get(root.rstrip("/") + "/", local, recursive=True)
-    return local
 
 
 def _offline(config: dict[str, Any], root: str) -> dict[str, Any]:

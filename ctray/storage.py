@@ -8,13 +8,16 @@ fsynced before the rename, so a power cut cannot leave a committed name over mis
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import posixpath
 import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -248,3 +251,23 @@ def remove(fs: fsspec.AbstractFileSystem, path: str, cfg: StorageConfig) -> None
         with_retries(lambda: fs.rm_file(path), f"remove {fs.unstrip_protocol(path)}", cfg)
     except FileNotFoundError:
         pass
+
+
+@contextmanager
+def local_folder(uri: str, cfg: StorageConfig) -> Iterator[str]:
+    """A folder on this machine for the block: itself when local, else a temporary copy of it
+    (removed afterwards), for libraries that read only local paths (transformers, MLflow)."""
+    fs, root = filesystem(uri, cfg)
+    if not is_remote(uri):
+        yield root
+        return
+    tmp = tempfile.mkdtemp(prefix="ctray-copy-")
+    try:
+        for path in with_retries(lambda: list(fs.find(root)), f"list {uri}", cfg):
+            dest = os.path.join(tmp, posixpath.relpath(path, root))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            fetch = functools.partial(fs.get_file, path, dest)
+            with_retries(fetch, f"read {fs.unstrip_protocol(path)}", cfg)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -26,14 +26,12 @@ import json
 import logging
 import math
 import os
-import posixpath
 import re
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +39,7 @@ import yaml
 
 from ctray.errors import ConfigError, first_line
 from ctray.run_folder import RunFolder
-from ctray.storage import is_remote
+from ctray.storage import is_remote, local_folder
 
 if TYPE_CHECKING:
     from ctray.train.config import PretrainConfig
@@ -301,32 +299,14 @@ class Tracker:
         """A folder of the run (eval/step_N, export) as artifacts under the same name."""
         if not self.backends:
             return
-        with _local_copy(self.run, name) as local:
-            if local is not None:
-                self._each(f"logging {name}", lambda b: b.log_folder(local, name, step))
+        if not self.run.exists(name):
+            return
+        with local_folder(self.run.uri_of(name), self.run.storage) as local:
+            self._each(f"logging {name}", lambda b: b.log_folder(local, name, step))
 
     def close(self, ok: bool = True) -> None:
         """Flush and close; `ok` False: the attempt failed (W&B marks its run failed, not finished)."""
         self._each("closing", lambda b: b.close(ok))
-
-
-@contextmanager
-def _local_copy(run: RunFolder, name: str) -> Iterator[str | None]:
-    """A run folder's subfolder on this machine: itself when local, else a temporary copy."""
-    if not run.exists(name):
-        yield None
-    elif not is_remote(run.uri):
-        yield run.path(name)
-    else:
-        tmp, root = tempfile.mkdtemp(prefix="ctray-artifacts-"), run.path(name)
-        try:
-            for path in run.fs.find(root):
-                dest = os.path.join(tmp, posixpath.relpath(path, root))
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                run.fs.get_file(path, dest)
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _MlflowLogger:

@@ -111,9 +111,11 @@ class TotalFMCLIPTask(AnatomyTextTask):
         self.vision_proj = nn.Linear(cfg.model.hidden_size, cfg.embed_dim)
 
     def _load_stage1(self, uri: str, storage: StorageConfig) -> None:
-        from ctray.export import load_pretrained_into, local_copy
+        from ctray.export import load_pretrained_into
+        from ctray.storage import local_folder
 
-        load_pretrained_into(self.vision, local_copy(uri, storage), {})
+        with local_folder(uri, storage) as folder:
+            load_pretrained_into(self.vision, folder, {})
         log.info("totalfm_clip: vision encoder loaded from stage 1 (%s)", uri)
 
     def embed_volumes(self, x: torch.Tensor) -> torch.Tensor:
