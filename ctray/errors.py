@@ -13,6 +13,10 @@ class StorageError(CtrayError):
     """Storage stayed unreachable after the configured retries."""
 
 
+class TrainingFailed(CtrayError):
+    """A training run stopped on a failure that a restart would only repeat."""
+
+
 class BadInput(CtrayError):
     """One input (scan, mask or report) cannot be used; batch jobs quarantine it and go on."""
 

@@ -24,7 +24,7 @@ from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, REPO, ingest_cfg
 from test_export import export_to, trained_like
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # its tests run in both tiers: built once
 def labelled_shards(ray_local, tmp_path_factory) -> Path:
     """6 phantoms with masks and reports (finding labels) in 3 shards."""
     from ctray.ingest.job import run_ingest
@@ -68,6 +68,8 @@ def reference(run: Path, shards: Path, scan_id: str) -> dict[str, np.ndarray]:
     raise KeyError(scan_id)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_embed_ctfm_equals_a_single_process_run_and_resumes_by_shard(labelled_shards, tmp_path):
     run = exported("ctfm_simclr", "ctfm-local.yaml", labelled_shards, tmp_path)
     out = tmp_path / "emb"

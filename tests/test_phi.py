@@ -3,6 +3,8 @@ file names (the scan ids) are run through the real `ctray ingest` command, each 
 local Ray whose session folder the test owns, and are searched for in everything the run left:
 its stderr and stdout, every file of Ray's session logs (the shard writers run in other
 processes), the manifest and the commit records; with pseudonymised ids, the original ids too.
+The runs join one Ray head whose temp folder the tests own (conftest.ray_head), so each run's check
+also searches the logs the earlier runs left.
 
 Three ways things go wrong: (a) S3 goes down mid-job (through the loopback relay), (b) a scan
 whose header makes the reader raise with a canary in the exception's message, (c) a reports CSV
@@ -10,11 +12,8 @@ without a header row (its first row is a report).
 """
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import s3fs
 
 from ctray.data.phantoms import make_phantom, write_ct_series, write_nifti
 
-from conftest import PHANTOM_SPACING, REPO, Relay
+from conftest import PHANTOM_SPACING, REPO, RayHead, Relay
 
 REPORT_CANARY = "CANARY-RPT-91f3"
 TAG_CANARY = "CANARY-TAG-4c0d"
@@ -64,16 +63,8 @@ def _dataset(root: Path, header: bool = True) -> Path:
     return scans
 
 
-@pytest.fixture
-def raytmp():
-    """Ray's temp root for the run (short: Ray's socket paths have a length limit)."""
-    path = Path(tempfile.mkdtemp(prefix="rp", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _ctray(args: list[str], raytmp: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_TMPDIR": str(raytmp), "CTRAY_ID_KEY": KEY, "RAY_AUTH_MODE": "disabled"}
+def _ctray(args: list[str], ray_head: RayHead) -> subprocess.Popen:
+    env = {**ray_head.env, "CTRAY_ID_KEY": KEY}
     return subprocess.Popen(
         [sys.executable, "-m", "ctray.cli", *args],
         env=env,
@@ -84,11 +75,11 @@ def _ctray(args: list[str], raytmp: Path) -> subprocess.Popen:
     )
 
 
-def _leaks(canaries: list[str], texts: dict[str, str], raytmp: Path, output_files: list[Path]) -> list[str]:
+def _leaks(canaries: list[str], texts: dict[str, str], ray_head: RayHead, output_files: list[Path]) -> list[str]:
     """Where any canary shows up: the process output, any file under Ray's session folders, or the
     output's records."""
     places = dict(texts)
-    logs = list(raytmp.rglob("session_*/logs/**/*"))
+    logs = list(Path(ray_head.temp).rglob("session_*/logs/**/*"))
     assert any(p.name.startswith("worker-") for p in logs), "the run's Ray worker logs were not found"
     for path in logs + output_files:
         if path.is_file():
@@ -100,7 +91,7 @@ def _records(out: Path) -> list[Path]:
     return [out / "manifest.json", *sorted((out / "_commits").glob("*.json"))]
 
 
-def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, raytmp):
+def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, ray_head):
     scans = _dataset(tmp_path)
     out = tmp_path / "out"
     proc = _ctray(
@@ -112,12 +103,11 @@ def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, raytmp):
             f"output.uri={out}",
             "preprocess.spacing=[3,2,2]",
             "output.scans_per_shard=2",
-            "ray.num_cpus=2",
             "lease.settle_s=0.2",
             "privacy.pseudonymize_ids=true",
             "input.require_report=false",
         ],
-        raytmp,
+        ray_head,
     )
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
@@ -127,7 +117,7 @@ def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, raytmp):
     assert "unreadable DICOM header (ValueError)" in reasons  # the crash, reduced to its type
     assert "lacks a usable ImageOrientationPatient, ImagePositionPatient or PixelSpacing" in reasons
     assert (
-        _leaks([REPORT_CANARY, TAG_CANARY, ID_CANARY], {"stdout": stdout, "stderr": stderr}, raytmp, _records(out))
+        _leaks([REPORT_CANARY, TAG_CANARY, ID_CANARY], {"stdout": stdout, "stderr": stderr}, ray_head, _records(out))
         == []
     )
     id_map = [json.loads(line) for line in Path(str(out) + ".id_map.jsonl").read_text().splitlines()]
@@ -136,7 +126,8 @@ def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, raytmp):
     }  # kept apart, for the user
 
 
-def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, raytmp):
+@pytest.mark.timeout(180)
+def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, ray_head):
     scans = _dataset(tmp_path)
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("phi-out")
@@ -155,11 +146,10 @@ def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, raytmp):
             "preprocess.spacing=[3,2,2]",
             "output.scans_per_shard=1",
             "concurrency=1",
-            "ray.num_cpus=2",
             "lease.settle_s=0.2",
             "input.require_report=false",
         ],
-        raytmp,
+        ray_head,
     )
     deadline = time.time() + 180
     while time.time() < deadline and len(fs.find("phi-out/run/_commits", refresh=True)) < 1 and proc.poll() is None:
@@ -171,10 +161,10 @@ def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, raytmp):
     fs.get("phi-out/run/", str(local) + "/", recursive=True)
     records = [p for p in local.rglob("*.json")]
     assert any("_commits" in str(p) for p in records), "nothing was committed before the cut"
-    assert _leaks([REPORT_CANARY, TAG_CANARY], {"stdout": stdout, "stderr": stderr}, raytmp, records) == []
+    assert _leaks([REPORT_CANARY, TAG_CANARY], {"stdout": stdout, "stderr": stderr}, ray_head, records) == []
 
 
-def test_headerless_reports_csv_is_one_line_without_the_report(tmp_path, raytmp):
+def test_headerless_reports_csv_is_one_line_without_the_report(tmp_path, ray_head):
     scans = _dataset(tmp_path, header=False)
     proc = _ctray(
         [
@@ -183,10 +173,9 @@ def test_headerless_reports_csv_is_one_line_without_the_report(tmp_path, raytmp)
             f"input.scans={scans}",
             f"input.reports={tmp_path}/reports.csv",
             f"output.uri={tmp_path}/out",
-            "ray.num_cpus=2",
             "lease.settle_s=0.2",
         ],
-        raytmp,
+        ray_head,
     )
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2

@@ -2,41 +2,26 @@
 Ray Train V2 with 2 workers, a DeepSpeed engine per worker on CPU with gloo."""
 
 import json
+import os
+import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import s3fs
 import torch
 
-from ctray.config import StorageConfig, load_config
+from ctray.config import StorageConfig
+from ctray.errors import ConfigError, TrainingFailed
 from ctray.export import load_encoder
-from ctray.train.config import PretrainConfig
 from ctray.train.trainer import run_pretrain
 
-pytestmark = pytest.mark.slow  # end-to-end runs of a minute or more: the slow tier
+from conftest import pretrain_cfg
 
 
-TINY = [
-    "objective.name=ctfm_simclr",
-    "objective.patches_per_scan=4",
-    "objective.patch_size=[8,32,32]",
-    "objective.init_filters=4",
-    "objective.blocks_down=[1,1,1]",
-    "objective.head_dims=[16,8]",
-    "data.scans_per_batch=2",
-    "scaling.num_workers=2",
-    "scaling.cpus_per_worker=0.5",
-    "optim.lr=0.002",
-    "optim.warmup_steps=2",
-]
-
-
-def pretrain_cfg(shards, storage, name, *overrides) -> PretrainConfig:
-    return load_config(
-        PretrainConfig, None, [*TINY, f"data.shards={shards}", f"run.storage={storage}", f"run.name={name}", *overrides]
-    )
-
-
+@pytest.mark.slow
+@pytest.mark.timeout(240)
 def test_loss_falls_training_from_s3_shards(train_shards, s3_endpoint, tmp_path):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("ct-train")
@@ -72,3 +57,42 @@ def test_loss_falls_training_from_s3_shards(train_shards, s3_endpoint, tmp_path)
     encoder = load_encoder(result.export, StorageConfig(endpoint_url=s3_endpoint))
     patches = torch.randint(-1024, 2048, (2, 3, 8, 32, 32), dtype=torch.int16)
     assert encoder.step == 36 and encoder.embed({"patches": patches})["embedding"].shape == (2, 16)
+
+
+SYNTHETIC = ["data.synthetic=true", "scaling.num_workers=1", "data.scans_per_batch=1"]
+"""What is tested happens on the driver: one worker and no data are enough."""
+
+
+@pytest.mark.timeout(150)
+def test_a_stale_op_build_lock_fails_the_run_in_one_line_without_a_restart(ray_local, tmp_path, caplog):
+    """A lock left in a DeepSpeed op's build folder by a killed build (torch's FileBaton would wait
+    on it forever) stops the run at the workers' engine start with the one line naming it, and the
+    run is not restarted: a restart would meet the same file."""
+    lock = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    try:
+        with pytest.raises(ConfigError) as failed:
+            run_pretrain(pretrain_cfg("unused", tmp_path, "locked", *SYNTHETIC, "train.max_steps=2"))
+    finally:
+        shutil.rmtree(lock.parent)
+    message = str(failed.value)
+    assert message.startswith(f"stale build lock {lock} (60 min old)") and f"delete {lock}" in message
+    assert "\n" not in message and "restarting" not in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_failure_that_repeats_stops_after_one_restart_with_its_line(ray_local, tmp_path, caplog):
+    """The worker raises at step 2 in every attempt: the first failure restarts from the step-1
+    checkpoint, the second (the same exception, no new checkpoint) stops the run with one line."""
+    faulty = [*SYNTHETIC, "train.max_steps=4", "train.checkpoint_every=1", "debug.raise_at_step=2"]
+    with pytest.raises(TrainingFailed) as failed:
+        run_pretrain(pretrain_cfg("unused", tmp_path, "repeats", *faulty, "run.max_failures=5"))
+    assert str(failed.value) == (
+        "pretrain repeats: RuntimeError: injected failure at step 2 (debug.raise_at_step), again after restarting "
+        "from step 1; not restarting a failure that repeats"
+    )
+    assert caplog.text.count("restarting from the last checkpoint") == 1

@@ -17,6 +17,8 @@ from ctray.ingest.records import verify
 from conftest import PHANTOM_SPACING, Relay, free_port, ingest_cfg
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_phantoms_from_and_to_s3(ray_local, phantom_dir, s3_endpoint):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("ct-in")
@@ -64,7 +66,7 @@ def test_storage_down_is_a_clear_error(ray_local, phantom_dir):
     assert time.time() - t0 < 60
 
 
-@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_storage_going_down_mid_job_keeps_committed_shards(ray_local, s3_endpoint, tmp_path):
     """S3 goes down while shards are still being written (one at a time): the job stops with one
     line; shards committed before the cut stay byte for byte; the re-run finishes the rest and

@@ -1,21 +1,13 @@
 """Experiment tracking against a real MLflow tracking server (`mlflow server` with a SQLite store and
 proxied artifacts on 127.0.0.1) and W&B in offline mode, and the console's step line.
 
-The end-to-end test runs a tiny real pretrain (2 DeepSpeed workers on Ray Train, synthetic batches:
-tracking does not depend on where the data comes from) and reads back what MLflow received: the
-metrics at their steps (once, not once per worker), the redacted config as params and config.yaml,
-the export; and the history in W&B's offline run file. The other tests drive the tracking module
+A real pretrain with every logger on (what MLflow and W&B receive from it) is checked in
+test_reproducible.py, on the run it makes anyway. The tests here drive the tracking module
 directly against the same server: resuming a run, evaluation folders, a sweep's parent run."""
 
 import json
 import logging
-import os
-import signal
-import struct
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,50 +19,7 @@ from ctray.train import tracking
 from ctray.train.config import PretrainConfig
 from ctray.train.loop import StepClock, step_line
 
-from conftest import free_port
-from test_pretrain import TINY
-
-CANARY_USER, CANARY_PASSWORD = "canaryuser", "canary-password-4821"
-CANARY_ENV = "canary-env-token-9137"  # a secret reaching the config through ${VAR}
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on loopback with a SQLite backend and artifacts proxied to a local folder."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    out = open(root / "server.log", "wb")  # closed at teardown
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        start_new_session=True,  # its uvicorn worker is a child: stopped with it, as a group
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.read().strip() == b"OK":
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("mlflow server did not start:\n" + (root / "server.log").read_text()[-2000:])
-        time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    out.close()
+from conftest import CANARY_ENV, CANARY_PASSWORD, TINY, tracking_overrides
 
 
 def tracked_cfg(storage, name, uri, *overrides) -> PretrainConfig:
@@ -81,100 +30,12 @@ def tracked_cfg(storage, name, uri, *overrides) -> PretrainConfig:
             *TINY,
             "data.synthetic=true",
             f"data.shards={storage}/no-shards-${{CTRAY_TEST_TOKEN:-unset}}",  # not read (synthetic): a canary
-            f"storage.endpoint_url=http://{CANARY_USER}:{CANARY_PASSWORD}@127.0.0.1:9",
             f"run.storage={storage}",
             f"run.name={name}",
-            "run.loggers=[tensorboard, mlflow, wandb]",
-            f"run.mlflow.tracking_uri={uri}",
-            f"run.mlflow.experiment=exp-{name}",
-            "run.wandb.mode=offline",
+            *tracking_overrides(uri, name),
             *overrides,
         ],
     )
-
-
-def wandb_records(path: Path) -> list:
-    """The records of a W&B run file: a ':W&B' header, then LevelDB's log format (32 KiB blocks of
-    checksum, length, type chunks); W&B's Python reader of it went with its Go core."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, buf, records = 7, 32768, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
-        if kind == 0:
-            break
-        buf += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(buf)
-            records.append(record)
-            buf = b""
-    return records
-
-
-@pytest.mark.slow
-def test_pretrain_logs_metrics_config_and_export_to_mlflow_and_wandb(ray_local, mlflow_server, tmp_path, monkeypatch):
-    from mlflow import MlflowClient
-
-    from ctray.train.trainer import run_pretrain
-
-    monkeypatch.setenv("CTRAY_TEST_TOKEN", CANARY_ENV)
-    cfg = tracked_cfg(tmp_path, "tracked", mlflow_server, "train.max_steps=6", "train.log_every=2")
-    result = run_pretrain(cfg)
-    assert result.step == 6
-    run_dir = tmp_path / "tracked"
-    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = {m["step"]: m["loss"] for m in logged if "loss" in m}
-    assert sorted(losses) == [2, 4, 6]
-
-    client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("exp-tracked")
-    (run,) = client.search_runs([experiment.experiment_id])  # one run, whatever the workers did
-    run_id = run.info.run_id
-    assert json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"] == run_id
-    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
-    # Metrics at the loop's steps, each once (rank 0 only), equal to metrics.jsonl.
-    history = client.get_metric_history(run_id, "loss")
-    assert sorted(m.step for m in history) == [2, 4, 6]
-    assert {m.step: m.value for m in history} == pytest.approx(losses)
-    assert {"lr", "views_per_s", "data_wait_fraction", "epoch"} <= set(run.data.metrics)
-    # The config as dotted params and config.yaml; the export as artifacts.
-    params = run.data.params
-    assert params["optim.lr"] == "0.002" and params["train.max_steps"] == "6"
-    assert json.loads(params["run.loggers"]) == ["tensorboard", "mlflow", "wandb"]
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "export"} <= artifacts
-    exported = {a.path for a in client.list_artifacts(run_id, "export")}
-    assert exported == {f"export/{p.name}" for p in (run_dir / "export").iterdir()} and exported
-    config_yaml = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))).read_text()
-    # Canary: the storage credential and the secret from ${CTRAY_TEST_TOKEN} reached the config, not MLflow.
-    shown = "\n".join([config_yaml, *params.values(), *run.data.tags.values()])
-    assert CANARY_PASSWORD not in shown and CANARY_USER not in shown and CANARY_ENV not in shown
-    assert params["storage.endpoint_url"] == "http://***@127.0.0.1:9"
-    assert CANARY_ENV in (run_dir / "config.yaml").read_text()  # the run's own config.yaml keeps it
-    assert list((run_dir / "tensorboard").iterdir())  # and TensorBoard, the third logger
-
-    # W&B offline: the run file in the run folder holds the history at the same steps, and the config.
-    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    records = wandb_records(wandb_file)
-    rows = [
-        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-        for r in records
-        if r.HasField("history")
-    ]
-    assert {row["step"]: row["loss"] for row in rows if "loss" in row} == pytest.approx(losses)
-    raw = wandb_file.read_bytes()
-    assert CANARY_PASSWORD.encode() not in raw and CANARY_ENV.encode() not in raw
-    (run_record,) = [r.run for r in records if r.HasField("run")]
-    config = {u.key: json.loads(u.value_json) for u in run_record.config.update}
-    assert config["optim"]["lr"] == 0.002 and config["data"]["shards"].endswith("/no-shards-***")
-    assert any(r.HasField("artifact") for r in records)  # the export
 
 
 def test_resume_continues_the_run_and_logs_eval_folders(mlflow_server, tmp_path, monkeypatch, caplog):

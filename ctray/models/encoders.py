@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-from monai.networks.nets.segresnet_ds import SegResEncoder
 from torch import nn
 
 
@@ -17,6 +16,10 @@ class PooledSegResEncoder(nn.Module):
     """
 
     def __init__(self, init_filters: int = 32, blocks_down: tuple[int, ...] = (1, 2, 2, 4, 4)):
+        # Imported here: importing MONAI loads all of it (~4 s), which loading a config, the
+        # registry or `ctray --help` must not pay for.
+        from monai.networks.nets.segresnet_ds import SegResEncoder
+
         super().__init__()
         self.encoder = SegResEncoder(
             spatial_dims=3, in_channels=1, init_filters=init_filters, blocks_down=tuple(blocks_down)

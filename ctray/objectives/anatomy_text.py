@@ -4,7 +4,7 @@ worker (with autograd), and zero-shot evaluation. A subclass supplies `embed_ana
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -88,6 +88,17 @@ def at_slots(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def encode_slots(mask: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(S, A) bool mask -> (S, A, D): `encode(slots)` of the True slots (indices into the flattened
+    S x A slots) in place, zeros elsewhere. The first slot is encoded as well and added with weight
+    0, so the encoder runs and every one of its parameters gets a gradient whatever the mask holds:
+    a rank whose batch has no report text or no organ would otherwise skip the backward of the
+    gathers and DeepSpeed's gradient reduction, and the other ranks would wait for it forever."""
+    slots = torch.cat([mask.flatten().nonzero().squeeze(1), mask.new_zeros(1, dtype=torch.long)])
+    out = encode(slots)
+    return at_slots(mask, out[:-1]) + 0.0 * out[-1:].sum()
+
+
 def anatomy_embeddings(v: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:
     """(S, A, D) L2-normalised anatomy embeddings, (S, A) region -> "anatomy_embedding" (zeros
     outside the region) and "embedding" (S, D): the L2-normalised mean over the scan's anatomies."""
@@ -120,12 +131,10 @@ class AnatomyTextTask(Task):
 
     def embed_reports(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(S, A, embed_dim): the text embeddings of the present anatomies (zeros elsewhere); only
-        those texts go through the encoder."""
-        present = batch["present"].bool()
-        ids, mask = batch["text_ids"][present], batch["text_mask"][present]
-        if len(ids) == 0:  # no anatomy of this batch has a report sentence
-            return torch.zeros((*present.shape, self.contrast.embed_dim), device=ids.device)
-        return at_slots(present, self.text(ids, mask))
+        those texts go through the encoder (and one more, weighted 0: `encode_slots`)."""
+        ids, mask = batch["text_ids"].flatten(0, 1), batch["text_mask"].flatten(0, 1).clone()
+        mask[:, 0] = 1  # [CLS] attended in every text, the absent slot encoded for `encode_slots` too
+        return encode_slots(batch["present"].bool(), lambda slots: self.text(ids[slots], mask[slots]))
 
     def gathered(self, v: torch.Tensor, r: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """The global batch: embeddings with autograd, the rest without (open_clip gather_features)."""

@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     """At least float32 for the softmax (bf16 training); float64 stays float64, so that the checks
     against naive float64 loops hold to 1e-8 whatever the BLAS."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def full_precision(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run a loss with autocast off: under torch.autocast(bf16) the similarity matmuls would be cast
+    back to bf16 whatever their inputs' dtype, and logits scaled by 1/tau up to 1000 in bf16 (8 bits
+    of mantissa) would blur the softmax. The inputs are cast with `_fp32` inside."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        devices = {a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+        with contextlib.ExitStack() as off:
+            for device in devices:
+                off.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class IntraSampleNTXent(nn.Module):
@@ -40,6 +64,7 @@ class IntraSampleNTXent(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.forward_with_metrics(z)[0]
 
+    @full_precision
     def forward_with_metrics(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if z.ndim != 4 or z.shape[1] != 2:
             raise ValueError(f"expected z of shape (scans, 2, patches, dim), got {tuple(z.shape)}")
@@ -82,6 +107,7 @@ class LearnableTemperature(nn.Module):
         return 1.0 / self.tau[0]
 
 
+@full_precision
 def bidirectional_infonce(
     v: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -167,6 +193,7 @@ class CrossAnatomyGlobalLoss(nn.Module):
         """(A, B): row j is pi_j."""
         return torch.stack([torch.randperm(b, generator=generator) for _ in range(a)]).to(device)
 
+    @full_precision
     def forward(
         self,
         v: torch.Tensor,

@@ -93,6 +93,15 @@ class Task(nn.Module):
         "patch_embedding" (S, M, D). `ctray embed` and the export's loader call it."""
         raise NotImplementedError
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype inputs enter the model in: autocast's when the step runs under it (bf16
+        training: the first convolution or matmul would cast them anyway, so a float32 copy of the
+        batch would only cost memory), else the parameters'."""
+        param = next(self.parameters())
+        if torch.is_autocast_enabled(param.device.type):
+            return torch.get_autocast_dtype(param.device.type)
+        return param.dtype
+
     def begin_step(self, step: int, seed: int) -> None:
         """Called before each micro-step with the optimizer step and a seed derived from
         train.seed and the micro-step, the same on every rank (draws every rank must agree on,

@@ -80,9 +80,6 @@ class TrainConfig(Section):
     sync_batchnorm: bool | None = None
     """Turn the task's BatchNorm layers into SyncBatchNorm (CT-FM trains so across GPUs). None: on
     when training on more than one GPU (SyncBatchNorm needs GPUs)."""
-    fault_kill_at_step: int | None = None
-    """Fault injection: rank 1 (or 0 alone) kills its own process once at this step, to test the
-    cluster's recovery from checkpoints. Leave unset in real runs."""
 
     @property
     def steps(self) -> int:
@@ -90,6 +87,17 @@ class TrainConfig(Section):
         if self.epochs is not None:
             raise ValueError("train.epochs is not resolved to steps yet (ctray.train.trainer.steps_for_epochs)")
         return 250_000 if self.max_steps is None else self.max_steps
+
+
+class DebugConfig(Section):
+    """Faults injected on purpose, to test how a run recovers (or refuses to). Leave unset in real runs."""
+
+    kill_at_step: int | None = None
+    """Rank 1 (or 0 alone) kills its own process once at this step: a lost worker, which the run
+    restarts from its last checkpoint."""
+    raise_at_step: int | None = None
+    """Rank 1 (or 0 alone) raises a RuntimeError at this step in every attempt: a failure that
+    repeats, which stops the run after one restart."""
 
 
 class EvalConfig(Section):
@@ -112,7 +120,7 @@ class ScalingConfig(Section):
     num_workers: int = 2
     """Training workers (one per GPU on GPU clusters)."""
     use_gpu: bool = False
-    """One GPU per worker; bf16 and NCCL."""
+    """One GPU per worker; NCCL (and bf16 with deepspeed.precision auto)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker; keep the rest for Ray Data's samplers."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -126,7 +134,15 @@ class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 1
     """ZeRO stage (0, 1, 2 or 3)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 on GPU, fp32 on CPU."""
+    """bf16: mixed precision as torch's AMP (DeepSpeed's `torch_autocast`): the forward runs under
+    torch.autocast(bfloat16) while parameters, gradients, their accumulation, the optimizer and
+    BatchNorm statistics stay fp32, and ctray's losses and logits run in fp32; fp32: no autocast.
+    auto: bf16 on GPU, fp32 on CPU. (CT-FM trained fp16 AMP with fp32 master weights; fVLM trains
+    in fp32.)"""
+    grad_comm_dtype: Literal["fp32", "bf16"] = "fp32"
+    """dtype of the gradient all-reduce / reduce-scatter (DeepSpeed's communication_data_type):
+    fp32 by default; bf16 halves the traffic between nodes at the cost of rounding each gradient
+    before it is averaged."""
 
 
 Logger = Literal["tensorboard", "mlflow", "wandb"]
@@ -198,6 +214,7 @@ class PretrainConfig(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    debug: DebugConfig = Field(default_factory=DebugConfig)
 
     @field_validator("objective", mode="before")
     @classmethod

@@ -14,7 +14,6 @@ returns its own summary line.
 from __future__ import annotations
 
 import collections
-import contextlib
 import datetime
 import itertools
 import json
@@ -36,54 +35,12 @@ from ctray.objectives import get_objective
 from ctray.objectives.spec import Batch, Evaluates, Objective, Task
 from ctray.run_folder import RunFolder
 from ctray.train.config import PretrainConfig, TrainConfig
-from ctray.train.optim import clamp_, param_groups, warmup_cosine
+from ctray.train.engine import build_engine, gathered, param_checksum
+from ctray.train.optim import clamp_
 from ctray.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 TAG = "ctray"
-
-
-def deepspeed_config(cfg: PretrainConfig, use_gpu: bool) -> dict[str, Any]:
-    bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and use_gpu)
-    return {
-        "train_micro_batch_size_per_gpu": cfg.scans_per_worker,
-        "gradient_accumulation_steps": cfg.optim.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,  # torch AdamW: no op compilation on any machine
-        "steps_per_print": 2**31 - 1,  # ctray logs its own metrics
-        "wall_clock_breakdown": False,
-    }
-
-
-def build_engine(cfg: PretrainConfig, task: Task, use_gpu: bool) -> tuple[Any, Any]:
-    """The DeepSpeed engine around `task` with torch AdamW and the warmup-cosine schedule."""
-    import deepspeed
-
-    groups = [g for g in param_groups(task, cfg.optim.weight_decay) if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=cfg.optim.betas)
-    factor = warmup_cosine(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    engine, _, _, sched = deepspeed.initialize(
-        model=task, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, use_gpu), dist_init_required=False
-    )
-    return engine, sched
-
-
-def gathered(module: torch.nn.Module, zero_stage: int) -> contextlib.AbstractContextManager[Any]:
-    """Full parameters inside the block (collective under ZeRO-3: every rank must enter)."""
-    import deepspeed
-
-    if zero_stage != 3:
-        return contextlib.nullcontext()
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-
-
-def param_checksum(module: torch.nn.Module, zero_stage: int) -> float:
-    """Sum of |parameters| (gathered under ZeRO-3): a cheap fingerprint that a checkpoint loads back exactly."""
-    with gathered(module, zero_stage):
-        return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
 
 
 @dataclass(frozen=True)
@@ -259,14 +216,16 @@ class InTrainingEvaluation:
 
 
 def _maybe_inject_fault(cfg: PretrainConfig, run: RunFolder, step: int) -> None:
-    rank, world = dist.rank(), dist.world_size()
-    if cfg.train.fault_kill_at_step != step or rank != (1 if world > 1 else 0):
+    """debug.kill_at_step / raise_at_step, on rank 1 (or 0 alone)."""
+    if dist.rank() != (1 if dist.world_size() > 1 else 0):
         return
+    if cfg.debug.raise_at_step == step:
+        raise RuntimeError(f"injected failure at step {step} (debug.raise_at_step)")
     marker = f"_fault_injected_step{step}"
-    if run.exists(marker):
+    if cfg.debug.kill_at_step != step or run.exists(marker):
         return
     run.write(marker, b"")
-    log.warning("fault injection: rank %d kills its own process at step %d", rank, step)
+    log.warning("fault injection: rank %d kills its own process at step %d", dist.rank(), step)
     os.kill(os.getpid(), 9)
 
 

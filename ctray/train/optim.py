@@ -55,18 +55,30 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], 
 @torch.no_grad()
 def clamp_(param: nn.Parameter, low: float, high: float, zero_stage: int) -> None:
     """Clamp a parameter in place after the optimizer step (fVLM's and open_clip's
-    `logit_scale.clamp_`), so its gradient keeps flowing at the bound. Under ZeRO the optimizer
-    steps an fp32 master copy and writes it back into the model: that copy is clamped too.
-    Collective whenever there is such a copy (ZeRO 1-3, bf16): every rank calls it."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    `logit_scale.clamp_`), so its gradient keeps flowing at the bound. Under ZeRO 1-3 the optimizer
+    steps an fp32 copy and writes it back into the model: that copy is clamped too (under ZeRO 0 the
+    parameter is the optimizer's own). Collective under ZeRO-3: every rank calls it.
 
-    master = safe_get_full_fp32_param(param)  # None without ZeRO: the optimizer owns `param` itself
-    if master is not None:
-        safe_set_full_fp32_param(param, master.clamp(low, high))
+    ZeRO-3 clamps each rank's partition of the copy where it lies: DeepSpeed's full-parameter setter
+    cannot write a parameter with fewer elements than ranks (a temperature of shape (1,) on 2 ranks:
+    "start (1) + length (1) exceeds dimension size (1)"), and a clamp is elementwise anyway."""
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_local_fp32_param,
+        safe_set_full_fp32_param,
+        safe_set_local_fp32_param,
+    )
+
     if zero_stage == 3:
         import deepspeed
 
+        local = safe_get_local_fp32_param(param)
+        if local is not None:
+            safe_set_local_fp32_param(param, local.clamp(low, high))
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             param.clamp_(low, high)
-    else:
-        param.clamp_(low, high)
+        return
+    master = safe_get_full_fp32_param(param)  # None without ZeRO: the optimizer owns `param` itself
+    if master is not None:
+        safe_set_full_fp32_param(param, master.clamp(low, high))
+    param.clamp_(low, high)

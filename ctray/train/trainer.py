@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctray.config import to_yaml
 from ctray.data.pipeline import place_data_actors_here, scan_index, training_datasets
+from ctray.errors import CtrayError, TrainingFailed, first_line
 from ctray.objectives import get_objective
 from ctray.run_folder import RunFolder
 from ctray.runtime import ensure_ray, ensure_schedulable
@@ -168,7 +169,11 @@ def _fit_with_restarts(
     cfg: PretrainConfig, run: RunFolder, sampler: Sampler, loop_config: dict[str, Any], callbacks: list[Any] | None
 ) -> Any:
     """trainer.fit(), and after a worker failure a new fit from the last checkpoint, up to
-    run.max_failures times (preemptions announced by the cloud are not counted).
+    run.max_failures times (preemptions announced by the cloud are not counted). Not restarted: a
+    failure that is one of ctray's one-line errors (the user must fix something), and a failure
+    that repeats: the same exception again before a new checkpoint (the data order and every seed
+    are those of the failed attempt, so a restart would replay it). A lost worker process or node
+    (spot capacity) always restarts, whatever happened before.
 
     ctray restarts instead of Ray Train so that each attempt's dataset starts at the checkpoint's
     place in the run's scan order: Ray Train's own restart would replay the stream from where this
@@ -178,20 +183,62 @@ def _fit_with_restarts(
     if not cfg.data.synthetic:
         place_data_actors_here()
     failures = 0
+    previous: tuple[str, int] | None = None  # the last failure and the checkpoint it left
     while True:
         trainer = _trainer(cfg, run, sampler, resumed_step(run), loop_config, callbacks)
         try:
             return trainer.fit()
         except (ray.train.WorkerGroupError, ray.train.PreemptionError) as e:
+            actionable = _user_error(e)
+            if actionable is not None:  # a config or machine the user must fix: a restart meets it again
+                raise actionable from None
             preempted = isinstance(e, ray.train.PreemptionError)
+            what, where = _failure_line(e), resumed_step(run)
+            if not preempted and not _lost_worker(e) and previous == (what, where):
+                raise TrainingFailed(
+                    f"pretrain {cfg.run.name}: {what}, again after restarting from step {where}; not restarting a "
+                    "failure that repeats"
+                ) from None
+            previous = (what, where)
             failures += not preempted
             if not preempted and cfg.run.max_failures != -1 and failures > cfg.run.max_failures:
                 raise
             limit = "no limit" if cfg.run.max_failures == -1 else str(cfg.run.max_failures)
             log.warning(
                 "pretrain %s: %s; restarting from the last checkpoint (failures %d, run.max_failures %s)",
-                cfg.run.name, "a node was preempted" if preempted else "a worker failed", failures, limit,
+                cfg.run.name, "a node was preempted" if preempted else f"a worker failed ({what})", failures, limit,
             )  # fmt: skip
+
+
+def _failures(e: Exception) -> list[BaseException]:
+    """The workers' exceptions in rank order (Ray hands each back as a subclass of its own type,
+    RayTaskError(ConfigError), with the original as `cause`)."""
+    failures = getattr(e, "worker_failures", {}) or {}
+    return [getattr(f, "cause", None) or f for _, f in sorted(failures.items())] or [e]
+
+
+def _lost_worker(e: Exception) -> bool:
+    """A worker's process or node went away (killed, preempted, out of memory), rather than its code
+    raising: the next attempt runs elsewhere or later, so it may well succeed."""
+    import ray.exceptions
+
+    lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError)
+    return any(isinstance(f, lost) for f in _failures(e))
+
+
+def _failure_line(e: Exception) -> str:
+    """`Type: first line of its message` of the lowest rank's failure."""
+    first = _failures(e)[0]
+    return f"{type(first).__name__}: {first_line(first)}"
+
+
+def _user_error(e: Exception) -> CtrayError | None:
+    """The first of the workers' failures that is one of ctray's one-line errors (a stale build
+    lock, a config the shards do not fit), else None."""
+    for cause in _failures(e):
+        if isinstance(cause, CtrayError):  # one line by design: its own first line, whole
+            return type(cause)(str(cause).splitlines()[0] if str(cause) else "")
+    return None
 
 
 def _trainer(

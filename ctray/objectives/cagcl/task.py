@@ -49,7 +49,7 @@ class CAGCLTask(AnatomyTextTask):
         self.generator.manual_seed(seed)
 
     def embed_anatomies(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = batch["scan"].unsqueeze(1).to(next(self.parameters()).dtype)
+        x = batch["scan"].unsqueeze(1).to(self.compute_dtype())
         return self.pool(self.vit(x), batch["anatomy_tokens"].bool())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -56,8 +56,7 @@ class CTFMTask(Task):
         x = self.views(patches)
         if x.is_cuda:  # cuDNN picks its fast 3D kernels for channels-last input (measured ~2x on an H100)
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        param = next(self.parameters())
-        z = self.head(self.encoder(x.to(param.dtype)))
+        z = self.head(self.encoder(x.to(self.compute_dtype())))
         loss, pos_sim = self.loss.forward_with_metrics(z.reshape(s, 2, m, -1))
         return {"loss": loss, "positive_cosine": pos_sim, "views": torch.tensor(float(s * 2 * m))}
 
@@ -69,7 +68,7 @@ class CTFMTask(Task):
         patches = batch["patches"]
         s, m = patches.shape[:2]
         x = window(patches, *self.cfg.window_hu).reshape(s * m, 1, *patches.shape[2:])
-        z = self.encoder(x.to(next(self.parameters()).dtype)).float().reshape(s, m, -1)
+        z = self.encoder(x.to(self.compute_dtype())).float().reshape(s, m, -1)
         return {"embedding": z.mean(1), "patch_embedding": z}
 
     def export_parts(self) -> dict[str, ExportPart]:

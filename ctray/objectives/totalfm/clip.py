@@ -15,9 +15,8 @@ from torch import nn
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
 from ctray.export import ExportPart, layer_norm_part, linear_part
-from ctray.objectives.anatomy_text import AnatomyTextTask, at_slots, text_assets
+from ctray.objectives.anatomy_text import AnatomyTextTask, encode_slots, text_assets
 from ctray.objectives.totalfm.config import TotalFMCLIPConfig, export_config
-from ctray.objectives.totalfm.mae import organ_videos
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +123,10 @@ class TotalFMCLIPTask(AnatomyTextTask):
         return F.normalize(self.vision_proj(self.vision_norm(tokens.mean(1))).float(), dim=-1)
 
     def embed_organs(self, organs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(S, A, T, H, W) organ volumes -> (S, A, embed_dim), only the `mask` slots encoded."""
-        mask = mask.bool()
-        return at_slots(mask, self.embed_volumes(organ_videos(organs, mask, next(self.parameters()).dtype)))
+        """(S, A, T, H, W) organ volumes -> (S, A, embed_dim), only the `mask` slots encoded (and one
+        more, weighted 0: `encode_slots`)."""
+        videos = organs.flatten(0, 1).unsqueeze(2)  # (S * A, T, 1, H, W): each organ a 1-channel video
+        return encode_slots(mask.bool(), lambda slots: self.embed_volumes(videos[slots].to(self.compute_dtype())))
 
     def embed_anatomies(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.embed_organs(batch["organs"], batch["region"])

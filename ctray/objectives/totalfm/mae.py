@@ -56,18 +56,24 @@ class TotalFMMAETask(Task):
         self.mae = VideoMAEForPreTraining(cfg.model.videomae_config(cfg.organs))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        param = next(self.parameters())
-        x = organ_videos(batch["organs"], batch["present"], param.dtype)
+        present = batch["present"].bool()
+        # A batch without an organ still runs the model, on its first slot weighted 0: every rank
+        # then reduces every gradient (DeepSpeed), or the ranks that have organs would wait for it.
+        empty = not bool(present.any())
+        if empty:
+            present = torch.zeros_like(present)
+            present.view(-1)[0] = True
+        x = organ_videos(batch["organs"], present, self.compute_dtype())
         mask = tube_mask(len(x), self.cfg.model, self.cfg.organs, self.cfg.mask_ratio, x.device)
         loss = self.mae(pixel_values=x, bool_masked_pos=mask).loss
-        return {"loss": loss, "views": torch.tensor(float(len(x)))}
+        return {"loss": 0.0 * loss if empty else loss, "views": torch.tensor(0.0 if empty else float(len(x)))}
 
     @torch.no_grad()
     def embed(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Each organ in the scan (`region`): the encoder's tokens mean-pooled, L2-normalised (the
         features stage 2 projects); the scan: their mean."""
         region = batch["region"].bool()
-        x = organ_videos(batch["organs"], region, next(self.parameters()).dtype)
+        x = organ_videos(batch["organs"], region, self.compute_dtype())
         tokens = self.mae.videomae(pixel_values=x).last_hidden_state
         v = at_slots(region, nn.functional.normalize(tokens.mean(1).float(), dim=-1))
         return anatomy_embeddings(v, region)

@@ -1,0 +1,131 @@
+"""The DeepSpeed engine around a task: its config, the optimizer and schedule it steps, and what
+must hold before `deepspeed.initialize` (no op compiled at start, no stale build lock).
+
+DeepSpeed compiles C++/CUDA ops with torch's JIT extension loader into
+`$TORCH_EXTENSIONS_DIR/<python>_<device>/<op>/` (default `~/.cache/torch_extensions`), guarded
+by a `lock` file; a process killed mid-build leaves that file behind and every later build of the
+op on the machine waits on it forever (torch's FileBaton has no timeout). ctray asks for nothing
+compiled: torch's AdamW, not DeepSpeed's FusedAdam/CPUAdam, and not the CPU backend's
+shared-memory collective op (below). The stale-lock check covers whatever DeepSpeed may still
+build on another version or accelerator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctray.errors import ConfigError
+from ctray.train.config import PretrainConfig
+from ctray.train.optim import param_groups, warmup_cosine
+
+STALE_LOCK_S = 600.0
+"""A build lock older than this is left by a killed build: DeepSpeed's ops build in well under a
+minute on CPU and a few minutes with CUDA."""
+
+
+def mixed_precision(cfg: PretrainConfig, use_gpu: bool) -> bool:
+    """Whether the forward runs under torch.autocast(bfloat16) (deepspeed.precision)."""
+    return cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and use_gpu)
+
+
+def deepspeed_config(cfg: PretrainConfig, use_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed's config for the run. bf16 is torch's AMP (`torch_autocast`), not DeepSpeed's `bf16`
+    mode: that one casts the parameters to bf16 and leaves buffers fp32, so BatchNorm fails ("expected
+    scalar type BFloat16 but found Float") and SyncBatchNorm with it, and under ZeRO 0 it wraps AdamW
+    in an optimizer whose fp32 master the temperature clamp cannot reach. Under autocast the
+    parameters are the fp32 master: ZeRO 0-3 step them as in fp32 training, gradients accumulate and
+    travel in fp32 (`grad_comm_dtype`), BatchNorm keeps fp32 weights and statistics, and only the
+    matmuls and convolutions run in bf16. `lower_precision_safe_modules: []` keeps DeepSpeed from
+    sending the gradients of Linear/Conv layers in bf16, its default under autocast."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.scans_per_worker,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "torch_autocast": {
+            "enabled": mixed_precision(cfg, use_gpu),
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
+        },
+        "communication_data_type": cfg.deepspeed.grad_comm_dtype,
+        # torch's AdamW: ZeRO calls every optimizer but its own "untested"; it needs no compiled op.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # ctray logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+
+
+def extensions_root() -> Path:
+    """Where torch's JIT extension loader builds ops: $TORCH_EXTENSIONS_DIR/<op>/, or by default
+    ~/.cache/torch_extensions/<python>_<device>/<op>/ (torch.utils.cpp_extension)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def check_build_locks(root: Path | None = None, stale_s: float = STALE_LOCK_S, now: float | None = None) -> None:
+    """Fail in one line when a DeepSpeed op's build folder holds a lock older than `stale_s`: the
+    build that made it was killed, and DeepSpeed would wait on it forever."""
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS  # op name -> builder; the name is its build folder
+
+    root = extensions_root() if root is None else root
+    now = time.time() if now is None else now
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:  # a live build just finished
+            continue
+        if lock.parent.name in ALL_OPS and age > stale_s:
+            raise ConfigError(
+                f"stale build lock {lock} ({age / 60:.0f} min old): a build of DeepSpeed's op "
+                f"'{lock.parent.name}' was killed, and every later build waits on this file forever; delete {lock} "
+                "and run again"
+            )
+
+
+def skip_shm_collectives() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory collective op at initialize
+    (deepspeed/comm/torch.py, build_shm_op). The op only serves `inference_all_reduce`: training's
+    all-reduce and all-gather go through torch.distributed (gloo) either way, and the build costs
+    ~40 CPU-seconds of gcc on every fresh machine and container. DeepSpeed probes its ops once into
+    `deepspeed.ops.__compatible_ops__`, a dict it keeps for such edits."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def build_engine(cfg: PretrainConfig, task: torch.nn.Module, use_gpu: bool) -> tuple[Any, Any]:
+    """The DeepSpeed engine around `task` with torch AdamW and the warmup-cosine schedule."""
+    import deepspeed
+
+    check_build_locks()
+    skip_shm_collectives()
+    groups = [g for g in param_groups(task, cfg.optim.weight_decay) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=cfg.optim.betas)
+    factor = warmup_cosine(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    engine, _, _, sched = deepspeed.initialize(
+        model=task, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, use_gpu), dist_init_required=False
+    )
+    return engine, sched
+
+
+def gathered(module: torch.nn.Module, zero_stage: int) -> contextlib.AbstractContextManager[Any]:
+    """Full parameters inside the block (collective under ZeRO-3: every rank must enter)."""
+    import deepspeed
+
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def param_checksum(module: torch.nn.Module, zero_stage: int) -> float:
+    """Sum of |parameters| (gathered under ZeRO-3): a cheap fingerprint that a checkpoint loads back exactly."""
+    with gathered(module, zero_stage):
+        return float(sum(p.detach().double().abs().sum() for p in module.parameters()))

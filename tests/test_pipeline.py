@@ -1,0 +1,32 @@
+"""The run's seed drives the data it trains on: the scan order of every pass and each draw's
+sampling are functions of train.seed (ctray.data.pipeline); the same seed repeats them exactly, and
+another seed changes them. (test_reproducible.py runs the trainer end to end with one seed.)"""
+
+import numpy as np
+
+from ctray.config import StorageConfig
+from ctray.data.pipeline import ScanOrder, ShardRowReader, scan_index
+from ctray.objectives import get_objective
+
+from conftest import pretrain_cfg
+
+
+def _draws(shards, seed: int) -> tuple[list[int], np.ndarray]:
+    """The first two passes' scan order, and the CT-FM patches of the first 3 draws."""
+    cfg = pretrain_cfg(shards, "unused", "unused")
+    index = scan_index(str(shards), StorageConfig())
+    order = ScanOrder(index, seed)
+    objective = get_objective("ctfm_simclr")
+    reader = ShardRowReader(str(shards), StorageConfig(), objective.sampler(cfg.objective, {}), order, seed)
+    return [order.scan(d) for d in range(2 * len(order))], reader({"id": np.arange(3)})["patches"]
+
+
+def test_the_seed_decides_the_scan_order_and_the_samples(train_shards):
+    scans, patches = _draws(train_shards, 0)
+    again_scans, again_patches = _draws(train_shards, 0)
+    other_scans, other_patches = _draws(train_shards, 1)
+    n = len(scans) // 2
+    assert sorted(scans[:n]) == sorted(scans[n:]) == list(range(n))  # each pass is a permutation
+    assert scans[:n] != scans[n:]  # a new one every pass
+    assert scans == again_scans and np.array_equal(patches, again_patches)
+    assert scans != other_scans and not np.array_equal(patches, other_patches)
