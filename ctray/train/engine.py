@@ -101,10 +101,10 @@ def skip_shm_collectives() -> None:
 
 
 def build_engine(cfg: PretrainConfig, task: torch.nn.Module, use_gpu: bool) -> tuple[Any, Any]:
-    """The DeepSpeed engine around `task` with torch AdamW and the warmup-cosine schedule."""
+    """The DeepSpeed engine around `task` with torch AdamW and the warmup-cosine schedule (the
+    caller has checked the build locks: `check_build_locks`)."""
     import deepspeed
 
-    check_build_locks()
     skip_shm_collectives()
     groups = [g for g in param_groups(task, cfg.optim.weight_decay) if g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=cfg.optim.betas)

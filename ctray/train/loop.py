@@ -35,7 +35,7 @@ from ctray.objectives import get_objective
 from ctray.objectives.spec import Batch, Evaluates, Objective, Task
 from ctray.run_folder import RunFolder
 from ctray.train.config import PretrainConfig, TrainConfig
-from ctray.train.engine import build_engine, gathered, param_checksum
+from ctray.train.engine import build_engine, check_build_locks, gathered, param_checksum
 from ctray.train.optim import clamp_
 from ctray.train.tracking import Tracker
 
@@ -301,6 +301,7 @@ class Worker:
     ):
         import ray.train.torch
 
+        check_build_locks()  # before the model: a stale lock fails the worker in seconds, not minutes
         self.cfg, self.assets = cfg, assets
         self.device = ray.train.torch.get_device()
         self.objective = get_objective(cfg.objective.name)
