@@ -106,6 +106,12 @@ def _bench(args: argparse.Namespace) -> None:
     run_bench(args.what, args)
 
 
+def _doctor(args: argparse.Namespace) -> None:
+    from ctray.doctor import run_doctor
+
+    run_doctor(args.address, args.jobs)
+
+
 def _quickstart(args: argparse.Namespace) -> None:
     from ctray.quickstart import run_quickstart
 
@@ -246,6 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(be)
     be.set_defaults(fn=_bench)
+
+    do = sub.add_parser(
+        "doctor",
+        help="what a job would meet on a Ray cluster: versions, autoscaler and node types, GPUs, NCCL/EFA, storage",
+        description="Checks a Ray cluster before a job is submitted, in a few lines: Ray, Python and ctray versions "
+        "of this driver against the nodes; the autoscaler (v1, v2, KubeRay) and its node types, and whether each "
+        "given job's workers fit one; per GPU node torch's CUDA build against the driver, bf16 support and NCCL/EFA "
+        "settings; each job's storage, reached with its credentials. Nothing is launched. Exit status 2 when a job "
+        "would trip on something (marked !!). Example: ctray doctor 10.0.0.5:6379 jobs/ctfm.yaml jobs/ingest.yaml",
+    )
+    do.add_argument(
+        "address", nargs="?", default=None, help="the cluster's GCS address HOST:PORT (default: RAY_ADDRESS)"
+    )
+    do.add_argument("jobs", nargs="*", help="job YAMLs (pretrain, sweep, ingest) to check against the cluster")
+    do.set_defaults(fn=_doctor)
 
     qs = sub.add_parser(
         "quickstart",

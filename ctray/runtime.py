@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import time
+from typing import Any
 
 from ctray.config import RayConfig
 from ctray.errors import ConfigError
@@ -31,11 +32,27 @@ def ensure_ray(cfg: RayConfig) -> None:
     log.info("ray: %s", "connected to " + address if address else "local instance")
 
 
-def _fits(resources: dict, shape: dict[str, float]) -> bool:
-    return all(resources.get(k, 0.0) >= v for k, v in shape.items() if v > 0)
+_KINDS = ("CPU", "GPU", "TPU", "memory")
+"""The resources ctray's work asks for, and so compares with what nodes offer."""
 
 
-def _autoscaler_report() -> dict | None:
+def fits(resources: dict, shape: dict[str, float]) -> bool:
+    """Whether `resources` holds `shape`; memory only where it is stated (a node type may not)."""
+    return all(resources.get(k, float("inf") if k == "memory" else 0.0) >= v for k, v in shape.items() if v > 0)
+
+
+def describe(resources: dict[str, float]) -> str:
+    """{"CPU": 1, "memory": 2**31} -> "1 CPU, 2 GiB memory"; {} -> "no CPU or GPU"."""
+    parts = [
+        f"{resources[k] / 2**30:.4g} GiB memory" if k == "memory" else f"{resources[k]:g} {k}"
+        for k in _KINDS
+        if resources.get(k, 0) > 0
+    ]
+    return ", ".join(parts) or "no CPU or GPU"
+
+
+def autoscaler_report() -> dict | None:
+    """Autoscaler v1's status, which its monitor writes to the GCS; None under v2 or none."""
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
 
@@ -53,9 +70,55 @@ def _can_autoscale(report: dict | None) -> bool:
     )
 
 
+def autoscaler_v2() -> bool:
+    """Whether the cluster runs Ray's autoscaler v2 (the default of `ray up` since Ray 2.50 and of
+    KubeRay). It writes no v1 status: its state is read through the GCS (`autoscaler_v2_state`)."""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    try:
+        return is_autoscaler_v2(fetch_from_server=True)
+    except Exception:  # a GCS too old to know the key
+        return False
+
+
+def autoscaler_v2_state() -> Any:
+    """Autoscaler v2's view: pending, failed and infeasible requests and the nodes it runs (a
+    `GetClusterStatusReply`). `ray.autoscaler.v2.sdk.get_cluster_status` parses the same reply but
+    drops the infeasible requests, which are what tells a job that no node type fits it."""
+    import ray
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+    reply = GetClusterStatusReply()
+    reply.ParseFromString(GcsClient(ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=10))
+    return reply
+
+
+def _infeasible_v2(state: Any, shape: dict[str, float]) -> bool:
+    wanted = {k: v for k, v in shape.items() if v > 0}
+    scaling = state.autoscaling_state
+    bundles = [r.resources_bundle for r in scaling.infeasible_resource_requests]
+    bundles += [r.resources_bundle for g in scaling.infeasible_gang_resource_requests for r in g.requests]
+    return any(dict(b) == wanted for b in bundles)
+
+
+def _launching(v2: bool) -> tuple[int, str]:
+    """Nodes the autoscaler is launching, and its last failed launch (a cloud's refusal: quota,
+    capacity, a bad image) in words, or ""."""
+    if v2:
+        scaling = autoscaler_v2_state().autoscaling_state
+        count = sum(r.count for r in scaling.pending_instance_requests) + len(scaling.pending_instances)
+        failed = max(scaling.failed_instance_requests, key=lambda r: r.failed_ts, default=None)
+        why = f"{failed.count} {failed.ray_node_type_name} node(s) failed to launch: {failed.reason}" if failed else ""
+        return count, why.splitlines()[0] if why else ""
+    report = autoscaler_report() or {}
+    count = sum((report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes") or [])
+    return count, ""
+
+
 def _node_types() -> list[dict] | None:
-    """The resources of each node type the autoscaler may launch, where it publishes them (Ray's
-    autoscaler v2, KubeRay's with `version: v2`); None where it does not (v1)."""
+    """The resources of each node type the autoscaler may launch, where it publishes them
+    (KubeRay's autoscaler); None where it does not (Ray's own v1 and v2)."""
     import ray._private.state
 
     try:
@@ -65,7 +128,7 @@ def _node_types() -> list[dict] | None:
     if config is None or not config.node_group_configs:
         return None
     return [
-        {k: float(v) for k, v in g.resources.items() if k in ("CPU", "GPU", "TPU")}
+        {k: float(v) for k, v in g.resources.items() if k in _KINDS}
         for g in config.node_group_configs
         if g.max_count != 0
     ]
@@ -74,14 +137,8 @@ def _node_types() -> list[dict] | None:
 def _largest_nodes() -> str:
     import ray
 
-    shapes = sorted(
-        {
-            json.dumps({k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU", "TPU")}, sort_keys=True)
-            for n in ray.nodes()
-            if n["Alive"]
-        }
-    )
-    return ", ".join(s if s != "{}" else "no CPU or GPU" for s in shapes) or "none"
+    shapes = sorted({describe(n["Resources"]) for n in ray.nodes() if n["Alive"]})
+    return "; ".join(shapes) or "none"
 
 
 def ensure_schedulable(shape: dict[str, float], what: str, timeout_s: float = 45.0) -> None:
@@ -91,23 +148,24 @@ def ensure_schedulable(shape: dict[str, float], what: str, timeout_s: float = 45
     A cluster without an autoscaler fails at once. With one, ctray asks for such a node through a
     one-bundle placement group (demand the autoscaler acts on; unlike `request_resources`, it is
     not a cluster-wide slot that Ray Train's own requests overwrite) and waits: while the
-    autoscaler is launching nodes the wait goes on (cloud nodes take minutes), and when
-    `timeout_s` passes with no launch and no node that fits, no node type of the cluster offers the
-    shape. (Ray's autoscaler reports infeasible tasks once, and infeasible placement groups, which
-    Ray Train and Tune use, not at all.)"""
+    autoscaler is launching nodes the wait goes on (cloud nodes take minutes). Autoscaler v2 says
+    when no node type fits the request (its infeasible requests): that fails at once. v1 reports
+    infeasible tasks once, and infeasible placement groups, which Ray Train and Tune use, not at
+    all: when `timeout_s` passes with no launch and no node that fits, no node type offers it."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    if any(_fits(n["Resources"], shape) for n in ray.nodes() if n["Alive"]):
+    if any(fits(n["Resources"], shape) for n in ray.nodes() if n["Alive"]):
         return
-    wanted = ", ".join(f"{v:g} {k}" for k, v in shape.items() if v > 0)
+    wanted = describe(shape)
     types = _node_types()
-    if types is not None and not any(_fits(t, shape) for t in types):
-        offered = ", ".join(sorted({json.dumps(t, sort_keys=True) for t in types})) or "none"
+    if types is not None and not any(fits(t, shape) for t in types):
+        offered = "; ".join(sorted({describe(t) for t in types})) or "none"
         raise ConfigError(
             f"no node type of this cluster can run one {what} ({wanted}); its node types offer: {offered}"
         )
-    if types is None and not _can_autoscale(_autoscaler_report()):
+    v2 = autoscaler_v2()
+    if types is None and not v2 and not _can_autoscale(autoscaler_report()):
         raise ConfigError(
             f"no node of this Ray cluster can run one {what} ({wanted}); its nodes offer: {_largest_nodes()}"
         )
@@ -115,6 +173,7 @@ def ensure_schedulable(shape: dict[str, float], what: str, timeout_s: float = 45
     probe = placement_group(
         [{k: v for k, v in shape.items() if v > 0}], strategy="PACK", name="ctray-schedulable-probe"
     )
+    failed = ""
     try:
         deadline = time.time() + timeout_s
         next_note = time.time() + 30
@@ -122,8 +181,12 @@ def ensure_schedulable(shape: dict[str, float], what: str, timeout_s: float = 45
             ready, _ = ray.wait([probe.ready()], timeout=2)
             if ready:
                 return
-            report = _autoscaler_report() or {}
-            launching = sum((report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes") or [])
+            if v2 and _infeasible_v2(autoscaler_v2_state(), shape):
+                raise ConfigError(
+                    f"no node type of this cluster can run one {what} ({wanted}): the autoscaler reports the "
+                    f"request infeasible; nodes now: {_largest_nodes()}"
+                )
+            launching, failed = _launching(v2)
             if launching:
                 deadline = max(deadline, time.time() + timeout_s)
                 if time.time() > next_note:
@@ -133,7 +196,7 @@ def ensure_schedulable(shape: dict[str, float], what: str, timeout_s: float = 45
                     next_note = time.time() + 30
         raise ConfigError(
             f"no node type of this cluster can run one {what} ({wanted}): the autoscaler launched none in "
-            f"{timeout_s:.0f} s; nodes now: {_largest_nodes()}"
+            f"{timeout_s:.0f} s; nodes now: {_largest_nodes()}" + (f"; {failed}" if failed else "")
         )
     finally:
         remove_placement_group(probe)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -45,6 +46,15 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def efa_plugin(dockerfile: str) -> str:
+    """Where cluster/Dockerfile links the aws-ofi-nccl plugin: off the library path, so NCCL loads it
+    only where NCCL_NET_PLUGIN names this path (cluster/aws.yaml, cluster/kuberay/raycluster.yaml)."""
+    match = re.search(r'ln -s "\$\{plugin\}" (\S+);', dockerfile)
+    assert match, "cluster/Dockerfile does not link the aws-ofi-nccl plugin"
+    return match.group(1)
+
 
 LOCAL_JOBS = {
     "ctfm_simclr": "ctfm-local.yaml",
@@ -342,6 +352,7 @@ def run_ranks(script: str, out: Path, args: Any, world: int = 2, timeout_s: floa
     `python script RANK WORLD PORT OUT ARGS_JSON`; each writes OUT/rank{RANK}.json, returned in rank
     order. One rank failing leaves the others waiting in a collective: they are stopped at once,
     and the test fails with the log of the rank that failed first."""
+    out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs = []

@@ -25,6 +25,7 @@ COMMANDS = [
     ["quickstart"],
     ["embed"],
     ["eval"],
+    ["doctor"],
 ]
 BENCHES = [["bench"], ["bench", "ingest"], ["bench", "data"], ["bench", "scale"], ["bench", "step"]]
 
@@ -47,6 +48,20 @@ def test_bad_config_is_one_line(tmp_path):
     good.write_text(f"input: {{scans: {tmp_path}/none}}\noutput: {{uri: {tmp_path}/out}}\n")
     done = ctray("ingest", str(good))
     assert done.returncode == 2 and "does not exist" in done.stderr.splitlines()[-1]
+
+
+def test_doctor_without_a_ray_at_the_address_says_so_in_one_line(capsys, tmp_path):
+    from conftest import free_port
+
+    port = free_port()  # nothing listens there
+    assert main(["doctor", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ctray: error: no Ray cluster at 127.0.0.1:{port}: [Errno 111] Connection refused"]
+    (tmp_path / "notajob.yaml").write_text("name: x\n")
+    with pytest.raises(ConfigError, match=r"notajob\.yaml: not a pretrain, sweep or ingest config"):
+        from ctray.doctor import diagnose
+
+        diagnose(f"127.0.0.1:{port}", [str(tmp_path / "notajob.yaml")])
 
 
 def test_phantoms_command_writes_a_dataset(tmp_path):

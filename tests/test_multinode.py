@@ -1,239 +1,57 @@
-"""ctray on a real multi-node Ray with an autoscaler, on this machine: Ray's fake multi-node
-provider (`provider: type: fake_multinode`) starts real raylets as "nodes" when the autoscaler
-launches them. The head has no CPUs for work and the worker node type starts at zero, so every task,
-worker and trial has to make the autoscaler add nodes, as on a cloud cluster.
-
-Ray's own AutoscalingCluster helper cannot be used: its example config is not in the pip wheel and
-it runs `ray stop --force`, which would stop every Ray on the machine. The fixture writes the config
-itself, starts the head on free ports with its own temp dir, and kills only its own processes.
-Everything talks to the cluster the way users do: `ray job submit --working-dir` of a fresh clone
-(ingest, then a pretrain that loses a node), `ctray sweep` with RAY_ADDRESS, and the dashboard's
-State API. One fake cluster serves the module: the ingest starts it from no worker node, and the
-later tests find the nodes the autoscaler keeps until they have been idle for 15 s.
+"""ctray on a real multi-node Ray with Ray's default autoscaler (v2) on this machine: the fake
+multi-node provider of tests/multinode.py, whose head offers no CPU for work and whose worker node
+type starts at zero. Everything talks to the cluster the way users do: `ray job submit
+--working-dir` of a fresh clone (ingest, then a pretrain that loses a node), `ctray sweep` with
+RAY_ADDRESS, `ctray doctor`, and the dashboard's State API. One fake cluster serves the module: the
+ingest starts it from no worker node, and the later tests find the nodes the autoscaler keeps until
+they have been idle for 15 s. (test_multinode_v1.py: the same on autoscaler v1.)
 """
 
 import csv
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
 from ctray.config import load_config
-from ctray.data.phantoms import make_phantom, write_nifti
 from ctray.train.config import PretrainConfig
 
-from conftest import BIN, REPO, RayHead, free_port, processes_of, run_log
+from conftest import REPO, run_log
+from multinode import FakeCluster, NodeWatch, big_scans, ctray, doctor_jobs, gpu_job_refused, make_clone, submit
 
 pytestmark = pytest.mark.slow  # every test here runs on the module's one cluster
-
-NODE_CPUS = 2
-
-
-def _config(gcs_port: int) -> dict:
-    return {
-        "cluster_name": "ctray-fake",
-        "max_workers": 4,
-        # The fake provider starts nodes against 127.0.0.1:6379 unless told the head's GCS address.
-        "provider": {
-            "type": "fake_multinode",
-            "use_node_id_as_ip": True,
-            "disable_node_updaters": True,
-            "disable_launch_config_check": True,
-            "gcs_address": f"127.0.0.1:{gcs_port}",
-        },
-        "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            "cpu2": {
-                "resources": {"CPU": NODE_CPUS, "object_store_memory": 300 * 2**20},
-                "node_config": {},
-                "min_workers": 0,
-                "max_workers": 4,
-            },
-        },
-        "head_node_type": "ray.head.default",
-        "auth": {},
-        "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 0.25,
-        "docker": {},
-        "initialization_commands": [],
-        "setup_commands": [],
-        "head_setup_commands": [],
-        "worker_setup_commands": [],
-        "head_start_ray_commands": [],
-        "worker_start_ray_commands": [],
-        "file_mounts": {},
-        "cluster_synced_files": [],
-        "file_mounts_sync_continuously": False,
-        "rsync_exclude": [],
-        "rsync_filter": [],
-    }
-
-
-class FakeCluster(RayHead):
-    """A head with no CPU for work and an autoscaler whose fake provider starts 2-CPU nodes (real
-    raylets on this machine) when work asks for them."""
-
-    def __init__(self):
-        config = Path(tempfile.mkdtemp(prefix="rfc", dir="/tmp")) / "autoscaler.json"
-        env = {
-            # tests/fake_cluster/sitecustomize.py: the nodes share one disk here (see it).
-            "PYTHONPATH": os.pathsep.join(
-                p for p in (str(Path(__file__).parent / "fake_cluster"), os.environ.get("PYTHONPATH")) if p
-            ),
-            "RAY_FAKE_CLUSTER": "1",
-            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-            # Ray Data asks the autoscaler for the resources of each running dataset and renews
-            # the request; a training worker that dies with its node leaves its last request to
-            # expire after 180 s (and a finished one is released after as long), which would keep
-            # nodes up into the next test's wait for an empty cluster.
-            "RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "15",
-            "RAY_DATA_LOW_UTIL_REQUEST_RELEASE_DELAY_S": "5",
-        }
-        port = free_port()
-        config.write_text(json.dumps(_config(port)))
-        super().__init__("--num-cpus=0", f"--autoscaling-config={config}", env=env, dashboard=True, port=port)
-        self.config_dir = config.parent
-        self.client_env = {k: v for k, v in self.env.items() if k != "RAY_FAKE_CLUSTER"}
-        deadline = time.time() + 120
-        while (
-            subprocess.run(
-                [str(BIN / "ray"), "job", "list", f"--address={self.dashboard}"],
-                env=self.env,
-                capture_output=True,
-                timeout=60,
-            ).returncode
-            != 0
-        ):
-            assert time.time() < deadline, "the head's job server did not come up"
-            time.sleep(2)
-
-    def worker_nodes(self) -> list[str]:
-        """Ids of the alive nodes other than the head (State API)."""
-        with urllib.request.urlopen(f"{self.dashboard}/api/v0/nodes?limit=100", timeout=20) as r:
-            nodes = json.loads(r.read())["data"]["result"]["result"]
-        return [n["node_id"] for n in nodes if n["state"] == "ALIVE" and not n["is_head_node"]]
-
-    def kill_node(self, node_id: str) -> int:
-        """A node vanishes (a spot preemption): kill every process that belongs to it."""
-        victims = []
-        for p in processes_of(self.temp):
-            try:
-                if p.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
-                    victims.append(p)
-            except psutil.Error:
-                pass
-        for p in victims:
-            p.kill()
-        psutil.wait_procs(victims, timeout=30)
-        return len(victims)
-
-    def stop(self) -> None:
-        super().stop()
-        shutil.rmtree(self.config_dir, ignore_errors=True)
-
-
-class NodeWatch:
-    """Polls the number of worker nodes in the background; `peak` is the most seen at once."""
-
-    def __init__(self, cluster: FakeCluster):
-        self.cluster, self.peak, self._stop = cluster, 0, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while not self._stop.wait(1.0):
-            try:
-                self.peak = max(self.peak, len(self.cluster.worker_nodes()))
-            except OSError:
-                pass
-
-    def stop(self) -> int:
-        self._stop.set()
-        self.thread.join(10)
-        return self.peak
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = FakeCluster()
-    try:
+    with FakeCluster("v2") as c:
         yield c
-    finally:
-        c.stop()
-
-
-def _ctray(cluster: FakeCluster, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ctray.cli", *args],
-        env=cluster.client_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
 
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
-    """The repository as a user checks it out (tracked and untracked files, not tests), with its
-    version edited: jobs submitted with it as working dir must run this copy of ctray, not the
-    installed one."""
-    clone = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file() and not rel.startswith("tests/"):
-            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, clone / rel, follow_symlinks=False)
-    init = clone / "ctray" / "__init__.py"
-    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "edited-'))
-    return clone
+    return make_clone(tmp_path_factory.mktemp("clone"))
 
 
-def _submit(cluster: FakeCluster, clone: Path, *args: str, **popen: object) -> subprocess.Popen:
-    """`ray job submit --working-dir <clone> -- python -m ctray.cli -v ARGS`: the README's way; it
-    follows the job's log until the job ends (-v: a failure's traceback reaches the test's output)."""
-    argv = [str(BIN / "ray"), "job", "submit", f"--address={cluster.dashboard}", "--working-dir", str(clone)]
-    return subprocess.Popen(
-        [*argv, "--", "python", "-m", "ctray.cli", "-v", *args],
-        env=cluster.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **popen,  # type: ignore[arg-type]
-    )
-
-
-SCANS = 12
+SCANS = 8
+MAX_VOXELS = 2**25
 
 
 @pytest.fixture(scope="module")
 def shards(cluster, clone, tmp_path_factory):
-    """`ray job submit` of `ctray ingest` from the clone: 12 one-scan shards of a 120x400x400 scan
+    """`ray job submit` of `ctray ingest` from the clone: 8 one-scan shards of a 120x400x400 scan
     (several seconds of work for this machine's cores, longer than a node takes to start), with
     no CPU on the head. Returns the shard folder, the most worker nodes seen at once while it ran,
     and the job's log."""
     root = tmp_path_factory.mktemp("multinode")
-    scans = root / "scans"
-    scans.mkdir()
-    p = make_phantom("big", 21, shape=(120, 400, 400), spacing=(2.5, 0.9, 0.9))
-    write_nifti(str(root / "big.nii.gz"), p.hu, p.affine)
-    for i in range(SCANS):
-        (scans / f"scan{i:02d}.nii.gz").symlink_to(root / "big.nii.gz")
+    scans = big_scans(root, SCANS)
     assert cluster.worker_nodes() == []
     watch = NodeWatch(cluster)
-    job = _submit(
+    job = submit(
         cluster,
         clone,
         "ingest",
@@ -245,6 +63,7 @@ def shards(cluster, clone, tmp_path_factory):
         "output.scans_per_shard=1",
         "preprocess.spacing=[3,2,2]",
         "lease.settle_s=0.2",
+        f"preprocess.max_voxels={MAX_VOXELS}",  # each writer asks for the memory of such a scan
     )
     log, _ = job.communicate(timeout=400)
     peak = watch.stop()
@@ -257,7 +76,7 @@ def test_ingest_job_from_a_clone_makes_the_autoscaler_add_nodes(shards):
     out, peak, log = shards
     assert json.loads((out / "manifest.json").read_text())["counts"]["written"] == SCANS
     assert "ctray edited-" in log and f"{SCANS} written" in log and "succeeded" in log, log[-3000:]
-    # 12 shard tasks of 1 CPU queued at once on 2-CPU nodes: more than one node (a pool sized from
+    # 8 shard tasks of 1 CPU queued at once on 2-CPU nodes: more than one node (a pool sized from
     # the CPUs present at start would have asked for one).
     assert peak >= 2, log[-2000:]
 
@@ -266,7 +85,7 @@ def test_ingest_job_from_a_clone_makes_the_autoscaler_add_nodes(shards):
 def test_pretrain_job_spans_two_nodes_and_resumes_after_losing_one(cluster, clone, shards, tmp_path):
     out = shards[0]
     runs = tmp_path / "runs"
-    job = _submit(
+    job = submit(
         cluster,
         clone,
         "pretrain",
@@ -396,7 +215,7 @@ def test_sweep_runs_trials_at_once_stops_the_poor_and_resumes(cluster, tmp_path)
     before = stamps()
 
     # 2. the same sweep again: it continues, and finished trials are not run again
-    done = _ctray(cluster, "sweep", str(path))
+    done = ctray(cluster, "sweep", str(path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert stamps() == before
     rows = {r["optim.lr"]: r for r in csv.DictReader((sweep_dir / "results.csv").open())}
@@ -425,22 +244,31 @@ def test_sweep_runs_trials_at_once_stops_the_poor_and_resumes(cluster, tmp_path)
 
 @pytest.mark.timeout(180)
 def test_a_job_no_node_type_can_run_fails_in_one_line(cluster, shards):
-    """A GPU per worker on a cluster whose node types have none: one line within a minute, not a
-    job waiting forever (Ray's autoscaler does not report infeasible placement groups)."""
-    t0 = time.time()
-    done = _ctray(
-        cluster,
-        "pretrain",
-        str(REPO / "jobs" / "ctfm-local.yaml"),
-        f"data.shards={shards[0]}",
-        "run.storage=/tmp/ctray-never-written",
-        "scaling.use_gpu=true",
-        "ray.schedule_timeout_s=8",
-        timeout=120,
-    )
-    assert done.returncode == 2 and time.time() - t0 < 60, done.stderr[-2000:]
-    last = done.stderr.strip().splitlines()[-1]
+    """A GPU per worker on a cluster whose node types have none: one line as soon as autoscaler v2
+    reports the request infeasible, well before the job's schedule timeout (300 s)."""
+    last = gpu_job_refused(cluster, shards[0], schedule_timeout_s=300)
     assert last.startswith(
         "ctray: error: no node type of this cluster can run one training worker (0.5 CPU, 1 GPU): "
-        "the autoscaler launched none in 8 s"
+        "the autoscaler reports the request infeasible"
+    ), last
+
+
+@pytest.mark.timeout(180)
+def test_doctor_reads_autoscaler_v2_and_its_node_types(cluster, shards, tmp_path):
+    cpu, gpu = doctor_jobs(tmp_path, shards[0])
+    fine = ctray(cluster, "doctor", cluster.address, str(cpu), timeout=150)
+    assert fine.returncode == 0, fine.stdout + fine.stderr[-2000:]
+    lines = fine.stdout.splitlines()
+    assert all(line.startswith("ok ") for line in lines), lines
+    text = "\n".join(lines)
+    assert (
+        "autoscaler" in text
+        and " v2; node types from the head's autoscaling config: cpu2 (2 CPU, 4 GiB memory, 0-4)" in text
     )
+    assert "pretrain training worker (x2) (0.5 CPU)" in text and "storage " + str(shards[0]) + ": reachable" in text
+    assert "no GPU on the running nodes" in text
+    refused = ctray(cluster, "doctor", cluster.address, str(gpu), timeout=150)
+    assert refused.returncode == 2
+    (bad,) = [line for line in refused.stdout.splitlines() if line.startswith("!!")]
+    assert "training worker (x2) (0.5 CPU, 1 GPU): fits no node type" in bad, refused.stdout
+    assert refused.stderr.strip().splitlines()[-1] == "ctray: error: 1 problem(s) a job would meet, marked !! above"

@@ -5,7 +5,7 @@ another seed changes them. (test_reproducible.py runs the trainer end to end wit
 import numpy as np
 
 from ctray.config import StorageConfig
-from ctray.data.pipeline import ScanOrder, ShardRowReader, scan_index
+from ctray.data.pipeline import RankDraws, ScanOrder, ShardRowReader, scan_index
 from ctray.objectives import get_objective
 
 from conftest import pretrain_cfg
@@ -30,3 +30,24 @@ def test_the_seed_decides_the_scan_order_and_the_samples(train_shards):
     assert scans[:n] != scans[n:]  # a new one every pass
     assert scans == again_scans and np.array_equal(patches, again_patches)
     assert scans != other_scans and not np.array_equal(patches, other_patches)
+
+
+def test_a_resumed_run_on_another_number_of_ranks_draws_where_the_checkpoint_left_off():
+    """The draws of each micro-step are the next scans_per_batch of the run's order whatever the
+    number of ranks: a run checkpointed at step 5 on 2 ranks and resumed on 1 (or 4) trains on
+    the draws the 2-rank run would have, split over its ranks in rank order."""
+    per_step, start_step, micro_steps = 4, 5, 3
+
+    def global_batches(ranks: int, start: int) -> list[list[int]]:
+        draws = [RankDraws(start, r, per_step // ranks, per_step) for r in range(ranks)]
+        batches: list[list[int]] = [[] for _ in range(micro_steps)]
+        for d in draws:  # in rank order
+            for i in range(micro_steps * d.per_rank):
+                batches[i // d.per_rank].append(d.draw(i))
+        return batches
+
+    uninterrupted = global_batches(2, 0)
+    resumed = {ranks: global_batches(ranks, start_step * per_step) for ranks in (1, 2, 4)}
+    assert resumed[1] == resumed[2] == resumed[4]
+    assert resumed[2][0] == list(range(start_step * per_step, (start_step + 1) * per_step))
+    assert uninterrupted[0] == list(range(per_step))  # and from 0: the same draw numbering

@@ -58,6 +58,26 @@ def test_loss_falls_training_from_s3_shards(train_shards, s3_endpoint, tmp_path)
     patches = torch.randint(-1024, 2048, (2, 3, 8, 32, 32), dtype=torch.int16)
     assert encoder.step == 36 and encoder.embed({"patches": patches})["embedding"].shape == (2, 16)
 
+    # A spot cluster back with one GPU instead of two: the run goes on from the 2-rank ZeRO-1
+    # checkpoint on 1 worker (DeepSpeed's universal checkpoint), with the weights as saved.
+    longer = run_pretrain(
+        pretrain_cfg(
+            "s3://ct-train/shards", "s3://ct-train/runs", "falls", f"storage.endpoint_url={s3_endpoint}",
+            "train.max_steps=40", "train.log_every=4", "train.checkpoint_every=36", "deepspeed.zero_stage=1",
+            "objective.patches_per_scan=8", "scaling.num_workers=1",
+        )
+    )  # fmt: skip
+    fs.invalidate_cache()
+    log = [json.loads(line) for line in fs.cat_file("ct-train/runs/falls/metrics.jsonl").decode().splitlines()]
+    (resume,) = [m for m in log if m.get("event") == "resume"]
+    saved = [m["param_checksum"] for m in log if m.get("step") == 36 and "param_checksum" in m]
+    assert resume["step"] == 36 and resume["param_checksum"] == pytest.approx(saved[0], rel=1e-12)
+    assert [len(m["nodes"]) for m in log if m.get("event") == "workers"] == [2, 1]
+    after = [m for m in log if "loss" in m and m["step"] > 36]
+    assert longer.step == 40 and [m["step"] for m in after] == [40]
+    # the same Adam moments and weights: the loss stays where training had brought it
+    assert after[0]["loss"] < first, (after, losses)
+
 
 SYNTHETIC = ["data.synthetic=true", "scaling.num_workers=1", "data.scans_per_batch=1"]
 """What is tested happens on the driver: one worker and no data are enough."""

@@ -1,14 +1,19 @@
 """DeepSpeed engines of every ZeRO stage, in fp32 and in bf16 (autocast), in one 2-process gloo group:
-checkpoints load back exactly, and a learnable temperature stays inside its bounds.
+checkpoints load back exactly, on as many ranks and on another number of ranks, and a learnable
+temperature stays inside its bounds.
 
-The test starts this file twice as a script (ctray's conftest.run_ranks). For each stage and
+The test starts this file as a script (ctray's conftest.run_ranks). For each stage and
 precision, each rank builds the real ctfm_simclr task and engine (ctray.train.engine.build_engine),
 takes 2 steps, saves a checkpoint, loads it into a fresh engine built from another seed, and takes
 a third step on both. Then the real CA-GCL task's temperature is pushed past its upper bound in the
 optimizer's fp32 copy, clamped (ctray.train.optim.clamp_) and stepped: module and optimizer must
 agree and stay at the bound (DeepSpeed's own bf16 mode lost it under ZeRO 0: module 0.5, master
-0.637). Each rank writes what it measured to a JSON file; the assertions are made here, in the test
-process. (The Ray Train resume path is tested by test_reproducible.py.)
+0.637). Before all that, one process does the same in bf16 alone, and the 2 ranks also resume its
+checkpoints (1 -> 2): a cluster back with more GPUs resumes (test_pretrain.py resumes a 2-worker run
+on 1). Every rank steps on the same batch with the same augmentation draws, so the mean gradient is
+one rank's, and the third step must be the one-rank engine's. Each rank writes what it measured to
+a JSON file; the assertions are made here, in the test process. (The Ray Train resume path is
+tested by test_reproducible.py.)
 """
 
 from __future__ import annotations
@@ -27,11 +32,15 @@ PRECISIONS = ("fp32", "bf16")
 def test_zero_checkpoints_load_back_and_the_temperature_stays_bounded(tmp_path):
     from conftest import TINY, run_ranks
 
-    results = run_ranks(__file__, tmp_path, [*TINY, "data.shards=unused", "train.max_steps=10"])
+    overrides = [*TINY, "data.shards=unused", "train.max_steps=10"]
+    (one,) = run_ranks(__file__, tmp_path / "one", {"overrides": overrides, "precisions": ["bf16"]}, world=1)
+    args = {"overrides": overrides, "precisions": PRECISIONS, "resume": str(tmp_path / "one")}
+    results = run_ranks(__file__, tmp_path, args)
     # ctray asks DeepSpeed for no compiled op (its CPU backend would build a shared-memory one).
     assert not list(Path(os.environ["TORCH_EXTENSIONS_DIR"]).rglob("*.so"))
     cases = [f"{stage}-{precision}" for stage in STAGES for precision in PRECISIONS]
-    assert [sorted(r) for r in results] == [sorted(cases)] * 2
+    resumed = [f"{stage}-bf16-resumed" for stage in STAGES]
+    assert [sorted(r) for r in results] == [sorted(cases + resumed)] * 2
     for case in cases:
         r, other = results[0][case], results[1][case]
         assert r["steps_saved"] == 2
@@ -55,6 +64,14 @@ def test_zero_checkpoints_load_back_and_the_temperature_stays_bounded(tmp_path):
         module, master = r["tau_stepped"]
         assert module == pytest.approx(master, abs=1e-7) and module <= high + 2.5e-3, (case, r["tau_stepped"])
 
+    # 1 -> 2 ranks (in bf16, the precision of GPU runs): each rank resumed the one rank's checkpoint
+    for case in one:
+        for r in results:
+            again = r[f"{case}-resumed"]
+            assert again["steps_loaded"] == 2 and again["lr_loaded"] == pytest.approx(one[case]["lr_saved"])
+            assert again["loaded"] == pytest.approx(one[case]["saved"], rel=1e-12), case
+            assert again["after"] == pytest.approx(one[case]["continued"], rel=1e-9), case
+
 
 def _step(engine, batch, seed: int) -> None:
     import torch
@@ -74,12 +91,26 @@ def _engine(cfg, task, seed: int):
     return build_engine(cfg, task, use_gpu=False)
 
 
+def _resume(cfg, objective, batch, checkpoint: Path) -> tuple[dict, object]:
+    """A fresh engine of another seed loads `checkpoint` and takes the third step."""
+    from ctray.train.engine import load_checkpoint, param_checksum
+
+    stage = cfg.deepspeed.zero_stage
+    fresh, sched = _engine(cfg, objective.task(cfg.objective, {}), cfg.train.seed + 1)
+    r = {"fresh": param_checksum(fresh.module, stage), "lr_fresh": sched.get_last_lr()[0]}
+    load_checkpoint(fresh, checkpoint, stage)
+    r |= {"loaded": param_checksum(fresh.module, stage), "steps_loaded": fresh.global_steps}
+    r["lr_loaded"] = sched.get_last_lr()[0]
+    _step(fresh, batch, 102)
+    r |= {"after": param_checksum(fresh.module, stage), "steps_after": fresh.global_steps}
+    return r, fresh
+
+
 def _checkpoints(cfg, objective, out: Path, case: str) -> dict:
     """Save, load into an engine of another seed, step both: what the assertions compare."""
     import torch
 
-    from ctray.train.engine import param_checksum
-    from ctray.train.loop import TAG
+    from ctray.train.engine import TAG, param_checksum
 
     stage = cfg.deepspeed.zero_stage
     batch = objective.synthetic_batch(cfg.objective, cfg.scans_per_worker, torch.device("cpu"))
@@ -93,13 +124,8 @@ def _checkpoints(cfg, objective, out: Path, case: str) -> dict:
     _step(engine, batch, 102)
     r["continued"] = param_checksum(engine.module, stage)
 
-    fresh, fresh_sched = _engine(cfg, objective.task(cfg.objective, {}), cfg.train.seed + 1)
-    r["fresh"], r["lr_fresh"] = param_checksum(fresh.module, stage), fresh_sched.get_last_lr()[0]
-    fresh.load_checkpoint(ckpt, tag=TAG)
-    r |= {"loaded": param_checksum(fresh.module, stage), "steps_loaded": fresh.global_steps}
-    r["lr_loaded"] = fresh_sched.get_last_lr()[0]
-    _step(fresh, batch, 102)
-    r |= {"after": param_checksum(fresh.module, stage), "steps_after": fresh.global_steps}
+    loaded, fresh = _resume(cfg, objective, batch, Path(ckpt))
+    r |= loaded
     tensors = [*fresh.module.parameters(), *(b for b in fresh.module.buffers() if b.is_floating_point())]
     r["dtypes"] = sorted({str(t.dtype) for t in tensors})
     for e in (engine, fresh):
@@ -158,20 +184,30 @@ def _temperature(cfg, stage: int) -> dict:
 def _worker(argv: list[str]) -> None:
     import json
 
+    import torch
+
     from ctray.config import load_config
     from ctray.objectives import get_objective
     from ctray.train.config import PretrainConfig
 
     from conftest import init_rank
 
-    rank, _, out, overrides = init_rank(argv)
+    rank, world, out, args = init_rank(argv)
     results = {}
     for stage in STAGES:
-        for precision in PRECISIONS:
+        for precision in args["precisions"]:
             extra = [f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}"]
-            cfg = load_config(PretrainConfig, None, [*overrides, *extra])
+            cfg = load_config(PretrainConfig, None, [*args["overrides"], *extra])
             case = f"{stage}-{precision}"
-            results[case] = _checkpoints(cfg, get_objective(cfg.objective.name), out, case) | _temperature(cfg, stage)
+            objective = get_objective(cfg.objective.name)
+            results[case] = _checkpoints(cfg, objective, out, case)
+            if world > 1:
+                results[case] |= _temperature(cfg, stage)
+            if args.get("resume") and precision == "bf16":  # another world size's checkpoint
+                batch = objective.synthetic_batch(cfg.objective, cfg.scans_per_worker, torch.device("cpu"))
+                resumed, engine = _resume(cfg, objective, batch, Path(args["resume"]) / f"zero{case}")
+                engine.destroy()
+                results[f"{case}-resumed"] = resumed
     (out / f"rank{rank}.json").write_text(json.dumps(results))
 
 

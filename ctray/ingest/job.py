@@ -11,7 +11,8 @@ Layout of the output (local folder or s3:// / gs:// prefix):
                                    (reason), skipped (reason), failed
 The pseudonym map (privacy.pseudonymize_ids) is written outside it (privacy.id_map).
 
-Shard writers are plain Ray tasks asking for 1 CPU (and 1 GPU with `input.segment`): queued
+Shard writers are plain Ray tasks asking for 1 CPU, memory for the largest scan `max_voxels` lets
+in (IngestConfig.writer_memory) and 1 GPU with `input.segment`: queued
 tasks are demand an autoscaling cluster adds nodes for, and a job whose tasks no node type can
 run is refused within a minute (ctray.runtime.ensure_schedulable).
 """
@@ -207,10 +208,10 @@ def run_writers(
     import ray
 
     ensure_ray(cfg.ray)
-    shape = {"CPU": 1.0, **({"GPU": 1.0} if cfg.input.segment else {})}
+    shape = cfg.writer_shape()
     ensure_schedulable(shape, "ingest shard writer", cfg.ray.schedule_timeout_s)
     task = ray.remote(write_shard).options(
-        num_cpus=1, num_gpus=1 if cfg.input.segment else 0, max_retries=cfg.task_retries
+        num_cpus=shape["CPU"], num_gpus=shape.get("GPU", 0), memory=int(shape["memory"]), max_retries=cfg.task_retries
     )
     per = cfg.output.scans_per_shard
     items: list[dict[str, Any]] = []

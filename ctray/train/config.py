@@ -127,6 +127,10 @@ class ScalingConfig(Section):
     """How Ray places the workers: PACK fills a node's GPUs first (NVLink within a node) and spans
     nodes when one is not enough; SPREAD puts them on different nodes."""
 
+    def worker_bundle(self) -> dict[str, float]:
+        """The resources one training worker asks Ray for."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
+
 
 class DeepSpeedConfig(Section):
     """The DeepSpeed engine of each worker."""

@@ -129,3 +129,73 @@ def param_checksum(module: torch.nn.Module, zero_stage: int) -> float:
     """Sum of |parameters| (gathered under ZeRO-3): a cheap fingerprint that a checkpoint loads back exactly."""
     with gathered(module, zero_stage):
         return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
+
+
+TAG = "ctray"
+"""DeepSpeed's tag inside each Ray Train checkpoint folder: one checkpoint per folder."""
+
+
+def saved_ranks(folder: str | Path) -> int:
+    """How many data-parallel ranks wrote the ZeRO checkpoint in `folder` (0: no ZeRO partitions,
+    as ZeRO 0 writes: any world size loads it)."""
+    return len(list((Path(folder) / TAG).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
+def load_checkpoint(engine: Any, folder: str | Path, zero_stage: int) -> None:
+    """Load the checkpoint in `folder` into `engine`, whatever the number of ranks that wrote it.
+
+    ZeRO 1-3 partition the optimizer state by rank, and DeepSpeed loads such a checkpoint only on
+    as many ranks. A checkpoint of another world size (a spot cluster back with fewer GPUs) goes
+    through DeepSpeed's universal checkpoint: `ds_to_universal` writes each parameter's fp32 weight
+    and Adam moments whole, and every rank loads its new partition of them. Each rank converts its
+    own copy (Ray Train hands every rank the checkpoint locally; the models are small)."""
+    import torch.distributed
+
+    saved = saved_ranks(folder)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if zero_stage == 0 or saved in (0, world):
+        engine.load_checkpoint(str(folder), tag=TAG)
+        return
+    import argparse
+    import contextlib
+    import io
+    import tempfile
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    with tempfile.TemporaryDirectory(prefix="ctray-universal-") as out:
+        args = argparse.Namespace(
+            input_folder=str(Path(folder) / TAG),
+            output_folder=str(Path(out) / TAG),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            # ds_to_universal wants Megatron's layout notes in the client state; ctray's models have
+            # no tensor or pipeline parallel slices to describe.
+            inject_missing_state=True,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints every parameter it converts
+            ds_to_universal.main(args)
+        (Path(out) / "latest_universal").write_text(TAG)
+        # ZeRO 3's universal load (DeepSpeed 0.19, stage3.py) copies the first param group's
+        # hyperparameters onto every group (the no-weight-decay group would decay), and gives every
+        # group one shared `step` tensor, which AdamW then counts up once per group and step (wrong
+        # bias correction). Each group's own hyperparameters are put back (lr comes from the loaded
+        # schedule, the same for every group) and each state gets its own step.
+        groups = [
+            {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+            for g in engine.optimizer.param_groups
+        ]
+        # DeepSpeed reads this setting only when it loads (engine.load_checkpoint and the ZeRO
+        # optimizer's load_state_dict), so it is set here, for this one load.
+        engine._config.load_universal_checkpoint = True
+        try:
+            engine.load_checkpoint(out, tag=TAG)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        for group, own in zip(engine.optimizer.param_groups, groups, strict=True):
+            group.update(own)
+        for state in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()

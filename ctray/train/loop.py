@@ -35,12 +35,11 @@ from ctray.objectives import get_objective
 from ctray.objectives.spec import Batch, Evaluates, Objective, Task
 from ctray.run_folder import RunFolder
 from ctray.train.config import PretrainConfig, TrainConfig
-from ctray.train.engine import build_engine, check_build_locks, gathered, param_checksum
+from ctray.train.engine import TAG, build_engine, check_build_locks, gathered, load_checkpoint, param_checksum
 from ctray.train.optim import clamp_
 from ctray.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
-TAG = "ctray"
 
 
 @dataclass(frozen=True)
@@ -337,7 +336,7 @@ class Worker:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                self.engine.load_checkpoint(d, tag=TAG)
+                load_checkpoint(self.engine, d, self.cfg.deepspeed.zero_stage)
             log.info("rank %d resumed from %s at step %d", dist.rank(), checkpoint.path, self.engine.global_steps)
         step = int(self.engine.global_steps)
         if dist.rank() == 0:

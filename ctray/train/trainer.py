@@ -17,7 +17,7 @@ from ctray.run_folder import RunFolder
 from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import arrow_filesystem, is_remote, resolve_uri
 from ctray.train import tracking
-from ctray.train.config import PretrainConfig, ScalingConfig
+from ctray.train.config import PretrainConfig
 from ctray.train.loop import train_loop
 
 if TYPE_CHECKING:
@@ -75,11 +75,6 @@ def verbose() -> bool:
     return logging.getLogger("ctray").isEnabledFor(logging.DEBUG)
 
 
-def worker_bundle(scaling: ScalingConfig) -> dict[str, float]:
-    """The resources one training worker asks Ray for."""
-    return {"CPU": scaling.cpus_per_worker, **({"GPU": 1.0} if scaling.use_gpu else {})}
-
-
 @dataclass
 class PretrainResult:
     step: int
@@ -99,7 +94,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     if cfg.eval.shards:
         cfg.eval.shards = resolve_uri(cfg.eval.shards)
     ensure_ray(cfg.ray)
-    ensure_schedulable(worker_bundle(cfg.scaling), "training worker", cfg.ray.schedule_timeout_s)
+    ensure_schedulable(cfg.scaling.worker_bundle(), "training worker", cfg.ray.schedule_timeout_s)
 
     run = RunFolder.of(cfg)
     scans = 0 if cfg.data.synthetic else len(scan_index(cfg.data.shards, cfg.storage))
@@ -257,7 +252,7 @@ def _trainer(
     if not cfg.data.synthetic:
         # The micro-steps of the steps left, and one optimizer step's worth of slack.
         micro_steps = (max(0, cfg.train.steps - start) + 1) * cfg.optim.grad_accum
-        reserved = {k: v * cfg.scaling.num_workers for k, v in worker_bundle(cfg.scaling).items()}
+        reserved = {k: v * cfg.scaling.num_workers for k, v in cfg.scaling.worker_bundle().items()}
         streams = training_datasets(
             cfg.data.shards, cfg.storage, sampler, cfg.data.sampler_concurrency, cfg.train.seed,
             start * cfg.scans_per_step, micro_steps, cfg.scaling.num_workers, cfg.scans_per_worker, reserved,
@@ -269,7 +264,7 @@ def _trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=worker_bundle(cfg.scaling),
+            resources_per_worker=cfg.scaling.worker_bundle(),
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(

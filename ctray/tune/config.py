@@ -70,6 +70,13 @@ class SweepConfig(Section):
     max_concurrent: int | None = Field(None, ge=1)
     """Trials at once (None: all of them). Trials that do not fit wait for resources; on an
     autoscaling cluster they are what makes it add nodes. Cap it on a single machine."""
+    trial_cpus: float = Field(0.5, ge=0)
+    """CPUs each trial's own process reserves (it drives the trial's Ray Train run and its data
+    streams). Reserving some keeps trials off a head node that offers no CPU for work (cluster/),
+    where the GCS lives. 0 on one small machine, where the CPUs go to the workers and samplers."""
+    trial_memory_gb: float = Field(1.0, gt=0)
+    """Memory each trial's own process reserves, in GiB: it imports ctray, torch, DeepSpeed and the
+    objective's models (~0.65 GiB resident, measured)."""
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     report_metrics: list[str] = Field(default_factory=list)
     """More metrics of each trial's last report for the results table and CSV (e.g. the zero-shot
@@ -82,3 +89,8 @@ class SweepConfig(Section):
     """Seed of the search algorithm (None: random)."""
     storage_options: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    def trial_resources(self) -> dict[str, float]:
+        """What each trial's own process reserves (trial_cpus, trial_memory_gb); its Train workers
+        reserve theirs (the base config's scaling)."""
+        return {"CPU": self.trial_cpus, "memory": self.trial_memory_gb * 2**30}

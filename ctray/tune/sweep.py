@@ -32,7 +32,6 @@ from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import arrow_filesystem, filesystem, is_remote, publish_bytes, resolve_uri
 from ctray.train import tracking
 from ctray.train.config import PretrainConfig
-from ctray.train.trainer import worker_bundle
 from ctray.tune.config import ParamSpace, SweepConfig
 
 log = logging.getLogger(__name__)
@@ -147,7 +146,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
     ensure_ray(cfg.ray)
     place_data_actors_here()  # before any trial runs a dataset on a worker node
     scaling = base_cfg.scaling
-    ensure_schedulable(worker_bundle(scaling), "training worker of a trial", cfg.ray.schedule_timeout_s)
+    ensure_schedulable(cfg.trial_resources(), "trial", cfg.ray.schedule_timeout_s)
+    ensure_schedulable(scaling.worker_bundle(), "training worker of a trial", cfg.ray.schedule_timeout_s)
     param_space = search_space(spaces, cfg.search)  # a grid search over a continuous field fails here
     trials = cfg.num_samples * grid_size(spaces, cfg.search)
     # Every trial at once unless capped: on an autoscaling cluster, pending trials (their Train
@@ -178,10 +178,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     remote = is_remote(storage)
     trial_fs = afs if remote else None
     trainable = tune.with_parameters(_trial, base=base, trials_root=posixpath.join(sweep_dir, "trials"))
-    # The trial function only drives its trainer: it reserves memory, not a CPU, so that the CPUs
-    # stay with the trial's Train workers and Ray Data samplers (a fraction of a CPU here would
-    # leave the samplers' whole-CPU tasks unschedulable on a small machine).
-    trainable = tune.with_resources(trainable, {"memory": 256 * 2**20})
+    trainable = tune.with_resources(trainable, cfg.trial_resources())
     experiment = posixpath.join(path, cfg.name) if remote else sweep_dir
     if tune.Tuner.can_restore(experiment, storage_filesystem=trial_fs):
         log.info("sweep %s: continuing from %s (finished trials are kept)", cfg.name, sweep_dir)
