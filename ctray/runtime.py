@@ -102,11 +102,11 @@ def _infeasible_v2(state: Any, shape: dict[str, float]) -> bool:
     return any(dict(b) == wanted for b in bundles)
 
 
-def _launching(v2: bool) -> tuple[int, str]:
+def _launching(v2_state: Any) -> tuple[int, str]:
     """Nodes the autoscaler is launching, and its last failed launch (a cloud's refusal: quota,
-    capacity, a bad image) in words, or ""."""
-    if v2:
-        scaling = autoscaler_v2_state().autoscaling_state
+    capacity, a bad image) in words, or "". `v2_state`: autoscaler v2's (None: v1's report)."""
+    if v2_state is not None:
+        scaling = v2_state.autoscaling_state
         count = sum(r.count for r in scaling.pending_instance_requests) + len(scaling.pending_instances)
         failed = max(scaling.failed_instance_requests, key=lambda r: r.failed_ts, default=None)
         why = f"{failed.count} {failed.ray_node_type_name} node(s) failed to launch: {failed.reason}" if failed else ""
@@ -181,12 +181,13 @@ def ensure_schedulable(shape: dict[str, float], what: str, timeout_s: float = 45
             ready, _ = ray.wait([probe.ready()], timeout=2)
             if ready:
                 return
-            if v2 and _infeasible_v2(autoscaler_v2_state(), shape):
+            state = autoscaler_v2_state() if v2 else None
+            if state is not None and _infeasible_v2(state, shape):
                 raise ConfigError(
                     f"no node type of this cluster can run one {what} ({wanted}): the autoscaler reports the "
                     f"request infeasible; nodes now: {_largest_nodes()}"
                 )
-            launching, failed = _launching(v2)
+            launching, failed = _launching(state)
             if launching:
                 deadline = max(deadline, time.time() + timeout_s)
                 if time.time() > next_note:
