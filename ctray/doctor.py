@@ -365,12 +365,18 @@ def _net_line(n: dict[str, Any]) -> tuple[str, str, bool]:
     return "network", shown + (note if efa else ""), ok
 
 
+def format_report(report: Report) -> list[str]:
+    """The report's lines as printed: credentials a URI or a setting may carry are masked
+    (ctray.train.tracking.redact_text)."""
+    from ctray.train.tracking import redact_text
+
+    width = max((len(line.topic) for line in report.lines), default=0)
+    return [redact_text(f"{'ok' if line.ok else '!!'} {line.topic:<{width}}  {line.text}") for line in report.lines]
+
+
 def run_doctor(address: str | None, jobs: list[str]) -> None:
     report = diagnose(address, jobs)
-    width = max(len(line.topic) for line in report.lines)
-    for line in report.lines:
-        print(f"{'ok' if line.ok else '!!'} {line.topic:<{width}}  {line.text}", file=sys.stdout)
-    sys.stdout.flush()
+    print("\n".join(format_report(report)), file=sys.stdout, flush=True)
     if report.problems:
         raise CtrayError(f"{len(report.problems)} problem(s) a job would meet, marked !! above")
     log.info("doctor: nothing a job would trip on")

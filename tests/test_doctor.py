@@ -46,3 +46,18 @@ def test_efa_devices_without_the_efa_provider_are_flagged():
         "NCCL_SOCKET_NTHREADS=4",
         True,
     )
+
+
+def test_printed_lines_carry_no_credentials(monkeypatch):
+    from ctray.doctor import Report, format_report
+
+    from conftest import CANARY_ENV, CANARY_PASSWORD
+
+    monkeypatch.setenv("CTRAY_TEST_TOKEN", CANARY_ENV)
+    report = Report()
+    report.add("job a.yaml", f"storage s3://bucket/x?X-Amz-Signature={CANARY_ENV}: reachable")
+    report.add("job a.yaml", f"storage http://canaryuser:{CANARY_PASSWORD}@127.0.0.1:9/b: not found", ok=False)
+    report.add("network", f"FI_PROVIDER=efa, NCCL_IB_HCA={CANARY_ENV}")
+    lines = format_report(report)
+    assert len(lines) == 3 and lines[1].startswith("!! job a.yaml  storage http://***@127.0.0.1:9/b")
+    assert not any(CANARY_ENV in line or CANARY_PASSWORD in line for line in lines), lines
