@@ -69,7 +69,8 @@ def probe_node() -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
         out["ctray"] = None
     out["net_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(NET_PREFIXES)}
-    out["efa_devices"] = len(glob.glob("/sys/class/infiniband/*efa*")) + len(glob.glob("/dev/infiniband/uverbs*"))
+    # The RDMA devices a container was given (--device=/dev/infiniband; EFA on AWS's p4d and p5).
+    out["efa_devices"] = len(glob.glob("/dev/infiniband/uverbs*"))
     out["driver"] = out["driver_cuda"] = None
     if shutil.which("nvidia-smi"):
         try:
