@@ -261,17 +261,16 @@ class IngestConfig(Section):
 
     def writer_memory(self) -> int:
         """Bytes one shard writer reserves: the process (numpy, nibabel, pyarrow, a Ray worker:
-        ~0.75 GiB) and the largest scan max_voxels lets in: its voxels as stored (up to 4 B, float32
-        files) and as int16 HU (2 B); with masks the label map as stored and as uint8 (3 B); the
-        resampled HU and labels (3 B per voxel, as many voxels at most: CT is finer in-plane than
-        the target spacing, and that outweighs upsampling thick slices: a 5 mm series to
-        (3, 1, 1) mm keeps 0.71 of its voxels). Measured peak for int16 scans without masks:
-        2.6-5.6 B per input voxel (ctray.ingest.preprocess, three geometries)."""
+        ~0.75 GiB) and the largest scan max_voxels lets in, 5 B per voxel (8 B with masks).
+        `ctray bench ingest` measures ctray's peak at 1.17x the raw int16 volume (2.3 B per voxel,
+        a 300x512x512 scan without a mask: the resampling goes slice by slice); the allowance covers
+        float32 files (4 B per voxel as stored), the resampled volume (fewer voxels than the input:
+        CT is finer in-plane than the target spacing, which outweighs upsampling thick slices) and
+        with masks the label map as stored and resampled (3 B)."""
         if self.task_memory_gb is not None:
             return int(self.task_memory_gb * 2**30)
         masks = self.input.masks is not None or self.input.segment
-        per_voxel = 6 + (3 if masks else 0) + (3 if masks else 2)
-        return int(0.75 * 2**30 + per_voxel * self.preprocess.max_voxels)
+        return int(0.75 * 2**30 + (8 if masks else 5) * self.preprocess.max_voxels)
 
     def writer_shape(self) -> dict[str, float]:
         """The resources one shard writer task asks Ray for."""
