@@ -216,6 +216,22 @@ def submit(cluster: FakeCluster, clone: Path, *args: str, **popen: object) -> su
     )
 
 
+def ingest_overrides(scans: Path, out: Path) -> list[str]:
+    """jobs/ingest-local.yaml on `scans` alone (no masks, no reports), one scan per shard: each its
+    own writer task. Each writer asks for the memory of a 2^25-voxel scan, which the phantoms of
+    big_scans are."""
+    return [
+        f"input.scans={scans}",
+        "input.masks=null",
+        "input.reports=null",
+        f"output.uri={out}",
+        "output.scans_per_shard=1",
+        "preprocess.spacing=[3,2,2]",
+        f"preprocess.max_voxels={2**25}",
+        "lease.settle_s=0.2",
+    ]
+
+
 def big_scans(root: Path, n: int, shape: tuple[int, int, int] = (120, 400, 400)) -> Path:
     """A folder of `n` copies (links) of one phantom: at 120x400x400, seconds of an ingest
     writer's work each on this machine's cores, longer than a fake node takes to start."""
@@ -230,8 +246,10 @@ def big_scans(root: Path, n: int, shape: tuple[int, int, int] = (120, 400, 400))
     return scans
 
 
-def doctor_jobs(tmp_path: Path, shards: Path) -> tuple[Path, Path]:
-    """A CPU pretrain job and the same asking a GPU per worker, on `shards`."""
+def doctor_flags_the_gpu_job(cluster: FakeCluster, shards: Path, tmp_path: Path) -> str:
+    """`ctray doctor` with a CPU pretrain job on `shards` and the same asking a GPU per worker: all
+    is fine but the GPU job's workers, which fit no node type (one `!!` line, exit status 2).
+    Returns the `ok` lines."""
     jobs = []
     for name, gpu in (("cpu", False), ("gpu", True)):
         job = yaml.safe_load((REPO / "jobs" / "ctfm-local.yaml").read_text())
@@ -239,13 +257,19 @@ def doctor_jobs(tmp_path: Path, shards: Path) -> tuple[Path, Path]:
         job["run"]["storage"] = str(tmp_path / "runs")
         job["scaling"]["use_gpu"] = gpu
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(job))
-        jobs.append(tmp_path / f"{name}.yaml")
-    return jobs[0], jobs[1]
+        jobs.append(str(tmp_path / f"{name}.yaml"))
+    done = ctray(cluster, "doctor", cluster.address, *jobs, timeout=150)
+    assert done.returncode == 2, done.stdout + done.stderr[-2000:]
+    fine = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
+    (bad,) = [line for line in done.stdout.splitlines() if not line.startswith("ok ")]
+    assert bad.startswith("!!") and "training worker (x2) (0.5 CPU, 1 GPU): fits no node type" in bad, done.stdout
+    assert done.stderr.strip().splitlines()[-1] == "ctray: error: 1 problem(s) a job would meet, marked !! above"
+    return "\n".join(fine)
 
 
 def gpu_job_refused(cluster: FakeCluster, shards: Path, schedule_timeout_s: float) -> str:
     """`ctray pretrain` asking a GPU per worker of a cluster that has none: it must exit 2 within a
-    minute; returns its last line."""
+    minute with one line naming the request; returns the reason that line gives."""
     t0 = time.time()
     done = ctray(
         cluster,
@@ -258,4 +282,7 @@ def gpu_job_refused(cluster: FakeCluster, shards: Path, schedule_timeout_s: floa
         timeout=120,
     )
     assert done.returncode == 2 and time.time() - t0 < 60, done.stderr[-2000:]
-    return done.stderr.strip().splitlines()[-1]
+    last = done.stderr.strip().splitlines()[-1]
+    refused = "ctray: error: no node type of this cluster can run one training worker (0.5 CPU, 1 GPU): "
+    assert last.startswith(refused), last
+    return last.removeprefix(refused)
