@@ -52,12 +52,11 @@ SCANS = 8
 
 @pytest.fixture(scope="module")
 def shards(cluster, clone, tmp_path_factory):
-    """`ray job submit` of `ctray ingest` from the clone: 8 one-scan shards of a 96x320x320 scan
-    (several seconds of work for this machine's cores, longer than a node takes to start), with
+    """`ray job submit` of `ctray ingest` from the clone: 8 one-scan shards (multinode.big_scans), with
     no CPU on the head. Returns the shard folder, the most worker nodes seen at once while it ran,
     and the job's log."""
     root = tmp_path_factory.mktemp("multinode")
-    scans = big_scans(root, SCANS, shape=(96, 320, 320))
+    scans = big_scans(root, SCANS)
     assert cluster.worker_nodes() == []
     watch = NodeWatch(cluster)
     job = submit(
