@@ -21,7 +21,7 @@ from typing import Any
 
 from ctray.config import load_config
 from ctray.errors import ConfigError, CtrayError, first_line
-from ctray.runtime import autoscaler_report, autoscaler_v2, describe, fits
+from ctray.runtime import autoscaler_report, autoscaler_v2, describe, fits, published_node_types
 
 log = logging.getLogger(__name__)
 
@@ -141,18 +141,11 @@ def _reachable(address: str) -> None:
 def _node_types(head: str | None) -> tuple[dict[str, dict[str, Any]] | None, str]:
     """Node types the autoscaler may launch, and where they were read."""
     import ray
-    import ray._private.state
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    try:
-        config = ray._private.state.state.get_cluster_config()
-    except Exception:
-        config = None
-    if config is not None and config.node_group_configs:
-        return {
-            g.name: {"resources": dict(g.resources), "min_workers": g.min_count, "max_workers": g.max_count}
-            for g in config.node_group_configs
-        }, "the cluster's published config"
+    published = published_node_types()
+    if published is not None:
+        return published, "the cluster's published config"
     if head is None:
         return None, ""
     task = ray.remote(read_autoscaler_config).options(

@@ -116,9 +116,9 @@ def _launching(v2_state: Any) -> tuple[int, str]:
     return count, ""
 
 
-def _node_types() -> list[dict] | None:
-    """The resources of each node type the autoscaler may launch, where it publishes them
-    (KubeRay's autoscaler); None where it does not (Ray's own v1 and v2)."""
+def published_node_types() -> dict[str, dict[str, Any]] | None:
+    """Each node type of the cluster's published config (KubeRay's autoscaler publishes it; Ray's
+    own v1 and v2 do not: None): {name: {"resources", "min_workers", "max_workers"}}."""
     import ray._private.state
 
     try:
@@ -127,11 +127,14 @@ def _node_types() -> list[dict] | None:
         return None
     if config is None or not config.node_group_configs:
         return None
-    return [
-        {k: float(v) for k, v in g.resources.items() if k in _KINDS}
+    return {
+        g.name: {
+            "resources": {k: float(v) for k, v in g.resources.items() if k in _KINDS},
+            "min_workers": g.min_count,
+            "max_workers": g.max_count,
+        }
         for g in config.node_group_configs
-        if g.max_count != 0
-    ]
+    }
 
 
 def _largest_nodes() -> str:
@@ -158,7 +161,8 @@ def ensure_schedulable(shape: dict[str, float], what: str, timeout_s: float = 45
     if any(fits(n["Resources"], shape) for n in ray.nodes() if n["Alive"]):
         return
     wanted = describe(shape)
-    types = _node_types()
+    published = published_node_types()
+    types = None if published is None else [t["resources"] for t in published.values() if t["max_workers"] != 0]
     if types is not None and not any(fits(t, shape) for t in types):
         offered = "; ".join(sorted({describe(t) for t in types})) or "none"
         raise ConfigError(
