@@ -96,8 +96,9 @@ def _embed(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from ctray.evaluate.config import EvalReportConfig
     from ctray.evaluate.run import run_eval
+    from ctray.export import load_encoder
 
-    run_eval(_loaded(EvalReportConfig, args))
+    run_eval(_loaded(EvalReportConfig, args), load_encoder)
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -361,8 +361,8 @@ def _net_line(n: dict[str, Any]) -> tuple[str, str, bool]:
 
 def format_report(report: Report) -> list[str]:
     """The report's lines as printed: credentials a URI or a setting may carry are masked
-    (ctray.train.tracking.redact_text)."""
-    from ctray.train.tracking import redact_text
+    (ctray.redact)."""
+    from ctray.redact import redact_text
 
     width = max((len(line.topic) for line in report.lines), default=0)
     return [redact_text(f"{'ok' if line.ok else '!!'} {line.topic:<{width}}  {line.text}") for line in report.lines]

@@ -6,7 +6,7 @@
   `transformers.AutoModel.from_pretrained` loads;
 - any other module as <part>.safetensors, its state_dict, loadable with `strict=True` into the
   class export.json names, built with the kwargs export.json gives (CT-FM's encoder is MONAI's
-  `SegResEncoder`; the custom 3D ViT is `ctray.models.vit.ViT3D`);
+  `SegResEncoder`; the custom 3D ViT is `ctray.objectives.cagcl.vit.ViT3D`);
 - export.json: the objective, its config section ("recipe"), the step, each part's class and kwargs, the
   learned temperature, the sampler's assets and the input preprocessing.
 
@@ -29,40 +29,17 @@ import torch
 from torch import nn
 
 from ctray.errors import ConfigError
+from ctray.models.pretrained import META, load_pretrained_into
 
 if TYPE_CHECKING:
     from ctray.config import StorageConfig
-    from ctray.objectives.spec import Batch, RecipeConfig, Sampler, Task
+    from ctray.objectives.spec import Assets, Batch, RecipeConfig, Sampler, Task
 
 FORMAT = 1
 """Bump on an incompatible change of the layout; load_encoder refuses other versions."""
-META = "export.json"
-SAMPLER_ASSETS_LEFT_OUT = ("tokenizer_json", "init_from", "storage")
-"""Assets not copied into export.json: the tokenizer is saved in the text part's folder, the
-stage-1 hand-off and storage settings belong to the training run."""
 
 
-@dataclass(frozen=True)
-class ExportPart:
-    """One exported module: a transformers PreTrainedModel (saved with save_pretrained), or any
-    module with the class (dotted path) and kwargs that rebuild it for a strict load."""
-
-    module: nn.Module
-    cls: str | None = None
-    """None: a transformers model (its folder's config.json names its class)."""
-    kwargs: dict[str, Any] | None = None
-    """The class's constructor arguments; for a transformers model, from_pretrained's."""
-
-
-def linear_part(m: nn.Linear) -> ExportPart:
-    return ExportPart(m, "torch.nn.Linear", {"in_features": m.in_features, "out_features": m.out_features})
-
-
-def layer_norm_part(m: nn.LayerNorm) -> ExportPart:
-    return ExportPart(m, "torch.nn.LayerNorm", {"normalized_shape": list(m.normalized_shape), "eps": m.eps})
-
-
-def write_export(task: Task, objective: RecipeConfig, step: int, assets: dict[str, Any], write: Writer) -> list[str]:
+def write_export(task: Task, objective: RecipeConfig, step: int, assets: Assets, write: Writer) -> list[str]:
     """Every part of `task` and export.json through write(relative name, bytes); returns the names.
     Parameters must be whole (gathered under ZeRO-3) when this runs."""
     from safetensors.torch import save
@@ -84,7 +61,7 @@ def write_export(task: Task, objective: RecipeConfig, step: int, assets: dict[st
         for rel, data in files.items():
             write(rel, data)
             names.append(rel)
-    tokenizer = assets.get("tokenizer_json")
+    tokenizer = assets.tokenizer_json
     if tokenizer is not None and "text" in parts:
         for rel, data in _tokenizer_files(tokenizer, getattr(objective, "text", None)).items():
             write(posixpath.join("text", rel), data)
@@ -95,7 +72,7 @@ def write_export(task: Task, objective: RecipeConfig, step: int, assets: dict[st
         "step": step,
         "recipe": objective.model_dump(mode="json"),
         "parts": parts,
-        "assets": {k: v for k, v in assets.items() if k not in SAMPLER_ASSETS_LEFT_OUT},
+        "assets": assets.for_export().model_dump(mode="json", exclude_none=True),
         **task.export_config(),
     }
     write(META, json.dumps(meta, indent=1).encode())
@@ -154,7 +131,7 @@ class Encoder:
     """The recipe's task with every exported part loaded (strict)."""
     meta: dict[str, Any]
     """export.json."""
-    assets: dict[str, Any]
+    assets: Assets
 
     @property
     def module(self) -> nn.Module:
@@ -253,7 +230,7 @@ def _reader(fs: Any, root: str, storage: StorageConfig) -> Callable[[str], bytes
     return read
 
 
-def embed_sampler(name: str, config: RecipeConfig, assets: dict[str, Any]) -> Sampler:
+def embed_sampler(name: str, config: RecipeConfig, assets: Assets) -> Sampler:
     """The recipe's embedding sampler (spec.EmbedsWith), else its training sampler."""
     from ctray.objectives import get_objective
     from ctray.objectives.spec import EmbedsWith
@@ -264,21 +241,20 @@ def embed_sampler(name: str, config: RecipeConfig, assets: dict[str, Any]) -> Sa
     return objective.sampler(config, assets)
 
 
-def _recipe(
-    read: Callable[[str], bytes | None], root: str, uri: str
-) -> tuple[dict[str, Any], RecipeConfig, dict[str, Any]]:
+def _recipe(read: Callable[[str], bytes | None], root: str, uri: str) -> tuple[dict[str, Any], RecipeConfig, Assets]:
     """export.json, the objective section (its text tower pointed at <root>/text) and the assets
     (with the tokenizer), from the export's files."""
     from ctray.objectives import objective_config
+    from ctray.objectives.config import Assets
 
     meta = json.loads(read(META) or b"{}")
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{uri}: export format {meta.get('format')}, this ctray reads format {FORMAT}")
     config = objective_config(_offline(meta["recipe"], root))
-    assets = dict(meta.get("assets", {}))
+    assets = Assets.model_validate(meta.get("assets", {}))
     tokenizer = read("text/tokenizer.json")
     if tokenizer is not None:
-        assets["tokenizer_json"] = tokenizer.decode()
+        assets = assets.model_copy(update={"tokenizer_json": tokenizer.decode()})
     return meta, config, assets
 
 
@@ -304,16 +280,6 @@ def _load_local(root: str, uri: str, device: torch.device | str) -> Encoder:
         task.temperature.tau.data.fill_(float(meta["temperature"]))
     task.eval().to(device)
     return Encoder(meta["objective"], config, task, meta, assets)
-
-
-def load_pretrained_into(module: nn.Module, folder: str, kwargs: dict[str, Any]) -> None:
-    """A save_pretrained folder's weights into `module`, strictly. Through from_pretrained, not the
-    safetensors file: transformers renames some keys on saving (VideoMAE's q_bias) and back on loading."""
-    loaded, info = type(module).from_pretrained(folder, **kwargs, output_loading_info=True)
-    wrong = [k for key in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(key, ())]
-    if wrong:
-        raise ConfigError(f"{folder}: weights do not fit {type(module).__name__} ({len(wrong)} keys, e.g. {wrong[0]})")
-    module.load_state_dict(loaded.state_dict(), strict=True)
 
 
 def _offline(config: dict[str, Any], root: str) -> dict[str, Any]:

@@ -92,10 +92,11 @@ def evaluate_run(cfg: PretrainConfig, export: str, out: str) -> str:
     from ctray.embed import run_embed
     from ctray.evaluate.config import EvalReportConfig
     from ctray.evaluate.run import run_eval
+    from ctray.export import load_encoder
 
     run_embed(export, cfg.data.shards, out, cfg.storage)
     zero_shot = getattr(cfg.objective, "zero_shot", None)
     settings = {"embeddings": out, "bootstrap": 200, "storage": cfg.storage.model_dump()}
     if zero_shot is not None:
         settings["zero_shot"] = zero_shot.model_dump()
-    return run_eval(EvalReportConfig.model_validate(settings)).report
+    return run_eval(EvalReportConfig.model_validate(settings), load_encoder).report

@@ -5,15 +5,11 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 import fsspec
 
 from ctray.config import StorageConfig
 from ctray.storage import filesystem, is_remote, publish_bytes, read_bytes
-
-if TYPE_CHECKING:
-    from ctray.train.config import PretrainConfig  # the type only: this module is beneath train/ and objectives/
 
 
 @dataclass(frozen=True)
@@ -23,10 +19,6 @@ class RunFolder:
     uri: str
     """<run.storage>/<run.name> as the user wrote it (resolved to an absolute path when local)."""
     storage: StorageConfig
-
-    @classmethod
-    def of(cls, cfg: PretrainConfig) -> RunFolder:
-        return cls(posixpath.join(cfg.run.storage, cfg.run.name), cfg.storage)
 
     @cached_property
     def _fs_root(self) -> tuple[fsspec.AbstractFileSystem, str]:

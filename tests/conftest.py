@@ -70,15 +70,15 @@ def tiny_task(name: str, *overrides: str):
     sentence, every anatomy on label 1, no stage-1 hand-off."""
     from ctray.data.text import train_wordpiece
     from ctray.objectives import get_objective
+    from ctray.objectives.config import Assets
     from ctray.train.config import PretrainConfig
 
     extra = ["objective.init_from=null"] if name == "totalfm_clip" else []
     cfg = load_config(PretrainConfig, REPO / "jobs" / LOCAL_JOBS[name], [*extra, *overrides])
-    assets = {
-        "tokenizer_json": train_wordpiece([["the liver is normal"]] * 6, 64, 1),
-        "init_from": None,
-        "anatomy_labels": {a: [1] for a in getattr(cfg.objective, "anatomies", [])},
-    }
+    assets = Assets(
+        tokenizer_json=train_wordpiece([["the liver is normal"]] * 6, 64, 1),
+        anatomy_labels={a: [1] for a in getattr(cfg.objective, "anatomies", [])},
+    )
     return get_objective(name).task(cfg.objective, assets), cfg, assets
 
 

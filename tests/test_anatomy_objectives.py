@@ -95,7 +95,7 @@ def test_totalfm_stage1_to_stage2_zero_shot(clinical_shards, tmp_path):
     # findings, AUROC ~0.25 or ~0.75; the training is what makes the direction right.)
     clip.objective.zero_shot.finding_prompts = report_prompts()
     # Hand-off: the stage-2 vision tower starts as the stage-1 encoder, tensor for tensor.
-    assets = get_objective("totalfm_clip").prepare(clip)
+    assets = get_objective("totalfm_clip").prepare(clip.objective, clip.data.shards, clip.run_folder())
     exported = VideoMAEModel.from_pretrained(stage1 / "export" / "vision").state_dict()
     vision = TotalFMCLIPTask(clip.objective, assets).vision.state_dict()
     assert exported.keys() == vision.keys() and all(torch.equal(exported[k], vision[k]) for k in exported)
@@ -116,25 +116,13 @@ def test_totalfm_stage1_to_stage2_zero_shot(clinical_shards, tmp_path):
     assert report["metrics"]["zs_finding_auroc_mean"] > 0.6, report["metrics"]
 
     with pytest.raises(ConfigError, match="different organs"):
-        get_objective("totalfm_clip").prepare(
-            clip.model_copy(
-                update={
-                    "objective": clip.objective.model_copy(
-                        update={"organs": clip.objective.organs.model_copy(update={"size": (8, 16, 16)})}
-                    )
-                }
-            )
+        other = clip.objective.model_copy(
+            update={"organs": clip.objective.organs.model_copy(update={"size": (8, 16, 16)})}
         )
+        get_objective("totalfm_clip").prepare(other, clip.data.shards, clip.run_folder())
     with pytest.raises(ConfigError, match=r"different encoder than objective.model \(hidden_size"):
-        get_objective("totalfm_clip").prepare(
-            clip.model_copy(
-                update={
-                    "objective": clip.objective.model_copy(
-                        update={"model": clip.objective.model.model_copy(update={"hidden_size": 64})}
-                    )
-                }
-            )
-        )
+        other = clip.objective.model_copy(update={"model": clip.objective.model.model_copy(update={"hidden_size": 64})})
+        get_objective("totalfm_clip").prepare(other, clip.data.shards, clip.run_folder())
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ the clinical-aware augmentation, the anatomy pooling's masking, the samplers aga
 computations, and AUROC against pair counting."""
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,16 +13,18 @@ import torch.nn.functional as F
 
 from ctray.data.samplers import AnatomyTexts, window01
 from ctray.data.text import TextEncoding, clinical_aware, train_wordpiece
-from ctray.models.vit import AnatomyQueryPooling, ViT3D
+from ctray.evaluate.zeroshot import auroc, classification_metrics, logit_margins
+from ctray.objectives.cagcl.config import CAGCLConfig
 from ctray.objectives.cagcl.sampler import AnatomyScanSampler
+from ctray.objectives.cagcl.vit import AnatomyQueryPooling, ViT3D
 from ctray.objectives.losses import (
     AnatomyLocalLoss,
     CrossAnatomyGlobalLoss,
     LearnableTemperature,
     false_negative_targets,
 )
+from ctray.objectives.totalfm.config import OrganInput
 from ctray.objectives.totalfm.sampler import OrganSampler
-from ctray.objectives.zeroshot import auroc, classification_metrics, logit_margins
 
 
 def cos(a, b):
@@ -238,9 +241,8 @@ def test_samplers_against_direct_computation():
         [{"name": "liver_lesion", "value": 1}],
     )
 
-    organ = OrganSampler(["liver", "lung"], (4, 8, 8), margin_mm=0.0, window=(-1000.0, 1000.0), texts=texts)(
-        row, np.random.default_rng(0)
-    )
+    organs = OrganInput(anatomies=["liver", "lung"], size=(4, 8, 8), margin_mm=0.0, window_hu=(-1000.0, 1000.0))
+    organ = OrganSampler(organs, texts)(row, np.random.default_rng(0))
     assert organ["organs"].shape == (1, 2, 4, 8, 8)
     assert np.allclose(organ["organs"][0, 0], 0.6, atol=1e-3)  # the box holds only 200 HU -> (200 + 1000) / 2000
     assert organ["present"].tolist() == [[1, 0]] and organ["region"].tolist() == [[1, 0]]
@@ -249,7 +251,12 @@ def test_samplers_against_direct_computation():
 
     ids = {"liver": [5], "lung": [10, 11]}
     window = (-1000.0, 1000.0)
-    scan = AnatomyScanSampler(ids, (12, 32, 32), (4, 8, 8), window, texts, flip_prob=0.0)(row, np.random.default_rng(0))
+
+    def sampler(size: tuple[int, int, int], **settings: Any) -> AnatomyScanSampler:
+        cfg = CAGCLConfig(anatomies=["liver", "lung"], input_size=size, patch=(4, 8, 8), window_hu=window, **settings)
+        return AnatomyScanSampler(cfg, ids, texts)
+
+    scan = sampler((12, 32, 32), flip_prob=0.0)(row, np.random.default_rng(0))
     # fVLM's cut: the liver's box + (5, 20, 20) voxels is z 0..11 of the 12 slices, padded by one
     # air slice at the end; nothing is resized, so the tokens are the label map's own max-pool.
     ref = F.max_pool3d(torch.as_tensor(labels == 5).float()[None, None], (4, 8, 8)).flatten().numpy()
@@ -257,9 +264,7 @@ def test_samplers_against_direct_computation():
     assert np.allclose(scan["scan"][0, :11], window01(vol[:11], *window)) and (scan["scan"][0, 11] == 0).all()
     assert scan["anatomy_tokens"][0, 1].sum() == 0 and scan["present"].tolist() == [[1, 0]]
 
-    flipped = AnatomyScanSampler(ids, (12, 32, 32), (4, 8, 8), window, texts, flip_prob=1.0)(
-        row, np.random.default_rng(0)
-    )
+    flipped = sampler((12, 32, 32), flip_prob=1.0)(row, np.random.default_rng(0))
     padded_flipped = np.flip(np.pad(labels[:11], [(0, 1), (0, 0), (0, 0)]), (0, 1, 2))
     ref_flipped = F.max_pool3d(torch.as_tensor(padded_flipped == 5).float()[None, None], (4, 8, 8)).flatten().numpy()
     assert np.array_equal(
@@ -271,11 +276,9 @@ def test_samplers_against_direct_computation():
     )
 
     # Incomplete anatomies are not pairs: too small, cut by the crop, or cut by the scan's own border.
-    small = AnatomyScanSampler(ids, (12, 32, 32), (4, 8, 8), window, texts, flip_prob=0.0, min_voxels=257)
+    small = sampler((12, 32, 32), flip_prob=0.0, min_voxels=257)
     assert small(row, np.random.default_rng(0))["present"].tolist() == [[0, 0]]
-    cropped = AnatomyScanSampler(
-        ids, (4, 32, 32), (4, 8, 8), window, texts, flip_prob=0.0
-    )  # 4 of the liver's 4+ slices
+    cropped = sampler((4, 32, 32), flip_prob=0.0)  # 4 of the liver's 4+ slices
     assert all(cropped(row, np.random.default_rng(k))["present"][0, 0] == 0 for k in range(5))
     at_edge = labels.copy()
     at_edge[0:6, 4:12, 20:28] = 5
@@ -286,11 +289,9 @@ def test_samplers_against_direct_computation():
         [{"anatomy": "liver", "sentences": ["A lesion in the liver."]}],
         [{"name": "liver_lesion", "value": 1}],
     )
-    assert scan_present(AnatomyScanSampler(ids, (16, 32, 32), (4, 8, 8), window, texts, flip_prob=0.0), edge_row) == [
-        [0, 0]
-    ]
+    assert scan_present(sampler((16, 32, 32), flip_prob=0.0), edge_row) == [[0, 0]]
     with pytest.raises(ValueError, match="multiple of the patch"):
-        AnatomyScanSampler({"liver": [5]}, (10, 32, 32), (4, 8, 8), window, texts)
+        sampler((10, 32, 32))
 
 
 def scan_present(sampler, row) -> list[list[int]]:

@@ -99,7 +99,7 @@ def test_every_job_yaml_validates(monkeypatch):
     """The shipped configs load into their typed models (a renamed field breaks here, not on a cluster);
     the cluster jobs take their bucket from $CTRAY_BUCKET, and say so when it is not set."""
     from ctray.config import load_config
-    from ctray.evaluate import EvalReportConfig
+    from ctray.evaluate.config import EvalReportConfig
     from ctray.ingest.config import IngestConfig
     from ctray.train.config import PretrainConfig
     from ctray.tune.config import SweepConfig

@@ -10,7 +10,7 @@ import torch
 from monai.networks.layers.convutils import gaussian_1d
 from monai.transforms import Flip, GaussianSmooth, RandHistogramShift, Resize, SpatialCrop
 
-from ctray.objectives.augment import (
+from ctray.objectives.ctfm.augment import (
     draw_gaussian_smooth,
     draw_histogram_shift,
     draw_resized_crop_flip,

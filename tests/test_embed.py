@@ -14,7 +14,8 @@ from ctray.data.phantoms import write_dataset
 from ctray.data.pipeline import stream_seed
 from ctray.embed import run_embed
 from ctray.errors import ConfigError
-from ctray.evaluate import EvalReportConfig, run_eval
+from ctray.evaluate.config import EvalReportConfig
+from ctray.evaluate.run import run_eval
 from ctray.export import load_encoder
 from ctray.objectives import get_objective
 from ctray.objectives.ctfm.sliding import tile_starts
@@ -42,7 +43,7 @@ def exported(name: str, job: str, shards: Path, root: Path) -> Path:
     cfg = load_config(
         PretrainConfig, REPO / "jobs" / job, [f"data.shards={shards}", f"run.storage={root}", "run.name=run"]
     )
-    assets = get_objective(name).prepare(cfg)
+    assets = get_objective(name).prepare(cfg.objective, cfg.data.shards, cfg.run_folder())
     task = trained_like(get_objective(name).task(cfg.objective, assets))
     export_to(root / "run" / "export", task, cfg, assets)
     return root / "run"
@@ -124,7 +125,7 @@ def test_embed_cagcl_anatomies_and_report_texts(labelled_shards, tmp_path):
     assert meta["dim"] == 32
 
     # ctray eval over them, with the export's own text tower (loaded from embed.json's export).
-    result = run_eval(EvalReportConfig(embeddings=str(out), bootstrap=50))
+    result = run_eval(EvalReportConfig(embeddings=str(out), bootstrap=50), load_encoder)
     report = out / "report"
     assert result.report.endswith("report.md") and (report / "report.md").exists()
     assert {"roc.png", "text_similarity.png", "anatomy_tsne.png", "metrics.json", "figures.json"} <= {

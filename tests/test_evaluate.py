@@ -24,12 +24,12 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from ctray.errors import ConfigError
-from ctray.evaluate import EvalReportConfig, run_eval
 from ctray.evaluate.bootstrap import percentile_interval, resample_weights, zero_shot_intervals
-from ctray.evaluate.config import ProbeConfig
+from ctray.evaluate.config import EvalReportConfig, ProbeConfig, ZeroShotConfig
 from ctray.evaluate.probe import ProbeTask, cross_validate, labelled_subset, run_probes
 from ctray.evaluate.retrieval import precision_at_k, truth_ranks
-from ctray.objectives.zeroshot import ItemScores, ZeroShotConfig, evaluate, weighted_metrics
+from ctray.evaluate.run import run_eval
+from ctray.evaluate.zeroshot import AnatomyScans, ItemScores, Prompts, evaluate, weighted_metrics
 
 DIM = 16
 
@@ -221,19 +221,8 @@ def test_in_training_evaluation_scores_each_finding_by_its_own_label_column():
     cfg = ZeroShotConfig(findings={"gone": "brain", "liver_lesion": "liver"})
     labels = np.stack([np.full(12, -1), np.arange(12) % 2], 1)
     abnormal = labels[:, 1:]
-    ev = evaluate(
-        v,
-        np.ones((12, 1), bool),
-        labels,
-        abnormal,
-        v[:, 0],
-        np.zeros(12),
-        ["liver"],
-        tower.embed_texts,
-        20.0,
-        cfg,
-        step=3,
-    )
+    scans = AnatomyScans(v, np.ones((12, 1), bool), labels, list(cfg.findings), abnormal, ["liver"])
+    ev = evaluate(scans, v[:, 0], np.zeros(12), Prompts(tower.embed_texts, 20.0), cfg, step=3)
     want = []
     for pos, neg in cfg.templates:
         p, n = tower.embed_texts(
@@ -328,7 +317,7 @@ def quick(folder: str, **kw) -> EvalReportConfig:
 
 def test_run_eval_writes_the_report_and_a_json_of_every_figure(tmp_path):
     folder = write_embeddings(tmp_path / "emb")
-    result = run_eval(quick(folder), HashTower())
+    result = run_eval(quick(folder), lambda uri, storage: HashTower())
     report = tmp_path / "emb" / "report"
     assert result.report == str(report / "report.md")
     pngs = {p.stem for p in report.glob("*.png")}
@@ -396,7 +385,7 @@ def test_scan_level_embeddings_get_probes_and_retrieval_only(tmp_path):
 def test_bad_inputs_give_one_line_errors(tmp_path):
     def error(cfg: EvalReportConfig, tower=None) -> str:
         with pytest.raises(ConfigError) as e:
-            run_eval(cfg, tower)
+            run_eval(cfg, lambda uri, storage: tower or HashTower())
         assert "\n" not in str(e.value)
         return str(e.value)
 

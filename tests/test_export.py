@@ -79,7 +79,7 @@ def test_export_loads_strict_and_reproduces_the_training_time_embedding(name, tm
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part_name
 
     if name == "ctfm_simclr":  # MONAI's SegResEncoder alone gives the exported embedding
-        from ctray.objectives.augment import window
+        from ctray.objectives.ctfm.augment import window
 
         seg = library_module(tmp_path, meta["parts"]["encoder"])
         x = window(batch["patches"], *cfg.objective.window_hu).reshape(-1, 1, *batch["patches"].shape[2:])

@@ -17,7 +17,8 @@ from ctray.config import StorageConfig, load_config
 from ctray.data.pipeline import ScanOrder, ShardRowReader, scan_index
 from ctray.data.samplers import volumes, window01
 from ctray.errors import ConfigError
-from ctray.objectives.spec import BenchProfile, RecipeConfig, Sampler, Task
+from ctray.objectives.spec import Assets, BenchProfile, RecipeConfig, Sampler, Task
+from ctray.run_folder import RunFolder
 from ctray.train.config import PretrainConfig
 
 # --- the toy recipe ---
@@ -77,13 +78,13 @@ class ToyMean:
     sweep_space: ClassVar = {"optim.lr": {"loguniform": (1e-4, 1e-2)}}
     bench = BenchProfile("ctfm-local.yaml")
 
-    def prepare(self, cfg: Any) -> dict[str, Any]:
-        return {}
+    def prepare(self, cfg: ToyConfig, shards: str, run: RunFolder) -> Assets:
+        return Assets()
 
-    def sampler(self, cfg: ToyConfig, assets: dict[str, Any]) -> ToySampler:
+    def sampler(self, cfg: ToyConfig, assets: Assets) -> ToySampler:
         return ToySampler(cfg)
 
-    def task(self, cfg: ToyConfig, assets: dict[str, Any]) -> ToyTask:
+    def task(self, cfg: ToyConfig, assets: Assets) -> ToyTask:
         return ToyTask(cfg)
 
     def synthetic_batch(self, cfg: ToyConfig, scans: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -142,7 +143,7 @@ def test_a_name_registers_once(toy):
 
 def test_the_toy_samples_shard_rows_and_its_task_trains_on_them(toy, train_shards):
     cfg = toy_cfg().objective
-    sampler = toy.sampler(cfg, toy.prepare(toy_cfg()))
+    sampler = toy.sampler(cfg, Assets())
     assert isinstance(sampler, Sampler)
     order = ScanOrder(scan_index(str(train_shards), StorageConfig()), seed=None)  # manifest order
     out = ShardRowReader(str(train_shards), StorageConfig(), sampler, order, seed=0)({"id": np.arange(3)})
@@ -152,7 +153,7 @@ def test_the_toy_samples_shard_rows_and_its_task_trains_on_them(toy, train_shard
     assert not np.array_equal(vol[0], vol[1])  # one copy per scan
 
     torch.manual_seed(0)
-    task = toy.task(cfg, {})
+    task = toy.task(cfg, Assets())
     result = task({k: torch.as_tensor(v) for k, v in out.items()})
     assert torch.isfinite(result["loss"]) and float(result["views"]) == 3
     result["loss"].backward()
@@ -164,7 +165,7 @@ def test_the_toy_samples_shard_rows_and_its_task_trains_on_them(toy, train_shard
 def test_a_few_sgd_steps_lower_the_toy_loss(toy):
     cfg = toy_cfg().objective
     torch.manual_seed(0)
-    task = toy.task(cfg, {})
+    task = toy.task(cfg, Assets())
     batch = toy.synthetic_batch(cfg, 4, torch.device("cpu"))
     opt = torch.optim.SGD(task.parameters(), lr=0.5)
     losses = []

@@ -14,10 +14,12 @@ import pytest
 
 from ctray.config import load_config
 from ctray.errors import ConfigError
+from ctray.redact import redacted
 from ctray.run_folder import RunFolder
 from ctray.train import tracking
 from ctray.train.config import PretrainConfig
-from ctray.train.loop import StepClock, step_line
+from ctray.train.loggers import MetricLoggers, MlflowLogger
+from ctray.train.metrics import StepClock, step_line
 
 from conftest import CANARY_ENV, CANARY_PASSWORD, TINY, tracking_overrides
 
@@ -45,7 +47,7 @@ def test_resume_continues_the_run_and_logs_eval_folders(mlflow_server, tmp_path,
 
     monkeypatch.setenv("CTRAY_TEST_TOKEN", CANARY_ENV)
     cfg = tracked_cfg(tmp_path, "resumed", mlflow_server, "run.loggers=[mlflow]")
-    run = RunFolder.of(cfg)
+    run = cfg.run_folder()
     first = tracking.start(cfg, run)
     run_id = first["mlflow"]["run_id"]
     tracking.end(first, "FAILED")  # the first attempt died
@@ -59,10 +61,10 @@ def test_resume_continues_the_run_and_logs_eval_folders(mlflow_server, tmp_path,
     run.write(f"{eval_dir}/zero_shot.md", b"| task | auroc |\n")
     run.write(f"{eval_dir}/zero_shot.json", b'{"step": 4}')
     run.write(f"{eval_dir}/text_similarity.png", b"\x89PNG\r\n\x1a\n")
-    tracker = tracking.Tracker(cfg, run, again)
-    tracker.log_metrics(4, {"step": 4, "time": time.time(), "loss": 1.5, "zs_finding_auroc_mean": 0.75})
-    tracker.log_folder(eval_dir, 4)
-    tracker.close()
+    loggers = MetricLoggers([MlflowLogger(again["mlflow"])], run)
+    loggers.log(4, {"step": 4, "time": time.time(), "loss": 1.5, "zs_finding_auroc_mean": 0.75})
+    loggers.log_folder(eval_dir, 4)
+    loggers.close(ok=True)
     tracking.end(again, "FINISHED")
 
     client = MlflowClient(mlflow_server)
@@ -90,8 +92,8 @@ def test_sweep_run_is_reopened_and_gets_the_results(mlflow_server, tmp_path):
     base = tracked_cfg(tmp_path, "trial", mlflow_server, "run.loggers=[mlflow]")
     sweep = SweepConfig(base="jobs/ctfm-local.yaml", name="lr-sweep", space={"optim.lr": {"grid": [0.1, 0.2]}})
     folder = RunFolder(str(tmp_path / "sweeps" / "lr-sweep"), base.storage)
-    parent = tracking.start_sweep(sweep, base, folder)
-    assert parent is not None and tracking.start_sweep(sweep, base, folder) == parent
+    parent = tracking.start_sweep(sweep.name, sweep.tracked_settings(), base, folder)
+    assert parent is not None and tracking.start_sweep(sweep.name, sweep.tracked_settings(), base, folder) == parent
     folder.write("results.csv", b"trial,optim.lr,loss\n")
     folder.write("best.yaml", b"optim: {lr: 0.1}\n")
     tracking.end_sweep(base, parent, folder, ["results.csv", "best.yaml"], {"best_loss": 0.5})
@@ -102,7 +104,7 @@ def test_sweep_run_is_reopened_and_gets_the_results(mlflow_server, tmp_path):
     assert {a.path for a in client.list_artifacts(parent)} == {"results.csv", "best.yaml"}
     # A trial nests under it.
     trial = tracked_cfg(tmp_path, "t1", mlflow_server, "run.loggers=[mlflow]", f"run.mlflow.parent_run_id={parent}")
-    ids = tracking.start(trial, RunFolder.of(trial))
+    ids = tracking.start(trial, trial.run_folder())
     assert client.get_run(ids["mlflow"]["run_id"]).data.tags["mlflow.parentRunId"] == parent
 
 
@@ -114,7 +116,7 @@ def test_redaction_of_credentials(monkeypatch):
         "data": {"shards": "s3://bucket/tok-1234567890/shards"},
         "optim": {"lr": 0.001, "betas": [0.9, 0.999]},
     }
-    out = tracking.redacted(dumped)
+    out = redacted(dumped)
     assert out["storage"]["endpoint_url"] == "https://***@minio.local:9000"
     assert out["llm"]["api_key"] == "***" and out["llm"]["base_url"] == "http://h/v1?token=***&x=1"
     assert out["data"]["shards"] == "s3://bucket/***/shards"
@@ -128,14 +130,14 @@ def test_missing_package_or_server_is_one_clear_line(tmp_path, monkeypatch):
     cfg = load_config(PretrainConfig, None, [*TINY, "data.shards=x", f"run.storage={tmp_path}", "run.loggers=[mlflow]"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match=r"no tracking server: set run\.mlflow\.tracking_uri"):
-        tracking.start(cfg, RunFolder.of(cfg))
+        tracking.start(cfg, cfg.run_folder())
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     cfg.run.loggers = ["wandb"]
     with pytest.raises(
         ConfigError, match=r"run.loggers has wandb but wandb is not installed: pip install 'ctray\[tracking\]'"
     ):
-        tracking.start(cfg, RunFolder.of(cfg))
+        tracking.start(cfg, cfg.run_folder())
 
 
 def test_step_line_and_eta():
@@ -158,12 +160,12 @@ def test_ray_train_lines_only_with_verbose(tmp_path):
 
     cfg = load_config(PretrainConfig, None, [*TINY, "data.synthetic=true", "data.shards=x", f"run.storage={tmp_path}"])
     ctray_log = logging.getLogger("ctray")
-    trainer = _trainer(cfg, RunFolder.of(cfg), None, 0, {}, None)
+    trainer = _trainer(cfg, cfg.run_folder(), None, 0, {}, None)
     assert trainer.run_config.logging_config.log_level == "WARNING"
     old = ctray_log.level
     ctray_log.setLevel(logging.DEBUG)  # what `ctray -v` does (root at DEBUG)
     try:
-        trainer = _trainer(cfg, RunFolder.of(cfg), None, 0, {}, None)
+        trainer = _trainer(cfg, cfg.run_folder(), None, 0, {}, None)
     finally:
         ctray_log.setLevel(old)
     assert trainer.run_config.logging_config.log_level == "INFO"

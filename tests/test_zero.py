@@ -93,10 +93,11 @@ def _engine(cfg, task, seed: int):
 
 def _resume(cfg, objective, batch, checkpoint: Path) -> tuple[dict, object]:
     """A fresh engine of another seed loads `checkpoint` and takes the third step."""
+    from ctray.objectives.config import Assets
     from ctray.train.engine import load_checkpoint, param_checksum
 
     stage = cfg.deepspeed.zero_stage
-    fresh, sched = _engine(cfg, objective.task(cfg.objective, {}), cfg.train.seed + 1)
+    fresh, sched = _engine(cfg, objective.task(cfg.objective, Assets()), cfg.train.seed + 1)
     r = {"fresh": param_checksum(fresh.module, stage), "lr_fresh": sched.get_last_lr()[0]}
     load_checkpoint(fresh, checkpoint, stage)
     r |= {"loaded": param_checksum(fresh.module, stage), "steps_loaded": fresh.global_steps}
@@ -110,12 +111,13 @@ def _checkpoints(cfg, objective, out: Path, case: str) -> dict:
     """Save, load into an engine of another seed, step both: what the assertions compare."""
     import torch
 
+    from ctray.objectives.config import Assets
     from ctray.train.engine import TAG, param_checksum
 
     stage = cfg.deepspeed.zero_stage
     batch = objective.synthetic_batch(cfg.objective, cfg.scans_per_worker, torch.device("cpu"))
     ckpt = str(out / f"zero{case}")  # shared by both ranks, as a run's storage is
-    engine, sched = _engine(cfg, objective.task(cfg.objective, {}), cfg.train.seed)
+    engine, sched = _engine(cfg, objective.task(cfg.objective, Assets()), cfg.train.seed)
     for i in range(2):
         _step(engine, batch, 100 + i)
     engine.save_checkpoint(ckpt, tag=TAG)

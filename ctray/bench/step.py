@@ -26,12 +26,10 @@ import torch
 from ctray.bench.common import OtherLoad, spread
 
 if TYPE_CHECKING:
-    from ctray.objectives.spec import Objective, RecipeConfig
+    from ctray.objectives.spec import Assets, Objective, RecipeConfig
 
 
-def flops_per_view(
-    spec: Objective[Any], objective_cfg: RecipeConfig, assets: dict[str, Any], device: torch.device
-) -> float:
+def flops_per_view(spec: Objective[Any], objective_cfg: RecipeConfig, assets: Assets, device: torch.device) -> float:
     """Forward + backward FLOPs of the task on a one-scan synthetic batch, per view."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -131,7 +129,12 @@ def bench_step(
     ]
     base = load_config(PretrainConfig, config, [*overrides, *common, "run.name=bench-step-flops"])
     spec = get_objective(base.objective.name)
-    fpv = flops_per_view(spec, base.objective, spec.prepare(base), torch.device("cuda" if gpu else "cpu"))
+    fpv = flops_per_view(
+        spec,
+        base.objective,
+        spec.prepare(base.objective, base.data.shards, base.run_folder()),
+        torch.device("cuda" if gpu else "cpu"),
+    )
     results = {}
     for mode in modes:
         cfg = load_config(

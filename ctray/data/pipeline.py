@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import pyarrow.fs as pafs
     import ray.data
 
-    from ctray.objectives.spec import Sampler
+    from ctray.data.samplers import Sampler
 
 
 def scan_index(uri: str, storage: StorageConfig) -> list[dict]:

@@ -1,6 +1,6 @@
-"""What the recipes' CPU samplers share (each recipe's own sampler is in its folder): zero-copy
-volumes and small columns from a pyarrow batch, windowing, and the per-anatomy text side of TotalFM
-stage 2 and CA-GCL.
+"""The sampler contract (`Sampler`) and what the recipes' CPU samplers share (each recipe's own
+sampler is in its folder): zero-copy volumes and small columns from a pyarrow batch, windowing,
+and the per-anatomy text side of TotalFM stage 2 and CA-GCL.
 
 Only numpy, the shard schema and the Rust tokenizers here: every Ray Data task process unpickles
 its sampler, and a sampler that imported torch or MONAI would cost each new process seconds before
@@ -9,7 +9,7 @@ its first scan.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -17,6 +17,22 @@ from ctray.data.schema import volume_of
 
 if TYPE_CHECKING:
     from ctray.data.text import TextEncoding
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """A Ray Data map_batches UDF: shard rows (a pyarrow batch, or a dict of columns in tests) ->
+    dict of numpy arrays with a leading scan axis. Imports numpy only: every Ray Data task
+    process unpickles it, and torch would cost each new process seconds before its first scan."""
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The shard columns it reads (the rest are never fetched)."""
+        ...
+
+    def __call__(self, batch: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Every random draw comes from `rng` (seeded by the run's seed and the draw)."""
+        ...
 
 
 def volumes(batch: Any) -> list[np.ndarray]:

@@ -1,7 +1,7 @@
 """Percentile bootstrap over scans (Efron & Tibshirani): resample the evaluation scans with
 replacement, recompute the statistic, take the central `ci` quantiles. A resample is a vector of
 per-scan multiplicities, so the zero-shot metrics of all resamples come from one vectorised call
-(ctray.objectives.zeroshot.weighted_metrics) instead of a loop over copies of the arrays.
+(ctray.evaluate.zeroshot.weighted_metrics) instead of a loop over copies of the arrays.
 
 Scans are resampled jointly for every item, so a macro average's interval carries the correlation
 between findings of the same scans."""
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ctray.objectives.zeroshot import METRICS, TASKS, ItemScores, weighted_metrics
+from ctray.evaluate.zeroshot import METRICS, TASKS, ItemScores, weighted_metrics
 
 Interval = tuple[float, float]
 

@@ -1,12 +1,38 @@
-"""`ctray eval` configuration: where the embeddings are, where the report goes, and the settings of
-each evaluation (zero-shot prompts, bootstrap, probes, retrieval, the anatomy map)."""
+"""Evaluation settings, torch-free (recipe configs embed the zero-shot ones). `ctray eval`: where
+the embeddings are, where the report goes, and the settings of each evaluation (zero-shot prompts,
+bootstrap, probes, retrieval, the anatomy map)."""
 
 from __future__ import annotations
 
 from pydantic import Field, field_validator
 
+from ctray.anatomy import DEFAULT_FINDINGS
 from ctray.config import Section, StorageConfig
-from ctray.objectives.zeroshot import ZeroShotConfig
+
+DEFAULT_TEMPLATES = [
+    ("{finding} in the {anatomy}.", "no {finding} in the {anatomy}."),
+    ("There is {finding} in the {anatomy}.", "There is no {finding} in the {anatomy}."),
+    ("The {anatomy} shows {finding}.", "The {anatomy} shows no {finding}."),
+    ("Evidence of {finding}.", "No evidence of {finding}."),
+    ("{finding} is present.", "{finding} is absent."),
+    ("Findings consistent with {finding} in the {anatomy}.", "The {anatomy} is normal."),
+]
+
+
+class ZeroShotConfig(Section):
+    """Zero-shot evaluation prompts and the finding labels they are scored against."""
+
+    findings: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_FINDINGS))
+    """Finding label (a `labels` name in the shards) -> the anatomy whose embedding scores it.
+    Default: ctray.anatomy.DEFAULT_FINDINGS (the phantoms draw theirs from it); real data names its
+    reports table's labels here."""
+    templates: list[tuple[str, str]] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    """(present, absent) prompt pairs with {finding} and {anatomy} placeholders (>= 5 recommended)."""
+    finding_prompts: dict[str, tuple[str, str]] = Field(default_factory=dict)
+    """Finding -> its own (present, absent) prompts, used instead of every template for that finding
+    (e.g. the wording of the data set's reports)."""
+    lesion_term: str = "a lesion"
+    """{finding} in the anatomy-wise lesion-presence prompts."""
 
 
 class ProbeConfig(Section):

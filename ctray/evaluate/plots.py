@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ctray.objectives.zeroshot import TASKS, ItemScores
+from ctray.evaluate.zeroshot import TASKS, ItemScores
 
 
 @dataclass(frozen=True)

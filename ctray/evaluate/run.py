@@ -5,11 +5,13 @@ embeddings returning a report Part; run_eval loads, runs them and publishes the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from ctray.config import StorageConfig
 from ctray.errors import ConfigError
 from ctray.evaluate.bootstrap import nanmean, resample_weights, zero_shot_intervals
 from ctray.evaluate.config import EvalReportConfig
@@ -18,10 +20,12 @@ from ctray.evaluate.plots import label_efficiency, roc_curves, similarity_histog
 from ctray.evaluate.probe import KINDS, SCORES, ProbeRow, ProbeTask, probe_tasks, run_probes
 from ctray.evaluate.report import Part, fmt, table, write_report
 from ctray.evaluate.retrieval import precision_at_k, text_to_scan_ranks
-from ctray.objectives.zeroshot import (
+from ctray.evaluate.zeroshot import (
     METRICS,
     TASKS,
+    AnatomyScans,
     ItemScores,
+    Prompts,
     TextTower,
     cross_anatomy_similarity,
     template_rows,
@@ -54,15 +58,22 @@ class EvalResult:
     """One line for the console."""
 
 
-def run_eval(cfg: EvalReportConfig, text_tower: TextTower | None = None) -> EvalResult:
+TowerLoader = Callable[[str, StorageConfig], TextTower]
+"""An export's URI -> its text tower: ctray.export.load_encoder, or a stand-in in tests. Passed in
+because this package sits beneath the recipes and the export that rebuilds them."""
+
+
+def run_eval(cfg: EvalReportConfig, load_tower: TowerLoader | None = None) -> EvalResult:
     """Evaluate the embeddings folder cfg.embeddings and publish the report to cfg.out. Zero-shot
-    needs the text tower of the export (loaded from embed.json's export when None); it applies to
-    CLIP-type embeddings (those with text embeddings) only."""
+    applies to CLIP-type embeddings (those with text embeddings) only, and needs the text tower of
+    the export embed.json names: `load_tower` loads it."""
     emb = load_embeddings(cfg.embeddings, cfg.storage)
     require_labels(emb)
     parts = []
     if emb.text_embedding is not None:
-        parts.append(zero_shot_part(emb, cfg, text_tower or _export_tower(emb, cfg)))
+        if load_tower is None:
+            raise ConfigError(f"{emb.uri} holds text embeddings: zero-shot needs the export's text tower (load_tower)")
+        parts.append(zero_shot_part(emb, cfg, load_tower(emb.export, cfg.storage)))
     parts += [probe_part(emb, cfg), retrieval_part(emb, cfg), map_part(emb, cfg)]
     out = cfg.out or join(cfg.embeddings, "report")
     report = write_report(out, _header(emb, cfg), parts, cfg.model_dump(mode="json"), cfg.storage)
@@ -70,12 +81,6 @@ def run_eval(cfg: EvalReportConfig, text_tower: TextTower | None = None) -> Eval
     summary = _summary(emb, metrics, cfg, report)
     log.info("%s", summary)
     return EvalResult(metrics, report, summary)
-
-
-def _export_tower(emb: Embeddings, cfg: EvalReportConfig) -> TextTower:
-    from ctray.export import load_encoder  # torch models and weights only when zero-shot needs them
-
-    return load_encoder(emb.export, cfg.storage)
 
 
 def _header(emb: Embeddings, cfg: EvalReportConfig) -> list[str]:
@@ -126,17 +131,16 @@ def zero_shot_part(emb: Embeddings, cfg: EvalReportConfig, tower: TextTower) -> 
         )
     zs = cfg.zero_shot.model_copy(update={"findings": {**cfg.zero_shot.findings, **emb.finding_anatomies}})
     log.info("eval: zero-shot over %d templates, %d bootstrap resamples", len(zs.templates), cfg.bootstrap)
-    items = zero_shot_scores(
+    scans = AnatomyScans(
         torch.from_numpy(emb.anatomy_embedding),
         emb.region,
         emb.finding_labels,
         emb.findings,
         emb.abnormal,
         emb.anatomies,
-        lambda t: tower.embed_texts(t).detach().float().cpu(),
-        1.0 / float(tower.temperature),
-        zs,
     )
+    prompts = Prompts(lambda t: tower.embed_texts(t).detach().float().cpu(), 1.0 / float(tower.temperature))
+    items = zero_shot_scores(scans, prompts, zs)
     rows = template_rows(items)
     metrics = template_summary(rows)
     intervals = (

@@ -7,8 +7,8 @@ sampler processes (which import a recipe's sampler module, and so this package) 
 torch and MONAI.
 
 To add a recipe: a folder beside ctfm/ with its config (a `RecipeConfig` whose `name` is a
-Literal), a numpy-only sampler, a `Task` and an `Objective` instance, then one line in `RECIPES`
-below (or `register(...)` from your own code before the config is loaded). The README's "Add an
+Literal), a numpy-only sampler, a `Task` and an `Objective` instance, then one line in `RECIPES` and
+`CONFIGS` below (or `register(...)` from your own code before the config is loaded). The README's "Add an
 objective" section walks through a 40-line one (tests/test_registry.py).
 """
 
@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from ctray.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ctray.objectives.spec import Objective, RecipeConfig
+    from ctray.objectives.config import RecipeConfig
+    from ctray.objectives.spec import Objective
 
 RECIPES: dict[str, str] = {
     "ctfm_simclr": "ctray.objectives.ctfm.recipe:OBJECTIVE",
@@ -29,6 +30,15 @@ RECIPES: dict[str, str] = {
     "cagcl": "ctray.objectives.cagcl.recipe:OBJECTIVE",
 }
 """Objective name -> where its Objective lives."""
+
+CONFIGS: dict[str, str] = {
+    "ctfm_simclr": "ctray.objectives.ctfm.config:CTFMConfig",
+    "totalfm_mae": "ctray.objectives.totalfm.config:TotalFMMAEConfig",
+    "totalfm_clip": "ctray.objectives.totalfm.config:TotalFMCLIPConfig",
+    "cagcl": "ctray.objectives.cagcl.config:CAGCLConfig",
+}
+"""Objective name -> its config class, importable without torch: validating a job's `objective:`
+section must not import the recipe (torch, transformers, MONAI)."""
 
 _LOADED: dict[str, Objective[Any]] = {}
 
@@ -57,6 +67,8 @@ def get_objective(name: str) -> Objective[Any]:
 
 
 def _check(name: str, objective: Objective[Any]) -> Objective[Any]:
+    if name in CONFIGS and CONFIGS[name] != f"{objective.config.__module__}:{objective.config.__qualname__}":
+        raise ValueError(f"objective {name!r}: CONFIGS names another config class than the objective's")
     default = objective.config.model_fields["name"].default
     if objective.name != name or default != name:
         raise ValueError(
@@ -68,7 +80,7 @@ def _check(name: str, objective: Objective[Any]) -> Objective[Any]:
 def objective_config(value: Any) -> RecipeConfig:
     """A job's `objective:` section validated into the config type its `name` registers (what a
     discriminated union would do, but open to objectives registered after import)."""
-    from ctray.objectives.spec import RecipeConfig
+    from ctray.objectives.config import RecipeConfig
 
     if isinstance(value, RecipeConfig):
         return value
@@ -76,4 +88,9 @@ def objective_config(value: Any) -> RecipeConfig:
         raise ValueError(f"needs a `name`, one of {objective_names()}")
     if value["name"] not in objective_names():
         raise ValueError(f"unknown objective {value['name']!r}; known: {', '.join(objective_names())}")
-    return get_objective(value["name"]).config.model_validate(value)
+    name = value["name"]
+    if name in _LOADED or name not in CONFIGS:
+        return get_objective(name).config.model_validate(value)
+    module, attr = CONFIGS[name].split(":")
+    config: type[RecipeConfig] = getattr(importlib.import_module(module), attr)
+    return config.model_validate(value)

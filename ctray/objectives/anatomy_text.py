@@ -4,47 +4,22 @@ worker (with autograd), and zero-shot evaluation. A subclass supplies `embed_ana
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
 from ctray import dist
-from ctray.data.samplers import AnatomyTexts
-from ctray.data.text import TextEncoding, prepare_tokenizer
-from ctray.export import ExportPart, linear_part
-from ctray.models.text import TextConfig, TextEncoder
+from ctray.data.text import prepare_tokenizer
+from ctray.evaluate.zeroshot import AnatomyScans, Prompts, evaluate
+from ctray.models.text import TextEncoder
+from ctray.objectives.contrast import ContrastConfig, text_encoding
 from ctray.objectives.losses import AnatomyLocalLoss, LearnableTemperature
-from ctray.objectives.spec import Batch, Evaluation, RecipeConfig, Task
-from ctray.objectives.zeroshot import ZeroShotConfig, evaluate
+from ctray.objectives.slots import anatomy_embeddings, encode_slots
+from ctray.objectives.spec import Assets, Batch, Evaluation, ExportPart, Task, linear_part
 from ctray.run_folder import RunFolder
-
-BERT_B = (
-    "objective.text.hidden_size=768",
-    "objective.text.layers=12",
-    "objective.text.heads=12",
-    "objective.text.max_length=64",
-)
-"""Overrides of the local jobs that build a BERT-base text tower (bench step on a GPU)."""
-
-
-class ContrastConfig(RecipeConfig):
-    """Vision-text contrast shared by TotalFM stage 2 and CA-GCL (their configs extend it)."""
-
-    embed_dim: int = 256
-    """Joint embedding width (fVLM: 256)."""
-    temperature_init: float = 0.07
-    """Initial temperature (fVLM / CLIP: 0.07); learnable."""
-    temperature_range: tuple[float, float] = (0.001, 0.5)
-    """Clamp of the learnable temperature (fVLM: 0.001..0.5)."""
-    soft_targets: bool = False
-    """fVLM's false-negative calibration: identical texts and both-normal anatomies are not
-    negatives of each other (soft targets)."""
-    text: TextConfig = Field(default_factory=TextConfig)
-    zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
 
 
 def synthetic_text_fields(
@@ -64,48 +39,10 @@ def synthetic_text_fields(
     }
 
 
-def text_assets(cfg: Any) -> dict[str, Any]:
-    """Driver side (PretrainConfig -> assets): the run's tokenizer."""
-    run_dir = RunFolder.of(cfg).uri
-    return {
-        "tokenizer_json": prepare_tokenizer(cfg.objective.text, cfg.data.shards, run_dir, cfg.storage),
-    }
-
-
-def text_encoding(cfg: ContrastConfig, assets: dict[str, Any]) -> TextEncoding:
-    return TextEncoding(assets["tokenizer_json"], cfg.text.max_length)
-
-
-def anatomy_texts(cfg: ContrastConfig, anatomies: list[str], assets: dict[str, Any], policy: str) -> AnatomyTexts:
-    """The sampler's text side for `anatomies`, with the run's tokenizer."""
-    return AnatomyTexts(anatomies, cfg.zero_shot.findings, text_encoding(cfg, assets), policy)
-
-
-def at_slots(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Embeddings of the True slots of an (S, A) mask, in mask order -> (S, A, D), zeros elsewhere."""
-    out = values.new_zeros((*mask.shape, values.shape[-1]))
-    out[mask] = values
-    return out
-
-
-def encode_slots(mask: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """(S, A) bool mask -> (S, A, D): `encode(slots)` of the True slots (indices into the flattened
-    S x A slots) in place, zeros elsewhere. The first slot is encoded as well and added with weight
-    0, so the encoder runs and every one of its parameters gets a gradient whatever the mask holds:
-    a rank whose batch has no report text or no organ would otherwise skip the backward of the
-    gathers and DeepSpeed's gradient reduction, and the other ranks would wait for it forever."""
-    slots = torch.cat([mask.flatten().nonzero().squeeze(1), mask.new_zeros(1, dtype=torch.long)])
-    out = encode(slots)
-    return at_slots(mask, out[:-1]) + 0.0 * out[-1:].sum()
-
-
-def anatomy_embeddings(v: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(S, A, D) L2-normalised anatomy embeddings, (S, A) region -> "anatomy_embedding" (zeros
-    outside the region) and "embedding" (S, D): the L2-normalised mean over the scan's anatomies."""
-    region = region.bool()
-    v = v.float() * region.unsqueeze(-1)
-    mean = v.sum(1) / region.sum(1, keepdim=True).clamp(min=1)
-    return {"anatomy_embedding": v, "embedding": torch.nn.functional.normalize(mean, dim=-1)}
+def text_assets(cfg: ContrastConfig, shards: str, run: RunFolder) -> Assets:
+    """Driver side: the run's tokenizer (trained on the shards' reports, or the configured one),
+    saved in the run folder."""
+    return Assets(tokenizer_json=prepare_tokenizer(cfg.text, shards, run.uri, run.storage))
 
 
 class AnatomyTextTask(Task):
@@ -114,7 +51,7 @@ class AnatomyTextTask(Task):
 
     anatomies: list[str]
 
-    def __init__(self, contrast: ContrastConfig, assets: dict[str, Any]):
+    def __init__(self, contrast: ContrastConfig, assets: Assets):
         super().__init__()
         self.contrast = contrast
         self.text = TextEncoder(contrast.text, contrast.embed_dim)
@@ -182,16 +119,14 @@ class AnatomyTextTask(Task):
             regions.append(batch["region"].bool().cpu().numpy())
             findings.append(batch["finding_labels"].cpu().numpy())
             abnormal.append(batch["abnormal"].cpu().numpy())
-        return evaluate(
+        zs = self.contrast.zero_shot
+        scans = AnatomyScans(
             torch.cat(vs),
             np.concatenate(regions),
             np.concatenate(findings),
+            list(zs.findings),
             np.concatenate(abnormal),
-            torch.cat(texts),
-            np.concatenate(text_anatomy),
             self.anatomies,
-            lambda t: self.embed_texts(t).float(),
-            float(self.temperature()),
-            self.contrast.zero_shot,
-            step,
         )
+        prompts = Prompts(lambda t: self.embed_texts(t).float(), float(self.temperature()))
+        return evaluate(scans, torch.cat(texts), np.concatenate(text_anatomy), prompts, zs, step)

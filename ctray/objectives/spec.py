@@ -1,28 +1,49 @@
 """The contract between the trainer and a recipe: what an objective provides, typed.
 
 A recipe (one folder under ctray/objectives/) supplies an `Objective`: its typed config (a
-`RecipeConfig` whose `name` is a Literal), a driver-side `prepare`, a numpy-only CPU `sampler`
-(Ray Data map_batches UDF), a device `task` (augmentation + model + loss + export, and
-optionally evaluation) and a default sweep space. The registry (ctray.objectives) holds one
-instance per recipe; the trainer, the config loader, the CLI, `ctray bench` and `ctray sweep` ask
-it and know no recipe by name.
+`RecipeConfig` whose `name` is a Literal; torch-free, ctray.objectives.config), a driver-side
+`prepare`, a numpy-only CPU `sampler` (Ray Data map_batches UDF), a device `task` (augmentation +
+model + loss + export, and optionally evaluation) and a default sweep space. The registry
+(ctray.objectives) holds one instance per recipe; the trainer, the config loader, the CLI,
+`ctray bench` and `ctray sweep` ask it and know no recipe by name.
+
+The types a recipe needs are named here, wherever they live: `Sampler` (ctray.data.samplers: the
+Ray Data side imports it without torch), `Evaluation` (ctray.evaluate.result), `RecipeConfig` and
+`Assets` (ctray.objectives.config).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
-import numpy as np
 import torch
 from torch import nn
 
-from ctray.config import Section
+from ctray.data.samplers import Sampler
+from ctray.evaluate.result import Evaluation
+from ctray.objectives.config import Assets, RecipeConfig
 
 if TYPE_CHECKING:
-    from ctray.export import ExportPart
-    from ctray.train.config import PretrainConfig
+    from ctray.run_folder import RunFolder
+
+__all__ = [
+    "Assets",
+    "Batch",
+    "BenchProfile",
+    "EmbedsWith",
+    "Evaluates",
+    "Evaluation",
+    "ExportPart",
+    "Objective",
+    "RecipeConfig",
+    "Sampler",
+    "SweepSpace",
+    "Task",
+    "layer_norm_part",
+    "linear_part",
+]
 
 SweepSpace = Mapping[str, Mapping[str, Any]]
 """Dotted config path -> {grid|choice|uniform|loguniform: values} (ctray.tune.config.ParamSpace)."""
@@ -31,44 +52,29 @@ Batch = dict[str, torch.Tensor]
 """A device batch: the sampler's arrays as tensors, keyed as the sampler named them."""
 
 
-class RecipeConfig(Section):
-    """Base of every objective's config section (`objective:` in a pretrain job)."""
+@dataclass(frozen=True)
+class ExportPart:
+    """One exported module (ctray.export): a transformers PreTrainedModel (saved with
+    save_pretrained), or any module with the class (dotted path) and kwargs that rebuild it for a
+    strict load."""
 
-    name: str
-    """The registered objective (`ctray pretrain --help` lists them)."""
+    module: nn.Module
+    cls: str | None = None
+    """None: a transformers model (its folder's config.json names its class)."""
+    kwargs: dict[str, Any] | None = None
+    """The class's constructor arguments; for a transformers model, from_pretrained's."""
+
+
+def linear_part(m: nn.Linear) -> ExportPart:
+    return ExportPart(m, "torch.nn.Linear", {"in_features": m.in_features, "out_features": m.out_features})
+
+
+def layer_norm_part(m: nn.LayerNorm) -> ExportPart:
+    return ExportPart(m, "torch.nn.LayerNorm", {"normalized_shape": list(m.normalized_shape), "eps": m.eps})
 
 
 C = TypeVar("C", bound=RecipeConfig)
 C_contra = TypeVar("C_contra", bound=RecipeConfig, contravariant=True)
-
-
-@runtime_checkable
-class Sampler(Protocol):
-    """A Ray Data map_batches UDF: shard rows (a pyarrow batch, or a dict of columns in tests) ->
-    dict of numpy arrays with a leading scan axis. Imports numpy only: every Ray Data task
-    process unpickles it, and torch would cost each new process seconds before its first scan."""
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """The shard columns it reads (the rest are never fetched)."""
-        ...
-
-    def __call__(self, batch: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Every random draw comes from `rng` (seeded by the run's seed and the draw)."""
-        ...
-
-
-@dataclass
-class Evaluation:
-    """What a task's evaluation hands the trainer: it prints `summary`, logs `metrics` and stores
-    `files`, knowing none of their names."""
-
-    metrics: dict[str, float]
-    """Scalars for metrics.jsonl, TensorBoard and Tune."""
-    summary: str
-    """One line for the console."""
-    files: dict[str, bytes] = field(default_factory=dict)
-    """File name -> bytes, stored in <run>/eval/step_N/."""
 
 
 class Task(nn.Module):
@@ -126,7 +132,7 @@ class EmbedsWith(Protocol):
     sampler than training: deterministic, without augmentation (CT-FM: the whole scan as a grid of
     patches). Others embed through their training sampler with a seed per scan."""
 
-    def embed_sampler(self, cfg: Any, assets: dict[str, Any]) -> Sampler: ...
+    def embed_sampler(self, cfg: Any, assets: Assets) -> Sampler: ...
 
 
 @dataclass(frozen=True)
@@ -164,15 +170,16 @@ class Objective(Protocol, Generic[C_contra]):
         """How `ctray bench step` runs it."""
         ...
 
-    def prepare(self, cfg: PretrainConfig) -> dict[str, Any]:
-        """Driver side, once before training: JSON-able assets every rank's task and the sampler
-        receive (a tokenizer, label ids from the manifest, a checked stage-1 export). A config
-        that does not fit its shards raises ConfigError here."""
+    def prepare(self, cfg: C_contra, shards: str, run: RunFolder) -> Assets:
+        """Driver side, once before training, with the run's shards (data.shards) and folder:
+        the assets every rank's task and the sampler receive (a tokenizer, label ids from the
+        manifest, a checked stage-1 export). A config that does not fit its shards raises
+        ConfigError here."""
         ...
 
-    def sampler(self, cfg: C_contra, assets: dict[str, Any]) -> Sampler: ...
+    def sampler(self, cfg: C_contra, assets: Assets) -> Sampler: ...
 
-    def task(self, cfg: C_contra, assets: dict[str, Any]) -> Task: ...
+    def task(self, cfg: C_contra, assets: Assets) -> Task: ...
 
     def synthetic_batch(self, cfg: C_contra, scans: int, device: torch.device) -> Batch:
         """An in-memory batch like the sampler's (after tensor conversion), for `data.synthetic`

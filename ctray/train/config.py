@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import posixpath
 from typing import Literal
 
 from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from ctray.config import RayConfig, Section, StorageConfig
 from ctray.objectives import objective_config
-from ctray.objectives.spec import RecipeConfig
+from ctray.objectives.config import RecipeConfig
+from ctray.run_folder import RunFolder
 
 
 class DataConfig(Section):
@@ -253,6 +255,10 @@ class PretrainConfig(Section):
         if self.optim.lr_base_batch is None:
             return self.optim.lr
         return self.optim.lr * self.scans_per_step * self.optim.lr_views_per_scan / self.optim.lr_base_batch
+
+    def run_folder(self) -> RunFolder:
+        """<run.storage>/<run.name>, where the run's files live."""
+        return RunFolder(posixpath.join(self.run.storage, self.run.name), self.storage)
 
     @property
     def scans_per_worker(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,15 @@ def load_checkpoint(engine: Any, folder: str | Path, zero_stage: int) -> None:
         for state in getattr(engine.optimizer, "optimizer", engine.optimizer).state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
+
+
+def report_checkpoint(engine: Any, metrics: dict[str, Any]) -> None:
+    """Every rank saves its DeepSpeed shards to a temp folder and reports it with `metrics` to Ray
+    Train, which merges the folders in the run's storage (shard names are rank-unique)."""
+    import ray.train
+
+    step = metrics["step"]
+    with tempfile.TemporaryDirectory(prefix="ctray-ckpt-") as local:
+        engine.save_checkpoint(local, tag=TAG, client_state={"step": step})
+        checkpoint = ray.train.Checkpoint.from_directory(local)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")

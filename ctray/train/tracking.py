@@ -26,65 +26,28 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
-import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ctray.errors import ConfigError, first_line
+from ctray.redact import redact_text, redacted
 from ctray.run_folder import RunFolder
-from ctray.storage import is_remote, local_folder
+from ctray.storage import is_remote
 
 if TYPE_CHECKING:
     from ctray.train.config import PretrainConfig
-    from ctray.tune.config import SweepConfig
 
 log = logging.getLogger(__name__)
 
 IDS_FILE = "tracking.json"
 """In a run (or sweep) folder: the MLflow run id and W&B run id a re-run continues."""
-REDACTED = "***"
 _INSTALL = "pip install 'ctray[tracking]'"
 _PARAM_CHARS = 500  # MLflow caps a param value (6000); the whole config is the config.yaml artifact
-_SECRET_WORDS = frozenset({"key", "secret", "token", "password", "passwd", "credential", "credentials"})
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-_SECRET_QUERY = re.compile(
-    r"([?&][^=&#\s]*(?:key|secret|token|signature|sig|password|credential)[^=&#\s]*=)[^&#\s]+", re.IGNORECASE
-)
-
-
-def _secret_name(name: str) -> bool:
-    return bool(_SECRET_WORDS & set(re.split(r"[^a-z0-9]+", name.lower())))
-
-
-def redact_text(text: str) -> str:
-    """`text` without URL userinfo (user:password@), credential-like query values (?token=...) and the
-    values of this process's secret-named environment variables (AWS_SECRET_ACCESS_KEY, ..._TOKEN):
-    a `${VAR}` in a config may have put one anywhere."""
-    text = _SECRET_QUERY.sub(r"\1" + REDACTED, _USERINFO.sub(REDACTED + "@", text))
-    for name, value in os.environ.items():
-        if len(value) >= 8 and _secret_name(name) and value in text:
-            text = text.replace(value, REDACTED)
-    return text
-
-
-def redacted(value: Any, name: str = "") -> Any:
-    """A config dump with credential-like values replaced by ***: fields named like a key, secret,
-    token or password, and the parts of any string `redact_text` removes. ctray keeps credentials
-    out of configs (environment variables, instance roles), but a config can still carry one."""
-    if isinstance(value, dict):
-        return {k: redacted(v, str(k)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redacted(v, name) for v in value]
-    if value is not None and _secret_name(name):
-        return REDACTED
-    return redact_text(value) if isinstance(value, str) else value
 
 
 def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -152,7 +115,7 @@ def _write_ids(folder: RunFolder, ids: dict[str, Any]) -> None:
     folder.write(IDS_FILE, json.dumps(stored, indent=1).encode())
 
 
-def _mlflow_client(uri: str) -> Any:
+def mlflow_client(uri: str) -> Any:
     from mlflow import MlflowClient
 
     return MlflowClient(uri)
@@ -192,7 +155,7 @@ def _open_mlflow_run(
     """The saved run when it is on this server and not deleted (set RUNNING again), else a new one."""
     from mlflow.exceptions import MlflowException
 
-    client = _mlflow_client(uri)
+    client = mlflow_client(uri)
     found = None
     if saved and saved.get("tracking_uri") == redact_text(uri):
         try:
@@ -234,7 +197,7 @@ def start(cfg: PretrainConfig, run: RunFolder) -> dict[str, Any]:
             run_id = _open_mlflow_run(
                 uri, saved.get("mlflow"), cfg.run.mlflow.experiment, cfg.run.name, tags, flat_params(config)
             )
-            _mlflow_client(uri).log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
+            mlflow_client(uri).log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
         except ConfigError:
             raise
         except Exception as e:
@@ -260,140 +223,12 @@ def end(ids: dict[str, Any], status: str) -> None:
     if "mlflow" not in ids:
         return
     try:
-        _mlflow_client(ids["mlflow"]["tracking_uri"]).set_terminated(ids["mlflow"]["run_id"], status)
+        mlflow_client(ids["mlflow"]["tracking_uri"]).set_terminated(ids["mlflow"]["run_id"], status)
     except Exception as e:  # the run is over either way: its status is a courtesy
         log.warning("mlflow: could not mark run %s %s: %s", ids["mlflow"]["run_id"], status, first_line(e))
 
 
-class Tracker:
-    """Rank 0's side: each report's metrics, evaluation folders and the export. A tracking server that
-    fails is warned about and skipped: it never stops training (metrics.jsonl has everything)."""
-
-    def __init__(self, cfg: PretrainConfig, run: RunFolder, ids: dict[str, Any]):
-        self.run = run
-        self.backends: list[Any] = []
-        openers: dict[str, Callable[[], Any]] = {
-            "mlflow": lambda: _MlflowLogger(ids["mlflow"]),
-            "wandb": lambda: _WandbLogger(cfg, run, ids["wandb"]),
-        }
-        for name, opener in openers.items():
-            if name in ids:
-                try:
-                    self.backends.append(opener())
-                except Exception as e:
-                    log.warning("%s: not logging from this worker: %s: %s", name, type(e).__name__, first_line(e))
-
-    def _each(self, what: str, call: Callable[[Any], None]) -> None:
-        for backend in self.backends:
-            try:
-                call(backend)
-            except Exception as e:
-                log.warning("%s: %s failed: %s: %s", backend.name, what, type(e).__name__, first_line(e))
-
-    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
-        values = scalars(metrics)
-        stamp = float(metrics.get("time", time.time()))
-        self._each("logging metrics", lambda b: b.log_metrics(step, values, stamp))
-
-    def log_folder(self, name: str, step: int) -> None:
-        """A folder of the run (eval/step_N, export) as artifacts under the same name."""
-        if not self.backends:
-            return
-        if not self.run.exists(name):
-            return
-        with local_folder(self.run.uri_of(name), self.run.storage) as local:
-            self._each(f"logging {name}", lambda b: b.log_folder(local, name, step))
-
-    def close(self, ok: bool = True) -> None:
-        """Flush and close; `ok` False: the attempt failed (W&B marks its run failed, not finished)."""
-        self._each("closing", lambda b: b.close(ok))
-
-
-class _MlflowLogger:
-    name = "mlflow"
-
-    def __init__(self, ids: dict[str, Any]):
-        self.client, self.run_id = _mlflow_client(ids["tracking_uri"]), ids["run_id"]
-        self.pending: list[Any] = []
-
-    def log_metrics(self, step: int, values: dict[str, float], stamp: float) -> None:
-        from mlflow.entities import Metric
-
-        metrics = [Metric(k, v, int(stamp * 1000), step) for k, v in values.items()]
-        # Queued: a slow or unreachable server must not stall the training step (waited for at close).
-        self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
-
-    def log_folder(self, local: str, name: str, step: int) -> None:
-        self.client.log_artifacts(self.run_id, local, name)
-
-    def close(self, ok: bool) -> None:
-        for operations in self.pending:
-            operations.wait()
-
-
-class _WandbLogger:
-    name = "wandb"
-
-    def __init__(self, cfg: PretrainConfig, run: RunFolder, ids: dict[str, Any]):
-        import wandb
-
-        self.wandb, self.folder, self.mode = wandb, run, ids["mode"]
-        # On object storage W&B writes to this node's disk; an offline run's files go to <run>/wandb at close.
-        self.temp = ids["dir"] is None
-        directory = tempfile.mkdtemp(prefix="ctray-wandb-") if self.temp else ids["dir"]
-        os.makedirs(directory, exist_ok=True)
-        self.prefix = re.sub(r"[^\w.-]", "-", cfg.run.name)
-        self.run = wandb.init(
-            project=cfg.run.wandb.project,
-            id=ids["id"],
-            name=cfg.run.name,
-            group=cfg.run.group,
-            config=ids["config"],
-            mode=self.mode,
-            dir=directory,
-            resume="allow",
-            # No console capture (Ray owns the worker's output), no run summary printed at the end, and no
-            # machine metadata (argv, host, git).
-            settings=wandb.Settings(
-                console="off",
-                quiet=True,
-                x_disable_meta=True,
-                disable_git=True,
-                save_code=False,
-                x_save_requirements=False,
-            ),
-        )
-        self.sync_dir = os.path.dirname(self.run.dir)
-        # The step as W&B's x-axis: a resumed run logs steps again from its checkpoint, which W&B's own
-        # monotonic step would drop.
-        self.run.define_metric("step")
-        self.run.define_metric("*", step_metric="step")
-
-    def log_metrics(self, step: int, values: dict[str, float], stamp: float) -> None:
-        self.run.log({**values, "step": step})
-
-    def log_folder(self, local: str, name: str, step: int) -> None:
-        top = name.split("/")[0]
-        artifact = self.wandb.Artifact(f"{self.prefix}-{top}", type="model" if top == "export" else top)
-        artifact.add_dir(local)
-        self.run.log_artifact(artifact, aliases=[f"step_{step}"])
-        images = {f"{top}/{p.stem}": self.wandb.Image(str(p)) for p in sorted(Path(local).glob("*.png"))}
-        if images and top != "export":
-            self.run.log({**images, "step": step})
-
-    def close(self, ok: bool) -> None:
-        self.run.finish(exit_code=0 if ok else 1)
-        if self.temp and self.mode == "offline":
-            for path in Path(self.sync_dir).rglob("*"):
-                if path.is_file():
-                    rel = path.relative_to(os.path.dirname(self.sync_dir)).as_posix()
-                    self.folder.write(f"wandb/{rel}", path.read_bytes())
-            log.info("wandb: offline run in %s (upload: wandb sync)", self.folder.uri_of("wandb"))
-        if self.temp:
-            shutil.rmtree(os.path.dirname(os.path.dirname(self.sync_dir)), ignore_errors=True)
-
-
-def start_sweep(cfg: SweepConfig, base: PretrainConfig, folder: RunFolder) -> str | None:
+def start_sweep(name: str, settings: dict[str, Any], base: PretrainConfig, folder: RunFolder) -> str | None:
     """The sweep's own MLflow run, the parent its trials nest under (None without mlflow in the base's
     run.loggers); a re-run sweep reopens it from <sweep>/tracking.json. W&B groups the trials by
     the sweep's name instead (run.group)."""
@@ -401,16 +236,14 @@ def start_sweep(cfg: SweepConfig, base: PretrainConfig, folder: RunFolder) -> st
         return None
     _require("mlflow", "mlflow")
     uri = mlflow_uri(base)
-    settings = redacted(
-        cfg.model_dump(mode="json", include={"base", "overrides", "space", "search", "num_samples", "scheduler"})
-    )
+    settings = redacted(settings)
     try:
         run_id = _open_mlflow_run(
             uri,
             _read_ids(folder).get("mlflow"),
             base.run.mlflow.experiment,
-            cfg.name,
-            {"ctray.sweep": cfg.name},
+            name,
+            {"ctray.sweep": name},
             flat_params(settings),
         )
     except ConfigError:
@@ -425,7 +258,7 @@ def end_sweep(base: PretrainConfig, run_id: str, folder: RunFolder, files: list[
     """The sweep's results (table, plot, best config) and best metric on its MLflow run, then FINISHED."""
     uri = mlflow_uri(base)
     try:
-        client = _mlflow_client(uri)
+        client = mlflow_client(uri)
         with tempfile.TemporaryDirectory(prefix="ctray-sweep-") as tmp:
             for name in files:
                 Path(tmp, name).write_bytes(folder.read(name))

@@ -96,7 +96,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     ensure_ray(cfg.ray)
     ensure_schedulable(cfg.scaling.worker_bundle(), "training worker", cfg.ray.schedule_timeout_s)
 
-    run = RunFolder.of(cfg)
+    run = cfg.run_folder()
     scans = 0 if cfg.data.synthetic else len(scan_index(cfg.data.shards, cfg.storage))
     if cfg.train.epochs is not None:
         cfg.train.max_steps, cfg.train.epochs = steps_for_epochs(cfg, scans), None
@@ -107,7 +107,8 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     run.write("config.yaml", to_yaml(cfg).encode())
 
     objective = get_objective(cfg.objective.name)
-    assets = objective.prepare(cfg)  # a config that does not fit its shards raises ConfigError there
+    # A config that does not fit its shards raises ConfigError here, before any worker starts.
+    assets = objective.prepare(cfg.objective, cfg.data.shards, run)
     sampler = objective.sampler(cfg.objective, assets)
     log.info(
         "pretrain %s: objective %s, %d workers (%s), ZeRO %d, %d steps, peak lr %.3g -> %s",
@@ -128,7 +129,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     ids = tracking.start(cfg, run)  # after prepare: a config that fails there opens no MLflow run
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
-        "assets": assets,
+        "assets": assets.model_dump(mode="json"),
         "scans": scans,
         "tracking": ids,
         "verbose": verbose(),

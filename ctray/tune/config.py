@@ -94,3 +94,10 @@ class SweepConfig(Section):
         """What each trial's own process reserves (trial_cpus, trial_memory_gb); its Train workers
         reserve theirs (the base config's scaling)."""
         return {"CPU": self.trial_cpus, "memory": self.trial_memory_gb * 2**30}
+
+    def tracked_settings(self) -> dict[str, Any]:
+        """What the sweep's MLflow run records as params: what it searches and how (not where it
+        stores, which may name credentials-bearing URIs)."""
+        return self.model_dump(
+            mode="json", include={"base", "overrides", "space", "search", "num_samples", "scheduler"}
+        )

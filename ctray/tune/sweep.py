@@ -109,7 +109,7 @@ def _spaces(cfg: SweepConfig, base: PretrainConfig) -> dict[str, ParamSpace]:
 def reports_per_run(cfg: PretrainConfig) -> int:
     """How many reports a trial makes (ASHA's max_t): every step the loop's cadence reports at."""
     from ctray.data.pipeline import scan_index
-    from ctray.train.loop import Cadence
+    from ctray.train.metrics import Cadence
     from ctray.train.trainer import steps_for_epochs
 
     steps = (
@@ -120,7 +120,7 @@ def reports_per_run(cfg: PretrainConfig) -> int:
     cadence = Cadence(
         cfg.train.model_copy(update={"max_steps": steps, "epochs": None}), cfg.eval.every if cfg.eval.enabled else -1
     )
-    return sum(cadence.should_log(step) for step in range(1, steps + 1))
+    return sum(cadence.reports(step) for step in range(1, steps + 1))
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
@@ -139,7 +139,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
     storage = resolve_uri(cfg.storage)
     sweep_dir = posixpath.join(storage, cfg.name)
-    parent = tracking.start_sweep(cfg, base_cfg, RunFolder(sweep_dir, cfg.storage_options))
+    parent = tracking.start_sweep(cfg.name, cfg.tracked_settings(), base_cfg, RunFolder(sweep_dir, cfg.storage_options))
     # The trials' MLflow runs nest under the sweep's own; W&B groups them by the sweep's name.
     base["run"]["group"] = base["run"]["group"] or cfg.name
     base["run"]["mlflow"]["parent_run_id"] = parent

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ctray.anatomy import DEFAULT_FINDING_ANATOMIES
-from ctray.objectives.anatomy_text import ContrastConfig
+from ctray.objectives.contrast import ContrastConfig
 
 
 class CAGCLConfig(ContrastConfig):

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import posixpath
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
-from ctray.objectives.anatomy_text import BERT_B, anatomy_texts, text_assets
+from ctray.objectives.anatomy_text import text_assets
 from ctray.objectives.cagcl.config import CAGCLConfig
 from ctray.objectives.cagcl.sampler import AnatomyScanSampler
 from ctray.objectives.cagcl.task import CAGCLTask, synthetic_batch
-from ctray.objectives.spec import Batch, BenchProfile, Objective, SweepSpace
+from ctray.objectives.contrast import BERT_B, anatomy_texts
+from ctray.objectives.spec import Assets, Batch, BenchProfile, Objective, SweepSpace
+
+if TYPE_CHECKING:
+    from ctray.run_folder import RunFolder
 
 
 def anatomy_labels(cfg: CAGCLConfig, shards: str, storage: StorageConfig) -> dict[str, list[int]]:
@@ -34,9 +38,10 @@ def anatomy_labels(cfg: CAGCLConfig, shards: str, storage: StorageConfig) -> dic
     return {a: list(groups[a]) for a in cfg.anatomies}
 
 
-def cagcl_assets(cfg: Any) -> dict[str, Any]:
+def cagcl_assets(cfg: CAGCLConfig, shards: str, run: RunFolder) -> Assets:
     """The run's tokenizer and each anatomy's label ids."""
-    return {**text_assets(cfg), "anatomy_labels": anatomy_labels(cfg.objective, cfg.data.shards, cfg.storage)}
+    labels = anatomy_labels(cfg, shards, run.storage)
+    return text_assets(cfg, shards, run).model_copy(update={"anatomy_labels": labels})
 
 
 class CAGCL:
@@ -64,22 +69,21 @@ class CAGCL:
         "target on one H100: >= 250 TFLOP/s (1.5x the plain SDPA ViT-B probe, 165)",
     )
 
-    def prepare(self, cfg: Any) -> dict[str, Any]:
-        return cagcl_assets(cfg)
+    def prepare(self, cfg: CAGCLConfig, shards: str, run: RunFolder) -> Assets:
+        return cagcl_assets(cfg, shards, run)
 
-    def sampler(self, cfg: CAGCLConfig, assets: dict[str, Any]) -> AnatomyScanSampler:
+    def sampler(self, cfg: CAGCLConfig, assets: Assets) -> AnatomyScanSampler:
         policy = "clinical_aware" if cfg.text_augmentation else "all"
         texts = anatomy_texts(cfg, cfg.anatomies, assets, policy)
-        return AnatomyScanSampler(
-            assets["anatomy_labels"], cfg.input_size, cfg.patch, cfg.window_hu, texts,
-            cfg.crop_margin, cfg.flip_prob, cfg.min_voxels, cfg.fit,
-        )  # fmt: skip
+        if assets.anatomy_labels is None:
+            raise ValueError("the assets hold no anatomy label ids: the objective's prepare() did not run")
+        return AnatomyScanSampler(cfg, assets.anatomy_labels, texts)
 
-    def embed_sampler(self, cfg: CAGCLConfig, assets: dict[str, Any]) -> AnatomyScanSampler:
+    def embed_sampler(self, cfg: CAGCLConfig, assets: Assets) -> AnatomyScanSampler:
         """The training sampler without flips and with every sentence of each anatomy's text."""
         return self.sampler(cfg.model_copy(update={"flip_prob": 0.0, "text_augmentation": False}), assets)
 
-    def task(self, cfg: CAGCLConfig, assets: dict[str, Any]) -> CAGCLTask:
+    def task(self, cfg: CAGCLConfig, assets: Assets) -> CAGCLTask:
         return CAGCLTask(cfg, assets)
 
     def synthetic_batch(self, cfg: CAGCLConfig, scans: int, device: torch.device) -> Batch:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ctray.data.samplers import AnatomyTexts, small_columns, volumes, window01
+from ctray.objectives.cagcl.config import CAGCLConfig
 from ctray.resample import resample_linear, resample_nearest, size_maps
 
 
@@ -18,7 +19,7 @@ class AnatomyScanSampler:
     (S, A, tokens), "region", text fields}.
 
     As fVLM's preprocessing (data/preprocess.py, lavis/processors/blip_processors.py): the scan
-    is cut to the bounding box of its anatomies (the union of their stored boxes) plus `margin`
+    is cut to the bounding box of its anatomies (the union of their stored boxes) plus `crop_margin`
     voxels (fVLM: 5 slices, 20 voxels in-plane), padded symmetrically to at least `size` with air
     (the window's low end), cropped at `size` at a random corner, and flipped along each axis with
     probability `flip_prob` (fVLM: 0.2) — no resizing, so physical scale is kept. The label map
@@ -33,29 +34,16 @@ class AnatomyScanSampler:
     the device receives a few bytes per anatomy.
     """
 
-    def __init__(
-        self,
-        anatomy_ids: dict[str, list[int]],
-        size: tuple[int, int, int],
-        patch: tuple[int, int, int],
-        window: tuple[float, float],
-        texts: AnatomyTexts,
-        margin: tuple[int, int, int] = (5, 20, 20),
-        flip_prob: float = 0.2,
-        min_voxels: int = 1,
-        fit: str = "crop",
-    ) -> None:
-        if any(s % p for s, p in zip(size, patch, strict=True)):
-            raise ValueError(f"input size {list(size)} is not a multiple of the patch {list(patch)}")
-        self.anatomy_ids = {a: list(ids) for a, ids in anatomy_ids.items()}
-        self.size, self.patch = size, patch
+    def __init__(self, cfg: CAGCLConfig, anatomy_ids: dict[str, list[int]], texts: AnatomyTexts) -> None:
+        """`anatomy_ids`: each of cfg.anatomies' label ids (Assets.anatomy_labels); the config has
+        checked that the input tiles into patches."""
+        self.anatomy_ids = {a: list(anatomy_ids[a]) for a in cfg.anatomies}
+        self.size, self.patch = cfg.input_size, cfg.patch
         self.grid = tuple(s // p for s, p in zip(self.size, self.patch, strict=True))
-        self.window = window
+        self.window = cfg.window_hu
         self.texts = texts
-        self.margin, self.flip_prob, self.min_voxels = margin, flip_prob, min_voxels
-        if fit not in ("crop", "resize"):
-            raise ValueError(f"fit must be crop or resize, not {fit!r}")
-        self.resize = fit == "resize"
+        self.margin, self.flip_prob, self.min_voxels = cfg.crop_margin, cfg.flip_prob, cfg.min_voxels
+        self.resize = cfg.fit == "resize"
         self.columns = ("volume", "shape", "label_map", "anatomy_boxes", *texts.columns)
 
     def region(self, shape: tuple[int, ...], boxes: dict[str, list[int]]) -> tuple[slice, slice, slice]:

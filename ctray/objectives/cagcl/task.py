@@ -1,4 +1,4 @@
-"""CA-GCL on the device: a 3D ViT over the whole scan (ctray.models.vit), one learnable query per
+"""CA-GCL on the device: a 3D ViT over the whole scan (ctray.objectives.cagcl.vit), one learnable query per
 anatomy attending to its tokens (shared attention, per-anatomy projection), the anatomy text tower
 (ctray.objectives.anatomy_text), and eq. (5): the local loss (eq. 1) summed over anatomies plus
 lambda x the cross-anatomy global loss (eq. 2-4, ctray.objectives.losses)."""
@@ -6,16 +6,14 @@ lambda x the cross-anatomy global loss (eq. 2-4, ctray.objectives.losses)."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
-from ctray.export import ExportPart
-from ctray.models.vit import AnatomyQueryPooling, ViT3D
 from ctray.objectives.anatomy_text import AnatomyTextTask, synthetic_text_fields
 from ctray.objectives.cagcl.config import CAGCLConfig
+from ctray.objectives.cagcl.vit import AnatomyQueryPooling, ViT3D
 from ctray.objectives.losses import CrossAnatomyGlobalLoss
-from ctray.objectives.spec import Batch
+from ctray.objectives.spec import Assets, Batch, ExportPart
 
 
 def synthetic_batch(cfg: CAGCLConfig, scans: int, device: torch.device) -> Batch:
@@ -34,7 +32,7 @@ def synthetic_batch(cfg: CAGCLConfig, scans: int, device: torch.device) -> Batch
 class CAGCLTask(AnatomyTextTask):
     """Batch {"scan": (S, D, H, W) float16, "anatomy_tokens": (S, A, N) + text fields} -> eq. (5)."""
 
-    def __init__(self, cfg: CAGCLConfig, assets: dict[str, Any]):
+    def __init__(self, cfg: CAGCLConfig, assets: Assets):
         super().__init__(cfg, assets)
         self.cfg = cfg
         self.anatomies = list(cfg.anatomies)
@@ -74,8 +72,8 @@ class CAGCLTask(AnatomyTextTask):
         vit |= {"depth": c.depth, "heads": c.heads}
         pool = {"anatomies": len(c.anatomies), "dim": c.width, "heads": c.pool_heads, "out_dim": c.embed_dim}
         return {
-            "vision": ExportPart(self.vit, "ctray.models.vit.ViT3D", vit),
-            "anatomy_pooling": ExportPart(self.pool, "ctray.models.vit.AnatomyQueryPooling", pool),
+            "vision": ExportPart(self.vit, "ctray.objectives.cagcl.vit.ViT3D", vit),
+            "anatomy_pooling": ExportPart(self.pool, "ctray.objectives.cagcl.vit.AnatomyQueryPooling", pool),
             **self.text_parts(),
         }
 

@@ -4,7 +4,7 @@
 - sampler.py: CPU side, in Ray Data: M random patches per scan, sliced out of the stored int16
   volume (padded with -1024 HU where the scan is smaller than a patch);
 - task.py: device side: window, two augmented views per patch (shared augmentations,
-  ctray.objectives.augment), SegResEncoder + MLP head (ctray.models.encoders), and the
+  ctray.objectives.ctfm.augment), SegResEncoder + MLP head (ctray.objectives.ctfm.encoder), and the
   intra-sample NT-Xent over each scan's 2M views (ctray.objectives.losses);
 - recipe.py: the registry entry and the default sweep space.
 

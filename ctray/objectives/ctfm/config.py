@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ctray.objectives.spec import RecipeConfig
+from ctray.objectives.config import RecipeConfig
 
 
 class CTFMConfig(RecipeConfig):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -10,7 +10,10 @@ from ctray.objectives.ctfm.config import CTFMConfig
 from ctray.objectives.ctfm.sampler import PatchSampler
 from ctray.objectives.ctfm.sliding import SlidingPatches
 from ctray.objectives.ctfm.task import CTFMTask, synthetic_batch
-from ctray.objectives.spec import Batch, BenchProfile, Objective, SweepSpace
+from ctray.objectives.spec import Assets, Batch, BenchProfile, Objective, RecipeConfig, SweepSpace
+
+if TYPE_CHECKING:
+    from ctray.run_folder import RunFolder
 
 
 class CTFMSimCLR:
@@ -35,16 +38,16 @@ class CTFMSimCLR:
         "target on one H100: >= 330 views/s",
     )
 
-    def prepare(self, cfg: Any) -> dict[str, Any]:
-        return {}
+    def prepare(self, cfg: RecipeConfig, shards: str, run: RunFolder) -> Assets:
+        return Assets()
 
-    def sampler(self, cfg: CTFMConfig, assets: dict[str, Any]) -> PatchSampler:
+    def sampler(self, cfg: CTFMConfig, assets: Assets) -> PatchSampler:
         return PatchSampler(cfg.patches_per_scan, cfg.patch_size, int(cfg.window_hu[0]))
 
-    def embed_sampler(self, cfg: CTFMConfig, assets: dict[str, Any]) -> SlidingPatches:
+    def embed_sampler(self, cfg: CTFMConfig, assets: Assets) -> SlidingPatches:
         return SlidingPatches(cfg.patch_size, int(cfg.window_hu[0]))
 
-    def task(self, cfg: CTFMConfig, assets: dict[str, Any]) -> CTFMTask:
+    def task(self, cfg: CTFMConfig, assets: Assets) -> CTFMTask:
         return CTFMTask(cfg, assets)
 
     def synthetic_batch(self, cfg: CTFMConfig, scans: int, device: torch.device) -> Batch:

@@ -3,16 +3,13 @@ intra-sample NT-Xent over each scan's 2M views."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ctray.export import ExportPart
-from ctray.models.encoders import PooledSegResEncoder, mlp_head
-from ctray.objectives.augment import gaussian_smooth, histogram_shift, resized_crop_flip, window
+from ctray.objectives.ctfm.augment import gaussian_smooth, histogram_shift, resized_crop_flip, window
 from ctray.objectives.ctfm.config import CTFMConfig
+from ctray.objectives.ctfm.encoder import PooledSegResEncoder, mlp_head
 from ctray.objectives.losses import IntraSampleNTXent
-from ctray.objectives.spec import Task
+from ctray.objectives.spec import Assets, ExportPart, Task
 
 
 def synthetic_batch(cfg: CTFMConfig, scans: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -31,7 +28,7 @@ def synthetic_batch(cfg: CTFMConfig, scans: int, device: torch.device) -> dict[s
 class CTFMTask(Task):
     """Model + augmentation + loss: batch {"patches": (S, M, d, h, w) int16} -> dict of losses/metrics."""
 
-    def __init__(self, cfg: CTFMConfig, assets: dict[str, Any] | None = None):
+    def __init__(self, cfg: CTFMConfig, assets: Assets | None = None):
         super().__init__()
         self.cfg = cfg
         self.encoder = PooledSegResEncoder(cfg.init_filters, cfg.blocks_down)
@@ -80,7 +77,9 @@ class CTFMTask(Task):
                 {**kwargs, "blocks_down": list(self.cfg.blocks_down)},
             ),
             "head": ExportPart(
-                self.head, "ctray.models.encoders.mlp_head", {"dims": [self.encoder.out_features, *self.cfg.head_dims]}
+                self.head,
+                "ctray.objectives.ctfm.encoder.mlp_head",
+                {"dims": [self.encoder.out_features, *self.cfg.head_dims]},
             ),
         }
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +14,15 @@ from torch import nn
 
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
-from ctray.export import ExportPart, layer_norm_part, linear_part
-from ctray.objectives.anatomy_text import AnatomyTextTask, encode_slots, text_assets
+from ctray.models.pretrained import META, load_pretrained_into
+from ctray.objectives.anatomy_text import AnatomyTextTask, synthetic_text_fields, text_assets
+from ctray.objectives.slots import encode_slots
+from ctray.objectives.spec import Assets, Batch, ExportPart, layer_norm_part, linear_part
 from ctray.objectives.totalfm.config import TotalFMCLIPConfig, export_config
+from ctray.objectives.totalfm.mae import synthetic_batch
+
+if TYPE_CHECKING:
+    from ctray.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +37,6 @@ def check_stage1(cfg: TotalFMCLIPConfig, storage: StorageConfig) -> str | None:
     """Driver-side check of the hand-off: the stage-1 export exists and was cut and built like this
     stage's organs and model. Returns the URI of its VideoMAE folder (None: random init,
     with a loud warning)."""
-    from ctray.export import META
     from ctray.storage import filesystem, read_bytes, resolve_uri
 
     if cfg.init_from is None:
@@ -50,7 +55,7 @@ def check_stage1(cfg: TotalFMCLIPConfig, storage: StorageConfig) -> str | None:
         ) from None
     if "folder" not in meta.get("parts", {}).get("vision", {}):
         raise ConfigError(f"objective.init_from: {uri} is a {meta.get('objective')} export, not a VideoMAE stage 1")
-    ours = json.loads(json.dumps(export_config(cfg)))
+    ours = json.loads(json.dumps(export_config(cfg.model, cfg.organs)))
     if meta.get("organs") != ours["organs"]:
         raise ConfigError(
             f"objective.init_from: {uri} was trained with different organs than this stage "
@@ -85,32 +90,35 @@ _ENCODER_FIELDS = (
 )
 
 
-def clip_assets(cfg: Any) -> dict[str, Any]:
+def clip_assets(cfg: TotalFMCLIPConfig, shards: str, run: RunFolder) -> Assets:
     """The run's tokenizer and the checked stage-1 export."""
-    return {
-        **text_assets(cfg),
-        "init_from": check_stage1(cfg.objective, cfg.storage),
-        "storage": cfg.storage.model_dump(mode="json"),
-    }
+    init_from = check_stage1(cfg, run.storage)
+    return text_assets(cfg, shards, run).model_copy(update={"init_from": init_from, "storage": run.storage})
+
+
+def synthetic_clip_batch(cfg: TotalFMCLIPConfig, scans: int, device: torch.device) -> Batch:
+    """Stage 1's random organ volumes and random text fields (every organ present)."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    text = synthetic_text_fields(cfg, scans, len(cfg.organs.anatomies), gen)
+    return {**synthetic_batch(cfg.organs, scans, device), **{k: v.to(device) for k, v in text.items()}}
 
 
 class TotalFMCLIPTask(AnatomyTextTask):
     """Organ volumes + one sentence per organ -> organ-wise CLIP loss (see module docstring)."""
 
-    def __init__(self, cfg: TotalFMCLIPConfig, assets: dict):
+    def __init__(self, cfg: TotalFMCLIPConfig, assets: Assets):
         super().__init__(cfg, assets)
         from transformers import VideoMAEModel
 
         self.cfg = cfg
         self.anatomies = list(cfg.organs.anatomies)
         self.vision = VideoMAEModel(cfg.model.videomae_config(cfg.organs))
-        if assets.get("init_from"):
-            self._load_stage1(assets["init_from"], StorageConfig.model_validate(assets["storage"]))
+        if assets.init_from:
+            self._load_stage1(assets.init_from, assets.storage or StorageConfig())
         self.vision_norm = nn.LayerNorm(cfg.model.hidden_size)
         self.vision_proj = nn.Linear(cfg.model.hidden_size, cfg.embed_dim)
 
     def _load_stage1(self, uri: str, storage: StorageConfig) -> None:
-        from ctray.export import load_pretrained_into
         from ctray.storage import local_folder
 
         with local_folder(uri, storage) as folder:
@@ -150,7 +158,7 @@ class TotalFMCLIPTask(AnatomyTextTask):
 
     def export_config(self) -> dict:
         return {
-            **export_config(self.cfg),
+            **export_config(self.cfg.model, self.cfg.organs),
             **super().export_config(),
             "vision_part": "vision",
             "embedding": "vision_proj(vision_norm(VideoMAEModel tokens mean)) per organ volume, L2-normalised",

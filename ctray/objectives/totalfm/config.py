@@ -9,8 +9,8 @@ from pydantic import Field, model_validator
 
 from ctray.anatomy import DEFAULT_FINDING_ANATOMIES
 from ctray.config import Section
-from ctray.objectives.anatomy_text import ContrastConfig
-from ctray.objectives.spec import RecipeConfig
+from ctray.objectives.config import RecipeConfig
+from ctray.objectives.contrast import ContrastConfig
 
 
 class OrganInput(Section):
@@ -114,11 +114,11 @@ class TotalFMCLIPConfig(ContrastConfig):
         return self
 
 
-def export_config(cfg: TotalFMMAEConfig | TotalFMCLIPConfig) -> dict[str, Any]:
+def export_config(model: VideoMAESize, organs: OrganInput) -> dict[str, Any]:
     """The VideoMAE encoder's export description (both stages: stage 2 checks its stage-1 run against it)."""
     return {
         "architecture": "transformers.VideoMAEModel",
-        "config": cfg.model.videomae_config(cfg.organs).to_dict(),
-        "organs": cfg.organs.model_dump(mode="json"),
+        "config": model.videomae_config(organs).to_dict(),
+        "organs": organs.model_dump(mode="json"),
         "input": "organ volume (frames = axial slices), 1 channel, window_hu -> [0, 1], shape (N, T, 1, H, W)",
     }

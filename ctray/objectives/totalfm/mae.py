@@ -3,28 +3,23 @@ tubelet 2, patch 16, normalised-pixel MSE) over the batch's organ volumes."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from ctray.export import ExportPart
-from ctray.objectives.anatomy_text import anatomy_embeddings, at_slots, synthetic_text_fields
-from ctray.objectives.spec import Batch, Task
-from ctray.objectives.totalfm.config import OrganInput, TotalFMCLIPConfig, TotalFMMAEConfig, VideoMAESize, export_config
+from ctray.objectives.slots import anatomy_embeddings, at_slots
+from ctray.objectives.spec import Assets, Batch, ExportPart, Task
+from ctray.objectives.totalfm.config import OrganInput, TotalFMMAEConfig, VideoMAESize, export_config
 
 
-def synthetic_batch(cfg: TotalFMMAEConfig | TotalFMCLIPConfig, scans: int, device: torch.device) -> Batch:
-    """Random organ volumes (every organ present) and, for stage 2, random text fields."""
+def synthetic_batch(organs: OrganInput, scans: int, device: torch.device) -> Batch:
+    """Random organ volumes (every organ present)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    a = len(cfg.organs.anatomies)
+    a = len(organs.anatomies)
     batch = {
-        "organs": torch.rand((scans, a, *cfg.organs.size), generator=gen).half(),
+        "organs": torch.rand((scans, a, *organs.size), generator=gen).half(),
         "present": torch.ones((scans, a), dtype=torch.uint8),
         "region": torch.ones((scans, a), dtype=torch.uint8),
     }
-    if isinstance(cfg, TotalFMCLIPConfig):
-        batch.update(synthetic_text_fields(cfg, scans, a, gen))
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -48,7 +43,7 @@ def organ_videos(organs: torch.Tensor, present: torch.Tensor, dtype: torch.dtype
 class TotalFMMAETask(Task):
     """Batch {"organs": (S, A, T, H, W) float16 in [0, 1], "present": (S, A)} -> VideoMAE loss."""
 
-    def __init__(self, cfg: TotalFMMAEConfig, assets: dict[str, Any] | None = None):
+    def __init__(self, cfg: TotalFMMAEConfig, assets: Assets | None = None):
         super().__init__()
         from transformers import VideoMAEForPreTraining
 
@@ -83,7 +78,7 @@ class TotalFMMAETask(Task):
 
     def export_config(self) -> dict:
         return {
-            **export_config(self.cfg),
+            **export_config(self.cfg.model, self.cfg.organs),
             "vision_part": "vision",
             "anatomies": list(self.cfg.organs.anatomies),
             "embedding": "VideoMAEModel last_hidden_state mean over tokens, per organ volume",

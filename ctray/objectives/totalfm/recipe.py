@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ctray.objectives.anatomy_text import BERT_B, anatomy_texts
-from ctray.objectives.spec import Batch, BenchProfile, Objective, SweepSpace
-from ctray.objectives.totalfm.clip import TotalFMCLIPTask, clip_assets
+from ctray.objectives.contrast import BERT_B, anatomy_texts
+from ctray.objectives.spec import Assets, Batch, BenchProfile, Objective, RecipeConfig, SweepSpace
+from ctray.objectives.totalfm.clip import TotalFMCLIPTask, clip_assets, synthetic_clip_batch
 from ctray.objectives.totalfm.config import TotalFMCLIPConfig, TotalFMMAEConfig
 from ctray.objectives.totalfm.mae import TotalFMMAETask, synthetic_batch
 from ctray.objectives.totalfm.sampler import OrganSampler
+
+if TYPE_CHECKING:
+    from ctray.run_folder import RunFolder
 
 VIDEOMAE_B = (
     "objective.organs.size=[16,160,160]",
@@ -24,10 +27,9 @@ VIDEOMAE_B = (
 """Overrides of the local jobs that build VideoMAE-B on 16x160x160 organ volumes (bench step on a GPU)."""
 
 
-def organ_sampler(cfg: TotalFMMAEConfig | TotalFMCLIPConfig, assets: dict[str, Any]) -> OrganSampler:
-    o = cfg.organs
-    texts = anatomy_texts(cfg, o.anatomies, assets, "one") if isinstance(cfg, TotalFMCLIPConfig) else None
-    return OrganSampler(o.anatomies, o.size, o.margin_mm, o.window_hu, texts)
+def organ_sampler(cfg: TotalFMMAEConfig | TotalFMCLIPConfig, assets: Assets) -> OrganSampler:
+    texts = anatomy_texts(cfg, cfg.organs.anatomies, assets, "one") if isinstance(cfg, TotalFMCLIPConfig) else None
+    return OrganSampler(cfg.organs, texts)
 
 
 class TotalFMMAE:
@@ -53,17 +55,17 @@ class TotalFMMAE:
         "target on one H100: >= 1,400 views/s (2x transformers' VideoMAE-B probe, 677)",
     )
 
-    def prepare(self, cfg: Any) -> dict[str, Any]:
-        return {}
+    def prepare(self, cfg: RecipeConfig, shards: str, run: RunFolder) -> Assets:
+        return Assets()
 
-    def sampler(self, cfg: TotalFMMAEConfig, assets: dict[str, Any]) -> OrganSampler:
+    def sampler(self, cfg: TotalFMMAEConfig, assets: Assets) -> OrganSampler:
         return organ_sampler(cfg, assets)
 
-    def task(self, cfg: TotalFMMAEConfig, assets: dict[str, Any]) -> TotalFMMAETask:
+    def task(self, cfg: TotalFMMAEConfig, assets: Assets) -> TotalFMMAETask:
         return TotalFMMAETask(cfg, assets)
 
     def synthetic_batch(self, cfg: TotalFMMAEConfig, scans: int, device: torch.device) -> Batch:
-        return synthetic_batch(cfg, scans, device)
+        return synthetic_batch(cfg.organs, scans, device)
 
 
 class TotalFMCLIP:
@@ -79,17 +81,17 @@ class TotalFMCLIP:
         ("objective.init_from=null", *VIDEOMAE_B, *BERT_B, "objective.embed_dim=256", "data.scans_per_batch=8"),
     )
 
-    def prepare(self, cfg: Any) -> dict[str, Any]:
-        return clip_assets(cfg)
+    def prepare(self, cfg: TotalFMCLIPConfig, shards: str, run: RunFolder) -> Assets:
+        return clip_assets(cfg, shards, run)
 
-    def sampler(self, cfg: TotalFMCLIPConfig, assets: dict[str, Any]) -> OrganSampler:
+    def sampler(self, cfg: TotalFMCLIPConfig, assets: Assets) -> OrganSampler:
         return organ_sampler(cfg, assets)
 
-    def task(self, cfg: TotalFMCLIPConfig, assets: dict[str, Any]) -> TotalFMCLIPTask:
+    def task(self, cfg: TotalFMCLIPConfig, assets: Assets) -> TotalFMCLIPTask:
         return TotalFMCLIPTask(cfg, assets)
 
     def synthetic_batch(self, cfg: TotalFMCLIPConfig, scans: int, device: torch.device) -> Batch:
-        return synthetic_batch(cfg, scans, device)
+        return synthetic_clip_batch(cfg, scans, device)
 
 
 MAE: Objective[TotalFMMAEConfig] = TotalFMMAE()

@@ -8,31 +8,25 @@ from typing import Any
 import numpy as np
 
 from ctray.data.samplers import AnatomyTexts, small_columns, volumes, window01
+from ctray.objectives.totalfm.config import OrganInput
 from ctray.resample import resample_linear, size_maps
 
 
 class OrganSampler:
     """TotalFM organ volumes: rows -> {"organs": float16 (S, A, T, H, W) in [0, 1], "present": ...}.
 
-    For each anatomy with a stored bounding box: the box plus `margin_mm` on every side (clipped to
+    For each anatomy of `organs` with a stored bounding box: the box plus `margin_mm` on every side (clipped to
     the scan), resampled linearly to `size` (T axial slices = the frames of a video, H, W) and
     windowed. Batches are organ-separated: axis 1 is the organ, so every organ's volumes stay
     together and the contrastive stage draws its negatives within an organ. With `texts` set (stage
     2) the anatomy text fields are added and "present" also needs a text.
     """
 
-    def __init__(
-        self,
-        anatomies: list[str],
-        size: tuple[int, int, int],
-        margin_mm: float,
-        window: tuple[float, float],
-        texts: AnatomyTexts | None = None,
-    ):
-        self.anatomies = list(anatomies)
-        self.size = size
-        self.margin_mm = margin_mm
-        self.window = window
+    def __init__(self, organs: OrganInput, texts: AnatomyTexts | None = None):
+        self.anatomies = list(organs.anatomies)
+        self.size = organs.size
+        self.margin_mm = organs.margin_mm
+        self.window = organs.window_hu
         self.texts = texts
         self.columns = ("volume", "shape", "spacing", "anatomy_boxes") + (texts.columns if texts else ())
 

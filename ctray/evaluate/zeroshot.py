@@ -25,36 +25,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from pydantic import Field
 
-from ctray.anatomy import DEFAULT_FINDINGS
-from ctray.config import Section
-from ctray.objectives.spec import Evaluation
-
-DEFAULT_TEMPLATES = [
-    ("{finding} in the {anatomy}.", "no {finding} in the {anatomy}."),
-    ("There is {finding} in the {anatomy}.", "There is no {finding} in the {anatomy}."),
-    ("The {anatomy} shows {finding}.", "The {anatomy} shows no {finding}."),
-    ("Evidence of {finding}.", "No evidence of {finding}."),
-    ("{finding} is present.", "{finding} is absent."),
-    ("Findings consistent with {finding} in the {anatomy}.", "The {anatomy} is normal."),
-]
-
-
-class ZeroShotConfig(Section):
-    """Zero-shot evaluation prompts and the finding labels they are scored against."""
-
-    findings: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_FINDINGS))
-    """Finding label (a `labels` name in the shards) -> the anatomy whose embedding scores it.
-    Default: ctray.anatomy.DEFAULT_FINDINGS (the phantoms draw theirs from it); real data names its
-    reports table's labels here."""
-    templates: list[tuple[str, str]] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
-    """(present, absent) prompt pairs with {finding} and {anatomy} placeholders (>= 5 recommended)."""
-    finding_prompts: dict[str, tuple[str, str]] = Field(default_factory=dict)
-    """Finding -> its own (present, absent) prompts, used instead of every template for that finding
-    (e.g. the wording of the data set's reports)."""
-    lesion_term: str = "a lesion"
-    """{finding} in the anatomy-wise lesion-presence prompts."""
+from ctray.evaluate.config import ZeroShotConfig
+from ctray.evaluate.result import Evaluation
 
 
 class TextTower(Protocol):
@@ -180,21 +153,38 @@ ItemSpec = tuple[str, int, str, str, int]
 """(title, anatomy index, anatomy name, finding phrase, label column)."""
 
 
-def zero_shot_scores(
-    v: torch.Tensor,
-    region: np.ndarray,
-    finding_labels: np.ndarray,
-    finding_columns: list[str],
-    abnormal: np.ndarray,
-    anatomies: list[str],
-    embed_texts: TextEmbedder,
-    scale: float,
-    cfg: ZeroShotConfig,
-) -> list[ItemScores]:
-    """Every finding column whose anatomy (cfg.findings) is one of `anatomies`, then every anatomy's
-    lesion presence -> its logit margins per template (items with one class included; see
-    ItemScores.scorable). v (S, A, D) anatomy embeddings; region (S, A) bool; finding_labels (S, F)
-    with F = len(finding_columns) and abnormal (S, A) in {-1, 0, 1}."""
+@dataclass(frozen=True)
+class AnatomyScans:
+    """The evaluation scans as zero-shot scores them."""
+
+    embeddings: torch.Tensor
+    """(S, A, D) L2-normalised anatomy embeddings."""
+    region: np.ndarray
+    """(S, A) bool: the anatomy is in the image."""
+    finding_labels: np.ndarray
+    """(S, F) in {-1, 0, 1}; columns: `findings`."""
+    findings: list[str]
+    """The finding label of each column of `finding_labels`."""
+    abnormal: np.ndarray
+    """(S, A) in {-1, 0, 1}: any finding mapped to the anatomy is present."""
+    anatomies: list[str]
+    """The anatomy of each column of `region` and `abnormal`."""
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """How prompts are embedded and scored: the text tower and its logit scale (1 / tau)."""
+
+    embed_texts: TextEmbedder
+    scale: float
+
+
+def zero_shot_scores(scans: AnatomyScans, prompts: Prompts, cfg: ZeroShotConfig) -> list[ItemScores]:
+    """Every finding column whose anatomy (cfg.findings) is one of the scans' anatomies, then every
+    anatomy's lesion presence -> its logit margins per template (items with one class included; see
+    ItemScores.scorable)."""
+    v, region, finding_labels, abnormal = scans.embeddings, scans.region, scans.finding_labels, scans.abnormal
+    anatomies, finding_columns = scans.anatomies, scans.findings
     index = {a: j for j, a in enumerate(anatomies)}
     specs: list[tuple[str, ItemSpec]] = [
         ("finding", (f, index[cfg.findings[f]], cfg.findings[f], f.replace("_", " "), c))
@@ -204,21 +194,23 @@ def zero_shot_scores(
     specs += [("anatomy", (f"{a} (any finding)", j, a, cfg.lesion_term, j)) for j, a in enumerate(anatomies)]
     if not specs:
         return []
-    prompts = [
+    texts = [
         t.format(finding=phrase, anatomy=anat)
         for _, (title, _, anat, phrase, _) in specs
         for pair in cfg.templates
         for t in cfg.finding_prompts.get(title, pair)
     ]
-    emb = embed_texts(prompts).reshape(len(specs), len(cfg.templates), 2, -1)
+    emb = prompts.embed_texts(texts).reshape(len(specs), len(cfg.templates), 2, -1)
     items = []
     for k, (task, (title, j, anat, _, col)) in enumerate(specs):
         labels = finding_labels if task == "finding" else abnormal
         ok = region[:, j] & (labels[:, col] >= 0)
-        scans = np.flatnonzero(ok)
-        vj = v[torch.as_tensor(scans, device=v.device), j]
-        margins = np.stack([logit_margins(vj, emb[k, t, 0], emb[k, t, 1], scale) for t in range(len(cfg.templates))])
-        items.append(ItemScores(task, title, anat, scans, labels[scans, col].astype(int), margins))
+        rows = np.flatnonzero(ok)
+        vj = v[torch.as_tensor(rows, device=v.device), j]
+        margins = np.stack(
+            [logit_margins(vj, emb[k, t, 0], emb[k, t, 1], prompts.scale) for t in range(len(cfg.templates))]
+        )
+        items.append(ItemScores(task, title, anat, rows, labels[rows, col].astype(int), margins))
     return items
 
 
@@ -249,36 +241,23 @@ def template_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def evaluate(
-    v: torch.Tensor,
-    region: np.ndarray,
-    finding_labels: np.ndarray,
-    abnormal: np.ndarray,
-    text_emb: torch.Tensor,
-    text_anatomy: np.ndarray,
-    anatomies: list[str],
-    embed_texts: TextEmbedder,
-    scale: float,
-    cfg: ZeroShotConfig,
-    step: int,
+    scans: AnatomyScans, texts: torch.Tensor, text_anatomy: np.ndarray, prompts: Prompts, cfg: ZeroShotConfig, step: int
 ) -> Evaluation:
-    """The in-training evaluation. v (S, A, D) anatomy embeddings of the evaluation scans; region
-    (S, A) bool; finding_labels (S, F) (columns: cfg.findings in order) and abnormal (S, A) in
-    {-1, 0, 1}; text_emb (T, D) the embeddings of their reports' anatomy texts with text_anatomy (T,)
-    the anatomy index of each; embed_texts(list[str]) -> (N, D)."""
-    from ctray.evaluate.plots import similarity_histogram  # the plotting side imports this module
+    """The in-training evaluation: zero-shot scores of `scans` (cfg.findings in order as their
+    finding columns), and the collapse diagnostic over texts (T, D), the embeddings of their
+    reports' anatomy texts, with text_anatomy (T,) the anatomy index of each."""
+    from ctray.evaluate.plots import similarity_histogram  # matplotlib only when an evaluation runs
 
-    items = zero_shot_scores(
-        v, region, finding_labels, list(cfg.findings), abnormal, anatomies, embed_texts, scale, cfg
-    )
+    items = zero_shot_scores(scans, prompts, cfg)
     rows = template_rows(items)
     metrics = template_summary(rows)
-    sims = cross_anatomy_similarity(text_emb, text_anatomy)
+    sims = cross_anatomy_similarity(texts, text_anatomy)
     metrics["text_cos_mean"] = float(sims.mean()) if len(sims) else float("nan")
     metrics["text_cos_std"] = float(sims.std()) if len(sims) else float("nan")
 
     report = {
         "step": step,
-        "scans": len(region),
+        "scans": len(scans.region),
         "metrics": metrics,
         "templates": [list(t) for t in cfg.templates],
         "per_template": rows,
