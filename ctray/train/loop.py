@@ -185,13 +185,14 @@ class InTrainingEvaluation:
         task: Evaluates,
         device: torch.device,
     ):
-        from ctray.data.pipeline import ScanOrder, ShardRowReader, labelled, scan_index
+        from ctray.data.pipeline import ScanOrder, ShardRowReader, labelled
+        from ctray.data.shardset import ShardSet
 
         self.task, self.device = task, device
         self.run = RunFolder.of(cfg)
         uri = cfg.eval.shards or cfg.data.shards
         # The first scans with finding labels, in manifest order: unlabelled ones score nothing.
-        order = ScanOrder(labelled(scan_index(uri, cfg.storage), cfg.storage, uri), seed=None)
+        order = ScanOrder(labelled(ShardSet.open(uri, cfg.storage)), seed=None)
         self.reader = ShardRowReader(uri, cfg.storage, objective.sampler(cfg.objective, assets), order, seed=0)
         count, n = min(cfg.eval.max_scans, len(order)), cfg.scans_per_worker
         self.chunks = [np.arange(i, min(i + n, count)) for i in range(0, count, n)]
