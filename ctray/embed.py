@@ -26,7 +26,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,9 @@ import pyarrow.parquet as pq
 
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ctray.ingest.shardset import ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +54,17 @@ class EmbedResult:
     """Parts written by this call."""
 
 
-def finding_names(meta: dict[str, Any], shards: str, storage: StorageConfig) -> dict[str, str]:
+def finding_names(meta: dict[str, Any], shard_set: ShardSet) -> dict[str, str]:
     """Finding label -> anatomy ("" when none): the recipe's zero-shot findings where it has them,
     else every label name the shards carry."""
-    from ctray.data.pipeline import scan_index
     from ctray.storage import arrow_filesystem
 
     findings = meta["recipe"].get("zero_shot", {}).get("findings")
     if findings:
         return dict(findings)
-    afs, _ = arrow_filesystem(shards, storage)
+    afs, _ = arrow_filesystem(shard_set.uri, shard_set.storage)
     names: set[str] = set()
-    for path in sorted({item["path"] for item in scan_index(shards, storage)}):
+    for path in sorted(shard_set.shard_paths()):
         for labels in pq.read_table(path, columns=["labels"], filesystem=afs).column("labels").to_pylist():
             names.update(lab["name"] for lab in labels or [])
     return dict.fromkeys(sorted(names), "")
@@ -169,21 +171,22 @@ def run_embed(
     seed: int = 0,
 ) -> EmbedResult:
     """Embed every committed scan of `shards` with `export` into `out` (see module docstring)."""
-    from ctray.data.pipeline import scan_index
     from ctray.export import export_uri, load_sampler
+    from ctray.ingest.shardset import ShardSet
     from ctray.storage import filesystem, publish_bytes, resolve_uri
 
     storage = storage or StorageConfig()
     export, shards, out = export_uri(export, storage), resolve_uri(shards), resolve_uri(out)
     meta, sampler = load_sampler(export, storage)
-    items = scan_index(shards, storage)
+    shard_set = ShardSet.open(shards, storage)
+    items = shard_set.scans()
     rows_of: dict[str, int] = defaultdict(int)
     for item in items:
-        rows_of[item["path"]] += 1
+        rows_of[item.path] += 1
     ofs, oroot = filesystem(out, storage)
     done = {p for p in rows_of if ofs.exists(posixpath.join(oroot, part_name(p)))}
     pending = sorted(set(rows_of) - done)
-    findings = finding_names(meta, shards, storage)
+    findings = finding_names(meta, shard_set)
     description = {
         "objective": meta["objective"],
         "export": export,

@@ -20,9 +20,9 @@ import pydicom
 import pytest
 
 from ctray.data.phantoms import to_axcodes, write_ct_series
-from ctray.data.schema import volume_of
 from ctray.ingest.dicom import quiet_pydicom
 from ctray.ingest.job import run_ingest
+from ctray.ingest.schema import volume_of
 
 from conftest import ingest_cfg
 

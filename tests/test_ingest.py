@@ -17,10 +17,10 @@ import pytest
 
 from ctray.config import StorageConfig
 from ctray.data.phantoms import make_phantom, write_nifti
-from ctray.data.schema import SCHEMA_VERSION, label_map_of, volume_of
 from ctray.errors import ConfigError
 from ctray.ingest.job import run_ingest
 from ctray.ingest.records import verify
+from ctray.ingest.schema import SCHEMA_VERSION, label_map_of, volume_of
 
 from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, ingest_cfg
 

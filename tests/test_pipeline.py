@@ -5,7 +5,8 @@ another seed changes them. (test_reproducible.py runs the trainer end to end wit
 import numpy as np
 
 from ctray.config import StorageConfig
-from ctray.data.pipeline import RankDraws, ScanOrder, ShardRowReader, scan_index
+from ctray.data.pipeline import RankDraws, ScanOrder, ShardRowReader
+from ctray.ingest.shardset import ShardSet
 from ctray.objectives import get_objective
 
 from conftest import pretrain_cfg
@@ -14,7 +15,7 @@ from conftest import pretrain_cfg
 def _draws(shards, seed: int) -> tuple[list[int], np.ndarray]:
     """The first two passes' scan order, and the CT-FM patches of the first 3 draws."""
     cfg = pretrain_cfg(shards, "unused", "unused")
-    index = scan_index(str(shards), StorageConfig())
+    index = ShardSet.open(str(shards), StorageConfig()).scans()
     order = ScanOrder(index, seed)
     objective = get_objective("ctfm_simclr")
     reader = ShardRowReader(str(shards), StorageConfig(), objective.sampler(cfg.objective, {}), order, seed)

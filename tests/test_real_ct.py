@@ -7,8 +7,8 @@ import nibabel as nib
 import numpy as np
 import pyarrow.parquet as pq
 
-from ctray.data.schema import label_map_of, volume_of
 from ctray.ingest.job import run_ingest
+from ctray.ingest.schema import label_map_of, volume_of
 
 from conftest import ingest_cfg
 

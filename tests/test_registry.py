@@ -14,9 +14,10 @@ from torch import nn
 from ctray import objectives
 from ctray.cli import build_parser
 from ctray.config import StorageConfig, load_config
-from ctray.data.pipeline import ScanOrder, ShardRowReader, scan_index
+from ctray.data.pipeline import ScanOrder, ShardRowReader
 from ctray.data.samplers import volumes, window01
 from ctray.errors import ConfigError
+from ctray.ingest.shardset import ShardSet
 from ctray.objectives.spec import Assets, BenchProfile, RecipeConfig, Sampler, Task
 from ctray.run_folder import RunFolder
 from ctray.train.config import PretrainConfig
@@ -145,7 +146,7 @@ def test_the_toy_samples_shard_rows_and_its_task_trains_on_them(toy, train_shard
     cfg = toy_cfg().objective
     sampler = toy.sampler(cfg, Assets())
     assert isinstance(sampler, Sampler)
-    order = ScanOrder(scan_index(str(train_shards), StorageConfig()), seed=None)  # manifest order
+    order = ScanOrder(ShardSet.open(str(train_shards), StorageConfig()).scans(), seed=None)  # manifest order
     out = ShardRowReader(str(train_shards), StorageConfig(), sampler, order, seed=0)({"id": np.arange(3)})
     vol = out["volume"]
     assert vol.shape == (3, 8, 16, 16) and vol.dtype == np.float16

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from ctray.data.schema import label_map_of
 from ctray.errors import StorageError
 from ctray.ingest.job import run_ingest
 from ctray.ingest.records import verify
+from ctray.ingest.schema import label_map_of
 
 from conftest import PHANTOM_SPACING, Relay, free_port, ingest_cfg
 

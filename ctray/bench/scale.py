@@ -25,7 +25,7 @@ def _synthetic_output(n: int) -> None:
     """N scans and reports under memory://scans, and an output at memory://out holding them all."""
     import fsspec
 
-    from ctray.data.schema import SCHEMA_VERSION
+    from ctray.ingest.schema import SCHEMA_VERSION
 
     fs = fsspec.filesystem("memory")
     fs.store.clear()
@@ -61,7 +61,16 @@ def _synthetic_output(n: int) -> None:
             "quarantine": [],
             "supersedes": [],
             "parsers": {"rules": len(scans)},
-            "stats": {"rows": len(scans), "bytes": 1},
+            "stats": {
+                "rows": len(scans),
+                "voxels": 0,
+                "bytes": 1,
+                "hu_min": None,
+                "hu_max": None,
+                "with_label_map": 0,
+                "with_anatomy_texts": 0,
+                "anatomies": {},
+            },
             "fingerprint": "",
             "schema_version": SCHEMA_VERSION,
             "committed_at": float(s),
@@ -78,13 +87,14 @@ def _driver(n: int) -> Callable[[], dict]:
     import ray
 
     from ctray.config import StorageConfig, load_config
-    from ctray.data.pipeline import scan_index, training_datasets
+    from ctray.data.pipeline import training_datasets
     from ctray.ingest.config import IngestConfig
     from ctray.ingest.discover import attach, discover, load_reports, probe_cache_location
     from ctray.ingest.job import plan, resolve
     from ctray.ingest.privacy import Names
     from ctray.ingest.records import build_manifest, read_records
     from ctray.ingest.shards import preprocess_fingerprint
+    from ctray.ingest.shardset import MANIFEST, Quarantined, ShardSet, Skipped
     from ctray.objectives.ctfm.sampler import PatchSampler
     from ctray.storage import filesystem, publish_bytes
 
@@ -117,21 +127,23 @@ def _driver(n: int) -> Callable[[], dict]:
             committed[scan["scan_id"]][0]["stamp"] = scan["stamp"]
         todo = plan(cfg, inventory, records, set())
         manifest = build_manifest(
-            cfg.model_dump(mode="json"),
+            cfg.output.uri,
+            storage,
+            cfg,
             preprocess_fingerprint(cfg),
             records,
-            inventory.quarantined,
-            inventory.skipped,
+            [Quarantined.from_json(q) for q in inventory.quarantined],
+            [Skipped.from_json(s) for s in inventory.skipped],
             [],
             [],
         )
         fs, root = filesystem(cfg.output.uri, storage)
-        publish_bytes(json.dumps(manifest, indent=1).encode(), fs, root + "/manifest.json", storage)
-        # the pretrain driver: scan index, and the run's scan order with a rank's Ray Data stream over it
-        items = scan_index(cfg.output.uri, storage)
+        publish_bytes(manifest.to_json().encode(), fs, root + "/" + MANIFEST, storage)
+        # the pretrain driver: manifest and scan index, and the run's scan order with a rank's Ray Data stream over it
+        items = ShardSet.open(cfg.output.uri, storage).scans()
         datasets = training_datasets(cfg.output.uri, storage, PatchSampler(1, (8, 8, 8)), None, 0, 0, 1000, 1, 16)
         return {
-            "written": manifest["counts"]["written"],
+            "written": manifest.counts.written,
             "todo": len(todo),
             "index": len(items),
             "dataset": type(datasets["train_0"]).__name__,

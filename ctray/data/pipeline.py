@@ -10,9 +10,8 @@ by the run's seed and the draw. Measured on a 512x512x300 phantom
 
 from __future__ import annotations
 
-import json
 import math
-import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,38 +19,14 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ctray.config import StorageConfig
-from ctray.data.schema import SCHEMA_VERSION
-from ctray.errors import ConfigError
-from ctray.storage import arrow_filesystem, filesystem, read_bytes
+from ctray.ingest.shardset import ScanRow, ShardSet
+from ctray.storage import arrow_filesystem
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
     import ray.data
 
     from ctray.data.samplers import Sampler
-
-
-def scan_index(uri: str, storage: StorageConfig) -> list[dict]:
-    """One item per committed scan: {"path": shard path in the arrow filesystem, "row_group": i}."""
-    fs, root = filesystem(uri, storage)
-    try:
-        manifest = json.loads(read_bytes(fs, posixpath.join(root, "manifest.json"), storage))
-    except FileNotFoundError:
-        raise ConfigError(f"{uri} has no manifest.json; run `ctray ingest` first") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ConfigError(
-            f"{uri} holds shards of schema v{manifest.get('schema_version')}; this ctray reads v{SCHEMA_VERSION}:"
-            " ingest again"
-        )
-    _, arrow_root = arrow_filesystem(uri, storage)
-    items = [
-        {"path": posixpath.join(arrow_root, s["path"]), "row_group": i}
-        for s in manifest["shards"]
-        for i in range(s["stats"]["rows"])
-    ]
-    if not items:
-        raise ConfigError(f"{uri}: the manifest lists no scans")
-    return items
 
 
 STREAMS = {"order": 0, "sample": 1, "shared": 2, "augment": 3, "shuffle": 4, "embed": 5}
@@ -72,11 +47,11 @@ class ScanOrder:
     Held as compact arrays (a shard list and two int32 columns), so a million scans cost a few MB
     in the Ray Data task that maps draws to rows."""
 
-    def __init__(self, items: list[dict[str, Any]], seed: int | None):
-        self.paths = sorted({item["path"] for item in items})
+    def __init__(self, items: Sequence[ScanRow], seed: int | None):
+        self.paths = sorted({item.path for item in items})
         where = {path: i for i, path in enumerate(self.paths)}
-        self.shard = np.array([where[item["path"]] for item in items], dtype=np.int32)
-        self.row_group = np.array([item["row_group"] for item in items], dtype=np.int32)
+        self.shard = np.array([where[item.path] for item in items], dtype=np.int32)
+        self.row_group = np.array([item.row_group for item in items], dtype=np.int32)
         self.seed = seed
         self._pass: tuple[int, np.ndarray] | None = None
 
@@ -120,14 +95,15 @@ class RankDraws:
         return self.start + (i // self.per_rank) * self.per_step + self.rank * self.per_rank + i % self.per_rank
 
 
-def labelled(items: list[dict[str, Any]], storage: StorageConfig, uri: str) -> list[dict[str, Any]]:
-    """The items whose scan has at least one finding label (only the small `labels` column is read)."""
-    afs, _ = arrow_filesystem(uri, storage)
+def labelled(shard_set: ShardSet) -> list[ScanRow]:
+    """The scans with at least one finding label, in manifest order (only the small `labels`
+    column is read)."""
+    afs, _ = arrow_filesystem(shard_set.uri, shard_set.storage)
     known: dict[str, list[bool]] = {}
-    for path in sorted({item["path"] for item in items}):
+    for path in shard_set.shard_paths():
         column = pq.read_table(path, columns=["labels"], filesystem=afs).column("labels").to_pylist()
         known[path] = [bool(labels) for labels in column]
-    return [item for item in items if known[item["path"]][item["row_group"]]]
+    return [item for item in shard_set.scans() if known[item.path][item.row_group]]
 
 
 class ShardRowReader:
@@ -190,7 +166,7 @@ def training_datasets(
     workers' resources, left out of Ray Data's budget (as Ray Train does for its datasets)."""
     import ray
 
-    order = ScanOrder(scan_index(uri, storage), seed)
+    order = ScanOrder(ShardSet.open(uri, storage).scans(), seed)
     reserved = reserved or {}
     exclude = ray.data.ExecutionResources(cpu=reserved.get("CPU", 0.0), gpu=reserved.get("GPU", 0.0))
     out = {}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ctray.data.schema import volume_of
+from ctray.ingest.schema import volume_of
 
 if TYPE_CHECKING:
     from ctray.data.text import TextEncoding

@@ -102,10 +102,10 @@ def report_sentences(shards: str, storage: StorageConfig) -> list[list[str]]:
     column is read)."""
     import pyarrow.parquet as pq
 
-    from ctray.data.pipeline import scan_index
+    from ctray.ingest.shardset import ShardSet
 
     afs, _ = arrow_filesystem(shards, storage)
-    paths = sorted({item["path"] for item in scan_index(shards, storage)})
+    paths = sorted(ShardSet.open(shards, storage).shard_paths())
     out: list[list[str]] = []
     for path in paths:
         for texts in pq.read_table(path, columns=["anatomy_texts"], filesystem=afs).column("anatomy_texts").to_pylist():

@@ -2,7 +2,7 @@
 unchanged, rewrite shards whose inputs changed, run one Ray task per new shard, write the manifest.
 
 Layout of the output (local folder or s3:// / gs:// prefix):
-    shards/part-<hash>.parquet     one row per scan (ctray.data.schema)
+    shards/part-<hash>.parquet     one row per scan (ctray.ingest.schema)
     _commits/part-<hash>.json      written after its shard: the shard counts only once this exists
     _lease.json                    the running ingest's lease (ctray.ingest.lease)
     _probe/, _cache/llm/           DICOM folder probes and LLM answers, reused by later runs
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +32,9 @@ from ctray.ingest.discover import Inventory, attach, discover, discover_masks, l
 from ctray.ingest.lease import Lease
 from ctray.ingest.llm import Secret
 from ctray.ingest.privacy import Names
-from ctray.ingest.records import MANIFEST, Records, build_manifest, clean, read_records, rewrite_without
+from ctray.ingest.records import Records, build_manifest, clean, read_records, rewrite_without
 from ctray.ingest.shards import preprocess_fingerprint, shard_name, write_shard
+from ctray.ingest.shardset import MANIFEST, Failed, Quarantined, Skipped
 from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import filesystem, join, publish_bytes, read_bytes, resolve_uri
 
@@ -124,44 +124,44 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
             try:
                 records = read_records(out_uri, cfg.storage)
                 manifest = build_manifest(
-                    cfg.model_dump(mode="json"),
+                    out_uri,
+                    cfg.storage,
+                    cfg,
                     fingerprint,
                     records,
-                    inventory.quarantined,
-                    inventory.skipped,
-                    failed,
+                    [Quarantined.from_json(q) for q in inventory.quarantined],
+                    [Skipped.from_json(s) for s in inventory.skipped],
+                    [Failed.from_json(f) for f in failed],
                     purged,
                 )
-                publish_bytes(json.dumps(manifest, indent=1).encode(), fs_out, join(root, MANIFEST), cfg.storage)
+                publish_bytes(manifest.to_json().encode(), fs_out, join(root, MANIFEST), cfg.storage)
                 publish_bytes(to_yaml(cfg).encode(), fs_out, join(root, "ingest-config.yaml"), cfg.storage)
                 id_map = names.write_map()
             except StorageError as e:
                 log.error("manifest not written (%s); committed shards are intact and the next run rebuilds it", e)
                 raise
-    c = manifest["counts"]
+    c = manifest.counts
     log.info(
         "ingest done in %.1fs: %d inputs: %d written (%d scans in %d shards), %d quarantined, %d skipped%s;"
         " manifest %s%s",
         time.time() - started,
-        c["inputs"],
-        c["written"],
-        c["scans"],
-        c["shards"],
-        c["quarantined"],
-        c["skipped"],
-        f", {c['failed']} in failed shards" if c["failed"] else "",
-        posixpath.join(out_uri, MANIFEST),
+        c.inputs,
+        c.written,
+        c.scans,
+        c.shards,
+        c.quarantined,
+        c.skipped,
+        f", {c.failed} in failed shards" if c.failed else "",
+        manifest.manifest_uri,
         f"; id map {id_map}" if id_map else "",
     )
     if failed:
         raise IngestIncomplete(
-            f"{len(failed)} shard(s) failed after {cfg.task_retries} retries ({c['failed']} scans, listed under"
-            f" 'failed' in {posixpath.join(out_uri, MANIFEST)}); everything else is committed: re-run the same"
+            f"{len(failed)} shard(s) failed after {cfg.task_retries} retries ({c.failed} scans, listed under"
+            f" 'failed' in {manifest.manifest_uri}); everything else is committed: re-run the same"
             " command to retry them"
         )
-    return IngestResult(
-        posixpath.join(out_uri, MANIFEST), c["shards"], c["scans"], c["quarantined"], c["skipped"], c["failed"]
-    )
+    return IngestResult(manifest.manifest_uri, c.shards, c.scans, c.quarantined, c.skipped, c.failed)
 
 
 def plan(cfg: IngestConfig, inventory: Inventory, records: Records, purged: set[str]) -> list[dict]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 
 import pyarrow.parquet as pq
 
@@ -21,8 +20,9 @@ from ctray.ingest.job import PURGED, read_purged, resolve
 from ctray.ingest.lease import Lease
 from ctray.ingest.llm import CACHE_DIR, cache_path
 from ctray.ingest.privacy import Names, read_id_map, write_id_map
-from ctray.ingest.records import MANIFEST, build_manifest, read_manifest, read_records, rewrite_without
+from ctray.ingest.records import build_manifest, read_records, rewrite_without
 from ctray.ingest.shards import COMMITS_DIR
+from ctray.ingest.shardset import MANIFEST, ShardSet
 from ctray.storage import filesystem, join, publish_bytes, remove
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,15 @@ def _stored_ids(cfg: IngestConfig, ids: list[str], committed: set[str]) -> list[
 
 def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
     """Remove scans from a shard set everywhere ctray keeps them; returns what was done."""
-    manifest = read_manifest(uri, storage)
-    cfg = resolve(IngestConfig.model_validate(manifest["config"]))
+    shard_set = ShardSet.open(uri, storage)
+    cfg = resolve(shard_set.ingest)  # a copy
     cfg.output.uri, cfg.storage = uri, storage
     fs, root = filesystem(uri, storage)
     with Lease(uri, cfg.lease, storage, what="purge"):
         records = read_records(uri, storage)
         committed = records.committed
         ids = _stored_ids(cfg, scan_ids, set(committed))
-        known = set(committed) | {q.get("scan_id") for q in manifest["quarantine"]}
+        known = set(committed) | {q.scan_id for q in shard_set.quarantine}
         unknown = [given for sid, given in zip(ids, scan_ids, strict=False) if sid not in known]
         if unknown:
             raise ConfigError(
@@ -79,16 +79,18 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
             if any(q.get("scan_id") in gone for q in r["quarantine"]):
                 r["quarantine"] = [q for q in r["quarantine"] if q.get("scan_id") not in gone]
                 publish_bytes(json.dumps(r).encode(), fs, join(root, COMMITS_DIR, r["shard"] + ".json"), storage)
-        manifest = build_manifest(
-            manifest["config"],
-            manifest["fingerprint"],
+        shard_set = build_manifest(
+            uri,
+            storage,
+            shard_set.ingest,
+            shard_set.fingerprint,
             records,
-            manifest["quarantine"],
-            manifest["skipped"],
-            [f for f in manifest["failed"] if not gone & set(f["scan_ids"])],
+            shard_set.quarantine,
+            shard_set.skipped,
+            [f for f in shard_set.failed if not gone & set(f.scan_ids)],
             purged,
         )
-        publish_bytes(json.dumps(manifest, indent=1).encode(), fs, join(root, MANIFEST), storage)
+        publish_bytes(shard_set.to_json().encode(), fs, join(root, MANIFEST), storage)
         id_map = _drop_from_id_map(cfg, gone)
     log.info(
         "purged %d scan(s) from %s: %d shard(s) rewritten, %d LLM cache entr(ies) removed%s; manifest %s",
@@ -97,7 +99,7 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
         len(rewrites),
         len(cache_keys),
         f", id map {id_map} updated" if id_map else "",
-        posixpath.join(uri, MANIFEST),
+        shard_set.manifest_uri,
     )
     return {"scan_ids": ids, "shards_rewritten": len(rewrites), "cache_entries": len(cache_keys)}
 

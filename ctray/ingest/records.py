@@ -22,14 +22,14 @@ import pyarrow.parquet as pq
 
 import ctray
 from ctray.config import StorageConfig
-from ctray.data.schema import SCHEMA_VERSION, SHARD_SCHEMA
 from ctray.errors import ConfigError
+from ctray.ingest.config import IngestConfig
+from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA
 from ctray.ingest.shards import COMMITS_DIR, SHARDS_DIR, commit_record, file_sha256
-from ctray.storage import filesystem, join, list_files, publish_bytes, publish_file, read_many, remove, with_retries
+from ctray.ingest.shardset import Failed, Quarantined, Shard, ShardSet, ShardStats, Skipped, Written
+from ctray.storage import filesystem, join, list_files, publish_bytes, publish_file, read_many, remove
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -118,77 +118,55 @@ def rewrite_without(uri: str, storage: StorageConfig, record: dict, drop: set[st
 
 
 def build_manifest(
-    config: dict,
+    uri: str,
+    storage: StorageConfig,
+    config: IngestConfig,
     fingerprint: str,
     records: Records,
-    quarantined: list[dict],
-    skipped: list[dict],
-    failed: list[dict],
+    quarantined: Iterable[Quarantined],
+    skipped: Iterable[Skipped],
+    failed: Iterable[Failed],
     purged: list[str],
-) -> dict:
-    """Every input accounted for: written (from the live records), quarantined (this run's and
-    earlier ones' for inputs still not written), skipped (this run's discovery) and failed."""
+) -> ShardSet:
+    """The shard set at `uri` as its manifest describes it (publish its to_json()): every input
+    accounted for: written (from the live records), quarantined (this run's and earlier ones' for
+    inputs still not written), skipped (this run's discovery) and failed."""
     committed = records.committed
     gone = set(purged)
-    latest: dict[str, dict] = {}
-    for entry in [q for r in records.live + records.superseded for q in r["quarantine"]] + quarantined:
-        key = entry.get("scan_id") or entry["input"]
+    earlier = [Quarantined.from_json(q) for r in records.live + records.superseded for q in r["quarantine"]]
+    latest: dict[str, Quarantined] = {}
+    for entry in [*earlier, *quarantined]:
+        key = entry.scan_id or entry.input
         if key not in committed and key not in gone:
-            latest[key] = {k: entry[k] for k in ("scan_id", "input", "reason") if k in entry}  # later records win
+            latest[key] = entry  # later records win
     shards = [
-        {
-            "path": r["path"],
-            "shard": r["shard"],
-            "scans": len(r["scans"]),
-            "sha256": r["sha256"],
-            "bytes": r["bytes"],
-            "stats": r["stats"],
-        }
+        Shard(r["path"], r["shard"], len(r["scans"]), r["sha256"], r["bytes"], ShardStats.from_json(r["stats"]))
         for r in records.live
         if r["path"]
     ]
-    written = [
-        {"scan_id": sid, "input": entry["input"], "shard": r["shard"]} for sid, (entry, r) in sorted(committed.items())
-    ]
+    written = [Written(sid, entry["input"], r["shard"]) for sid, (entry, r) in sorted(committed.items())]
     fallbacks: dict[str, int] = {}
     for r in records.live:
         for parser, n in r.get("parsers", {}).items():
             if parser.startswith("rules (llm failed"):
                 reason = parser.removeprefix("rules (llm failed: ").rstrip(")")
                 fallbacks[reason] = fallbacks.get(reason, 0) + n
-    quarantine = sorted(latest.values(), key=lambda q: q["input"])
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "ctray_version": ctray.__version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "fingerprint": fingerprint,
-        "config": config,
-        "counts": {
-            "inputs": len(written) + len(quarantine) + len(skipped) + sum(len(f["scan_ids"]) for f in failed),
-            "written": len(written),
-            "quarantined": len(quarantine),
-            "skipped": len(skipped),
-            "failed": sum(len(f["scan_ids"]) for f in failed),
-            "scans": len(written),
-            "shards": len(shards),
-            "bytes": sum(s["bytes"] for s in shards),
-            "llm_fallbacks": fallbacks,
-        },
-        "shards": shards,
-        "written": written,
-        "quarantine": quarantine,
-        "skipped": sorted(skipped, key=lambda s: s["input"]),
-        "failed": failed,
-        "purged": sorted(purged),
-    }
-
-
-def read_manifest(uri: str, storage: StorageConfig) -> dict:
-    fs, root = filesystem(uri, storage)
-    try:
-        return json.loads(with_retries(lambda: fs.cat_file(join(root, MANIFEST)), f"read {uri}/{MANIFEST}", storage))
-    except FileNotFoundError:
-        raise ConfigError(f"{uri} has no {MANIFEST}; run `ctray ingest` first") from None
+    return ShardSet(
+        uri=uri,
+        storage=storage,
+        schema_version=SCHEMA_VERSION,
+        ctray_version=ctray.__version__,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        fingerprint=fingerprint,
+        ingest=config,
+        shards=tuple(shards),
+        written=tuple(written),
+        quarantine=tuple(sorted(latest.values(), key=lambda q: q.input)),
+        skipped=tuple(sorted(skipped, key=lambda s: s.input)),
+        failed=tuple(failed),
+        purged=tuple(sorted(purged)),
+        llm_fallbacks=fallbacks,
+    )
 
 
 def verify(uri: str, storage: StorageConfig) -> list[str]:
@@ -229,9 +207,11 @@ def verify(uri: str, storage: StorageConfig) -> list[str]:
             problems.append(f"{r['path']}: its rows are not the scans its commit record lists")
         log.info("[%d/%d] %s ok", i, len(records.live), r["path"])
     try:
-        manifest = read_manifest(uri, storage)
-        if {w["scan_id"] for w in manifest.get("written", [])} != set(seen):
-            problems.append(f"{MANIFEST} does not list the committed scans (re-run `ctray ingest` to rebuild it)")
+        shard_set = ShardSet.open(uri, storage)
+        if {w.scan_id for w in shard_set.written} != set(seen):
+            problems.append(
+                f"{shard_set.manifest_uri} does not list the committed scans (re-run `ctray ingest` to rebuild it)"
+            )
     except ConfigError as e:
         problems.append(str(e))
     for p in problems:

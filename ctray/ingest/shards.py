@@ -32,7 +32,6 @@ import pyarrow.parquet as pq
 
 import ctray
 from ctray.anatomy import anatomy_label_ids
-from ctray.data.schema import SCHEMA_VERSION, SHARD_SCHEMA
 from ctray.errors import BadInput, CtrayError, StorageError
 from ctray.ingest.config import IngestConfig
 from ctray.ingest.dicom import load_series
@@ -40,6 +39,7 @@ from ctray.ingest.lease import LeaseHeld, lease_is_ours
 from ctray.ingest.llm import CACHE_DIR, PROMPT_VERSION, LLMAuthError, Parsed, Secret
 from ctray.ingest.preprocess import anatomy_boxes, preprocess
 from ctray.ingest.reports import RuleParser
+from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA
 from ctray.ingest.volume import RawVolume, load_nifti
 from ctray.storage import filesystem, is_remote, join, publish_bytes, publish_file, resolve_uri, with_retries
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ctray import dist
-from ctray.data.pipeline import ScanOrder, ShardRowReader, labelled, scan_index
+from ctray.data.pipeline import ScanOrder, ShardRowReader, labelled
+from ctray.ingest.shardset import ShardSet
 from ctray.objectives.spec import Assets, Batch, Evaluates, Objective
 from ctray.train.config import PretrainConfig
 
@@ -30,7 +31,8 @@ class InTrainingEvaluation:
         self.task, self.device = task, device
         self.run = cfg.run_folder()
         uri = cfg.eval.shards or cfg.data.shards
-        order = ScanOrder(labelled(scan_index(uri, cfg.storage), cfg.storage, uri), seed=None)
+        # The first scans with finding labels, in manifest order: unlabelled ones score nothing.
+        order = ScanOrder(labelled(ShardSet.open(uri, cfg.storage)), seed=None)
         self.reader = ShardRowReader(uri, cfg.storage, objective.sampler(cfg.objective, assets), order, seed=0)
         count, n = min(cfg.eval.max_scans, len(order)), cfg.scans_per_worker
         self.chunks = [np.arange(i, min(i + n, count)) for i in range(0, count, n)]

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ctray.config import to_yaml
-from ctray.data.pipeline import place_data_actors_here, scan_index, training_datasets
+from ctray.data.pipeline import place_data_actors_here, training_datasets
 from ctray.errors import CtrayError, TrainingFailed, first_line
+from ctray.ingest.shardset import ShardSet
 from ctray.objectives import get_objective
 from ctray.run_folder import RunFolder
 from ctray.runtime import ensure_ray, ensure_schedulable
@@ -97,7 +98,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     ensure_schedulable(cfg.scaling.worker_bundle(), "training worker", cfg.ray.schedule_timeout_s)
 
     run = cfg.run_folder()
-    scans = 0 if cfg.data.synthetic else len(scan_index(cfg.data.shards, cfg.storage))
+    scans = 0 if cfg.data.synthetic else len(ShardSet.open(cfg.data.shards, cfg.storage).scans())
     if cfg.train.epochs is not None:
         cfg.train.max_steps, cfg.train.epochs = steps_for_epochs(cfg, scans), None
     done = finished(run, cfg.train.steps)

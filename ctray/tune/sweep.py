@@ -108,14 +108,14 @@ def _spaces(cfg: SweepConfig, base: PretrainConfig) -> dict[str, ParamSpace]:
 
 def reports_per_run(cfg: PretrainConfig) -> int:
     """How many reports a trial makes (ASHA's max_t): every step the loop's cadence reports at."""
-    from ctray.data.pipeline import scan_index
+    from ctray.ingest.shardset import ShardSet
     from ctray.train.metrics import Cadence
     from ctray.train.trainer import steps_for_epochs
 
     steps = (
         cfg.train.steps
         if cfg.train.epochs is None
-        else steps_for_epochs(cfg, len(scan_index(cfg.data.shards, cfg.storage)))
+        else steps_for_epochs(cfg, len(ShardSet.open(cfg.data.shards, cfg.storage).scans()))
     )
     cadence = Cadence(
         cfg.train.model_copy(update={"max_steps": steps, "epochs": None}), cfg.eval.every if cfg.eval.enabled else -1

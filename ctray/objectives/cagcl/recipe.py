@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import posixpath
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -22,16 +20,11 @@ if TYPE_CHECKING:
 
 
 def anatomy_labels(cfg: CAGCLConfig, shards: str, storage: StorageConfig) -> dict[str, list[int]]:
-    """Label ids of each configured anatomy: the config's, else the ingest config in the manifest."""
-    from ctray.anatomy import anatomy_label_ids
-    from ctray.storage import filesystem, read_bytes
+    """Label ids of each configured anatomy: the config's, else the anatomy groups the shards were
+    ingested with (ShardSet.anatomies)."""
+    from ctray.ingest.shardset import ShardSet
 
-    if cfg.anatomy_labels:
-        groups = cfg.anatomy_labels
-    else:
-        fs, root = filesystem(shards, storage)
-        manifest = json.loads(read_bytes(fs, posixpath.join(root, "manifest.json"), storage))
-        groups = anatomy_label_ids(manifest["config"]["preprocess"]["anatomies"])
+    groups = cfg.anatomy_labels or ShardSet.open(shards, storage).anatomies
     missing = [a for a in cfg.anatomies if a not in groups]
     if missing:
         raise ConfigError(f"objective.anatomies {missing} are not anatomy groups of the shards ({sorted(groups)})")
