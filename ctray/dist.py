@@ -3,8 +3,6 @@ and gather with autograd for contrastive losses across workers (open_clip's gath
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import torch
@@ -26,14 +24,6 @@ def world_size() -> int:
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
-
-
-def rank_zero_only(fn: Callable[P, R]) -> Callable[P, R | None]:
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
-        return fn(*args, **kwargs) if rank() == 0 else None
-
-    return wrapper
 
 
 def mean_across_workers(value: float, device: torch.device) -> float:

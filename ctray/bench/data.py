@@ -114,7 +114,7 @@ class _CtrayPipeline:
         import ray
 
         from ctray.config import StorageConfig
-        from ctray.data.pipeline import training_datasets
+        from ctray.data.pipeline import StreamPlan, training_datasets
         from ctray.objectives.ctfm.sampler import PatchSampler
 
         self.meter = TreeCpu()
@@ -124,7 +124,9 @@ class _CtrayPipeline:
 
         def dataset(passes: int) -> ray.data.DataIterator:
             sampler = PatchSampler(m, patch)
-            return training_datasets(shards, StorageConfig(), sampler, None, 0, 0, passes * scans, 1, 1)["train_0"]
+            return training_datasets(shards, StorageConfig(), sampler, StreamPlan(seed=0, steps=passes * scans))[
+                "train_0"
+            ]
 
         # Untimed warm-up and sizing. The first execution of each dataset also starts its
         # coordinator actor, so each is timed on its second execution: one pass and four passes over

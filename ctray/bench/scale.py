@@ -87,7 +87,7 @@ def _driver(n: int) -> Callable[[], dict]:
     import ray
 
     from ctray.config import StorageConfig, load_config
-    from ctray.data.pipeline import training_datasets
+    from ctray.data.pipeline import StreamPlan, training_datasets
     from ctray.ingest.config import IngestConfig
     from ctray.ingest.discover import attach, discover, load_reports, probe_cache_location
     from ctray.ingest.job import plan, resolve
@@ -141,7 +141,8 @@ def _driver(n: int) -> Callable[[], dict]:
         publish_bytes(manifest.to_json().encode(), fs, root + "/" + MANIFEST, storage)
         # the pretrain driver: manifest and scan index, and the run's scan order with a rank's Ray Data stream over it
         items = ShardSet.open(cfg.output.uri, storage).scans()
-        datasets = training_datasets(cfg.output.uri, storage, PatchSampler(1, (8, 8, 8)), None, 0, 0, 1000, 1, 16)
+        stream_plan = StreamPlan(seed=0, steps=1000, per_rank=16)
+        datasets = training_datasets(cfg.output.uri, storage, PatchSampler(1, (8, 8, 8)), stream_plan)
         return {
             "written": manifest.counts.written,
             "todo": len(todo),

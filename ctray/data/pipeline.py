@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -142,40 +142,49 @@ class ShardRowReader:
         return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
 
 
+@dataclass(frozen=True)
+class StreamPlan:
+    """Which draws of the run's scan order the training ranks' streams sample."""
+
+    seed: int
+    """The run's seed (train.seed): the scan order and every draw's sampling derive from it."""
+    steps: int
+    """Micro-steps the streams cover."""
+    ranks: int = 1
+    per_rank: int = 1
+    """Scans per rank per micro-step."""
+    start: int = 0
+    """The first draw (a resumed run: the checkpoint's step x scans per step)."""
+    concurrency: int | None = None
+    """Ray Data map tasks sampling at once per stream (None: Ray Data decides)."""
+    reserved: dict[str, float] = field(default_factory=dict)
+    """The training workers' resources, left out of Ray Data's budget (as Ray Train does)."""
+
+
 def training_datasets(
-    uri: str,
-    storage: StorageConfig,
-    sampler: Sampler,
-    concurrency: int | None,
-    seed: int,
-    start: int,
-    steps: int,
-    ranks: int,
-    per_rank: int,
-    reserved: dict[str, float] | None = None,
+    uri: str, storage: StorageConfig, sampler: Sampler, plan: StreamPlan
 ) -> dict[str, ray.data.DataIterator]:
-    """One stream per training rank ("train_<rank>"): its share of `steps` micro-steps of the
-    run's scan order (ScanOrder) from draw `start` on (RankDraws), sampled, in order. A rank's
+    """One stream per training rank ("train_<rank>"): its share of `plan.steps` micro-steps of the
+    run's scan order (ScanOrder) from draw `plan.start` on (RankDraws), sampled, in order. A rank's
     stream depends on nothing but the seed, so every run with that seed feeds every rank the same
     batches, and a resumed run continues where its checkpoint left off. (One split dataset would
     hand its blocks to whichever worker asks first.)
 
     Each stream is a one-way streaming_split: its dataset runs in a coordinator actor on this
     (the driver's) node, as Ray Train's own split does, not in the training process, where its
-    scheduling thread would share the GIL with the training loop. `reserved`: the training
-    workers' resources, left out of Ray Data's budget (as Ray Train does for its datasets)."""
+    scheduling thread would share the GIL with the training loop."""
     import ray
 
+    seed, per_rank, concurrency = plan.seed, plan.per_rank, plan.concurrency
     order = ScanOrder(ShardSet.open(uri, storage).scans(), seed)
-    reserved = reserved or {}
-    exclude = ray.data.ExecutionResources(cpu=reserved.get("CPU", 0.0), gpu=reserved.get("GPU", 0.0))
+    exclude = ray.data.ExecutionResources(cpu=plan.reserved.get("CPU", 0.0), gpu=plan.reserved.get("GPU", 0.0))
     out = {}
-    for rank in range(ranks):
-        draws = RankDraws(start, rank, per_rank, per_rank * ranks)
+    for rank in range(plan.ranks):
+        draws = RankDraws(plan.start, rank, per_rank, per_rank * plan.ranks)
         # Small blocks: ray.data.range splits into a handful of blocks whatever its length, so each
         # map task would sample a quarter of the run in a row, and with preserve_order the later
         # tasks' scans wait in the object store (measured: 5 GB, then spilling, at 20,000 draws).
-        length = steps * per_rank
+        length = plan.steps * per_rank
         blocks = min(math.ceil(length / DRAWS_PER_BLOCK), MAX_BLOCKS)
         ds = ray.data.range(length, override_num_blocks=max(1, blocks)).map_batches(
             ShardRowReader(uri, storage, sampler, order, seed, draws),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ctray.config import to_yaml
-from ctray.data.pipeline import place_data_actors_here, training_datasets
+from ctray.data.pipeline import StreamPlan, place_data_actors_here, training_datasets
 from ctray.errors import CtrayError, TrainingFailed, first_line
 from ctray.ingest.shardset import ShardSet
 from ctray.objectives import get_objective
@@ -255,10 +255,16 @@ def _trainer(
         # The micro-steps of the steps left, and one optimizer step's worth of slack.
         micro_steps = (max(0, cfg.train.steps - start) + 1) * cfg.optim.grad_accum
         reserved = {k: v * cfg.scaling.num_workers for k, v in cfg.scaling.worker_bundle().items()}
-        streams = training_datasets(
-            cfg.data.shards, cfg.storage, sampler, cfg.data.sampler_concurrency, cfg.train.seed,
-            start * cfg.scans_per_step, micro_steps, cfg.scaling.num_workers, cfg.scans_per_worker, reserved,
-        )  # fmt: skip
+        plan = StreamPlan(
+            seed=cfg.train.seed,
+            steps=micro_steps,
+            ranks=cfg.scaling.num_workers,
+            per_rank=cfg.scans_per_worker,
+            start=start * cfg.scans_per_step,
+            concurrency=cfg.data.sampler_concurrency,
+            reserved=reserved,
+        )
+        streams = training_datasets(cfg.data.shards, cfg.storage, sampler, plan)
     afs, storage_path = arrow_filesystem(cfg.run.storage, cfg.storage)
     return TorchTrainer(
         train_loop,
