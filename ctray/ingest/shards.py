@@ -40,6 +40,7 @@ from ctray.ingest.llm import CACHE_DIR, PROMPT_VERSION, LLMAuthError, Parsed, Se
 from ctray.ingest.preprocess import anatomy_boxes, preprocess
 from ctray.ingest.reports import RuleParser
 from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA
+from ctray.ingest.shardset import ShardStats
 from ctray.ingest.volume import RawVolume, load_nifti
 from ctray.storage import filesystem, is_remote, join, publish_bytes, publish_file, resolve_uri, with_retries
 
@@ -366,13 +367,6 @@ class _Stats:
             self.anatomies[box["anatomy"]] = self.anatomies.get(box["anatomy"], 0) + 1
 
     def as_dict(self) -> dict:
-        return {
-            "rows": self.rows,
-            "voxels": self.voxels,
-            "bytes": self.bytes,
-            "hu_min": self.hu_min,
-            "hu_max": self.hu_max,
-            "with_label_map": self.with_labels,
-            "with_anatomy_texts": self.with_texts,
-            "anatomies": self.anatomies,
-        }
+        """The commit record's stats, in the manifest's own format (ShardStats)."""
+        counts = (self.rows, self.voxels, self.bytes, self.hu_min, self.hu_max, self.with_labels, self.with_texts)
+        return ShardStats(*counts, self.anatomies).to_json()
