@@ -9,7 +9,7 @@ torch and MONAI.
 To add a recipe: a folder beside ctfm/ with its config (a `RecipeConfig` whose `name` is a
 Literal), a numpy-only sampler, a `Task` and an `Objective` instance, then one line in `RECIPES`
 below (or `register(...)` from your own code before the config is loaded). The README's "Add an
-objective" section walks through a 40-line one (tests/test_registry.py).
+objective" section walks through a 40-line one (tests/integration/test_registry.py).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from ctray.data.schema import volume_of
 from ctray.ingest.dicom import quiet_pydicom
 from ctray.ingest.job import run_ingest
 
-from conftest import ingest_cfg
+from helpers import ingest_cfg
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 PATIENT = TEST_FILES / "dicomdirtests" / "98892001"

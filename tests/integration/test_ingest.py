@@ -1,18 +1,15 @@
-"""`ctray ingest` end to end on a real local Ray: phantoms -> shards -> manifest, resume, bad input."""
+"""Ingest on a real local Ray (ctray.ingest.job.run_ingest): phantoms -> shards -> manifest, resume,
+bad input. A `ctray ingest` process killed mid-job and run again: e2e/test_ingest_cli.py."""
 
 import gzip
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from ctray.config import StorageConfig
@@ -22,17 +19,7 @@ from ctray.errors import ConfigError
 from ctray.ingest.job import run_ingest
 from ctray.ingest.records import verify
 
-from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, ingest_cfg
-
-
-def read_rows(out: Path) -> dict[str, dict]:
-    manifest = json.loads((out / "manifest.json").read_text())
-    rows = {}
-    for shard in manifest["shards"]:
-        for row in pq.read_table(out / shard["path"]).to_pylist():
-            assert row["scan_id"] not in rows, "a scan was written twice"
-            rows[row["scan_id"]] = row
-    return rows
+from helpers import ingest_cfg, read_rows
 
 
 def test_phantoms_to_local_shards(ray_local, phantom_dir, tmp_path):
@@ -214,57 +201,6 @@ def test_bad_inputs_are_quarantined_and_nothing_good_is_lost(ray_local, tmp_path
     )
     assert result.scans == 3 and result.quarantined == len(expected) - 1
     assert set(read_rows(out)) == {"good", "good2", "nan"}
-
-
-@pytest.mark.timeout(240)
-def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path, ray_head):
-    """Kill a real `ctray ingest` process (the job's driver) after its first commits: Ray ends the
-    job's tasks with it, mid-shard; the re-run finishes the rest."""
-    data = tmp_path / "data"
-    from ctray.data.phantoms import write_dataset
-
-    n = 12
-    write_dataset(str(data), n, seed=3, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
-    out = tmp_path / "shards"
-    cmd = [
-        sys.executable,
-        "-m",
-        "ctray.cli",
-        "ingest",
-        "/dev/null",
-        f"input.scans={data}/scans",
-        f"output.uri={out}",
-        "output.scans_per_shard=1",
-        "concurrency=1",
-        "preprocess.spacing=[3,2,2]",
-    ]
-    env = ray_head.env
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    commits = out / "_commits"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (commits.exists() and len(list(commits.glob("*.json"))) >= 2):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, mid-shard
-    proc.wait()
-    # Ray ends the dead job's workers a moment later; one may still commit a shard.
-    stable, last = 0, -1
-    while stable < 10:
-        count = len(list(commits.glob("*.json")))
-        stable, last = (stable + 1, count) if count == last else (0, count)
-        time.sleep(0.2)
-    first = {p.name: p.read_bytes() for p in (out / "shards").iterdir() if p.suffix == ".parquet"}
-    committed = {p.stem for p in commits.glob("*.json")}
-    assert 2 <= len(committed) < n, "the run was not interrupted midway"
-
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"{len(committed)} committed and unchanged" in done.stderr
-    rows = read_rows(out)
-    assert sorted(rows) == [f"phantom{i:04d}" for i in range(n)]
-    for name, blob in first.items():  # committed shards are untouched
-        if name[:-8] in committed:
-            assert (out / "shards" / name).read_bytes() == blob
-    assert not [p for p in (out / "shards").iterdir() if ".tmp-" in p.name]
 
 
 def test_a_header_claiming_a_gibibyte_costs_no_memory(tmp_path):

@@ -1,100 +1,21 @@
-"""Safe concurrent and resumed ingest: the output's lease, a crash's leftovers, changed inputs,
-`ctray verify` and `ctray purge`, on a real local Ray and real `ctray ingest` processes."""
+"""Safe resumed ingest: a crash's leftovers, changed inputs, `ctray verify` and `ctray purge`, on a
+real local Ray. The output's lease against a second `ctray ingest` process: e2e/test_ingest_cli.py."""
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
-
-import pyarrow.parquet as pq
-import pytest
 
 from ctray.config import StorageConfig
 from ctray.data.phantoms import make_phantom, write_dataset, write_nifti
 from ctray.ingest.job import run_ingest
-from ctray.ingest.lease import LEASE, LeaseHeld
 from ctray.ingest.maintain import purge
 from ctray.ingest.records import verify
 
-from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, ingest_cfg
+from helpers import PHANTOM_SHAPE, PHANTOM_SPACING, ingest_cfg, shard_rows
 
 
 def _rows(out: Path) -> list[dict]:
-    manifest = json.loads((out / "manifest.json").read_text())
-    return [
-        r
-        for s in manifest["shards"]
-        for r in pq.read_table(out / s["path"], columns=["scan_id", "content_hash"]).to_pylist()
-    ]
-
-
-@pytest.mark.timeout(180)
-def test_a_second_ingest_refuses_and_a_dead_holders_lease_is_taken_over(ray_local, ray_head, tmp_path):
-    data = tmp_path / "data"
-    write_dataset(str(data), 8, seed=4, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "ctray.cli",
-        "ingest",
-        "/dev/null",
-        f"input.scans={data}/scans",
-        f"output.uri={out}",
-        "output.scans_per_shard=1",
-        "concurrency=1",
-        "preprocess.spacing=[3,2,2]",
-        "lease.settle_s=0.2",
-    ]
-    first = subprocess.Popen(
-        cmd,
-        env=ray_head.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    commits = out / "_commits"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (commits.exists() and any(commits.glob("*.json"))):
-        time.sleep(0.05)
-    cfg = ingest_cfg(data / "scans", out, "output.scans_per_shard=1")
-    with pytest.raises(
-        LeaseHeld, match=rf"is being written by another ingest on {socket.gethostname()} pid {first.pid} "
-    ):
-        run_ingest(cfg)
-    os.killpg(first.pid, signal.SIGKILL)  # the first one dies holding its lease, mid-job
-    first.wait()
-    time.sleep(2)  # Ray ends its job's workers
-    assert (out / LEASE).exists()
-    result = run_ingest(cfg)  # its process is gone: the lease is taken over without waiting for it to expire
-    assert result.scans == 8 and not (out / LEASE).exists()
-    ids = [r["scan_id"] for r in _rows(out)]
-    assert sorted(ids) == sorted(set(ids)) and len(ids) == 8  # no scan in two shards
-    assert verify(str(out), StorageConfig()) == []  # no commit pointing at a missing shard
-
-    # A holder on another machine is only taken over once its lease expires.
-    (out / LEASE).write_text(
-        json.dumps(
-            {
-                "token": "t",
-                "holder": "ingest on node-7 pid 42",
-                "host": "node-7",
-                "pid": 42,
-                "started": time.time(),
-                "expires": time.time() + 4,
-                "expires_at": "soon",
-            }
-        )
-    )
-    with pytest.raises(LeaseHeld, match="ingest on node-7 pid 42"):
-        run_ingest(cfg)
-    time.sleep(4.5)
-    assert run_ingest(cfg).scans == 8
+    return shard_rows(out, ["scan_id", "content_hash"])
 
 
 def _ingested(tmp_path: Path, n: int, seed: int):

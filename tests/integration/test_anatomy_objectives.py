@@ -19,7 +19,7 @@ from ctray.quickstart import evaluate_run
 from ctray.train.config import PretrainConfig
 from ctray.train.trainer import run_pretrain
 
-from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, REPO, ingest_cfg
+from helpers import PHANTOM_SHAPE, PHANTOM_SPACING, REPO, ingest_cfg, read_metrics
 
 PROMPTS = (
     'objective.zero_shot.templates=[["{finding} is present in the {anatomy}.","The {anatomy} is normal."],'
@@ -53,9 +53,7 @@ def job(name: str, shards, storage, *overrides) -> PretrainConfig:
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [
-        json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
-    ]
+    return [m["loss"] for m in read_metrics(run_dir, "steps")]
 
 
 @pytest.mark.slow
@@ -156,7 +154,7 @@ def test_cagcl_trains_with_two_workers(clinical_shards, tmp_path):
     run = tmp_path / "cagcl-local"
     loss = losses(run)
     assert result.step == 40 and sum(loss[-2:]) < sum(loss[:2])
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    last = read_metrics(run)[-1]
     assert last["loss_global"] > 0 and last["loss"] == pytest.approx(
         last["loss_local"] + 0.1 * last["loss_global"], rel=0.05
     )

@@ -7,12 +7,11 @@ import json
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO, ctray_cli
 from multinode import (
     FakeCluster,
     NodeWatch,
     big_scans,
-    ctray,
     doctor_flags_the_gpu_job,
     gpu_job_refused,
     ingest_overrides,
@@ -37,11 +36,11 @@ def shards(cluster, tmp_path_factory):
     scans = big_scans(root, SCANS)
     assert cluster.worker_nodes() == []
     watch = NodeWatch(cluster)
-    done = ctray(
-        cluster,
+    done = ctray_cli(
         "ingest",
         str(REPO / "jobs" / "ingest-local.yaml"),
         *ingest_overrides(scans, root / "shards"),
+        env=cluster.client_env,
         timeout=400,
     )
     peak = watch.stop()

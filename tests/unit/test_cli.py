@@ -1,18 +1,15 @@
-"""The installed `ctray` command: help everywhere, one-line errors, and the segment-weights check."""
+"""The `ctray` command in this process (ctray.cli.main): help everywhere, one-line errors, the
+shipped jobs, and the segment-weights check. The command as a process of its own:
+integration/test_cli_process.py."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from ctray.cli import main
 from ctray.errors import ConfigError
 
-
-def ctray(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "ctray.cli", *args], capture_output=True, text=True, timeout=120, **kw)
-
+from helpers import REPO, free_port
 
 COMMANDS = [
     [],
@@ -38,21 +35,7 @@ def test_every_command_has_help(cmd, capsys):
     assert capsys.readouterr().out.startswith(f"usage: ctray {' '.join(cmd)}".rstrip())
 
 
-def test_bad_config_is_one_line(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("input: {scans: x}\noutput: {uri: y}\npreprocess: {spacingg: [1, 1, 1]}\n")
-    done = ctray("ingest", str(bad))
-    assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "preprocess.spacingg" in done.stderr
-    good = tmp_path / "good.yaml"
-    good.write_text(f"input: {{scans: {tmp_path}/none}}\noutput: {{uri: {tmp_path}/out}}\n")
-    done = ctray("ingest", str(good))
-    assert done.returncode == 2 and "does not exist" in done.stderr.splitlines()[-1]
-
-
 def test_doctor_without_a_ray_at_the_address_says_so_in_one_line(capsys, tmp_path):
-    from conftest import free_port
-
     port = free_port()  # nothing listens there
     assert main(["doctor", f"127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -62,13 +45,6 @@ def test_doctor_without_a_ray_at_the_address_says_so_in_one_line(capsys, tmp_pat
         from ctray.doctor import diagnose
 
         diagnose(f"127.0.0.1:{port}", [str(tmp_path / "notajob.yaml")])
-
-
-def test_phantoms_command_writes_a_dataset(tmp_path):
-    done = ctray("phantoms", str(tmp_path / "p"), "--n", "2", "--shape", "16", "32", "32", "--dicom", "1")
-    assert done.returncode == 0, done.stderr
-    assert sorted(os.listdir(tmp_path / "p" / "scans")) == ["phantom0000", "phantom0001.nii.gz"]
-    assert len((tmp_path / "p" / "reports.jsonl").read_text().splitlines()) == 2
 
 
 def test_segment_without_weights_is_a_clear_error(tmp_path, monkeypatch):
@@ -103,8 +79,6 @@ def test_every_job_yaml_validates(monkeypatch):
     from ctray.ingest.config import IngestConfig
     from ctray.train.config import PretrainConfig
     from ctray.tune.config import SweepConfig
-
-    from conftest import REPO
 
     kinds = {
         "ingest": IngestConfig,

@@ -8,7 +8,7 @@ from ctray.config import StorageConfig
 from ctray.data.pipeline import RankDraws, ScanOrder, ShardRowReader, scan_index
 from ctray.objectives import get_objective
 
-from conftest import pretrain_cfg
+from helpers import pretrain_cfg
 
 
 def _draws(shards, seed: int) -> tuple[list[int], np.ndarray]:

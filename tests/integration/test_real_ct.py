@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from ctray.data.schema import label_map_of, volume_of
 from ctray.ingest.job import run_ingest
 
-from conftest import ingest_cfg
+from helpers import ingest_cfg
 
 
 def test_real_ct_with_its_masks(ray_local, shared_data, tmp_path):

@@ -4,7 +4,7 @@ stopped by pytest-timeout with its name, and the run goes on with the next test.
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_a_test_that_waits_forever_is_stopped_and_named(tmp_path):

@@ -2,18 +2,19 @@
 checkpoints load back exactly, on as many ranks and on another number of ranks, and a learnable
 temperature stays inside its bounds.
 
-The test starts this file as a script (ctray's conftest.run_ranks). For each stage and
+The test starts this file as a script (helpers.run_ranks). For each stage and
 precision, each rank builds the real ctfm_simclr task and engine (ctray.train.engine.build_engine),
 takes 2 steps, saves a checkpoint, loads it into a fresh engine built from another seed, and takes
 a third step on both. Then the real CA-GCL task's temperature is pushed past its upper bound in the
 optimizer's fp32 copy, clamped (ctray.train.optim.clamp_) and stepped: module and optimizer must
 agree and stay at the bound (DeepSpeed's own bf16 mode lost it under ZeRO 0: module 0.5, master
 0.637). Before all that, one process does the same in bf16 alone, and the 2 ranks also resume its
-checkpoints (1 -> 2): a cluster back with more GPUs resumes (test_pretrain.py resumes a 2-worker run
-on 1). Every rank steps on the same batch with the same augmentation draws, so the mean gradient is
-one rank's, and the third step must be the one-rank engine's. Each rank writes what it measured to
-a JSON file; the assertions are made here, in the test process. (The Ray Train resume path is
-tested by test_reproducible.py.)
+checkpoints (1 -> 2): a cluster back with more GPUs resumes (a 2-worker run resumed on 1:
+test_pretrain.py::test_loss_falls_training_from_s3_shards). Every rank steps on the same batch with
+the same augmentation draws, so the mean gradient is one rank's, and the third step must be the
+one-rank engine's. Each rank writes what it measured to a JSON file; the assertions are made here,
+in the test process. (The Ray Train resume path, a worker killed mid-run:
+test_reproducible.py::test_same_seed_same_losses_and_a_killed_run_resumes_the_same_trajectory.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ PRECISIONS = ("fp32", "bf16")
 
 @pytest.mark.timeout(240)
 def test_zero_checkpoints_load_back_and_the_temperature_stays_bounded(tmp_path):
-    from conftest import TINY, run_ranks
+    from helpers import TINY, run_ranks
 
     overrides = [*TINY, "data.shards=unused", "train.max_steps=10"]
     (one,) = run_ranks(__file__, tmp_path / "one", {"overrides": overrides, "precisions": ["bf16"]}, world=1)
@@ -148,7 +149,7 @@ def _temperature(cfg, stage: int) -> dict:
     from ctray.train.engine import gathered
     from ctray.train.optim import clamp_
 
-    from conftest import tiny_task
+    from helpers import tiny_task
 
     precision = cfg.deepspeed.precision
     task, tcfg, _ = tiny_task("cagcl", f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}")
@@ -190,7 +191,7 @@ def _worker(argv: list[str]) -> None:
     from ctray.objectives import get_objective
     from ctray.train.config import PretrainConfig
 
-    from conftest import init_rank
+    from helpers import init_rank
 
     rank, world, out, args = init_rank(argv)
     results = {}
@@ -211,6 +212,5 @@ def _worker(argv: list[str]) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(results))
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))  # conftest, as pytest imports it
+if __name__ == "__main__":  # a rank of helpers.run_ranks, which puts tests/ (helpers) on PYTHONPATH
     _worker(sys.argv)

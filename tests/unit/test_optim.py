@@ -9,7 +9,7 @@ from ctray.objectives import objective_names
 from ctray.objectives.losses import LearnableTemperature, bidirectional_infonce
 from ctray.train.optim import clamp_, param_groups
 
-from conftest import LOCAL_JOBS, tiny_task
+from helpers import LOCAL_JOBS, tiny_task
 
 
 @pytest.mark.parametrize("name", sorted(LOCAL_JOBS))

@@ -13,7 +13,6 @@ ZeRO 2 and 3 must complete the same step.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -44,7 +43,7 @@ def _batch(name: str, cfg, empty: tuple[str, ...]) -> dict:
 def _task(name: str, *overrides: str):
     import torch
 
-    from conftest import tiny_task
+    from helpers import tiny_task
 
     torch.manual_seed(0)
     task, cfg, _ = tiny_task(name, "scaling.num_workers=2", "data.scans_per_batch=4", *overrides)
@@ -75,7 +74,7 @@ def reference(case: str) -> dict:
 def test_a_rank_without_text_or_organs_steps_with_the_others_and_the_single_process_gradient(tmp_path):
     import torch
 
-    from conftest import run_ranks
+    from helpers import run_ranks
 
     results = run_ranks(__file__, tmp_path, list(CASES))
     for case, (name, _, engines) in CASES.items():
@@ -106,7 +105,7 @@ def _worker(argv: list[str]) -> None:
 
     from ctray.train.engine import build_engine, gathered
 
-    from conftest import init_rank
+    from helpers import init_rank
 
     rank, _, out, cases = init_rank(argv)
     results = {}
@@ -133,6 +132,5 @@ def _worker(argv: list[str]) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(results))
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))  # conftest, as pytest imports it
+if __name__ == "__main__":  # a rank of helpers.run_ranks, which puts tests/ (helpers) on PYTHONPATH
     _worker(sys.argv)

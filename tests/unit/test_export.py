@@ -9,30 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from ctray.errors import ConfigError
-from ctray.export import load_encoder, write_export
+from ctray.export import load_encoder
 from ctray.objectives import get_objective
 
-from conftest import LOCAL_JOBS, tiny_task
-
-
-def trained_like(task: torch.nn.Module) -> torch.nn.Module:
-    """Every parameter moved off its initial value (seeded), as training would."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in task.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=gen))
-        if hasattr(task, "temperature"):
-            task.temperature.tau.fill_(0.0234)
-    return task.eval()
-
-
-def export_to(folder, task, cfg, assets, step=7):
-    def write(name: str, data: bytes) -> None:
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-    return write_export(task, cfg.objective, step, assets, write)
+from helpers import LOCAL_JOBS, export_to, tiny_task, trained_like
 
 
 def library_module(folder, part: dict) -> torch.nn.Module:

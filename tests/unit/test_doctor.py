@@ -51,7 +51,7 @@ def test_efa_devices_without_the_efa_provider_are_flagged():
 def test_printed_lines_carry_no_credentials(monkeypatch):
     from ctray.doctor import Report, format_report
 
-    from conftest import CANARY_ENV, CANARY_PASSWORD
+    from helpers import CANARY_ENV, CANARY_PASSWORD
 
     monkeypatch.setenv("CTRAY_TEST_TOKEN", CANARY_ENV)
     report = Report()

@@ -14,7 +14,7 @@ from ctray.errors import StorageError
 from ctray.ingest.job import run_ingest
 from ctray.ingest.records import verify
 
-from conftest import PHANTOM_SPACING, Relay, free_port, ingest_cfg
+from helpers import PHANTOM_SPACING, Relay, free_port, ingest_cfg
 
 
 @pytest.mark.slow

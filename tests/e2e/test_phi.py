@@ -3,7 +3,7 @@ file names (the scan ids) are run through the real `ctray ingest` command, each 
 local Ray whose session folder the test owns, and are searched for in everything the run left:
 its stderr and stdout, every file of Ray's session logs (the shard writers run in other
 processes), the manifest and the commit records; with pseudonymised ids, the original ids too.
-The runs join one Ray head whose temp folder the tests own (conftest.ray_head), so each run's check
+The runs join one Ray head whose temp folder the tests own (conftest.py's ray_head), so each run's check
 also searches the logs the earlier runs left.
 
 Three ways things go wrong: (a) S3 goes down mid-job (through the loopback relay), (b) a scan
@@ -13,7 +13,6 @@ without a header row (its first row is a report).
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import s3fs
 
 from ctray.data.phantoms import make_phantom, write_ct_series, write_nifti
 
-from conftest import PHANTOM_SPACING, REPO, RayHead, Relay
+from helpers import CTRAY_CLI, PHANTOM_SPACING, REPO, RayHead, Relay, ctray_cli
 
 REPORT_CANARY = "CANARY-RPT-91f3"
 TAG_CANARY = "CANARY-TAG-4c0d"
@@ -63,16 +62,9 @@ def _dataset(root: Path, header: bool = True) -> Path:
     return scans
 
 
-def _ctray(args: list[str], ray_head: RayHead) -> subprocess.Popen:
-    env = {**ray_head.env, "CTRAY_ID_KEY": KEY}
-    return subprocess.Popen(
-        [sys.executable, "-m", "ctray.cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+def _env(ray_head: RayHead) -> dict[str, str]:
+    """A `ctray` process's environment: it joins the tests' Ray head, and holds the id key."""
+    return {**ray_head.env, "CTRAY_ID_KEY": KEY}
 
 
 def _leaks(canaries: list[str], texts: dict[str, str], ray_head: RayHead, output_files: list[Path]) -> list[str]:
@@ -94,23 +86,22 @@ def _records(out: Path) -> list[Path]:
 def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, ray_head):
     scans = _dataset(tmp_path)
     out = tmp_path / "out"
-    proc = _ctray(
-        [
-            "ingest",
-            "/dev/null",
-            f"input.scans={scans}",
-            f"input.reports={tmp_path}/reports.csv",
-            f"output.uri={out}",
-            "preprocess.spacing=[3,2,2]",
-            "output.scans_per_shard=2",
-            "lease.settle_s=0.2",
-            "privacy.pseudonymize_ids=true",
-            "input.require_report=false",
-        ],
-        ray_head,
+    done = ctray_cli(
+        "ingest",
+        "/dev/null",
+        f"input.scans={scans}",
+        f"input.reports={tmp_path}/reports.csv",
+        f"output.uri={out}",
+        "preprocess.spacing=[3,2,2]",
+        "output.scans_per_shard=2",
+        "lease.settle_s=0.2",
+        "privacy.pseudonymize_ids=true",
+        "input.require_report=false",
+        env=_env(ray_head),
+        timeout=300,
+        check=True,
     )
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
+    stdout, stderr = done.stdout, done.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["written"] == 6 and all(w["scan_id"].startswith("s") for w in manifest["written"])
     reasons = " ".join(q["reason"] for q in manifest["quarantine"]) + " ".join(s["reason"] for s in manifest["skipped"])
@@ -132,8 +123,10 @@ def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, ray_head
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("phi-out")
     relay = Relay(int(s3_endpoint.rsplit(":", 1)[1]))
-    proc = _ctray(
+    # A process, not ctray_cli: its storage is cut while it runs.
+    proc = subprocess.Popen(
         [
+            *CTRAY_CLI,
             "ingest",
             "/dev/null",
             f"input.scans={scans}",
@@ -149,7 +142,11 @@ def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, ray_head
             "lease.settle_s=0.2",
             "input.require_report=false",
         ],
-        ray_head,
+        env=_env(ray_head),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     deadline = time.time() + 180
     while time.time() < deadline and len(fs.find("phi-out/run/_commits", refresh=True)) < 1 and proc.poll() is None:
@@ -166,19 +163,18 @@ def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, ray_head
 
 def test_headerless_reports_csv_is_one_line_without_the_report(tmp_path, ray_head):
     scans = _dataset(tmp_path, header=False)
-    proc = _ctray(
-        [
-            "ingest",
-            "/dev/null",
-            f"input.scans={scans}",
-            f"input.reports={tmp_path}/reports.csv",
-            f"output.uri={tmp_path}/out",
-            "lease.settle_s=0.2",
-        ],
-        ray_head,
+    done = ctray_cli(
+        "ingest",
+        "/dev/null",
+        f"input.scans={scans}",
+        f"input.reports={tmp_path}/reports.csv",
+        f"output.uri={tmp_path}/out",
+        "lease.settle_s=0.2",
+        env=_env(ray_head),
+        timeout=300,
     )
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 2
+    stdout, stderr = done.stdout, done.stderr
+    assert done.returncode == 2
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("ctray: error: reports.csv: no column named 'scan_id', 'report'"), stderr[-2000:]
     texts = {"stdout": stdout, "stderr": stderr}

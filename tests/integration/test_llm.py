@@ -22,7 +22,7 @@ from ctray.ingest.llm import LLMAuthError, LLMParser, Secret, check_endpoint
 from ctray.ingest.maintain import purge
 from ctray.ingest.reports import RuleParser
 
-from conftest import free_port, ingest_cfg
+from helpers import free_port, ingest_cfg
 
 REPORT = "Heart size is normal. A 6 mm nodule in the right upper lobe."
 KEY = "sk-CANARY-key-5d1e"

@@ -10,7 +10,6 @@ they have been idle for 15 s. (test_multinode_v1.py: the same on autoscaler v1.)
 import csv
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,12 +19,11 @@ import yaml
 from ctray.config import load_config
 from ctray.train.config import PretrainConfig
 
-from conftest import REPO, run_log
+from helpers import CTRAY_CLI, REPO, ctray_cli, read_metrics
 from multinode import (
     FakeCluster,
     NodeWatch,
     big_scans,
-    ctray,
     doctor_flags_the_gpu_job,
     gpu_job_refused,
     ingest_overrides,
@@ -112,7 +110,7 @@ def test_pretrain_job_spans_two_nodes_and_resumes_after_losing_one(cluster, clon
     ):
         time.sleep(0.5)
     assert job.poll() is None, job.stdout.read()[-3000:]
-    workers = [m for m in run_log(run) if m.get("event") == "workers"]
+    workers = read_metrics(run, "workers")
     nodes = workers[-1]["nodes"]  # the worker group that wrote the checkpoint
     assert len(set(nodes)) == 2, workers  # 2 workers of 2 CPUs on 2-CPU nodes: one node each
     checkpoints_before = sorted(p.name for p in run.glob("checkpoint_0*") if p.name in snapshot.read_text())
@@ -120,14 +118,12 @@ def test_pretrain_job_spans_two_nodes_and_resumes_after_losing_one(cluster, clon
     output, _ = job.communicate(timeout=360)
     assert job.returncode == 0, output[-3000:]
     assert "ctray edited-" in output and "pretrain done" in output, output[-3000:]
-    log = run_log(run)
-    resumes = [m for m in log if m.get("event") == "resume"]
-    assert resumes and resumes[0]["step"] == int(checkpoints_before[-1].split("_")[1]), [
-        m for m in log if "event" in m
-    ]  # lost <= one checkpoint interval
-    later = [m for m in log if m.get("event") == "workers"][-1]["nodes"]
+    resumes, events = read_metrics(run, "resume"), read_metrics(run, "events")
+    # lost <= one checkpoint interval
+    assert resumes and resumes[0]["step"] == int(checkpoints_before[-1].split("_")[1]), events
+    later = read_metrics(run, "workers")[-1]["nodes"]
     assert nodes[1] not in later  # resumed on another node
-    steps = [m["step"] for m in log if "loss" in m]
+    steps = [m["step"] for m in read_metrics(run, "steps")]
     assert steps[-1] == 16 and steps == sorted(steps)
     assert (run / "export" / "encoder.safetensors").exists()
 
@@ -189,8 +185,9 @@ def test_sweep_runs_trials_at_once_stops_the_poor_and_resumes(cluster, tmp_path)
     sweep_dir = tmp_path / "sweeps" / "lr"
 
     # 1. a real `ctray sweep` process, killed once the poor trial has been stopped
+    # A process, not ctray_cli: it is killed mid-sweep.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ctray.cli", "sweep", str(path)],
+        [*CTRAY_CLI, "sweep", str(path)],
         # Tune records trial states every 10 s or more; every second here, so the kill lands in time.
         env={**cluster.client_env, "TUNE_GLOBAL_CHECKPOINT_S": "1"},
         stdout=subprocess.DEVNULL,
@@ -216,8 +213,7 @@ def test_sweep_runs_trials_at_once_stops_the_poor_and_resumes(cluster, tmp_path)
     before = stamps()
 
     # 2. the same sweep again: it continues, and finished trials are not run again
-    done = ctray(cluster, "sweep", str(path))
-    assert done.returncode == 0, done.stderr[-3000:]
+    ctray_cli("sweep", str(path), env=cluster.client_env, timeout=600, check=True)
     assert stamps() == before
     rows = {r["optim.lr"]: r for r in csv.DictReader((sweep_dir / "results.csv").open())}
     assert set(rows) == {"0.002", "0.0005", "1e-06", "2e-05"} and all(r["status"] == "ok" for r in rows.values())

@@ -20,11 +20,10 @@ from ctray.objectives import get_objective
 from ctray.objectives.ctfm.sliding import tile_starts
 from ctray.train.config import PretrainConfig
 
-from conftest import PHANTOM_SHAPE, PHANTOM_SPACING, REPO, ingest_cfg
-from test_export import export_to, trained_like
+from helpers import PHANTOM_SHAPE, PHANTOM_SPACING, REPO, export_to, ingest_cfg, trained_like
 
 
-@pytest.fixture(scope="session")  # its tests run in both tiers: built once
+@pytest.fixture(scope="session")  # its tests run among the quick and among the slow ones: built once
 def labelled_shards(ray_local, tmp_path_factory) -> Path:
     """6 phantoms with masks and reports (finding labels) in 3 shards."""
     from ctray.ingest.job import run_ingest

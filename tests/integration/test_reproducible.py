@@ -14,13 +14,12 @@ from safetensors.torch import load_file
 
 from ctray.train.trainer import run_pretrain
 
-from conftest import (
+from helpers import (
     CANARY_ENV,
     CANARY_PASSWORD,
     CANARY_USER,
     pretrain_cfg,
-    reports,
-    run_log,
+    read_metrics,
     tracking_overrides,
     wandb_records,
 )
@@ -36,7 +35,7 @@ STEPS = [
 
 
 def losses(run_dir: Path) -> list[tuple[int, float, float]]:
-    return [(m["step"], m["loss"], m["epoch"]) for m in reports(run_dir)]
+    return [(m["step"], m["loss"], m["epoch"]) for m in read_metrics(run_dir, "steps")]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +73,8 @@ def test_same_seed_same_losses_and_a_killed_run_resumes_the_same_trajectory(runs
     # Steps 6-10 of the killed run were redone from the step-5 checkpoint (the 2 steps after it were
     # lost: less than one checkpoint interval) by a new attempt whose data stream starts at that
     # checkpoint's place in the scan order, with the weights exactly as saved.
-    log = run_log(runs / "killed")
-    resumes = [m for m in log if m.get("event") == "resume"]
+    log = read_metrics(runs / "killed")
+    resumes = read_metrics(runs / "killed", "resume")
     saved = {m["step"]: m["param_checksum"] for m in log if "param_checksum" in m}
     assert [r["step"] for r in resumes] == [5] and resumes[0]["param_checksum"] == pytest.approx(saved[5], rel=1e-12)
     export = load_file(str(runs / "killed" / "export" / "encoder.safetensors"))  # MONAI SegResEncoder keys
@@ -92,7 +91,7 @@ def test_the_tracked_run_reached_mlflow_and_wandb_without_its_secrets(runs, mlfl
     runs, result, _ = runs
     assert result.step == 10
     run_dir = runs / "straight"
-    losses = {m["step"]: m["loss"] for m in reports(run_dir)}
+    losses = {m["step"]: m["loss"] for m in read_metrics(run_dir, "steps")}
     assert sorted(losses) == list(range(1, 11))
 
     client = MlflowClient(mlflow_server)

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import free_port
+from helpers import free_port
 
 B, A, D_IN, D = 8, 3, 6, 5
 

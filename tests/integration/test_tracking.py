@@ -19,7 +19,7 @@ from ctray.train import tracking
 from ctray.train.config import PretrainConfig
 from ctray.train.loop import StepClock, step_line
 
-from conftest import CANARY_ENV, CANARY_PASSWORD, TINY, tracking_overrides
+from helpers import CANARY_ENV, CANARY_PASSWORD, TINY, tracking_overrides
 
 
 def tracked_cfg(storage, name, uri, *overrides) -> PretrainConfig:

@@ -17,7 +17,7 @@ from ctray.errors import ConfigError, TrainingFailed
 from ctray.export import load_encoder
 from ctray.train.trainer import run_pretrain
 
-from conftest import pretrain_cfg
+from helpers import pretrain_cfg, read_metrics
 
 
 @pytest.mark.slow
@@ -40,8 +40,7 @@ def test_loss_falls_training_from_s3_shards(train_shards, s3_endpoint, tmp_path)
         )
     )
     assert result.step == 36 and result.checkpoint.startswith("s3://ct-train/runs/falls/checkpoint_")
-    fs.invalidate_cache()
-    log = [json.loads(line) for line in fs.cat_file("ct-train/runs/falls/metrics.jsonl").decode().splitlines()]
+    log = read_metrics("s3://ct-train/runs/falls", endpoint_url=s3_endpoint)
     losses = [m["loss"] for m in log if "loss" in m]
     assert len(losses) == 9
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
@@ -49,6 +48,7 @@ def test_loss_falls_training_from_s3_shards(train_shards, s3_endpoint, tmp_path)
     # per view on every axis: harder views than a volume fraction) this run falls ~0.09 in 36 steps.
     assert last < first - 0.05 and np.polyfit(range(len(losses)), losses, 1)[0] < 0, losses
     assert all(0 <= m["data_wait_fraction"] <= 1 and m["views_per_s"] > 0 for m in log if "loss" in m)
+    fs.invalidate_cache()
     assert fs.exists("ct-train/runs/falls/export/encoder.safetensors")
     assert fs.find("ct-train/runs/falls/tensorboard")
     meta = json.loads(fs.cat_file("ct-train/runs/falls/export/export.json"))
@@ -67,8 +67,7 @@ def test_loss_falls_training_from_s3_shards(train_shards, s3_endpoint, tmp_path)
             "objective.patches_per_scan=8", "scaling.num_workers=1",
         )
     )  # fmt: skip
-    fs.invalidate_cache()
-    log = [json.loads(line) for line in fs.cat_file("ct-train/runs/falls/metrics.jsonl").decode().splitlines()]
+    log = read_metrics("s3://ct-train/runs/falls", endpoint_url=s3_endpoint)
     (resume,) = [m for m in log if m.get("event") == "resume"]
     saved = [m["param_checksum"] for m in log if m.get("step") == 36 and "param_checksum" in m]
     assert resume["step"] == 36 and resume["param_checksum"] == pytest.approx(saved[0], rel=1e-12)

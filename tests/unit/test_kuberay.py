@@ -1,6 +1,6 @@
 """cluster/kuberay/*.yaml as the KubeRay operator and the nodes that run them would take them.
 
-`kubectl apply` checks a manifest against the CRD schema only (tests/test_cluster_configs.py); the
+`kubectl apply` checks a manifest against the CRD schema only (tests/unit/test_cluster_configs.py); the
 operator then runs its own checks and, on a failure, leaves the RayCluster or RayJob idle with an
 event, so a bad manifest applies cleanly and never runs. The functions under "KubeRay's checks"
 re-state those checks in Python: `ValidateRayClusterMetadata`, `ValidateRayClusterSpec`,
@@ -35,7 +35,7 @@ import yaml
 from packaging.version import InvalidVersion, Version
 from ray._private import ray_constants
 
-from conftest import REPO, efa_plugin
+from helpers import REPO, efa_plugin
 
 KUBERAY = REPO / "cluster" / "kuberay"
 Doc = dict[str, Any]

@@ -28,7 +28,7 @@ from ctray.storage import filesystem
 from ctray.train.config import PretrainConfig
 from ctray.tune.config import SweepConfig
 
-from conftest import REPO, efa_plugin
+from helpers import REPO, efa_plugin
 
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"

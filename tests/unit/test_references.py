@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 # Where instructions live: the README, and comments in the cluster configs and jobs.
 SOURCES = [
