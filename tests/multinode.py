@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from conftest import BIN, REPO, RayHead, free_port, processes_of
+from helpers import BIN, REPO, RayHead, ctray_cli, free_port, processes_of
 
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 """The node id the fake provider gives the head (ray.autoscaler._private.fake_multi_node)."""
@@ -175,17 +174,6 @@ class NodeWatch:
         return self.peak
 
 
-def ctray(cluster: FakeCluster, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ctray.cli", *args],
-        env=cluster.client_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
-
-
 def make_clone(clone: Path) -> Path:
     """The repository as a user checks it out (tracked and untracked files, not tests), with its
     version edited: jobs submitted with it as working dir must run this copy of ctray, not the
@@ -259,7 +247,7 @@ def doctor_flags_the_gpu_job(cluster: FakeCluster, shards: Path, tmp_path: Path)
         job["scaling"]["use_gpu"] = gpu
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(job))
         jobs.append(str(tmp_path / f"{name}.yaml"))
-    done = ctray(cluster, "doctor", cluster.address, *jobs, timeout=150)
+    done = ctray_cli("doctor", cluster.address, *jobs, env=cluster.client_env, timeout=150)
     assert done.returncode == 2, done.stdout + done.stderr[-2000:]
     fine = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
     (bad,) = [line for line in done.stdout.splitlines() if not line.startswith("ok ")]
@@ -272,14 +260,14 @@ def gpu_job_refused(cluster: FakeCluster, shards: Path, schedule_timeout_s: floa
     """`ctray pretrain` asking a GPU per worker of a cluster that has none: it must exit 2 within a
     minute with one line naming the request; returns the reason that line gives."""
     t0 = time.time()
-    done = ctray(
-        cluster,
+    done = ctray_cli(
         "pretrain",
         str(REPO / "jobs" / "ctfm-local.yaml"),
         f"data.shards={shards}",
         "run.storage=/tmp/ctray-never-written",
         "scaling.use_gpu=true",
         f"ray.schedule_timeout_s={schedule_timeout_s}",
+        env=cluster.client_env,
         timeout=120,
     )
     assert done.returncode == 2 and time.time() - t0 < 60, done.stderr[-2000:]

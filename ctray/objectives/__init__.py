@@ -8,8 +8,8 @@ torch and MONAI.
 
 To add a recipe: a folder beside ctfm/ with its config (a `RecipeConfig` whose `name` is a
 Literal), a numpy-only sampler, a `Task` and an `Objective` instance, then one line in `RECIPES` and
-`CONFIGS` below (or `register(...)` from your own code before the config is loaded). The README's "Add an
-objective" section walks through a 40-line one (tests/test_registry.py).
+`CONFIGS` below (or `register(...)` from your own code before the config is loaded). The README's "Add
+an objective" section walks through a 40-line one (tests/integration/test_registry.py).
 """
 
 from __future__ import annotations

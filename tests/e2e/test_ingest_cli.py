@@ -1,0 +1,131 @@
+"""`ctray ingest` processes on a Ray head of the tests' own, killed mid-job as a machine or a user
+would: a re-run finishes what the killed one left, without loss or a scan twice, and a second ingest
+into the same output is refused while the first holds it, then takes over once its holder is gone.
+(Ingest in the test's own process: integration/test_ingest.py and test_ingest_resume.py.)"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from ctray.config import StorageConfig
+from ctray.data.phantoms import write_dataset
+from ctray.ingest.job import run_ingest
+from ctray.ingest.lease import LEASE, LeaseHeld
+from ctray.ingest.records import verify
+
+from helpers import CTRAY_CLI, PHANTOM_SHAPE, PHANTOM_SPACING, ctray_cli, ingest_cfg, read_rows, shard_rows
+
+
+@pytest.mark.timeout(240)
+def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path, ray_head):
+    """Kill a real `ctray ingest` process (the job's driver) after its first commits: Ray ends the
+    job's tasks with it, mid-shard; the re-run finishes the rest."""
+    data = tmp_path / "data"
+    n = 12
+    write_dataset(str(data), n, seed=3, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+    out = tmp_path / "shards"
+    args = [
+        "ingest",
+        "/dev/null",
+        f"input.scans={data}/scans",
+        f"output.uri={out}",
+        "output.scans_per_shard=1",
+        "concurrency=1",
+        "preprocess.spacing=[3,2,2]",
+    ]
+    env = ray_head.env
+    # A process of its own session, not ctray_cli: it is killed with its group mid-job.
+    proc = subprocess.Popen(
+        [*CTRAY_CLI, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    commits = out / "_commits"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (commits.exists() and len(list(commits.glob("*.json"))) >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, mid-shard
+    proc.wait()
+    # Ray ends the dead job's workers a moment later; one may still commit a shard.
+    stable, last = 0, -1
+    while stable < 10:
+        count = len(list(commits.glob("*.json")))
+        stable, last = (stable + 1, count) if count == last else (0, count)
+        time.sleep(0.2)
+    first = {p.name: p.read_bytes() for p in (out / "shards").iterdir() if p.suffix == ".parquet"}
+    committed = {p.stem for p in commits.glob("*.json")}
+    assert 2 <= len(committed) < n, "the run was not interrupted midway"
+
+    done = ctray_cli(*args, env=env, timeout=300, check=True)
+    assert f"{len(committed)} committed and unchanged" in done.stderr
+    rows = read_rows(out)
+    assert sorted(rows) == [f"phantom{i:04d}" for i in range(n)]
+    for name, blob in first.items():  # committed shards are untouched
+        if name[:-8] in committed:
+            assert (out / "shards" / name).read_bytes() == blob
+    assert not [p for p in (out / "shards").iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.timeout(180)
+def test_a_second_ingest_refuses_and_a_dead_holders_lease_is_taken_over(ray_local, ray_head, tmp_path):
+    data = tmp_path / "data"
+    write_dataset(str(data), 8, seed=4, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+    out = tmp_path / "out"
+    args = [
+        "ingest",
+        "/dev/null",
+        f"input.scans={data}/scans",
+        f"output.uri={out}",
+        "output.scans_per_shard=1",
+        "concurrency=1",
+        "preprocess.spacing=[3,2,2]",
+        "lease.settle_s=0.2",
+    ]
+    # A process of its own session, not ctray_cli: it holds the lease while this test runs, then is killed.
+    first = subprocess.Popen(
+        [*CTRAY_CLI, *args],
+        env=ray_head.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    commits = out / "_commits"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (commits.exists() and any(commits.glob("*.json"))):
+        time.sleep(0.05)
+    cfg = ingest_cfg(data / "scans", out, "output.scans_per_shard=1")
+    with pytest.raises(
+        LeaseHeld, match=rf"is being written by another ingest on {socket.gethostname()} pid {first.pid} "
+    ):
+        run_ingest(cfg)
+    os.killpg(first.pid, signal.SIGKILL)  # the first one dies holding its lease, mid-job
+    first.wait()
+    time.sleep(2)  # Ray ends its job's workers
+    assert (out / LEASE).exists()
+    result = run_ingest(cfg)  # its process is gone: the lease is taken over without waiting for it to expire
+    assert result.scans == 8 and not (out / LEASE).exists()
+    ids = [r["scan_id"] for r in shard_rows(out, ["scan_id"])]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 8  # no scan in two shards
+    assert verify(str(out), StorageConfig()) == []  # no commit pointing at a missing shard
+
+    # A holder on another machine is only taken over once its lease expires.
+    (out / LEASE).write_text(
+        json.dumps(
+            {
+                "token": "t",
+                "holder": "ingest on node-7 pid 42",
+                "host": "node-7",
+                "pid": 42,
+                "started": time.time(),
+                "expires": time.time() + 4,
+                "expires_at": "soon",
+            }
+        )
+    )
+    with pytest.raises(LeaseHeld, match="ingest on node-7 pid 42"):
+        run_ingest(cfg)
+    time.sleep(4.5)
+    assert run_ingest(cfg).scans == 8

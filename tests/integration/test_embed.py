@@ -1,0 +1,152 @@
+"""`ctray embed` on a real local Ray: an export over shards into per-shard Parquet parts that
+equal a single-process embedding of each scan, resumable shard by shard."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ctray.config import load_config
+from ctray.data.phantoms import write_dataset
+from ctray.data.pipeline import stream_seed
+from ctray.embed import run_embed
+from ctray.errors import ConfigError
+from ctray.evaluate.config import EvalReportConfig
+from ctray.evaluate.run import run_eval
+from ctray.export import load_encoder
+from ctray.objectives import get_objective
+from ctray.objectives.ctfm.sliding import tile_starts
+from ctray.train.config import PretrainConfig
+
+from helpers import PHANTOM_SHAPE, PHANTOM_SPACING, REPO, export_to, ingest_cfg, trained_like
+
+
+@pytest.fixture(scope="session")  # its tests run among the quick and among the slow ones: built once
+def labelled_shards(ray_local, tmp_path_factory) -> Path:
+    """6 phantoms with masks and reports (finding labels) in 3 shards."""
+    from ctray.ingest.job import run_ingest
+
+    root = tmp_path_factory.mktemp("embed")
+    write_dataset(str(root / "data"), 6, seed=5, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+    data = root / "data"
+    run_ingest(ingest_cfg(data / "scans", root / "shards", masks=data / "masks", reports=data / "reports.jsonl"))
+    return root / "shards"
+
+
+def exported(name: str, job: str, shards: Path, root: Path) -> Path:
+    """The recipe's task as its local job builds it on these shards (tokenizer, anatomy labels),
+    moved off its initialisation, exported as a run would."""
+    cfg = load_config(
+        PretrainConfig, REPO / "jobs" / job, [f"data.shards={shards}", f"run.storage={root}", "run.name=run"]
+    )
+    assets = get_objective(name).prepare(cfg.objective, cfg.data.shards, cfg.run_folder())
+    task = trained_like(get_objective(name).task(cfg.objective, assets))
+    export_to(root / "run" / "export", task, cfg, assets)
+    return root / "run"
+
+
+def table(out: Path):
+    return pq.read_table(sorted(out.glob("part-*.parquet"))).sort_by("scan_id")
+
+
+def reference(run: Path, shards: Path, scan_id: str) -> dict[str, np.ndarray]:
+    """One scan embedded in this process, without Ray: its shard row, the export's sampler with the
+    scan's own seed, Encoder.embed."""
+    import zlib
+
+    encoder = load_encoder(str(run))
+    for path in sorted(shards.glob("**/*.parquet")):
+        rows = pq.read_table(path)
+        ids = rows.column("scan_id").to_pylist()
+        if scan_id in ids:
+            row = rows.slice(ids.index(scan_id), 1)
+            rng = np.random.default_rng(stream_seed(0, "embed", zlib.crc32(scan_id.encode())))
+            return {k: v.numpy() for k, v in encoder.embed(encoder.sampler()(row, rng)).items()}
+    raise KeyError(scan_id)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_embed_ctfm_equals_a_single_process_run_and_resumes_by_shard(labelled_shards, tmp_path):
+    run = exported("ctfm_simclr", "ctfm-local.yaml", labelled_shards, tmp_path)
+    out = tmp_path / "emb"
+    result = run_embed(str(run), str(labelled_shards), str(out), patches=True)
+    parts = sorted(out.glob("part-*.parquet"))
+    assert result.scans == 6 and result.parts == len(parts) == 3
+    meta = json.loads((out / "embed.json").read_text())
+    assert meta["objective"] == "ctfm_simclr" and meta["scans"] == 6 and meta["export"].endswith("export")
+    t = table(out)
+    emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+    assert emb.shape == (6, 16) and np.isfinite(emb).all()  # init_filters 4 x 2**2
+    # The scan as a grid of 8x32x32 patches covering it, the scan's embedding their mean.
+    shape = pq.read_table(sorted(labelled_shards.glob("**/*.parquet"))[0]).column("shape")[0].as_py()
+    grid = [len(tile_starts(n, p)) for n, p in zip(shape, (8, 32, 32), strict=True)]
+    patch_emb = np.array(t.column("patch_embedding")[0].as_py())
+    origins = np.array(t.column("patch_origin")[0].as_py())
+    assert patch_emb.shape == (np.prod(grid), 16) and np.allclose(patch_emb.mean(0), emb[0], atol=1e-5)
+    assert origins.min(0).tolist() == [0, 0, 0] and (origins.max(0) + np.array([8, 32, 32])).tolist() == shape
+    labels = np.stack(t.column("finding_labels").to_numpy(zero_copy_only=False))
+    assert labels.shape == (6, len(meta["findings"])) and meta["findings"] and set(np.unique(labels)) <= {0, 1}
+    first = t.column("scan_id")[0].as_py()
+    ref = reference(run, labelled_shards, first)
+    np.testing.assert_allclose(emb[0], ref["embedding"][0], rtol=1e-5, atol=1e-6)
+
+    # Resume: a lost part is redone; the others are not touched.
+    kept = {p.name: p.stat().st_mtime_ns for p in parts[1:]}
+    parts[0].unlink()
+    again = run_embed(str(run), str(labelled_shards), str(out), patches=True)
+    assert again.parts == 1 and again.scans == 2
+    assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("part-*.parquet"))[1:]} == kept
+    assert np.array_equal(np.stack(table(out).column("embedding").to_numpy(zero_copy_only=False)), emb)
+
+
+def test_embed_cagcl_anatomies_and_report_texts(labelled_shards, tmp_path):
+    run = exported("cagcl", "cagcl-local.yaml", labelled_shards, tmp_path)
+    out = tmp_path / "emb"
+    run_embed(str(run), str(labelled_shards), str(out), batch_scans=3)
+    meta = json.loads((out / "embed.json").read_text())
+    t = table(out)
+    a = len(meta["anatomies"])
+    anatomy = np.stack([np.stack(x) for x in t.column("anatomy_embedding").to_pylist()])
+    region = np.array(t.column("region").to_pylist())
+    present = np.array(t.column("present").to_pylist())
+    assert anatomy.shape == (6, a, 32) and region.shape == present.shape == (6, a)
+    assert region.any() and present.any() and not (present & ~region).any()
+    norms = np.linalg.norm(anatomy, axis=-1)
+    assert np.allclose(norms[region], 1, atol=1e-4) and np.all(norms[~region] == 0)
+    assert list(meta["findings"]) == list(meta["finding_anatomies"])  # the recipe's zero-shot findings
+    ref = reference(run, labelled_shards, t.column("scan_id")[2].as_py())
+    np.testing.assert_allclose(anatomy[2], ref["anatomy_embedding"][0], rtol=1e-4, atol=1e-5)
+    assert torch.tensor(ref["text_embedding"]).shape == (1, a, 32)
+    assert meta["dim"] == 32
+
+    # ctray eval over them, with the export's own text tower (loaded from embed.json's export).
+    result = run_eval(EvalReportConfig(embeddings=str(out), bootstrap=50), load_encoder)
+    report = out / "report"
+    assert result.report.endswith("report.md") and (report / "report.md").exists()
+    assert {"roc.png", "text_similarity.png", "anatomy_tsne.png", "metrics.json", "figures.json"} <= {
+        p.name for p in report.iterdir()
+    }
+    assert 0 <= result.metrics["zs_finding_auroc_mean"] <= 1 and "report" in result.summary
+
+    # Resuming into it with another export is refused in one line.
+    other = exported("ctfm_simclr", "ctfm-local.yaml", labelled_shards, tmp_path / "other")
+    with pytest.raises(ConfigError, match="holds embeddings made with another export"):
+        run_embed(str(other), str(labelled_shards), str(out))
+
+
+def test_a_part_holds_scans_with_different_patch_counts():
+    """Scans of other shapes get other patch grids: one list per scan, read back as written."""
+    from ctray.embed import _rows, part_table
+
+    a, b = np.ones((1, 3, 4), np.float32), 2 * np.ones((1, 5, 4), np.float32)
+    ragged = _rows([a, b])
+    assert ragged.dtype == object and [r.shape for r in ragged] == [(3, 4), (5, 4)]
+    rows = [{"scan_id": "s1", "embedding": np.zeros(4, np.float32), "patch_embedding": ragged[0]}]
+    rows.append({"scan_id": "s2", "embedding": np.ones(4, np.float32), "patch_embedding": ragged[1]})
+    t = part_table(rows, ["embedding", "patch_embedding"])
+    assert [np.array(x).shape for x in t.column("patch_embedding").to_pylist()] == [(3, 4), (5, 4)]
+    assert np.array(t.column("patch_embedding")[1].as_py()).max() == 2 and t.column("embedding").type.list_size == 4

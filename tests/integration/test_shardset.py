@@ -1,0 +1,169 @@
+"""ShardSet (ctray.ingest.shardset), the one reader of a shard set's manifest.json: what it reads from
+a real ingest, the writer's manifest read back unchanged, the anatomy label ids CA-GCL takes from
+it, and one clear line for a manifest that is missing, not JSON or of another schema version."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import ingest_cfg
+
+from ctray.anatomy import anatomy_label_ids
+from ctray.config import StorageConfig
+from ctray.errors import ConfigError
+from ctray.ingest.job import run_ingest
+from ctray.ingest.schema import SCHEMA_VERSION
+from ctray.ingest.shards import preprocess_fingerprint
+from ctray.ingest.shardset import MANIFEST, ScanRow, ShardSet
+from ctray.objectives.cagcl.config import CAGCLConfig
+from ctray.objectives.cagcl.recipe import anatomy_labels
+
+STORAGE = StorageConfig()
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_local, phantom_dir, tmp_path_factory):
+    """6 phantoms with masks and reports, ingested 2 per shard: (config, shard set folder)."""
+    out = tmp_path_factory.mktemp("shardset") / "shards"
+    cfg = ingest_cfg(phantom_dir / "scans", out, masks=phantom_dir / "masks", reports=phantom_dir / "reports.jsonl")
+    run_ingest(cfg)
+    return cfg, out
+
+
+def _copy_manifest(src: Path, dst: Path, edit=None) -> str:
+    """A shard set folder `dst` holding only `src`'s manifest, edited by `edit(dict)`."""
+    manifest = json.loads((src / MANIFEST).read_text())
+    if edit:
+        edit(manifest)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / MANIFEST).write_text(json.dumps(manifest))
+    return str(dst)
+
+
+def _one_line_error(uri: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        ShardSet.open(uri, STORAGE)
+    message = str(e.value)
+    assert "\n" not in message and uri in message
+    return message
+
+
+def test_open_reads_an_ingested_shard_set(ingested):
+    cfg, out = ingested
+    shard_set = ShardSet.open(str(out), STORAGE)
+    assert (shard_set.uri, shard_set.schema_version) == (str(out), SCHEMA_VERSION)
+    assert shard_set.fingerprint == preprocess_fingerprint(cfg)
+    assert shard_set.preprocess.spacing == (3.0, 2.0, 2.0) and shard_set.preprocess.orientation == "SPL"
+    assert shard_set.ingest.output.scans_per_shard == 2
+    assert shard_set.scan_count == 6 and len(shard_set.shards) == 3
+    assert {w.scan_id for w in shard_set.written} == {f"phantom{i:04d}" for i in range(6)}
+    assert not shard_set.quarantine and not shard_set.skipped and not shard_set.failed and not shard_set.purged
+    assert all(s.stats.rows == s.scans == 2 and s.stats.with_label_map == 2 for s in shard_set.shards)
+    counts = shard_set.counts
+    assert (counts.inputs, counts.scans, counts.shards) == (6, 6, 3)
+    assert counts.bytes == sum((out / s.path).stat().st_size for s in shard_set.shards)
+
+    # scans(): each committed scan once, at its shard's row group, in manifest order
+    scans = shard_set.scans()
+    first = str(out / shard_set.shards[0].path)
+    assert scans[:2] == [ScanRow(first, 0), ScanRow(first, 1)]
+    ids = [pq.ParquetFile(s.path).read_row_group(s.row_group, columns=["scan_id"])["scan_id"][0].as_py() for s in scans]
+    assert sorted(ids) == sorted(w.scan_id for w in shard_set.written)
+    assert shard_set.shard_paths() == [str(out / s.path) for s in shard_set.shards]
+
+
+def test_the_writers_manifest_reads_back_unchanged(ingested):
+    """Ingest publishes ShardSet.to_json(); reading it and writing it again gives the same text,
+    in the on-disk format readers of earlier ctray versions expect (no schema change)."""
+    _, out = ingested
+    text = (out / MANIFEST).read_text()
+    shard_set = ShardSet.open(str(out), STORAGE)
+    assert shard_set.to_json() == text
+    assert ShardSet.from_json(shard_set.to_json(), str(out), STORAGE) == shard_set
+    manifest = json.loads(text)
+    assert list(manifest) == [
+        "schema_version",
+        "ctray_version",
+        "created_at",
+        "fingerprint",
+        "config",
+        "counts",
+        "shards",
+        "written",
+        "quarantine",
+        "skipped",
+        "failed",
+        "purged",
+    ]
+    assert list(manifest["counts"]) == [
+        "inputs",
+        "written",
+        "quarantined",
+        "skipped",
+        "failed",
+        "scans",
+        "shards",
+        "bytes",
+        "llm_fallbacks",
+    ]
+    assert list(manifest["shards"][0]) == ["path", "shard", "scans", "sha256", "bytes", "stats"]
+    assert manifest["config"]["output"]["uri"] == str(out)
+
+
+def test_cagcl_takes_its_label_ids_from_the_shard_set(ingested, tmp_path):
+    cfg, out = ingested
+    shard_set = ShardSet.open(str(out), STORAGE)
+    assert shard_set.anatomies == anatomy_label_ids(cfg.preprocess.anatomies)
+    recipe = CAGCLConfig(anatomies=["lung", "heart"])
+    assert anatomy_labels(recipe, str(out), STORAGE) == {a: shard_set.anatomies[a] for a in ("lung", "heart")}
+
+    # shards ingested with other anatomy groups: CA-GCL reads those, not ctray's defaults
+    groups = {"lung": ["lung_upper_lobe_left", "lung_lower_lobe_left"], "heart": ["heart"]}
+    other = dataclasses.replace(
+        shard_set, ingest=cfg.model_copy(update={"preprocess": cfg.preprocess.model_copy(update={"anatomies": groups})})
+    )
+    (tmp_path / MANIFEST).write_text(other.to_json())
+    assert anatomy_labels(recipe, str(tmp_path), STORAGE) == {"lung": [10, 11], "heart": [51]}
+    with pytest.raises(ConfigError, match="not anatomy groups of the shards"):
+        anatomy_labels(CAGCLConfig(anatomies=["liver"]), str(tmp_path), STORAGE)
+
+
+def test_a_folder_without_a_manifest_says_to_ingest_first(tmp_path):
+    assert _one_line_error(str(tmp_path)) == f"{tmp_path} has no manifest.json; run `ctray ingest` first"
+
+
+def test_a_manifest_that_is_not_json_is_one_line(tmp_path):
+    (tmp_path / MANIFEST).write_text('{"schema_version": 2, "shards": [')
+    assert "is not valid JSON" in _one_line_error(str(tmp_path))
+    (tmp_path / MANIFEST).write_text("[]")
+    assert "is not a ctray manifest" in _one_line_error(str(tmp_path))
+
+
+def test_shards_of_another_schema_version_are_refused(ingested, tmp_path):
+    _, out = ingested
+    uri = _copy_manifest(out, tmp_path / "old", lambda m: m.update(schema_version=SCHEMA_VERSION - 1))
+    assert _one_line_error(uri) == (
+        f"{uri} holds shards of schema v{SCHEMA_VERSION - 1}; this ctray reads v{SCHEMA_VERSION}: ingest again"
+    )
+
+
+def test_a_manifest_missing_an_entry_or_with_a_bad_config_is_one_line(ingested, tmp_path):
+    _, out = ingested
+    uri = _copy_manifest(out, tmp_path / "cut", lambda m: m.pop("written"))
+    assert "is not a ctray manifest (no 'written' key)" in _one_line_error(uri)
+    uri = _copy_manifest(out, tmp_path / "config", lambda m: m["config"]["preprocess"].update(spacing=[0, 1, 1]))
+    assert "config.preprocess.spacing" in _one_line_error(uri)
+
+
+def test_a_shard_set_without_scans_opens_but_has_none_to_read(ingested, tmp_path):
+    """`ctray verify` and `ctray purge` read an empty set; a reader that needs scans gets a clear error."""
+    _, out = ingested
+    uri = _copy_manifest(out, tmp_path / "empty", lambda m: m.update(shards=[], written=[]))
+    shard_set = ShardSet.open(uri, STORAGE)
+    assert shard_set.scan_count == 0 and shard_set.counts.inputs == 0
+    with pytest.raises(ConfigError, match="the manifest lists no scans"):
+        shard_set.scans()
+    with pytest.raises(ConfigError, match="the manifest lists no scans"):
+        shard_set.shard_paths()

@@ -1,0 +1,102 @@
+"""Exports load into the libraries' own classes (strict) and reproduce the training-time
+embedding exactly; `ctray.load_encoder` rebuilds the recipe from the export alone."""
+
+import importlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctray.errors import ConfigError
+from ctray.export import load_encoder
+from ctray.objectives import get_objective
+
+from helpers import LOCAL_JOBS, export_to, tiny_task, trained_like
+
+
+def library_module(folder, part: dict) -> torch.nn.Module:
+    """A part loaded as a user would, without ctray: transformers' from_pretrained, or the named
+    class built from its kwargs with a strict state-dict load."""
+    if "folder" in part:
+        import transformers
+
+        model, info = getattr(transformers, part["class"].split(".")[-1]).from_pretrained(
+            folder / part["folder"], **part["kwargs"], output_loading_info=True
+        )
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+        return model.eval()
+    module_name, _, attr = part["class"].rpartition(".")
+    module = getattr(importlib.import_module(module_name), attr)(**part["kwargs"])
+    module.load_state_dict(load_file(folder / part["file"]), strict=True)
+    return module.eval()
+
+
+@pytest.mark.parametrize("name", sorted(LOCAL_JOBS))
+def test_export_loads_strict_and_reproduces_the_training_time_embedding(name, tmp_path):
+    task, cfg, assets = tiny_task(name)
+    task = trained_like(task)
+    batch = get_objective(name).synthetic_batch(cfg.objective, 3, torch.device("cpu"))
+    if "region" in batch:  # one anatomy missing from one scan: its embedding must stay out of the scan's
+        batch["region"][0, 0] = 0
+        batch["present"][0, 0] = 0
+    names = export_to(tmp_path, task, cfg, assets)
+    meta = json.loads((tmp_path / "export.json").read_text())
+    assert meta["objective"] == name and meta["step"] == 7 and "export.json" in names
+
+    expected = task.embed(batch)
+    encoder = load_encoder(str(tmp_path))
+    got = encoder.embed(batch)
+    assert got.keys() == expected.keys() and "embedding" in got
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    assert encoder.module is encoder.task.export_parts()[meta["vision_part"]].module
+
+    # Each part, loaded with its own library's class, holds exactly the trained weights.
+    for part_name, part in task.export_parts().items():
+        loaded = library_module(tmp_path, meta["parts"][part_name])
+        ours, theirs = part.module.state_dict(), loaded.state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part_name
+
+    if name == "ctfm_simclr":  # MONAI's SegResEncoder alone gives the exported embedding
+        from ctray.objectives.ctfm.augment import window
+
+        seg = library_module(tmp_path, meta["parts"]["encoder"])
+        x = window(batch["patches"], *cfg.objective.window_hu).reshape(-1, 1, *batch["patches"].shape[2:])
+        pooled = seg(x)[-1].mean(dim=(2, 3, 4)).reshape(3, cfg.objective.patches_per_scan, -1)
+        assert torch.equal(pooled, expected["patch_embedding"])
+        assert meta["parts"]["encoder"]["class"] == "monai.networks.nets.segresnet_ds.SegResEncoder"
+    if name in ("totalfm_clip", "cagcl"):
+        from transformers import AutoTokenizer
+
+        assert encoder.temperature == pytest.approx(0.0234)
+        texts = ["the liver is normal", "no lesion in the liver"]
+        assert torch.equal(encoder.embed_texts(texts), task.embed_texts(texts))
+        ids, _ = task.encoding.encode(texts)
+        hf = AutoTokenizer.from_pretrained(tmp_path / "text")(
+            texts, padding="max_length", truncation=True, max_length=cfg.objective.text.max_length
+        )
+        assert hf["input_ids"] == ids.tolist()
+        assert torch.equal(expected["anatomy_embedding"][0, 0], torch.zeros_like(expected["anatomy_embedding"][0, 0]))
+    else:
+        with pytest.raises(ConfigError, match="no text tower"):
+            encoder.embed_texts(["x"])
+
+
+def test_not_an_export_and_a_stage1_of_another_objective_fail_in_one_line(tmp_path):
+    from ctray.config import StorageConfig
+    from ctray.objectives.totalfm.clip import check_stage1
+
+    with pytest.raises(ConfigError, match="not a ctray export"):
+        load_encoder(str(tmp_path))
+    task, cfg, assets = tiny_task("ctfm_simclr")
+    export_to(tmp_path / "ctfm" / "export", task, cfg, assets)
+    _, clip, _ = tiny_task("totalfm_clip", f"objective.init_from={tmp_path / 'ctfm'}")
+    with pytest.raises(ConfigError, match="is a ctfm_simclr export, not a VideoMAE stage 1") as err:
+        check_stage1(clip.objective, StorageConfig())
+    assert "\n" not in str(err.value)
+    meta = json.loads((tmp_path / "ctfm" / "export" / "export.json").read_text())
+    meta["format"] = 99
+    (tmp_path / "ctfm" / "export" / "export.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="export format 99"):
+        load_encoder(str(tmp_path / "ctfm"))
