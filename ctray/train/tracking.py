@@ -5,9 +5,9 @@ Who logs what (`run.loggers`):
   <run>/tracking.json holds, so a resumed run and every attempt ctray restarts continue one MLflow
   run and one W&B run; it logs the config (redacted params + config.yaml) and, after the fit, the
   MLflow run's end status (a rank 0 that died cannot report its own failure).
-- Rank 0 (`Tracker`) logs each report's metrics at its step, each evaluation folder (eval/step_N)
-  and, once every rank has finished writing it, export/ as artifacts. A W&B run lives in the process
-  that opened it, so all of W&B is logged there.
+- Rank 0 (ctray.train.loggers: MlflowLogger, WandbLogger) logs each report's metrics at its step,
+  each evaluation folder (eval/step_N) and, once every rank has finished writing it, export/ as
+  artifacts. A W&B run lives in the process that opened it, so all of W&B is logged there.
 
 Why not Ray's integrations: `setup_mlflow` and `setup_wandb` start a new run on every call (a resumed
 run or a restarted attempt would become a second run), and Tune's `MLflowLoggerCallback` keeps its
@@ -16,7 +16,7 @@ step, and sees only the reported metrics. So a sweep's trials log through this m
 nested under one MLflow run of the sweep (`start_sweep`) and grouped in W&B by the sweep's name.
 
 Nothing here logs report text or scan ids: metrics and evaluation files are aggregates. Config values
-that look like credentials are redacted before they leave the run (`redacted`).
+that look like credentials are redacted before they leave the run (ctray.redact).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def _open_mlflow_run(
 
 def start(cfg: PretrainConfig, run: RunFolder) -> dict[str, Any]:
     """The driver's side before the workers start: open or reopen the run's MLflow and W&B runs, log the
-    config, store their ids in the run folder. Returns what rank 0's `Tracker` needs ({} when
+    config, store their ids in the run folder. Returns what rank 0's loggers need ({} when
     run.loggers has neither). A missing package or tracking server is a one-line ConfigError here,
     before any worker starts."""
     wanted = [name for name in ("mlflow", "wandb") if name in cfg.run.loggers]
