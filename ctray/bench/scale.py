@@ -15,17 +15,20 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 from ctray.bench.common import one_core
+
+if TYPE_CHECKING:
+    from ctray.config import StorageConfig
+    from ctray.ingest.config import IngestConfig
 
 SCANS_PER_SHARD = 16
 
 
-def _synthetic_output(n: int) -> None:
-    """N scans and reports under memory://scans, and an output at memory://out holding them all."""
+def _synthetic_inputs(n: int) -> None:
+    """N scans under memory://scans and their reports in memory://reports.csv."""
     import fsspec
-
-    from ctray.ingest.schema import SCHEMA_VERSION
 
     fs = fsspec.filesystem("memory")
     fs.store.clear()
@@ -41,42 +44,46 @@ def _synthetic_output(n: int) -> None:
             )
         ).encode(),
     )
-    entries = {e["name"]: e for e in fs.find("/scans", detail=True).values()}
-    for s in range(0, n, SCANS_PER_SHARD):
+    assert len(fs.find("/scans")) == n
+
+
+def _commit_all(cfg: IngestConfig, storage: StorageConfig) -> None:
+    """Commit records at cfg.output.uri holding every input of cfg, with the stamp discovery gives
+    it: the output of a finished ingest (no shard files: the driver reads none)."""
+    import ctray
+    from ctray.ingest.discover import attach, discover, load_reports, probe_cache_location
+    from ctray.ingest.privacy import Names
+    from ctray.ingest.schema import SCHEMA_VERSION
+    from ctray.ingest.shards import publish_record
+    from ctray.ingest.shardset import SHARDS_DIR, CommitRecord, CommittedScan, ShardStats
+    from ctray.storage import filesystem
+
+    names = Names(cfg)
+    inventory = discover(cfg, names, probe_cache_location(cfg, names))
+    attach(inventory, {}, load_reports(cfg))
+    fs, root = filesystem(cfg.output.uri, storage)
+    for s in range(0, len(inventory.scans), SCANS_PER_SHARD):
         scans = [
-            {
-                "scan_id": f"site{i % 50:02d}/case{i:07d}",
-                "input": f"memory://scans/site{i % 50:02d}/case{i:07d}.nii.gz",
-                "stamp": "",
-                "content_hash": "0" * 64,
-            }
-            for i in range(s, min(n, s + SCANS_PER_SHARD))
+            CommittedScan(scan["scan_id"], scan["label"], scan["stamp"], "0" * 64)
+            for scan in inventory.scans[s : s + SCANS_PER_SHARD]
         ]
-        record = {
-            "shard": f"part-{s:016x}",
-            "path": f"shards/part-{s:016x}.parquet",
-            "sha256": "0" * 64,
-            "bytes": 1,
-            "scans": scans,
-            "quarantine": [],
-            "supersedes": [],
-            "parsers": {"rules": len(scans)},
-            "stats": {
-                "rows": len(scans),
-                "voxels": 0,
-                "bytes": 1,
-                "hu_min": None,
-                "hu_max": None,
-                "with_label_map": 0,
-                "with_anatomy_texts": 0,
-                "anatomies": {},
-            },
-            "fingerprint": "",
-            "schema_version": SCHEMA_VERSION,
-            "committed_at": float(s),
-        }
-        fs.pipe_file(f"/out/_commits/part-{s:016x}.json", json.dumps(record).encode())
-    assert len(entries) == n
+        record = CommitRecord(
+            shard=f"part-{s:016x}",
+            path=f"{SHARDS_DIR}/part-{s:016x}.parquet",
+            sha256="0" * 64,
+            bytes=1,
+            scans=tuple(scans),
+            quarantine=(),
+            supersedes=(),
+            stats=ShardStats(len(scans), 0, 1, None, None, 0, 0, {}),
+            parsers={"rules": len(scans)},
+            fingerprint="",
+            schema_version=SCHEMA_VERSION,
+            ctray_version=ctray.__version__,
+            committed_at=float(s),
+            seconds=0.0,
+        )
+        publish_record(record, fs, root, storage)
 
 
 def _driver(n: int) -> Callable[[], dict]:
@@ -99,7 +106,7 @@ def _driver(n: int) -> Callable[[], dict]:
     from ctray.storage import filesystem, publish_bytes
 
     logging.disable(logging.INFO)
-    _synthetic_output(n)
+    _synthetic_inputs(n)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     cfg = resolve(
         load_config(
@@ -114,6 +121,7 @@ def _driver(n: int) -> Callable[[], dict]:
         )
     )
     storage = StorageConfig()
+    _commit_all(cfg, storage)
 
     def run() -> dict:
         # the ingest driver: resume check, discovery, reports, plan, manifest
@@ -122,9 +130,6 @@ def _driver(n: int) -> Callable[[], dict]:
         table = load_reports(cfg)
         inventory = discover(cfg, names, probe_cache_location(cfg, names))
         attach(inventory, {}, table)
-        committed = records.committed
-        for scan in inventory.scans:  # the synthetic records hold no stamps: make every input unchanged
-            committed[scan["scan_id"]][0]["stamp"] = scan["stamp"]
         todo = plan(cfg, inventory, records, set())
         manifest = build_manifest(
             cfg.output.uri,

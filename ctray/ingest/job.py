@@ -34,7 +34,7 @@ from ctray.ingest.llm import Secret
 from ctray.ingest.privacy import Names
 from ctray.ingest.records import Records, build_manifest, clean, read_records, rewrite_without
 from ctray.ingest.shards import preprocess_fingerprint, shard_name, write_shard
-from ctray.ingest.shardset import MANIFEST, Failed, Quarantined, Skipped
+from ctray.ingest.shardset import MANIFEST, CommitRecord, Failed, Quarantined, Skipped
 from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import filesystem, join, publish_bytes, read_bytes, resolve_uri
 
@@ -98,9 +98,9 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
     fs_out, root = filesystem(out_uri, cfg.storage)
     with Lease(out_uri, cfg.lease, cfg.storage) as lease:
         records = read_records(out_uri, cfg.storage)
-        stale = {r["fingerprint"] for r in records.live} - {fingerprint}
+        stale = {r.fingerprint for r in records.live} - {fingerprint}
         if stale:
-            versions = sorted({r.get("ctray_version", "0.1.0") for r in records.live})
+            versions = sorted({r.ctray_version for r in records.live})
             raise ConfigError(
                 f"{out_uri} already holds shards made with other settings (or ctray {', '.join(versions)}); "
                 "write to a new output.uri (or delete the old shards)"
@@ -177,7 +177,7 @@ def plan(cfg: IngestConfig, inventory: Inventory, records: Records, purged: set[
             )
             continue
         if sid in committed:
-            if committed[sid][0]["stamp"] == scan["stamp"]:
+            if committed[sid][0].stamp == scan["stamp"]:
                 continue
             changed.append(sid)
         todo.append(scan)
@@ -237,7 +237,7 @@ def run_writers(
             for ref in ready:
                 item = pending.pop(ref)
                 try:
-                    record = ray.get(ref)
+                    record: CommitRecord = ray.get(ref)
                 except (
                     ray.exceptions.WorkerCrashedError,
                     ray.exceptions.OutOfMemoryError,
@@ -264,9 +264,9 @@ def run_writers(
                     len(todo),
                     rate,
                     _duration(left),
-                    record["shard"],
-                    len(record["scans"]),
-                    len(record["quarantine"]),
+                    record.shard,
+                    len(record.scans),
+                    len(record.quarantine),
                 )
     except Exception as e:
         for ref in pending:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 
@@ -20,8 +21,8 @@ from ctray.ingest.job import PURGED, read_purged, resolve
 from ctray.ingest.lease import Lease
 from ctray.ingest.llm import CACHE_DIR, cache_path
 from ctray.ingest.privacy import Names, read_id_map, write_id_map
-from ctray.ingest.records import build_manifest, read_records, rewrite_without
-from ctray.ingest.shards import COMMITS_DIR
+from ctray.ingest.records import Records, build_manifest, read_records, rewrite_without
+from ctray.ingest.shards import publish_record
 from ctray.ingest.shardset import MANIFEST, ShardSet
 from ctray.storage import filesystem, join, publish_bytes, remove
 
@@ -63,7 +64,8 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
         rewrites = records.holding(ids)
         cache_keys = []
         for record, drop in rewrites:
-            with fs.open(join(root, record["path"]), "rb") as f:
+            assert record.path is not None  # a record holding scans names their file
+            with fs.open(join(root, record.path), "rb") as f:
                 table = pq.read_table(f, columns=["scan_id", "report_cache_key"])
             scan_ids = table.column("scan_id").to_pylist()
             keys = table.column("report_cache_key").to_pylist()
@@ -75,10 +77,13 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
         publish_bytes(json.dumps(purged).encode(), fs, join(root, PURGED), storage)
         gone = set(ids)
         records = read_records(uri, storage)
+        live = []
         for r in records.live:  # earlier quarantine entries name the scan too
-            if any(q.get("scan_id") in gone for q in r["quarantine"]):
-                r["quarantine"] = [q for q in r["quarantine"] if q.get("scan_id") not in gone]
-                publish_bytes(json.dumps(r).encode(), fs, join(root, COMMITS_DIR, r["shard"] + ".json"), storage)
+            if any(q.scan_id in gone for q in r.quarantine):
+                r = replace(r, quarantine=tuple(q for q in r.quarantine if q.scan_id not in gone))
+                publish_record(r, fs, root, storage)
+            live.append(r)
+        records = Records(live, records.superseded)
         shard_set = build_manifest(
             uri,
             storage,

@@ -16,56 +16,79 @@ import posixpath
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow.parquet as pq
 
 import ctray
 from ctray.config import StorageConfig
-from ctray.errors import ConfigError
+from ctray.errors import ConfigError, first_line
 from ctray.ingest.config import IngestConfig
 from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA
-from ctray.ingest.shards import COMMITS_DIR, SHARDS_DIR, commit_record, file_sha256
-from ctray.ingest.shardset import Failed, Quarantined, Shard, ShardSet, ShardStats, Skipped, Written
-from ctray.storage import filesystem, join, list_files, publish_bytes, publish_file, read_many, remove
+from ctray.ingest.shards import file_sha256, publish_record
+from ctray.ingest.shardset import (
+    COMMITS_DIR,
+    SHARDS_DIR,
+    CommitRecord,
+    CommittedScan,
+    Failed,
+    Quarantined,
+    ShardSet,
+    Skipped,
+    Written,
+)
+from ctray.storage import filesystem, join, list_files, publish_file, read_many, remove
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Records:
-    live: list[dict]
+    live: list[CommitRecord]
     """Commit records in commit order, none superseded."""
-    superseded: list[dict]
+    superseded: list[CommitRecord]
+    """Commit records a live one supersedes (their shards are no longer part of the set)."""
 
     @property
-    def committed(self) -> dict[str, tuple[dict, dict]]:
+    def committed(self) -> dict[str, tuple[CommittedScan, CommitRecord]]:
         """scan id -> (its entry, its live record)."""
-        return {s["scan_id"]: (s, r) for r in self.live for s in r["scans"]}
+        return {s.scan_id: (s, r) for r in self.live for s in r.scans}
 
-    def holding(self, scan_ids: Iterable[str]) -> list[tuple[dict, set[str]]]:
+    def holding(self, scan_ids: Iterable[str]) -> list[tuple[CommitRecord, set[str]]]:
         """(live record, which of `scan_ids` it holds) for each record holding any of them."""
-        out: dict[str, tuple[dict, set[str]]] = {}
+        out: dict[str, tuple[CommitRecord, set[str]]] = {}
         committed = self.committed
         for sid in scan_ids:
             if sid in committed:
                 record = committed[sid][1]
-                out.setdefault(record["shard"], (record, set()))[1].add(sid)
+                out.setdefault(record.shard, (record, set()))[1].add(sid)
         return list(out.values())
 
 
 def read_records(uri: str, storage: StorageConfig) -> Records:
+    """The commit records under `uri`, live and superseded. One that is not JSON (cut short) is
+    left out with a warning; one that is JSON but not a commit record is a ConfigError."""
     fs, root = filesystem(uri, storage)
     paths = list_files(fs, join(root, COMMITS_DIR), storage, suffix=".json")
     records = []
     for path, blob in sorted(read_many(fs, paths, storage).items()):
+        name = posixpath.basename(path)
         try:
-            records.append(json.loads(blob))
+            d = json.loads(blob)
         except json.JSONDecodeError:
-            log.warning("ignoring an unreadable commit record %s", posixpath.basename(path))
-    records.sort(key=lambda r: r["committed_at"])
-    gone = {name for r in records for name in r.get("supersedes", [])}
-    return Records([r for r in records if r["shard"] not in gone], [r for r in records if r["shard"] in gone])
+            log.warning("ignoring an unreadable commit record %s", name)
+            continue
+        try:
+            records.append(CommitRecord.from_json(d))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            why = f"no {e} key" if isinstance(e, KeyError) else f"{type(e).__name__}: {first_line(e)}"
+            raise ConfigError(
+                f"{join(uri, COMMITS_DIR, name)} is not a commit record of this ctray ({why}); ingest into a new"
+                " output.uri"
+            ) from None
+    records.sort(key=lambda r: r.committed_at)
+    gone = {name for r in records for name in r.supersedes}
+    return Records([r for r in records if r.shard not in gone], [r for r in records if r.shard in gone])
 
 
 def clean(uri: str, storage: StorageConfig, records: Records) -> None:
@@ -73,10 +96,10 @@ def clean(uri: str, storage: StorageConfig, records: Records) -> None:
     writer died between publishing and committing). Only while holding the output's lease."""
     fs, root = filesystem(uri, storage)
     for r in records.superseded:
-        if r.get("path"):
-            remove(fs, join(root, r["path"]), storage)
-        remove(fs, join(root, COMMITS_DIR, r["shard"] + ".json"), storage)
-    named = {r["path"] for r in records.live if r.get("path")}
+        if r.path:
+            remove(fs, join(root, r.path), storage)
+        remove(fs, join(root, r.record_path), storage)
+    named = {r.path for r in records.live if r.path}
     for path in list_files(fs, join(root, SHARDS_DIR), storage):
         rel = posixpath.relpath(path, root)
         if rel not in named:
@@ -84,20 +107,21 @@ def clean(uri: str, storage: StorageConfig, records: Records) -> None:
             remove(fs, path, storage)
 
 
-def rewrite_without(uri: str, storage: StorageConfig, record: dict, drop: set[str], why: str) -> dict:
+def rewrite_without(uri: str, storage: StorageConfig, record: CommitRecord, drop: set[str], why: str) -> CommitRecord:
     """Replace a committed shard by one without the scans in `drop` (row groups copied one by one,
-    so memory stays at one scan); returns the new live record. The old files are removed last."""
+    so memory stays at one scan); returns the new live record. The old files are removed last.
+    The new record keeps the old one's figures (stats) but for rows and bytes."""
     fs, root = filesystem(uri, storage)
-    keep = [s for s in record["scans"] if s["scan_id"] not in drop]
-    name = "part-" + hashlib.sha1((record["shard"] + "\0" + "\0".join(sorted(drop))).encode()).hexdigest()[:16]
+    keep = [s for s in record.scans if s.scan_id not in drop]
+    name = "part-" + hashlib.sha1((record.shard + "\0" + "\0".join(sorted(drop))).encode()).hexdigest()[:16]
     started = time.time()
-    stats = dict(record["stats"], rows=len(keep))
     sha = None
     size = 0
     with tempfile.TemporaryDirectory(prefix="ctray-rewrite-") as tmp:
         if keep:
+            assert record.path is not None  # a record listing scans names their file
             local = os.path.join(tmp, name + ".parquet")
-            with fs.open(join(root, record["path"]), "rb") as f:
+            with fs.open(join(root, record.path), "rb") as f:
                 src = pq.ParquetFile(f)
                 with pq.ParquetWriter(local, SHARD_SCHEMA, compression="zstd", use_dictionary=False) as out:
                     for i in range(src.num_row_groups):
@@ -106,14 +130,22 @@ def rewrite_without(uri: str, storage: StorageConfig, record: dict, drop: set[st
                             out.write_table(table.cast(SHARD_SCHEMA))
             sha, size = file_sha256(local).hexdigest(), os.path.getsize(local)
             publish_file(local, fs, join(root, SHARDS_DIR, name + ".parquet"), storage)
-    stats["bytes"] = size
-    new = commit_record(record["fingerprint"], name, keep, [], stats, sha, size, started, supersedes=[record["shard"]])
-    new["rewritten"] = why
-    publish_bytes(json.dumps(new).encode(), fs, join(root, COMMITS_DIR, name + ".json"), storage)
-    if record.get("path"):
-        remove(fs, join(root, record["path"]), storage)
-    remove(fs, join(root, COMMITS_DIR, record["shard"] + ".json"), storage)
-    log.info("rewrote shard %s without %d scan(s) (%s) -> %s", record["shard"], len(drop), why, name)
+    new = CommitRecord.new(
+        shard=name,
+        fingerprint=record.fingerprint,
+        scans=keep,
+        quarantine=(),
+        stats=replace(record.stats, rows=len(keep), bytes=size),
+        sha256=sha,
+        started=started,
+        supersedes=[record.shard],
+        rewritten=why,
+    )
+    publish_record(new, fs, root, storage)
+    if record.path:
+        remove(fs, join(root, record.path), storage)
+    remove(fs, join(root, record.record_path), storage)
+    log.info("rewrote shard %s without %d scan(s) (%s) -> %s", record.shard, len(drop), why, name)
     return new
 
 
@@ -133,21 +165,17 @@ def build_manifest(
     inputs still not written), skipped (this run's discovery) and failed."""
     committed = records.committed
     gone = set(purged)
-    earlier = [Quarantined.from_json(q) for r in records.live + records.superseded for q in r["quarantine"]]
+    earlier = [q.entry() for r in records.live + records.superseded for q in r.quarantine]
     latest: dict[str, Quarantined] = {}
     for entry in [*earlier, *quarantined]:
         key = entry.scan_id or entry.input
         if key not in committed and key not in gone:
             latest[key] = entry  # later records win
-    shards = [
-        Shard(r["path"], r["shard"], len(r["scans"]), r["sha256"], r["bytes"], ShardStats.from_json(r["stats"]))
-        for r in records.live
-        if r["path"]
-    ]
-    written = [Written(sid, entry["input"], r["shard"]) for sid, (entry, r) in sorted(committed.items())]
+    shards = [entry for entry in (r.shard_entry() for r in records.live) if entry is not None]
+    written = [Written(sid, entry.input, r.shard) for sid, (entry, r) in sorted(committed.items())]
     fallbacks: dict[str, int] = {}
     for r in records.live:
-        for parser, n in r.get("parsers", {}).items():
+        for parser, n in r.parsers.items():
             if parser.startswith("rules (llm failed"):
                 reason = parser.removeprefix("rules (llm failed: ").rstrip(")")
                 fallbacks[reason] = fallbacks.get(reason, 0) + n
@@ -178,13 +206,13 @@ def verify(uri: str, storage: StorageConfig) -> list[str]:
     problems = []
     seen: dict[str, str] = {}
     for i, r in enumerate(records.live, 1):
-        for s in r["scans"]:
-            if s["scan_id"] in seen:
-                problems.append(f"scan {s['scan_id']} is in two shards: {seen[s['scan_id']]} and {r['shard']}")
-            seen[s["scan_id"]] = r["shard"]
-        if not r.get("path"):
+        for s in r.scans:
+            if s.scan_id in seen:
+                problems.append(f"scan {s.scan_id} is in two shards: {seen[s.scan_id]} and {r.shard}")
+            seen[s.scan_id] = r.shard
+        if not r.path:
             continue
-        path = join(root, r["path"])
+        path = join(root, r.path)
         try:
             digest = hashlib.sha256()
             size = 0
@@ -193,19 +221,19 @@ def verify(uri: str, storage: StorageConfig) -> list[str]:
                     digest.update(chunk)
                     size += len(chunk)
         except FileNotFoundError:
-            problems.append(f"{r['path']}: committed but missing")
+            problems.append(f"{r.path}: committed but missing")
             continue
-        if size != r["bytes"] or digest.hexdigest() != r["sha256"]:
+        if size != r.bytes or digest.hexdigest() != r.sha256:
             problems.append(
-                f"{r['path']}: {size} bytes, sha256 {digest.hexdigest()[:12]}..; the commit record says"
-                f" {r['bytes']} bytes, {str(r['sha256'])[:12]}.."
+                f"{r.path}: {size} bytes, sha256 {digest.hexdigest()[:12]}..; the commit record says"
+                f" {r.bytes} bytes, {str(r.sha256)[:12]}.."
             )
             continue
         with fs.open(path, "rb") as f:
             ids = pq.read_table(f, columns=["scan_id"]).column("scan_id").to_pylist()
-        if ids != [s["scan_id"] for s in r["scans"]]:
-            problems.append(f"{r['path']}: its rows are not the scans its commit record lists")
-        log.info("[%d/%d] %s ok", i, len(records.live), r["path"])
+        if ids != [s.scan_id for s in r.scans]:
+            problems.append(f"{r.path}: its rows are not the scans its commit record lists")
+        log.info("[%d/%d] %s ok", i, len(records.live), r.path)
     try:
         shard_set = ShardSet.open(uri, storage)
         if {w.scan_id for w in shard_set.written} != set(seen):

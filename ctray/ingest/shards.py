@@ -1,11 +1,12 @@
 """One Ray task = one shard: read, check and preprocess its scans, write one Parquet file.
 
 A shard is published only when complete (storage.publish_file), then a small commit record
-(_commits/<shard>.json) names its scans (with each input's stamp and content hash), the shard's
-sha256 and size, its quarantined inputs and its parser outcomes. Readers and resumed runs trust
-commit records only, so a crash at any point loses at most the shard in flight. A commit record
-may supersede earlier ones (a shard rewritten without a changed or purged scan): the superseded
-records and their shards are ignored, then removed by the next ingest.
+(_commits/<shard>.json, a ctray.ingest.shardset.CommitRecord) names its scans (with each input's
+stamp and content hash), the shard's sha256 and size, its quarantined inputs and its parser
+outcomes. Readers and resumed runs trust commit records only, so a crash at any point loses at
+most the shard in flight. A commit record may supersede earlier ones (a shard rewritten without a
+changed or purged scan): the superseded records and their shards are ignored, then removed by the
+next ingest.
 
 What leaves a task is PHI-free by construction: work items carry references (URIs and ids),
 reports arrive through the object store, and every error is reduced here to ctray's one-line
@@ -24,14 +25,15 @@ import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import ctray
 from ctray.anatomy import anatomy_label_ids
+from ctray.config import StorageConfig
 from ctray.errors import BadInput, CtrayError, StorageError
 from ctray.ingest.config import IngestConfig
 from ctray.ingest.dicom import load_series
@@ -40,14 +42,12 @@ from ctray.ingest.llm import CACHE_DIR, PROMPT_VERSION, LLMAuthError, Parsed, Se
 from ctray.ingest.preprocess import anatomy_boxes, preprocess
 from ctray.ingest.reports import RuleParser
 from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA
-from ctray.ingest.shardset import ShardStats
+from ctray.ingest.shardset import SHARDS_DIR, CommitRecord, CommittedScan, QuarantinedScan, ShardStats
 from ctray.ingest.volume import RawVolume, load_nifti
 from ctray.storage import filesystem, is_remote, join, publish_bytes, publish_file, resolve_uri, with_retries
 
 log = logging.getLogger(__name__)
 
-COMMITS_DIR = "_commits"
-SHARDS_DIR = "shards"
 _HASH_CHUNK = 1 << 20
 
 
@@ -135,15 +135,14 @@ class ShardWriter:
             return self.llm(text)
         return Parsed(self.rules(text), "rules", None)
 
-    def write(self, item: dict, reports: dict[str, dict]) -> dict:
+    def write(self, item: dict, reports: dict[str, dict]) -> CommitRecord:
         scans, name = item["scans"], item["shard"]
         started = time.time()
-        quarantine: list[dict] = []
-        written: list[dict] = []
+        quarantine: list[QuarantinedScan] = []
+        written: list[CommittedScan] = []
         parsers: collections.Counter = collections.Counter()
         stats = _Stats()
-        shard_path = digest = None
-        size = 0
+        digest = None
         with tempfile.TemporaryDirectory(prefix="ctray-shard-") as tmp:
             local = os.path.join(tmp, name + ".parquet")
             writer = None
@@ -153,18 +152,14 @@ class ShardWriter:
                 try:
                     row = self._row(scan, reports.get(scan["scan_id"]), scan_tmp)
                 except BadInput as e:
-                    quarantine.append(
-                        {"scan_id": scan["scan_id"], "input": scan["label"], "reason": str(e), "stamp": scan["stamp"]}
-                    )
+                    quarantine.append(QuarantinedScan(scan["scan_id"], scan["label"], str(e), scan["stamp"]))
                     log.warning("quarantined %s", e)
                     continue
                 except (StorageError, LLMAuthError):
                     raise
                 except Exception as e:  # a bug must not cost the rest of the shard
                     reason = bug_reason(scan["label"], e)
-                    quarantine.append(
-                        {"scan_id": scan["scan_id"], "input": scan["label"], "reason": reason, "stamp": scan["stamp"]}
-                    )
+                    quarantine.append(QuarantinedScan(scan["scan_id"], scan["label"], reason, scan["stamp"]))
                     log_bug("quarantined " + reason, e)
                     continue
                 finally:
@@ -180,39 +175,31 @@ class ShardWriter:
                 writer.write_table(pa.Table.from_pylist([row], schema=SHARD_SCHEMA))
                 stats.add(row)
                 parsers[row["report_parser"] or "none"] += 1
-                written.append(
-                    {
-                        "scan_id": row["scan_id"],
-                        "input": scan["label"],
-                        "stamp": row["stamp"],
-                        "content_hash": row["content_hash"],
-                    }
-                )
+                written.append(CommittedScan(row["scan_id"], scan["label"], row["stamp"], row["content_hash"]))
             if writer is not None:
                 writer.close()
-                shard_path = join(self.root, SHARDS_DIR, name + ".parquet")
                 digest = file_sha256(local).hexdigest()
-                size = os.path.getsize(local)
-                publish_file(local, self.fs_out, shard_path, self.cfg.storage)
-                stats.bytes = size
-        record = commit_record(
-            self.fingerprint, name, written, quarantine, stats.as_dict(), digest, size, started, dict(parsers)
+                stats.bytes = os.path.getsize(local)
+                publish_file(local, self.fs_out, join(self.root, SHARDS_DIR, name + ".parquet"), self.cfg.storage)
+        record = CommitRecord.new(
+            shard=name,
+            fingerprint=self.fingerprint,
+            scans=written,
+            quarantine=quarantine,
+            stats=stats.shard_stats(),
+            sha256=digest,
+            started=started,
+            parsers=dict(parsers),
         )
         self.commit(record, item.get("lease_token"))
         return record
 
-    def commit(self, record: dict, lease_token: str | None) -> None:
+    def commit(self, record: CommitRecord, lease_token: str | None) -> None:
         if lease_token is not None and not lease_is_ours(self.cfg.output.uri, self.cfg.storage, lease_token):
             raise LeaseHeld(
-                f"shard {record['shard']}: this ingest no longer holds the lease on {self.cfg.output.uri};"
-                " not committed"
+                f"shard {record.shard}: this ingest no longer holds the lease on {self.cfg.output.uri}; not committed"
             )
-        publish_bytes(
-            json.dumps(record).encode(),
-            self.fs_out,
-            join(self.root, COMMITS_DIR, record["shard"] + ".json"),
-            self.cfg.storage,
-        )
+        publish_record(record, self.fs_out, self.root, self.cfg.storage)
 
     def _fetch(self, uri: str, tmp: str) -> tuple[str, hashlib._Hash]:
         """A local path for `uri` (downloaded into `tmp` when remote) and the sha256 of its bytes."""
@@ -286,34 +273,9 @@ class ShardWriter:
         }
 
 
-def commit_record(
-    fingerprint: str,
-    name: str,
-    written: list[dict],
-    quarantine: list[dict],
-    stats: dict,
-    sha256: str | None,
-    size: int,
-    started: float,
-    parsers: dict | None = None,
-    supersedes: Iterable[str] = (),
-) -> dict:
-    return {
-        "shard": name,
-        "path": f"{SHARDS_DIR}/{name}.parquet" if sha256 else None,
-        "sha256": sha256,
-        "bytes": size,
-        "scans": written,
-        "quarantine": quarantine,
-        "supersedes": list(supersedes),
-        "stats": stats,
-        "parsers": parsers or {},
-        "fingerprint": fingerprint,
-        "schema_version": SCHEMA_VERSION,
-        "ctray_version": ctray.__version__,
-        "committed_at": time.time(),
-        "seconds": round(time.time() - started, 3),
-    }
+def publish_record(record: CommitRecord, fs: fsspec.AbstractFileSystem, root: str, storage: StorageConfig) -> None:
+    """Publish (or replace) `record` in the shard set at `root`: from then on its shard counts."""
+    publish_bytes(json.dumps(record.to_json()).encode(), fs, join(root, record.record_path), storage)
 
 
 _WRITERS: dict[str, ShardWriter] = {}
@@ -328,7 +290,7 @@ def writer_for(cfg_json: str, api_key: Secret) -> ShardWriter:
     return _WRITERS[key]
 
 
-def write_shard(cfg_json: str, item: dict, reports: dict[str, dict], api_key: Secret) -> dict:
+def write_shard(cfg_json: str, item: dict, reports: dict[str, dict], api_key: Secret) -> CommitRecord:
     """The Ray task: one shard, its commit record returned. Errors leave as ctray's one-line
     errors without a chained cause (a cause's message could quote an input)."""
     try:
@@ -366,7 +328,7 @@ class _Stats:
         for box in row["anatomy_boxes"]:
             self.anatomies[box["anatomy"]] = self.anatomies.get(box["anatomy"], 0) + 1
 
-    def as_dict(self) -> dict:
-        """The commit record's stats, in the manifest's own format (ShardStats)."""
+    def shard_stats(self) -> ShardStats:
+        """The figures as the commit record and the manifest hold them."""
         counts = (self.rows, self.voxels, self.bytes, self.hu_min, self.hu_max, self.with_labels, self.with_texts)
-        return ShardStats(*counts, self.anatomies).to_json()
+        return ShardStats(*counts, dict(self.anatomies))

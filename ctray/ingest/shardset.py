@@ -1,12 +1,13 @@
 """A shard set as its manifest.json describes it: the one reader of the manifest, and the format
-its writer (`ctray ingest`, `ctray purge`) serialises.
+its writer (`ctray ingest`, `ctray purge`) serialises, commit records included.
 
 `ctray ingest` writes committed Parquet shards (ctray.ingest.schema) and, at the end of every run, a
 manifest.json next to them: the ingest config, the shards with their figures, and every input
 accounted for (written, quarantined, skipped, failed, purged). Training, evaluation, embedding,
 `ctray verify` and `ctray purge` open it with `ShardSet.open`, which checks the schema version and
 turns the JSON into typed entries; ingest builds a ShardSet (ctray.ingest.records.build_manifest)
-and publishes `to_json()`, so the writer and the readers agree on one format.
+and publishes `to_json()`, so the writer and the readers agree on one format. Each shard's commit
+record (_commits/<shard>.json), which the manifest is built from, is a CommitRecord the same way.
 
 Only pydantic (the ingest config), fsspec and pyarrow paths at import, no torch: Ray Data's task
 processes import ctray.data.
@@ -16,11 +17,14 @@ from __future__ import annotations
 
 import json
 import posixpath
+import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
+import ctray
 from ctray.anatomy import anatomy_label_ids
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError, first_line
@@ -30,6 +34,10 @@ from ctray.storage import arrow_filesystem, filesystem, read_bytes
 
 MANIFEST = "manifest.json"
 """The manifest's name in the shard set's folder."""
+SHARDS_DIR = "shards"
+"""The folder of the Parquet shards (part-<id>.parquet) in the shard set's folder."""
+COMMITS_DIR = "_commits"
+"""The folder of the commit records (part-<id>.json, CommitRecord) in the shard set's folder."""
 
 
 class ScanRow(NamedTuple):
@@ -198,6 +206,184 @@ class Failed:
 
     def to_json(self) -> dict[str, Any]:
         return {"shard": self.shard, "scan_ids": list(self.scan_ids), "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class CommittedScan:
+    """A scan a commit record lists: written to its shard."""
+
+    scan_id: str
+    """The scan's id in the shards (a pseudonym with privacy.pseudonymize_ids)."""
+    input: str
+    """The input's name as ingest reports it (its URI, unless privacy settings hide it)."""
+    stamp: str
+    """The input's stamp when it was written (ctray.ingest.discover.attach): a later ingest that
+    finds another stamp rewrites the shard without it and writes it again."""
+    content_hash: str
+    """sha256 of the input's bytes (of a DICOM series: of its files' sha256s, in order)."""
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CommittedScan:
+        return cls(d["scan_id"], d["input"], d["stamp"], d["content_hash"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scan_id": self.scan_id, "input": self.input, "stamp": self.stamp, "content_hash": self.content_hash}
+
+
+@dataclass(frozen=True)
+class QuarantinedScan:
+    """An input a shard writer refused, as its commit record lists it (the manifest lists it as
+    Quarantined while the input is not written)."""
+
+    scan_id: str
+    """The scan's id."""
+    input: str
+    """The input's name as ingest reports it."""
+    reason: str
+    """Why, one line naming the input."""
+    stamp: str
+    """The input's stamp when it was refused."""
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> QuarantinedScan:
+        return cls(d["scan_id"], d["input"], d["reason"], d["stamp"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scan_id": self.scan_id, "input": self.input, "reason": self.reason, "stamp": self.stamp}
+
+    def entry(self) -> Quarantined:
+        """The manifest's entry for it."""
+        return Quarantined(self.input, self.reason, self.scan_id)
+
+
+@dataclass(frozen=True)
+class CommitRecord:
+    """A shard's commit record, _commits/<shard>.json: the shard counts only once it exists (its
+    writer publishes it after the shard). Live unless a later record names it in `supersedes`."""
+
+    shard: str
+    """The shard's name (part-<id>), also the record's file name (<shard>.json)."""
+    path: str | None
+    """The Parquet file, relative to the shard set's root (shards/<shard>.parquet); None: the writer
+    quarantined every scan and wrote no file."""
+    sha256: str | None
+    """sha256 of the file (None: no file)."""
+    bytes: int
+    """Size of the file (0: no file)."""
+    scans: tuple[CommittedScan, ...]
+    """The scans in the file, in row group order."""
+    quarantine: tuple[QuarantinedScan, ...]
+    """The inputs of the shard its writer refused."""
+    supersedes: tuple[str, ...]
+    """The shards this one replaces (a shard rewritten without some scans): their records and files
+    are ignored, then removed by the next ingest."""
+    stats: ShardStats
+    """The shard's figures (rows, voxels, HU range, masks, texts, anatomies)."""
+    parsers: dict[str, int]
+    """Report parser -> scans whose report it split ("llm", "rules", "none", or "rules (llm failed:
+    <reason>)" where the rules parser split a report the LLM parser failed on)."""
+    fingerprint: str
+    """Fingerprint of the preprocessing that made the shard (ShardSet.fingerprint)."""
+    schema_version: int
+    """Shard format version (ctray.ingest.schema.SCHEMA_VERSION)."""
+    ctray_version: str
+    """The ctray that wrote the record."""
+    committed_at: float
+    """When the record was made (seconds since the epoch); records are read in this order."""
+    seconds: float
+    """How long writing the shard took."""
+    rewritten: str | None = None
+    """Why the shard was rewritten from the one it supersedes ("input changed", "purged"); None: a
+    shard writer wrote it (and the key is left out of the JSON)."""
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        shard: str,
+        fingerprint: str,
+        scans: Iterable[CommittedScan],
+        quarantine: Iterable[QuarantinedScan],
+        stats: ShardStats,
+        sha256: str | None,
+        started: float,
+        parsers: dict[str, int] | None = None,
+        supersedes: Iterable[str] = (),
+        rewritten: str | None = None,
+    ) -> CommitRecord:
+        """The record of a shard written now, by this ctray, since `started` (time.time()): its file
+        is shards/<shard>.parquet of `stats.bytes` bytes, unless `sha256` is None (no file)."""
+        now = time.time()
+        return cls(
+            shard=shard,
+            path=f"{SHARDS_DIR}/{shard}.parquet" if sha256 else None,
+            sha256=sha256,
+            bytes=stats.bytes,
+            scans=tuple(scans),
+            quarantine=tuple(quarantine),
+            supersedes=tuple(supersedes),
+            stats=stats,
+            parsers=dict(parsers or {}),
+            fingerprint=fingerprint,
+            schema_version=SCHEMA_VERSION,
+            ctray_version=ctray.__version__,
+            committed_at=now,
+            seconds=round(now - started, 3),
+            rewritten=rewritten,
+        )
+
+    @property
+    def record_path(self) -> str:
+        """Where the record is, relative to the shard set's root (_commits/<shard>.json)."""
+        return f"{COMMITS_DIR}/{self.shard}.json"
+
+    def shard_entry(self) -> Shard | None:
+        """The manifest's entry for its shard (None: no file)."""
+        if self.path is None or self.sha256 is None:
+            return None
+        return Shard(self.path, self.shard, len(self.scans), self.sha256, self.bytes, self.stats)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CommitRecord:
+        """From its JSON object (as to_json writes it): a KeyError, TypeError or ValueError for an
+        object that is not one."""
+        return cls(
+            shard=d["shard"],
+            path=d["path"],
+            sha256=d["sha256"],
+            bytes=int(d["bytes"]),
+            scans=tuple(CommittedScan.from_json(s) for s in d["scans"]),
+            quarantine=tuple(QuarantinedScan.from_json(q) for q in d["quarantine"]),
+            supersedes=tuple(d["supersedes"]),
+            stats=ShardStats.from_json(d["stats"]),
+            parsers={str(k): int(v) for k, v in d["parsers"].items()},
+            fingerprint=d["fingerprint"],
+            schema_version=d["schema_version"],
+            ctray_version=d["ctray_version"],
+            committed_at=d["committed_at"],
+            seconds=d["seconds"],
+            rewritten=d.get("rewritten"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Its JSON object, keys in the order ctray has always written them."""
+        out = {
+            "shard": self.shard,
+            "path": self.path,
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+            "scans": [s.to_json() for s in self.scans],
+            "quarantine": [q.to_json() for q in self.quarantine],
+            "supersedes": list(self.supersedes),
+            "stats": self.stats.to_json(),
+            "parsers": dict(self.parsers),
+            "fingerprint": self.fingerprint,
+            "schema_version": self.schema_version,
+            "ctray_version": self.ctray_version,
+            "committed_at": self.committed_at,
+            "seconds": self.seconds,
+        }
+        return out if self.rewritten is None else {**out, "rewritten": self.rewritten}
 
 
 @dataclass(frozen=True)

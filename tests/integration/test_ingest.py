@@ -18,6 +18,7 @@ from ctray.errors import ConfigError
 from ctray.ingest.job import run_ingest
 from ctray.ingest.records import verify
 from ctray.ingest.schema import SCHEMA_VERSION, label_map_of, volume_of
+from ctray.ingest.shardset import COMMITS_DIR, CommitRecord
 
 from helpers import ingest_cfg, read_rows
 
@@ -32,13 +33,12 @@ def test_phantoms_to_local_shards(ray_local, phantom_dir, tmp_path):
     assert manifest["counts"]["scans"] == 6 and manifest["config"]["output"]["uri"] == str(out)
     assert {w["scan_id"] for w in manifest["written"]} == {f"phantom{i:04d}" for i in range(6)}
     assert manifest["counts"]["inputs"] == 6 and not manifest["skipped"] and not manifest["quarantine"]
-    commits = [json.loads(p.read_text()) for p in (out / "_commits").iterdir()]
+    commits = [CommitRecord.from_json(json.loads(p.read_text())) for p in (out / COMMITS_DIR).iterdir()]
     for record in commits:  # each commit record names its shard's bytes: `ctray verify` checks them
-        shard = out / record["path"]
-        assert (
-            record["bytes"] == shard.stat().st_size
-            and record["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
-        )
+        assert record.path is not None
+        shard = out / record.path
+        assert record.bytes == shard.stat().st_size and record.sha256 == hashlib.sha256(shard.read_bytes()).hexdigest()
+    assert sorted(s.scan_id for r in commits for s in r.scans) == [f"phantom{i:04d}" for i in range(6)]
     assert verify(str(out), StorageConfig()) == []
     rows = read_rows(out)
     reports = {

@@ -1,22 +1,39 @@
 """ShardSet (ctray.ingest.shardset), the one reader of a shard set's manifest.json: what it reads from
 a real ingest, the writer's manifest read back unchanged, the anatomy label ids CA-GCL takes from
-it, and one clear line for a manifest that is missing, not JSON or of another schema version."""
+it, and one clear line for a manifest that is missing, not JSON or of another schema version.
+CommitRecord, the format of _commits/<shard>.json: the writer's records read back unchanged, and
+read_records reading them typed."""
 
 import dataclasses
 import json
+import logging
+import shutil
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import ingest_cfg
 
+import ctray
 from ctray.anatomy import anatomy_label_ids
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
 from ctray.ingest.job import run_ingest
+from ctray.ingest.records import build_manifest, read_records
 from ctray.ingest.schema import SCHEMA_VERSION
 from ctray.ingest.shards import preprocess_fingerprint
-from ctray.ingest.shardset import MANIFEST, ScanRow, ShardSet
+from ctray.ingest.shardset import (
+    COMMITS_DIR,
+    MANIFEST,
+    CommitRecord,
+    CommittedScan,
+    QuarantinedScan,
+    ScanRow,
+    ShardSet,
+    ShardStats,
+    Written,
+)
 from ctray.objectives.cagcl.config import CAGCLConfig
 from ctray.objectives.cagcl.recipe import anatomy_labels
 
@@ -167,3 +184,127 @@ def test_a_shard_set_without_scans_opens_but_has_none_to_read(ingested, tmp_path
         shard_set.scans()
     with pytest.raises(ConfigError, match="the manifest lists no scans"):
         shard_set.shard_paths()
+
+
+COMMIT_KEYS = [
+    "shard",
+    "path",
+    "sha256",
+    "bytes",
+    "scans",
+    "quarantine",
+    "supersedes",
+    "stats",
+    "parsers",
+    "fingerprint",
+    "schema_version",
+    "ctray_version",
+    "committed_at",
+    "seconds",
+]
+STATS_KEYS = ("rows", "voxels", "bytes", "hu_min", "hu_max", "with_label_map", "with_anatomy_texts", "anatomies")
+
+
+def _round_trip(text: str) -> str:
+    return json.dumps(CommitRecord.from_json(json.loads(text)).to_json())
+
+
+def test_the_writers_commit_records_read_back_unchanged(ingested):
+    """Shard writers publish CommitRecord.to_json(); reading a record and writing it again gives the
+    same text, keys in the order of the records ctray has always written."""
+    cfg, out = ingested
+    paths = sorted((out / COMMITS_DIR).glob("*.json"))
+    assert len(paths) == 3
+    for path in paths:
+        text = path.read_text()
+        assert _round_trip(text) == text
+        d = json.loads(text)
+        assert list(d) == COMMIT_KEYS
+        assert [list(s) for s in d["scans"]] == [["scan_id", "input", "stamp", "content_hash"]] * 2
+        assert list(d["stats"]) == [*STATS_KEYS]
+        record = CommitRecord.from_json(d)
+        assert record.path == f"shards/{record.shard}.parquet" and path.name == f"{record.shard}.json"
+        assert record.record_path == f"{COMMITS_DIR}/{path.name}"
+        assert record.bytes == record.stats.bytes == (out / record.path).stat().st_size
+        assert record.fingerprint == preprocess_fingerprint(cfg) and record.rewritten is None
+        assert (record.schema_version, record.ctray_version) == (SCHEMA_VERSION, ctray.__version__)
+        assert record.parsers == {"rules": 2} and not record.quarantine and not record.supersedes
+
+
+def test_records_without_a_file_or_rewritten_read_back_unchanged():
+    """The keys a real ingest above does not write: a shard whose every input was quarantined (no
+    file: path and sha256 null), a rewritten shard (supersedes and, last, rewritten)."""
+    started = time.time() - 2
+    empty = CommitRecord.new(
+        shard="part-00000000000000aa",
+        fingerprint="f" * 16,
+        scans=[],
+        quarantine=[QuarantinedScan("s1", "/data/s1.nii.gz", "/data/s1.nii.gz: not a readable NIfTI file", "ab")],
+        stats=ShardStats(0, 0, 0, None, None, 0, 0, {}),
+        sha256=None,
+        started=started,
+    )
+    assert (empty.path, empty.sha256, empty.bytes, empty.parsers, empty.shard_entry()) == (None, None, 0, {}, None)
+    assert 2 <= empty.seconds < 60 and abs(empty.committed_at - time.time()) < 60
+    d = empty.to_json()
+    assert list(d) == COMMIT_KEYS and list(d["quarantine"][0]) == ["scan_id", "input", "reason", "stamp"]
+    text = json.dumps(d)
+    assert _round_trip(text) == text and CommitRecord.from_json(json.loads(text)) == empty
+
+    rewritten = CommitRecord.new(
+        shard="part-00000000000000bb",
+        fingerprint="f" * 16,
+        scans=[CommittedScan("s2", "/data/s2.nii.gz", "cd", "0" * 64)],
+        quarantine=[],
+        stats=ShardStats(1, 8, 100, -1024, 30, 1, 0, {"lung": 1}),
+        sha256="1" * 64,
+        started=started,
+        parsers={"rules": 1},
+        supersedes=["part-00000000000000cc"],
+        rewritten="purged",
+    )
+    d = rewritten.to_json()
+    assert list(d) == [*COMMIT_KEYS, "rewritten"] and d["supersedes"] == ["part-00000000000000cc"]
+    assert (d["path"], d["bytes"], d["rewritten"]) == ("shards/part-00000000000000bb.parquet", 100, "purged")
+    text = json.dumps(d)
+    assert _round_trip(text) == text and CommitRecord.from_json(json.loads(text)) == rewritten
+
+
+def test_read_records_gives_the_typed_records(ingested):
+    _, out = ingested
+    records = read_records(str(out), STORAGE)
+    on_disk = [CommitRecord.from_json(json.loads(p.read_text())) for p in (out / COMMITS_DIR).glob("*.json")]
+    assert records.live == sorted(on_disk, key=lambda r: r.committed_at) and not records.superseded
+    committed = records.committed
+    assert sorted(committed) == [f"phantom{i:04d}" for i in range(6)]
+    entry, record = committed["phantom0003"]
+    assert isinstance(entry, CommittedScan) and entry.scan_id == "phantom0003" and entry in record.scans
+    assert records.holding(["phantom0003", "nobody"]) == [(record, {"phantom0003"})]
+
+    # the manifest ingest wrote is the one built from the typed records
+    shard_set = ShardSet.open(str(out), STORAGE)
+    assert Written("phantom0003", entry.input, record.shard) in shard_set.written
+    built = build_manifest(str(out), STORAGE, shard_set.ingest, shard_set.fingerprint, records, [], [], [], [])
+    assert dataclasses.replace(built, created_at=shard_set.created_at) == shard_set
+
+
+def test_a_cut_commit_record_is_ignored_and_a_foreign_one_is_one_line(ingested, tmp_path, caplog):
+    """A record that is not JSON (cut short) is left out with a warning, as ever: its shard is not
+    committed. A JSON file that is no commit record stops the reader with one line."""
+    _, out = ingested
+    copy = tmp_path / "copy"
+    shutil.copytree(out / COMMITS_DIR, copy / COMMITS_DIR)
+    cut = sorted((copy / COMMITS_DIR).glob("*.json"))[0]
+    cut.write_text(cut.read_text()[:100])
+    with caplog.at_level(logging.WARNING, logger="ctray.ingest.records"):
+        records = read_records(str(copy), STORAGE)
+    assert f"ignoring an unreadable commit record {cut.name}" in caplog.text
+    assert len(records.live) == 2 and cut.stem not in {r.shard for r in records.live}
+
+    cut.write_text(json.dumps({"shard": cut.stem, "scan_ids": []}))
+    with pytest.raises(ConfigError) as e:
+        read_records(str(copy), STORAGE)
+    assert str(e.value) == (
+        f"{copy}/{COMMITS_DIR}/{cut.name} is not a commit record of this ctray (no 'path' key); ingest into a"
+        " new output.uri"
+    )
