@@ -29,15 +29,7 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path, ray_head):
     n = 12
     write_dataset(str(data), n, seed=3, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
     out = tmp_path / "shards"
-    args = [
-        "ingest",
-        "/dev/null",
-        f"input.scans={data}/scans",
-        f"output.uri={out}",
-        "output.scans_per_shard=1",
-        "concurrency=1",
-        "preprocess.spacing=[3,2,2]",
-    ]
+    args = ingest_args(data, out)
     env = ray_head.env
     # A process of its own session, not ctray_cli: it is killed with its group mid-job.
     proc = subprocess.Popen(
@@ -74,16 +66,7 @@ def test_a_second_ingest_refuses_and_a_dead_holders_lease_is_taken_over(ray_loca
     data = tmp_path / "data"
     write_dataset(str(data), 8, seed=4, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
     out = tmp_path / "out"
-    args = [
-        "ingest",
-        "/dev/null",
-        f"input.scans={data}/scans",
-        f"output.uri={out}",
-        "output.scans_per_shard=1",
-        "concurrency=1",
-        "preprocess.spacing=[3,2,2]",
-        "lease.settle_s=0.2",
-    ]
+    args = ingest_args(data, out, "lease.settle_s=0.2")
     # A process of its own session, not ctray_cli: it holds the lease while this test runs, then is killed.
     first = subprocess.Popen(
         [*CTRAY_CLI, *args],
@@ -129,3 +112,17 @@ def test_a_second_ingest_refuses_and_a_dead_holders_lease_is_taken_over(ray_loca
         run_ingest(cfg)
     time.sleep(4.5)
     assert run_ingest(cfg).scans == 8
+
+
+def ingest_args(data, out, *overrides: str) -> list[str]:
+    """`ctray ingest` of the phantoms in `data` to `out`, one scan per shard, one writer at a time."""
+    return [
+        "ingest",
+        "/dev/null",
+        f"input.scans={data}/scans",
+        f"output.uri={out}",
+        "output.scans_per_shard=1",
+        "concurrency=1",
+        "preprocess.spacing=[3,2,2]",
+        *overrides,
+    ]
