@@ -1,9 +1,11 @@
-"""Percentile bootstrap over scans (Efron & Tibshirani): resample the evaluation scans with
-replacement, recompute the statistic, take the central `ci` quantiles. A resample is a vector of
-per-scan multiplicities, so the zero-shot metrics of all resamples come from one vectorised call
-(ctray.evaluate.zeroshot.weighted_metrics) instead of a loop over copies of the arrays.
+"""Percentile bootstrap over groups (Efron & Tibshirani; the cluster bootstrap): resample the
+evaluation set's groups (patients or studies) with replacement, each with all its scans,
+recompute the statistic, take the central `ci` quantiles. Resampling scans instead would treat
+several reconstructions of one patient as independent draws and narrow the interval. A resample is
+a vector of per-scan multiplicities, so the zero-shot metrics of all resamples come from one
+vectorised call (ctray.evaluate.zeroshot.weighted_metrics) instead of a loop over copies.
 
-Scans are resampled jointly for every item, so a macro average's interval carries the correlation
+Groups are resampled jointly for every item, so a macro average's interval carries the correlation
 between findings of the same scans."""
 
 from __future__ import annotations
@@ -16,11 +18,18 @@ Interval = tuple[float, float]
 
 
 def resample_weights(n: int, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, n) counts: how often each of n scans is drawn in each resample. The draws are
+    """(resamples, n) counts: how often each of n units is drawn in each resample. The draws are
     rng.integers(0, n, n) per resample from default_rng(seed), in order (as a loop would draw)."""
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     offsets = (np.arange(resamples) * n)[:, None]
     return np.bincount((idx + offsets).ravel(), minlength=resamples * n).reshape(resamples, n)
+
+
+def group_resample_weights(group_index: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, S) per-scan counts of a bootstrap over groups: each scan counts as often as its
+    group (group_index (S,) in 0..G-1) is drawn. With one scan per group, resample_weights."""
+    groups = int(group_index.max()) + 1 if len(group_index) else 0
+    return resample_weights(groups, resamples, seed)[:, group_index]
 
 
 def percentile_interval(values: np.ndarray, ci: float) -> Interval:

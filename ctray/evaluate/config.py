@@ -39,15 +39,21 @@ class ProbeConfig(Section):
     """Linear probe and kNN on frozen embeddings, k-fold cross-validated (scikit-learn)."""
 
     folds: int = Field(5, ge=2)
-    """Stratified folds; capped per label to its minority class count (a label with fewer than 2
-    scans of either class is skipped, and the report says so)."""
+    """Stratified group folds (a patient's scans stay in one fold); capped per label to the groups
+    of its minority class (a label with fewer than 2 groups of either class is skipped, and the
+    report says so)."""
     labelled_fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
     """Fractions of each training fold (stratified, at least one scan per class) that the probes
     are fitted on, for the label-efficiency curve; the largest gives the headline numbers."""
     knn_k: int = Field(10, ge=1)
     """Neighbours of the kNN classifier (cosine); capped to the training scans of a fold."""
-    c: float = Field(1.0, gt=0)
-    """Inverse L2 strength of the logistic-regression probe (on standardised features)."""
+    cs: list[float] = Field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    """Inverse L2 strengths the logistic-regression probe chooses from inside each training fold
+    (LogisticRegressionCV, by AUROC over `inner_folds` group folds), as linear-probe papers sweep
+    it; one value fixes it."""
+    inner_folds: int = Field(3, ge=2)
+    """Group folds of each training fold that choose C (fewer when the fold has fewer groups of a
+    class; the middle C of `cs` when fewer than 2 inner folds hold both classes)."""
     max_iter: int = Field(2000, ge=1)
     """Iterations of the logistic-regression solver."""
 

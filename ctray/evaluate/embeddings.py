@@ -2,9 +2,10 @@
 rely on (one line naming the problem otherwise).
 
 The folder: embed.json {"objective", "export", "dim", "anatomies", "findings", "finding_anatomies",
-"scans"} and part-*.parquet with one row per scan: scan_id, embedding (D), finding_labels (F; -1
-unknown); anatomy objectives add anatomy_embedding (A x D), region (A), abnormal (A); CLIP-type
-ones also text_embedding (A x D) and present (A).
+"scans"} and part-*.parquet with one row per scan: scan_id, group (the patient or study the scan
+belongs to, from ingest's `groups`; parts written before it: each scan its own group),
+embedding (D), finding_labels (F; -1 unknown); anatomy objectives add anatomy_embedding (A x D),
+region (A), abnormal (A); CLIP-type ones also text_embedding (A x D) and present (A).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Embeddings:
     anatomies: list[str]
     """Anatomy names, the columns of the per-anatomy arrays ([] without them)."""
     scan_ids: list[str]
+    groups: list[str]
+    """The group (patient or study) of each scan: folds, retrieval galleries and bootstrap
+    resamples keep a group whole, so near-identical scans of one patient never score each other."""
     embedding: np.ndarray
     """(S, D) float32 scan-level embeddings."""
     finding_labels: np.ndarray
@@ -56,6 +60,11 @@ class Embeddings:
     @property
     def dim(self) -> int:
         return int(self.embedding.shape[1])
+
+    @property
+    def group_index(self) -> np.ndarray:
+        """(S,) int: each scan's group as an index 0..G-1 (groups in sorted order)."""
+        return np.unique(np.asarray(self.groups, dtype=object), return_inverse=True)[1].astype(np.int64)
 
 
 def _dense(arr: Any, name: str, uri: str) -> np.ndarray:
@@ -105,6 +114,7 @@ def load_embeddings(uri: str, storage: StorageConfig) -> Embeddings:
         raise ConfigError(f"{uri}: no scans in the part files")
     anatomies = list(meta.get("anatomies") or [])
     findings = list(meta.get("findings") or [])
+    scan_ids = [str(s) for s in table.column("scan_id").to_pylist()]
     names = set(table.column_names)
     has = {c: c in names and bool(anatomies) for c in ("anatomy_embedding", "text_embedding")}
     emb = Embeddings(
@@ -114,7 +124,8 @@ def load_embeddings(uri: str, storage: StorageConfig) -> Embeddings:
         findings=findings,
         finding_anatomies=dict(meta.get("finding_anatomies") or {}),
         anatomies=anatomies if has["anatomy_embedding"] else [],
-        scan_ids=[str(s) for s in table.column("scan_id").to_pylist()],
+        scan_ids=scan_ids,
+        groups=_groups(table, scan_ids, uri),
         embedding=_column(table, "embedding", uri, np.float32),
         finding_labels=_column(table, "finding_labels", uri, np.int8),
         anatomy_embedding=_column(table, "anatomy_embedding", uri, np.float32) if has["anatomy_embedding"] else None,
@@ -127,6 +138,15 @@ def load_embeddings(uri: str, storage: StorageConfig) -> Embeddings:
     _check_dims(emb, int(meta.get("dim", emb.dim)))
     log.info("eval: %d scans of %s embeddings (%d dims) from %s", len(emb.scan_ids), emb.objective, emb.dim, uri)
     return emb
+
+
+def _groups(table: Any, scan_ids: list[str], uri: str) -> list[str]:
+    """The parts' group column; parts without one (written before groups existed): each scan its
+    own group, said once, since scans of one patient may then meet across folds."""
+    if "group" in table.column_names:
+        return [str(g) for g in table.column("group").to_pylist()]
+    log.warning("eval: %s has no group column (embedded before groups): each scan is its own group", uri)
+    return list(scan_ids)
 
 
 def _check_shapes(emb: Embeddings) -> None:

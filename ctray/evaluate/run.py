@@ -13,7 +13,7 @@ import torch
 
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
-from ctray.evaluate.bootstrap import nanmean, resample_weights, zero_shot_intervals
+from ctray.evaluate.bootstrap import group_resample_weights, nanmean, zero_shot_intervals
 from ctray.evaluate.config import EvalReportConfig
 from ctray.evaluate.embeddings import Embeddings, load_embeddings, require_labels
 from ctray.evaluate.plots import label_efficiency, roc_curves, similarity_histogram, tsne_map
@@ -144,7 +144,7 @@ def zero_shot_part(emb: Embeddings, cfg: EvalReportConfig, tower: TextTower) -> 
     rows = template_rows(items)
     metrics = template_summary(rows)
     intervals = (
-        zero_shot_intervals(items, resample_weights(len(emb.scan_ids), cfg.bootstrap, cfg.seed), cfg.ci)
+        zero_shot_intervals(items, group_resample_weights(emb.group_index, cfg.bootstrap, cfg.seed), cfg.ci)
         if cfg.bootstrap
         else {}
     )
@@ -262,9 +262,11 @@ def probe_part(emb: Embeddings, cfg: EvalReportConfig) -> Part:
                     metrics[f"probe_{kind}_{family}_auroc@{f:g}"] for f in fractions
                 ]
     lines = [
-        f"Stratified k-fold CV (k capped to the minority class); logistic regression on standardised features, "
-        f"distance-weighted kNN (k = {cfg.probe.knn_k}, cosine); training folds at labelled fraction "
-        f"{fractions[-1]:g}.",
+        f"Stratified group k-fold CV over {len(set(emb.groups))} groups of {len(emb.groups)} scans (a group's "
+        "scans in one fold; k capped to the groups of the minority class); logistic regression on standardised "
+        f"features with C in {cfg.probe.cs} chosen inside each training fold by AUROC, distance-weighted kNN "
+        f"(k = {cfg.probe.knn_k}, cosine); training folds at labelled fraction {fractions[-1]:g}; mean ± std "
+        "over the folds; chance AUROC 0.5, balanced accuracy 0.5.",
         "",
         *_probe_table(tasks, [r for r in rows if r.fraction == fractions[-1]]),
     ]
@@ -282,6 +284,7 @@ def _probe_metrics(prefix: str, rows: list[ProbeRow], fractions: list[float]) ->
     for s in SCORES:
         out[f"{prefix}_{s}"] = out[f"{prefix}_{s}@{fractions[-1]:g}"]
         out |= {f"{prefix}.{r.name}.{s}": getattr(r, s) for r in rows if r.fraction == fractions[-1]}
+        out |= {f"{prefix}.{r.name}.{s}_std": getattr(r, f"{s}_std") for r in rows if r.fraction == fractions[-1]}
     return out
 
 
@@ -289,7 +292,9 @@ def _probe_table(tasks: list[ProbeTask], rows: list[ProbeRow]) -> list[str]:
     size = {(t.family, t.name): f"{int(t.y.sum())}/{len(t.y)}" for t in tasks}
     cells: dict[tuple[str, str], list[str]] = {}
     for r in sorted(rows, key=lambda r: KINDS.index(r.kind)):  # linear's columns first
-        cells.setdefault((r.family, r.name), [str(r.folds)]).extend([fmt(r.auroc), fmt(r.balanced_accuracy)])
+        cells.setdefault((r.family, r.name), [str(r.folds)]).extend(
+            [f"{fmt(r.auroc)} ± {fmt(r.auroc_std)}", f"{fmt(r.balanced_accuracy)} ± {fmt(r.balanced_accuracy_std)}"]
+        )
     head = [
         "family",
         "label",
@@ -309,30 +314,56 @@ def retrieval_part(emb: Embeddings, cfg: EvalReportConfig) -> Part:
     metrics: dict[str, float] = {}
     notes: list[str] = []
     per_finding: dict[str, dict[str, float]] = {}
+    groups = emb.group_index
     for c, f in enumerate(emb.findings):
         ok = emb.finding_labels[:, c] >= 0
         y = emb.finding_labels[ok, c].astype(int)
         if y.sum() == 0 or y.sum() == len(y):
             notes.append(f"retrieval by {f}: {int(y.sum())} positive of {len(y)} labelled scans; skipped")
             continue
-        per_finding[f] = {f"p@{k}": precision_at_k(emb.embedding[ok], y, k, y == 1) for k in cfg.retrieval_k}
-    head = ["query", *(f"P@{k}" for k in cfg.retrieval_k)]
-    body = [[f, *(fmt(v) for v in p.values())] for f, p in per_finding.items()]
-    for k in cfg.retrieval_k:
-        metrics[f"retrieval_finding_p@{k}"] = float(nanmean(np.array([p[f"p@{k}"] for p in per_finding.values()]), 0))
-        metrics.update({f"retrieval_finding.{f}.p@{k}": p[f"p@{k}"] for f, p in per_finding.items()})
-    if emb.anatomy_embedding is not None and emb.region is not None:
-        x, anatomy = emb.anatomy_embedding[emb.region], np.nonzero(emb.region)[1]
+        per_finding[f] = {}
         for k in cfg.retrieval_k:
-            metrics[f"retrieval_anatomy_p@{k}"] = precision_at_k(x, anatomy, k, np.ones(len(x), bool))
-        body.append(["same anatomy", *(fmt(metrics[f"retrieval_anatomy_p@{k}"]) for k in cfg.retrieval_k)])
+            per_finding[f][f"p@{k}"], per_finding[f][f"p@{k}_chance"] = precision_at_k(
+                emb.embedding[ok], y, k, y == 1, groups[ok]
+            )
+    head = ["query", *(f"P@{k} (chance)" for k in cfg.retrieval_k)]
+    body = [
+        [f, *(f"{fmt(p[f'p@{k}'])} ({fmt(p[f'p@{k}_chance'])})" for k in cfg.retrieval_k)]
+        for f, p in per_finding.items()
+    ]
+    for k in cfg.retrieval_k:
+        for key in (f"p@{k}", f"p@{k}_chance"):
+            metrics[f"retrieval_finding_{key}"] = float(nanmean(np.array([p[key] for p in per_finding.values()]), 0))
+            metrics.update({f"retrieval_finding.{f}.{key}": p[key] for f, p in per_finding.items()})
+    if emb.anatomy_embedding is not None and emb.region is not None:
+        scan, anatomy = np.nonzero(emb.region)
+        x = emb.anatomy_embedding[scan, anatomy]
+        for k in cfg.retrieval_k:
+            metrics[f"retrieval_anatomy_p@{k}"], metrics[f"retrieval_anatomy_p@{k}_chance"] = precision_at_k(
+                x, anatomy, k, np.ones(len(x), bool), groups[scan]
+            )
+        body.append(
+            [
+                "same anatomy",
+                *(
+                    f"{fmt(metrics[f'retrieval_anatomy_p@{k}'])} ({fmt(metrics[f'retrieval_anatomy_p@{k}_chance'])})"
+                    for k in cfg.retrieval_k
+                ),
+            ]
+        )
     lines = [
         "Scan-to-scan precision@k by cosine similarity: a finding's positive scans retrieve among the scans "
-        "labelled for it (macro over findings below the table); anatomy embeddings retrieve their own anatomy.",
+        "labelled for it (macro over findings below the table); anatomy embeddings retrieve their own anatomy. "
+        "A query's own group (its patient's other scans) is never in its gallery; chance is the share of the "
+        "gallery in the query's class.",
         "",
         *table(head, body),
         "Macro over findings: "
-        + ", ".join(f"P@{k} {fmt(metrics[f'retrieval_finding_p@{k}'])}" for k in cfg.retrieval_k),
+        + ", ".join(
+            f"P@{k} {fmt(metrics[f'retrieval_finding_p@{k}'])} "
+            f"(chance {fmt(metrics[f'retrieval_finding_p@{k}_chance'])})"
+            for k in cfg.retrieval_k
+        ),
         "",
     ]
     tables = {"finding": per_finding}
@@ -345,7 +376,9 @@ def _text_to_scan(emb: Embeddings, cfg: EvalReportConfig, metrics: dict[str, flo
     """Adds text_to_scan_r@k (all report texts pooled) and per anatomy to metrics; -> its table."""
     assert emb.text_embedding is not None and emb.anatomy_embedding is not None
     assert emb.present is not None and emb.region is not None
-    ranks = text_to_scan_ranks(emb.text_embedding, emb.anatomy_embedding, emb.present, emb.region, emb.anatomies)
+    ranks = text_to_scan_ranks(
+        emb.text_embedding, emb.anatomy_embedding, emb.present, emb.region, emb.anatomies, emb.group_index
+    )
     if not ranks:
         return ["No report texts: no text-to-scan retrieval.", ""]
     pooled = np.concatenate(list(ranks.values()))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -27,7 +28,7 @@ from ctray.errors import ConfigError
 from ctray.evaluate.bootstrap import percentile_interval, resample_weights, zero_shot_intervals
 from ctray.evaluate.config import EvalReportConfig, ProbeConfig, ZeroShotConfig
 from ctray.evaluate.probe import ProbeTask, cross_validate, labelled_subset, run_probes
-from ctray.evaluate.retrieval import precision_at_k, truth_ranks
+from ctray.evaluate.retrieval import precision_at_k, text_to_scan_ranks
 from ctray.evaluate.run import run_eval
 from ctray.evaluate.zeroshot import AnatomyScans, ItemScores, Prompts, evaluate, weighted_metrics
 
@@ -146,24 +147,85 @@ def separable(n: int, seed: int, positives: int) -> tuple[np.ndarray, np.ndarray
 
 
 def test_probe_and_knn_cross_validation_equal_cross_val_score():
+    """With C fixed, the probes' fold scores are cross_val_score's over the same group splitter."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     x, y = separable(60, 0, 20)
-    cfg = ProbeConfig(knn_k=5)
+    groups = np.arange(60) // 2  # pairs of scans share a group
+    y[1::2] = y[::2]  # and a label, as reconstructions of one scan do
+    cfg = ProbeConfig(knn_k=5, cs=[1.0])
     reference = {
         "linear": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, class_weight="balanced")),
         "knn": KNeighborsClassifier(5, metric="cosine", weights="distance"),
     }
     for kind, model in reference.items():
-        got = cross_validate(ProbeTask("finding", "f", x, y), kind, cfg, folds=4, fraction=1.0, seed=3)
-        cv = StratifiedKFold(4, shuffle=True, random_state=3)
+        got = cross_validate(ProbeTask("finding", "f", x, y, groups), kind, cfg, folds=4, fraction=1.0, seed=3)
+        cv = StratifiedGroupKFold(4, shuffle=True, random_state=3)
         for score, scoring in (("auroc", "roc_auc"), ("balanced_accuracy", "balanced_accuracy")):
-            want = cross_val_score(model, x, y, cv=cv, scoring=scoring).mean()
-            assert got[score] == pytest.approx(want, abs=1e-12), (kind, score)
+            want = cross_val_score(model, x, y, groups=groups, cv=cv, scoring=scoring)
+            assert got[score] == pytest.approx(list(want), abs=1e-12), (kind, score)
+
+
+def test_linear_probe_chooses_c_inside_the_training_fold():
+    """LogisticRegressionCV over group folds of the training fold: the C it picks is the one whose
+    inner-fold AUROC is highest (a naive loop over cs and the same inner splits)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.preprocessing import StandardScaler
+
+    from ctray.evaluate.probe import estimator
+
+    x, y = separable(48, 5, 18)
+    groups = np.arange(48) // 3
+    y = y[groups * 3]  # one label per group
+    cfg = ProbeConfig(cs=[1e-3, 1e-1, 10.0], inner_folds=3)
+    model = estimator("linear", cfg, y, groups, seed=2).fit(x, y)
+    xs = StandardScaler().fit_transform(x)
+    splits = list(StratifiedGroupKFold(3, shuffle=True, random_state=2).split(y, y, groups))
+    mean_auroc = [
+        np.mean(
+            [
+                roc_auc_score(
+                    y[te],
+                    LogisticRegression(C=c, max_iter=2000, class_weight="balanced")
+                    .fit(xs[tr], y[tr])
+                    .decision_function(xs[te]),
+                )
+                for tr, te in splits
+            ]
+        )
+        for c in cfg.cs
+    ]
+    assert float(np.ravel(model[-1].C_)[0]) == pytest.approx(cfg.cs[int(np.argmax(mean_auroc))])
+
+
+def test_groups_stop_reconstructions_of_one_scan_from_scoring_each_other():
+    """The leak issue 25 measured: labels independent of the features, two near-identical
+    reconstructions per scan. Split per scan, a reconstruction finds its twin (AUROC and P@1 far above
+    chance); split by group, the probes and retrieval fall to chance."""
+    rng = np.random.default_rng(11)
+    scans = 150
+    base = rng.normal(size=(scans, 256))  # more features than training scans, as real embeddings have
+    x = np.repeat(base, 2, axis=0) + 0.01 * rng.normal(size=(2 * scans, 256))  # two reconstructions each
+    y = np.repeat(rng.integers(0, 2, scans), 2)  # labels of nothing the features hold
+    patient = np.arange(2 * scans) // 2
+    per_scan = np.arange(2 * scans)
+    cfg = ProbeConfig(knn_k=10, cs=[1.0])
+
+    def auroc(kind: str, groups: np.ndarray) -> float:
+        return float(np.mean(cross_validate(ProbeTask("finding", "f", x, y, groups), kind, cfg, 5, 1.0, 0)["auroc"]))
+
+    assert auroc("knn", per_scan) > 0.9 and auroc("linear", per_scan) > 0.6  # the leak
+    assert abs(auroc("knn", patient) - 0.5) < 0.1 and abs(auroc("linear", patient) - 0.5) < 0.1
+    leaky, chance = precision_at_k(x, y, 1, y == 1, per_scan)
+    assert leaky == 1.0 and abs(chance - 0.5) < 0.05
+    fair, chance = precision_at_k(x, y, 10, y == 1, patient)  # ~750 draws: a binomial sd of ~0.02
+    assert abs(fair - chance) < 0.08
 
 
 def test_probe_folds_capped_subsets_stratified_and_tiny_labels_skipped():
@@ -175,38 +237,57 @@ def test_probe_folds_capped_subsets_stratified_and_tiny_labels_skipped():
     x3, y3 = separable(20, 1, 3)
     x1, y1 = separable(20, 2, 1)
     rows, notes = run_probes(
-        [ProbeTask("finding", "three", x3, y3), ProbeTask("finding", "one", x1, y1)],
+        [ProbeTask("finding", "three", x3, y3, np.arange(20)), ProbeTask("finding", "one", x1, y1, np.arange(20))],
         ProbeConfig(folds=5, labelled_fractions=[0.5, 1.0], knn_k=3),
         seed=0,
     )
     assert {r.folds for r in rows} == {3} and {r.name for r in rows} == {"three"}
     assert len(rows) == 4  # 2 kinds x 2 fractions
-    assert notes == ["probe finding one: 1 positive of 20 labelled scans (needs >= 2 of each class)"]
+    assert notes == ["probe finding one: 1 positive of 20 labelled scans (needs >= 2 groups of each class)"]
 
 
 def test_retrieval_precision_and_recall_equal_naive_loops():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(30, 6))
     classes = rng.integers(0, 3, 30)
+    groups = np.arange(30) // 3
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     queries = classes == 1
     for k in (1, 5, 40):
-        want = []
+        want, chance = [], []
         for i in np.flatnonzero(queries):
-            others = [j for j in np.argsort(-(unit @ unit[i]), kind="stable") if j != i][: min(k, 29)]
-            want.append(np.mean(classes[others] == classes[i]))
-        assert precision_at_k(x, classes, k, queries, chunk=4) == pytest.approx(np.mean(want), abs=1e-12)
-    texts, gallery = rng.normal(size=(10, 6)), rng.normal(size=(25, 6))
-    truth = rng.choice(25, 10, replace=False)
-    ranks = truth_ranks(texts, gallery, truth)
-    gn = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
-    for i, t in enumerate(texts):
-        order = list(np.argsort(-(gn @ (t / np.linalg.norm(t))), kind="stable"))
-        assert ranks[i] == order.index(truth[i])
-    for k in (1, 5):
-        assert float((ranks < k).mean()) == np.mean(
-            [truth[i] in list(np.argsort(-(gn @ t)))[:k] for i, t in enumerate(texts)]
-        )
+            gallery = [j for j in range(30) if groups[j] != groups[i]]  # not its own group
+            ranked = [j for j in np.argsort(-(unit @ unit[i]), kind="stable") if j in gallery][: min(k, 27)]
+            want.append(np.mean(classes[ranked] == classes[i]))
+            chance.append(np.mean(classes[gallery] == classes[i]))
+        got = precision_at_k(x, classes, k, queries, groups, chunk=4)
+        assert got == pytest.approx((np.mean(want), np.mean(chance)), abs=1e-12)
+    s, a = 12, 2
+    text, image = rng.normal(size=(s, a, 6)), rng.normal(size=(s, a, 6))
+    present, region = rng.random((s, a)) < 0.7, rng.random((s, a)) < 0.9
+    present &= region
+    groups = np.arange(s) // 2
+    ranks = text_to_scan_ranks(text, image, present, region, ["liver", "lung"], groups)
+    for j, name in enumerate(["liver", "lung"]):
+        want = []
+        for i in np.flatnonzero(present[:, j]):
+            gallery = [g for g in np.flatnonzero(region[:, j]) if g == i or groups[g] != groups[i]]
+            sims = [float(image[g, j] @ text[i, j] / np.linalg.norm(image[g, j])) for g in gallery]
+            order = [gallery[o] for o in np.argsort(-np.array(sims), kind="stable")]
+            want.append(order.index(i))
+        assert list(ranks[name]) == want
+
+
+def test_group_bootstrap_draws_whole_groups_like_a_loop():
+    from ctray.evaluate.bootstrap import group_resample_weights
+
+    group_index = np.array([0, 0, 1, 2, 2, 2, 3])
+    got = group_resample_weights(group_index, 50, seed=9)
+    loop = np.random.default_rng(9)
+    for b in range(50):
+        drawn = loop.integers(0, 4, 4)
+        want = np.array([np.sum(drawn == g) for g in group_index])
+        assert list(got[b]) == list(want)
 
 
 # The in-training evaluation ----------------------------------------------------------------------
@@ -247,6 +328,7 @@ def write_embeddings(
     text: bool = True,
     unknown: bool = False,
     fixed: bool = True,
+    groups: bool = True,
     **meta,
 ) -> str:
     """An embeddings folder as `ctray embed` writes it: two parts, embed.json. Anatomy embeddings
@@ -287,6 +369,8 @@ def write_embeddings(
         cols |= {"anatomy_embedding": column(v), "region": column(region), "abnormal": column(abnormal.astype(np.int8))}
     if text:
         cols |= {"text_embedding": column(t), "present": column(present)}
+    if groups:  # three scans per patient
+        cols["group"] = [f"patient{i // 3:03d}" for i in range(scans)]
     table = pa.table(cols)
     folder.mkdir(parents=True, exist_ok=True)
     order = rng.permutation(scans)  # parts not in scan order: the reader sorts
@@ -371,6 +455,17 @@ def test_run_eval_writes_the_report_and_a_json_of_every_figure(tmp_path):
     assert json.loads((report / "metrics.json").read_text())["metrics"]["zs_finding_auroc_mean"] == pytest.approx(
         m["zs_finding_auroc_mean"]
     )
+
+
+def test_groups_reach_the_report_and_parts_without_them_are_each_scan_alone(tmp_path, caplog):
+    grouped = run_eval(quick(write_embeddings(tmp_path / "grouped", anatomy=False, text=False)))
+    report = Path(grouped.report).read_text()
+    assert "over 8 groups of 24 scans" in report and "(chance" in report
+    assert 0 < grouped.metrics["retrieval_finding_p@1_chance"] < 1
+    with caplog.at_level(logging.WARNING, logger="ctray"):
+        alone = run_eval(quick(write_embeddings(tmp_path / "alone", anatomy=False, text=False, groups=False)))
+    assert "has no group column (embedded before groups): each scan is its own group" in caplog.text
+    assert "over 24 groups of 24 scans" in Path(alone.report).read_text()
 
 
 def test_scan_level_embeddings_get_probes_and_retrieval_only(tmp_path):
