@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
+from ctray.redact import redact_text
 
 if TYPE_CHECKING:
     from ctray.ingest.shardset import ShardSet
@@ -191,7 +192,7 @@ def run_embed(
         "objective": meta["objective"],
         "export": export,
         "export_step": meta["step"],
-        "shards": shards,
+        "shards": redact_text(shards),
         "anatomies": meta.get("anatomies"),
         "findings": list(findings),
         "finding_anatomies": {f: a for f, a in findings.items() if a},

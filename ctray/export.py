@@ -22,7 +22,7 @@ import os
 import posixpath
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,9 +39,25 @@ FORMAT = 1
 """Bump on an incompatible change of the layout; load_encoder refuses other versions."""
 
 
-def write_export(task: Task, objective: RecipeConfig, step: int, assets: Assets, write: Writer) -> list[str]:
+@dataclass(frozen=True)
+class TrainedOn:
+    """What a model was trained on, as export.json records it: `ctray eval` warns when it is given
+    embeddings of these same shards (figures that are not held-out)."""
+
+    shards: str
+    """The training shard set's URI (credentials redacted)."""
+    fingerprint: str
+    """Its manifest's preprocessing fingerprint."""
+    scans: int
+    """Scans it held when training started."""
+
+
+def write_export(
+    task: Task, objective: RecipeConfig, step: int, assets: Assets, write: Writer, trained_on: TrainedOn | None = None
+) -> list[str]:
     """Every part of `task` and export.json through write(relative name, bytes); returns the names.
-    Parameters must be whole (gathered under ZeRO-3) when this runs."""
+    `trained_on`: the training shard set (None: synthetic data). Parameters must be whole (gathered
+    under ZeRO-3) when this runs."""
     from safetensors.torch import save
 
     parts: dict[str, Any] = {}
@@ -73,6 +89,7 @@ def write_export(task: Task, objective: RecipeConfig, step: int, assets: Assets,
         "recipe": objective.model_dump(mode="json"),
         "parts": parts,
         "assets": assets.for_export().model_dump(mode="json", exclude_none=True),
+        "trained_on": None if trained_on is None else asdict(trained_on),
         **task.export_config(),
     }
     write(META, json.dumps(meta, indent=1).encode())

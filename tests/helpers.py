@@ -222,8 +222,9 @@ def trained_like(task: Any) -> Any:
     return task.eval()
 
 
-def export_to(folder: Path, task: Any, cfg: Any, assets: dict, step: int = 7) -> list[str]:
-    """`task` exported to the local `folder` as a run at `step` would."""
+def export_to(folder: Path, task: Any, cfg: Any, assets: Any, step: int = 7, trained_on: Any = None) -> list[str]:
+    """`task` exported to the local `folder` as a run at `step` would (trained on `trained_on`, a
+    ctray.export.TrainedOn, or synthetic data)."""
     from ctray.export import write_export
 
     def write(name: str, data: bytes) -> None:
@@ -231,7 +232,7 @@ def export_to(folder: Path, task: Any, cfg: Any, assets: dict, step: int = 7) ->
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
 
-    return write_export(task, cfg.objective, step, assets, write)
+    return write_export(task, cfg.objective, step, assets, write, trained_on)
 
 
 # --- the command ---

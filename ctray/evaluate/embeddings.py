@@ -33,6 +33,8 @@ class Embeddings:
     uri: str
     objective: str
     export: str
+    shards: str
+    """The shard set embedded (embed.json; "" when not recorded)."""
     findings: list[str]
     """Finding label names, the columns of finding_labels."""
     finding_anatomies: dict[str, str]
@@ -121,6 +123,7 @@ def load_embeddings(uri: str, storage: StorageConfig) -> Embeddings:
         uri=uri,
         objective=str(meta.get("objective", "?")),
         export=str(meta.get("export", "")),
+        shards=str(meta.get("shards", "")),
         findings=findings,
         finding_anatomies=dict(meta.get("finding_anatomies") or {}),
         anatomies=anatomies if has["anatomy_embedding"] else [],

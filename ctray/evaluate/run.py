@@ -4,7 +4,9 @@ embeddings returning a report Part; run_eval loads, runs them and publishes the 
 
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -32,6 +34,7 @@ from ctray.evaluate.zeroshot import (
     template_summary,
     zero_shot_scores,
 )
+from ctray.redact import redact_text
 from ctray.storage import join
 
 log = logging.getLogger("ctray")
@@ -69,6 +72,9 @@ def run_eval(cfg: EvalReportConfig, load_tower: TowerLoader | None = None) -> Ev
     the export embed.json names: `load_tower` loads it."""
     emb = load_embeddings(cfg.embeddings, cfg.storage)
     require_labels(emb)
+    held_out = held_out_status(emb, cfg.storage)
+    if held_out.startswith("no"):
+        log.warning("eval: %s", held_out)
     parts = []
     if emb.text_embedding is not None:
         if load_tower is None:
@@ -76,21 +82,43 @@ def run_eval(cfg: EvalReportConfig, load_tower: TowerLoader | None = None) -> Ev
         parts.append(zero_shot_part(emb, cfg, load_tower(emb.export, cfg.storage)))
     parts += [probe_part(emb, cfg), retrieval_part(emb, cfg), map_part(emb, cfg)]
     out = cfg.out or join(cfg.embeddings, "report")
-    report = write_report(out, _header(emb, cfg), parts, cfg.model_dump(mode="json"), cfg.storage)
+    report = write_report(out, _header(emb, cfg, held_out), parts, cfg.model_dump(mode="json"), cfg.storage)
     metrics = {"eval_scans": float(len(emb.scan_ids)), **{k: v for p in parts for k, v in p.metrics.items()}}
     summary = _summary(emb, metrics, cfg, report)
     log.info("%s", summary)
     return EvalResult(metrics, report, summary)
 
 
-def _header(emb: Embeddings, cfg: EvalReportConfig) -> list[str]:
+def held_out_status(emb: Embeddings, storage: StorageConfig) -> str:
+    """One line: whether the embedded shards are the ones the export trained on (export.json's
+    trained_on against embed.json's shards). "no: ..." when they are."""
+    from ctray.models.pretrained import META
+    from ctray.storage import filesystem, read_bytes
+
+    try:
+        fs, root = filesystem(emb.export, storage)
+        trained_on = json.loads(read_bytes(fs, posixpath.join(root, META), storage)).get("trained_on")
+    except (FileNotFoundError, ValueError, ConfigError):
+        return "unknown (the export is not readable here)"
+    if not trained_on:
+        return "unknown (the export records no training shards: synthetic data or an older ctray)"
+    if emb.shards and redact_text(emb.shards.rstrip("/")) == str(trained_on["shards"]).rstrip("/"):
+        return (
+            f"no: these are embeddings of the shards the model trained on ({trained_on['shards']}): the figures are "
+            "not held-out; embed a held-out shard set (README: Use what was pretrained)"
+        )
+    return f"yes (trained on {trained_on['shards']}, {trained_on['scans']} scans; these embed {emb.shards or '?'})"
+
+
+def _header(emb: Embeddings, cfg: EvalReportConfig, held_out: str) -> list[str]:
     known = (emb.finding_labels >= 0).any(1).sum()
     return [
         f"# Evaluation of {emb.objective} embeddings",
         "",
         f"- embeddings: `{emb.uri}` (export `{emb.export}`)",
-        f"- {len(emb.scan_ids)} scans ({known} with finding labels), {emb.dim} dimensions, "
-        f"{len(emb.findings)} findings, {len(emb.anatomies)} anatomies",
+        f"- held-out: {held_out}",
+        f"- {len(emb.scan_ids)} scans of {len(set(emb.groups))} groups ({known} with finding labels), {emb.dim} "
+        f"dimensions, {len(emb.findings)} findings, {len(emb.anatomies)} anatomies",
         f"- seed {cfg.seed}; {cfg.bootstrap} bootstrap resamples, {cfg.ci:.0%} percentile intervals",
         "",
     ]

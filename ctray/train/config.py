@@ -109,7 +109,8 @@ class EvalConfig(Section):
     every: int = 0
     """Steps between evaluations; the last step always evaluates; 0: the last step only."""
     shards: str | None = None
-    """Shards with known labels to evaluate on (None: data.shards)."""
+    """Held-out shards with known labels to evaluate on (e.g. CT-RATE's valid split ingested on its
+    own). None: data.shards, the training scans, whose figures are not held-out (the run warns)."""
     max_scans: int = 64
     """Scans evaluated (the first of the shards' index)."""
     enabled: bool = True

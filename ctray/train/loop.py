@@ -27,6 +27,7 @@ import torch
 
 from ctray import dist
 from ctray.data.pipeline import stream_seed
+from ctray.export import TrainedOn
 from ctray.objectives import get_objective
 from ctray.objectives.spec import Assets, Batch, Evaluates, Objective
 from ctray.train.config import PretrainConfig
@@ -76,11 +77,13 @@ class WorkerInputs:
     """Ray Data iterators, "train_<rank>" (ctray.data.pipeline.training_datasets)."""
     tracking: dict[str, Any] = field(default_factory=dict)
     """The MLflow / W&B runs the driver opened (ctray.train.tracking.start)."""
+    trained_on: TrainedOn | None = None
+    """The training shard set, for export.json (None: synthetic data)."""
 
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: config = {"cfg": PretrainConfig as JSON, "assets", "scans",
-    "streams", "tracking", "verbose"}."""
+    "streams", "tracking", "trained_on", "verbose"}."""
     cfg = PretrainConfig.model_validate(config["cfg"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     if not config.get("verbose"):
@@ -93,6 +96,7 @@ def train_loop(config: dict[str, Any]) -> None:
         config.get("scans", 0),
         config.get("streams", {}),
         config.get("tracking", {}),
+        TrainedOn(**config["trained_on"]) if config.get("trained_on") else None,
     )
     with Worker(cfg, inputs) as worker:
         train(worker)
@@ -240,7 +244,7 @@ class Worker:
         with gathered(self.task, self.cfg.deepspeed.zero_stage):
             if dist.rank() == 0:
                 write = lambda name, data: self.run.write(f"export/{name}", data)  # noqa: E731
-                write_export(self.task, self.cfg.objective, step, self.inputs.assets, write)
+                write_export(self.task, self.cfg.objective, step, self.inputs.assets, write, self.inputs.trained_on)
         if dist.is_dist():
             torch.distributed.barrier()
         self.loggers.log_folder("export", step)

@@ -6,14 +6,17 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ctray.config import to_yaml
 from ctray.data.pipeline import StreamPlan, place_data_actors_here, training_datasets
 from ctray.errors import CtrayError, TrainingFailed, first_line
+from ctray.export import TrainedOn
 from ctray.ingest.shardset import ShardSet
 from ctray.objectives import get_objective
+from ctray.objectives.contrast import ContrastConfig
+from ctray.redact import redact_text
 from ctray.run_folder import RunFolder
 from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import arrow_filesystem, is_remote, resolve_uri
@@ -25,6 +28,20 @@ if TYPE_CHECKING:
     from ctray.objectives.spec import Sampler
 
 log = logging.getLogger(__name__)
+
+
+def _trained_on(cfg: PretrainConfig) -> TrainedOn:
+    """The training shard set as the export records it; a warning when the in-training evaluation
+    reads these same scans (its figures are then not held-out)."""
+    shard_set = ShardSet.open(cfg.data.shards, cfg.storage)
+    # The objectives that evaluate during training (zero-shot: TotalFM stage 2, CA-GCL) share ContrastConfig.
+    evaluates = cfg.eval.enabled and isinstance(cfg.objective, ContrastConfig)
+    if evaluates and cfg.eval.shards in (None, cfg.data.shards):
+        log.warning(
+            "eval: the in-training evaluation reads the training shards, so its figures are not held-out: "
+            "set eval.shards to a held-out shard set (README: Use what was pretrained)"
+        )
+    return TrainedOn(redact_text(cfg.data.shards), shard_set.fingerprint, len(shard_set.scans()))
 
 
 def steps_for_epochs(cfg: PretrainConfig, scans: int) -> int:
@@ -98,7 +115,8 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     ensure_schedulable(cfg.scaling.worker_bundle(), "training worker", cfg.ray.schedule_timeout_s)
 
     run = cfg.run_folder()
-    scans = 0 if cfg.data.synthetic else len(ShardSet.open(cfg.data.shards, cfg.storage).scans())
+    trained_on = None if cfg.data.synthetic else _trained_on(cfg)
+    scans = 0 if trained_on is None else trained_on.scans
     if cfg.train.epochs is not None:
         cfg.train.max_steps, cfg.train.epochs = steps_for_epochs(cfg, scans), None
     done = finished(run, cfg.train.steps)
@@ -132,6 +150,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
         "cfg": cfg.model_dump(mode="json"),
         "assets": assets.model_dump(mode="json"),
         "scans": scans,
+        "trained_on": None if trained_on is None else asdict(trained_on),
         "tracking": ids,
         "verbose": verbose(),
     }

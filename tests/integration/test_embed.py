@@ -2,6 +2,7 @@
 equal a single-process embedding of each scan, resumable shard by shard."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,14 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ctray.config import load_config
+from ctray.config import StorageConfig, load_config
 from ctray.data.phantoms import write_dataset
 from ctray.data.pipeline import stream_seed
 from ctray.embed import run_embed
 from ctray.errors import ConfigError
 from ctray.evaluate.config import EvalReportConfig
 from ctray.evaluate.run import run_eval
-from ctray.export import load_encoder
+from ctray.export import TrainedOn, load_encoder
+from ctray.ingest.shardset import ShardSet
 from ctray.objectives import get_objective
 from ctray.objectives.ctfm.sliding import tile_starts
 from ctray.train.config import PretrainConfig
@@ -38,13 +40,15 @@ def labelled_shards(ray_local, tmp_path_factory) -> Path:
 
 def exported(name: str, job: str, shards: Path, root: Path) -> Path:
     """The recipe's task as its local job builds it on these shards (tokenizer, anatomy labels),
-    moved off its initialisation, exported as a run would."""
+    moved off its initialisation, exported as a run trained on them would."""
     cfg = load_config(
         PretrainConfig, REPO / "jobs" / job, [f"data.shards={shards}", f"run.storage={root}", "run.name=run"]
     )
     assets = get_objective(name).prepare(cfg.objective, cfg.data.shards, cfg.run_folder())
     task = trained_like(get_objective(name).task(cfg.objective, assets))
-    export_to(root / "run" / "export", task, cfg, assets)
+    shard_set = ShardSet.open(str(shards), StorageConfig())
+    trained_on = TrainedOn(str(shards), shard_set.fingerprint, len(shard_set.scans()))
+    export_to(root / "run" / "export", task, cfg, assets, trained_on=trained_on)
     return root / "run"
 
 
@@ -103,7 +107,7 @@ def test_embed_ctfm_equals_a_single_process_run_and_resumes_by_shard(labelled_sh
     assert np.array_equal(np.stack(table(out).column("embedding").to_numpy(zero_copy_only=False)), emb)
 
 
-def test_embed_cagcl_anatomies_and_report_texts(labelled_shards, tmp_path):
+def test_embed_cagcl_anatomies_and_report_texts(labelled_shards, tmp_path, caplog):
     run = exported("cagcl", "cagcl-local.yaml", labelled_shards, tmp_path)
     out = tmp_path / "emb"
     run_embed(str(run), str(labelled_shards), str(out), batch_scans=3)
@@ -123,8 +127,12 @@ def test_embed_cagcl_anatomies_and_report_texts(labelled_shards, tmp_path):
     assert torch.tensor(ref["text_embedding"]).shape == (1, a, 32)
     assert meta["dim"] == 32
 
-    # ctray eval over them, with the export's own text tower (loaded from embed.json's export).
-    result = run_eval(EvalReportConfig(embeddings=str(out), bootstrap=50), load_encoder)
+    # ctray eval over them, with the export's own text tower (loaded from embed.json's export); they
+    # are the shards the export trained on, which the report and a warning say.
+    with caplog.at_level(logging.WARNING, logger="ctray"):
+        result = run_eval(EvalReportConfig(embeddings=str(out), bootstrap=50), load_encoder)
+    assert f"eval: no: these are embeddings of the shards the model trained on ({labelled_shards})" in caplog.text
+    assert "- held-out: no: these are embeddings" in (out / "report" / "report.md").read_text()
     report = out / "report"
     assert result.report.endswith("report.md") and (report / "report.md").exists()
     assert {"roc.png", "text_similarity.png", "anatomy_tsne.png", "metrics.json", "figures.json"} <= {
