@@ -64,7 +64,13 @@ def zero_shot_intervals(
         # per item: metric -> (T, B)
         draws = [
             {m: np.stack([r[m] for r in rows]) for m in METRICS}
-            for rows in ([weighted_metrics(mt, it.labels, weights[:, it.scans]) for mt in it.margins] for it in mine)
+            for rows in (
+                [
+                    weighted_metrics(mt, it.labels, weights[:, it.scans], it.threshold(t))
+                    for t, mt in enumerate(it.margins)
+                ]
+                for it in mine
+            )
         ]
         out[task] = {
             it.item: {m: percentile_interval(d[m].mean(0), ci) for m in METRICS}

@@ -4,6 +4,8 @@ bootstrap, probes, retrieval, the anatomy map)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from ctray.anatomy import DEFAULT_FINDINGS
@@ -76,6 +78,13 @@ class EvalReportConfig(Section):
     """Prompts of the zero-shot metrics (CLIP-type embeddings only: those with text embeddings).
     A finding's anatomy comes from embed.json's finding_anatomies; `zero_shot.findings` maps the
     findings it leaves out."""
+    threshold: Literal["validation", "margin", "test_roc_corner"] = "validation"
+    """Where the thresholded zero-shot metrics cut the margin (ctray.evaluate.thresholds):
+    validation (the ROC corner of a validation split by group, metrics on the rest), margin (> 0,
+    nothing tuned), test_roc_corner (fVLM's and CT-CLIP's protocol: tuned on the test scans,
+    optimistic). AUROC is the same under all three protocols' scans, threshold-free."""
+    validation_fraction: float = Field(0.3, gt=0, lt=1)
+    """Share of the groups held out to choose thresholds (threshold: validation)."""
     bootstrap: int = Field(1000, ge=0)
     """Bootstrap resamples of the scans for the zero-shot confidence intervals (0: none)."""
     ci: float = Field(0.95, gt=0, lt=1)

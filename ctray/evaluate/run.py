@@ -22,6 +22,7 @@ from ctray.evaluate.plots import label_efficiency, roc_curves, similarity_histog
 from ctray.evaluate.probe import KINDS, SCORES, ProbeRow, ProbeTask, probe_tasks, run_probes
 from ctray.evaluate.report import Part, fmt, table, write_report
 from ctray.evaluate.retrieval import precision_at_k, text_to_scan_ranks
+from ctray.evaluate.thresholds import apply_protocol
 from ctray.evaluate.zeroshot import (
     METRICS,
     TASKS,
@@ -168,7 +169,9 @@ def zero_shot_part(emb: Embeddings, cfg: EvalReportConfig, tower: TextTower) -> 
         emb.anatomies,
     )
     prompts = Prompts(lambda t: tower.embed_texts(t).detach().float().cpu(), 1.0 / float(tower.temperature))
-    items = zero_shot_scores(scans, prompts, zs)
+    items, protocol = apply_protocol(
+        zero_shot_scores(scans, prompts, zs), cfg.threshold, emb.group_index, cfg.validation_fraction, cfg.seed
+    )
     rows = template_rows(items)
     metrics = template_summary(rows)
     intervals = (
@@ -189,10 +192,16 @@ def zero_shot_part(emb: Embeddings, cfg: EvalReportConfig, tower: TextTower) -> 
     return Part(
         "Zero-shot",
         {**metrics, **{k: v for row in per_item for k, v in row["metrics"].items()}},
-        _zero_shot_tables(metrics, per_item, len(zs.templates), cfg),
+        [protocol, "", *_zero_shot_tables(metrics, per_item, len(zs.templates), cfg)],
         figures,
         _zero_shot_notes(emb, zs.findings, items, len(zs.templates)),
-        {"per_template": rows, "items": per_item, "templates": [list(t) for t in zs.templates]},
+        {
+            "per_template": rows,
+            "items": per_item,
+            "templates": [list(t) for t in zs.templates],
+            "threshold": cfg.threshold,
+            "protocol": protocol,
+        },
     )
 
 

@@ -80,7 +80,9 @@ def _weighted_auroc(margin: np.ndarray, y: np.ndarray, weights: np.ndarray) -> n
     return _ratio((pos * (below + 0.5 * neg)).sum(1), pos.sum(1) * neg.sum(1), np.nan)
 
 
-def weighted_metrics(margin: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+def weighted_metrics(
+    margin: np.ndarray, labels: np.ndarray, weights: np.ndarray, threshold: float = 0.0
+) -> dict[str, np.ndarray]:
     """margin (n,) logit margins, labels (n,) 0/1, weights (B, n) scan multiplicities -> each of
     METRICS as a (B,) array: the metrics of B weighted copies of the scans. Bootstrap resamples are
     such copies (weights = how often each scan was drawn), so the report's CIs and the point
@@ -91,7 +93,7 @@ def weighted_metrics(margin: np.ndarray, labels: np.ndarray, weights: np.ndarray
     AUROC with unchanged rankings. The thresholded metrics use margin > 0 (probability > 0.5).
     Weighted F1 is the F1 of each class weighted by its support (scikit-learn's "weighted")."""
     y = labels.astype(bool)
-    pred = margin > 0
+    pred = margin > threshold
     w = weights.astype(np.float64)
     tp, fn = w @ (pred & y), w @ (~pred & y)
     fp, tn = w @ (pred & ~y), w @ (~pred & ~y)
@@ -109,10 +111,24 @@ def weighted_metrics(margin: np.ndarray, labels: np.ndarray, weights: np.ndarray
     return {m: np.where(one_class, np.nan, v) for m, v in out.items()}
 
 
-def classification_metrics(margin: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Binary metrics (METRICS) of logit margins (> 0: "present" wins) against 0/1 labels with both
-    classes; see weighted_metrics."""
-    return {m: float(v[0]) for m, v in weighted_metrics(margin, labels, np.ones((1, len(margin)))).items()}
+def classification_metrics(margin: np.ndarray, labels: np.ndarray, threshold: float = 0.0) -> dict[str, float]:
+    """Binary metrics (METRICS) of logit margins (> threshold: "present") against 0/1 labels with
+    both classes; see weighted_metrics."""
+    ones = np.ones((1, len(margin)))
+    return {m: float(v[0]) for m, v in weighted_metrics(margin, labels, ones, threshold).items()}
+
+
+def roc_corner_threshold(margin: np.ndarray, labels: np.ndarray) -> float:
+    """The margin threshold whose (FPR, TPR) is closest to the ROC curve's corner (0, 1), as fVLM
+    and CT-CLIP choose theirs; 0 when the labels have one class."""
+    from sklearn.metrics import roc_curve
+
+    if labels.min() == labels.max():
+        return 0.0
+    fpr, tpr, thresholds = roc_curve(labels, margin)
+    best = int(np.argmin(np.hypot(fpr, 1 - tpr)))
+    # roc_curve's thresholds predict positive at margin >= t; ours at margin > threshold.
+    return float(np.nextafter(thresholds[best], -np.inf))
 
 
 def logit_margins(v: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float) -> np.ndarray:
@@ -137,6 +153,11 @@ class ItemScores:
     """(n,) 0/1."""
     margins: np.ndarray
     """(T, n) logit margins, one row per template."""
+    thresholds: np.ndarray | None = None
+    """(T,) margin thresholds of the thresholded metrics, per template (None: 0, probability > 0.5)."""
+
+    def threshold(self, template: int) -> float:
+        return 0.0 if self.thresholds is None else float(self.thresholds[template])
 
     @property
     def scorable(self) -> bool:
@@ -145,7 +166,7 @@ class ItemScores:
 
     def per_template(self) -> dict[str, np.ndarray]:
         """METRICS -> (T,) values, one per template."""
-        per = [classification_metrics(m, self.labels) for m in self.margins]
+        per = [classification_metrics(m, self.labels, self.threshold(t)) for t, m in enumerate(self.margins)]
         return {m: np.array([p[m] for p in per]) for m in METRICS}
 
 

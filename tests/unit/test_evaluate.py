@@ -401,7 +401,8 @@ def quick(folder: str, **kw) -> EvalReportConfig:
 
 def test_run_eval_writes_the_report_and_a_json_of_every_figure(tmp_path):
     folder = write_embeddings(tmp_path / "emb")
-    result = run_eval(quick(folder), lambda uri, storage: HashTower())
+    # threshold: margin scores every scan, so AUROC equals scikit-learn's over all of them below
+    result = run_eval(quick(folder, threshold="margin"), lambda uri, storage: HashTower())
     report = tmp_path / "emb" / "report"
     assert result.report == str(report / "report.md")
     pngs = {p.stem for p in report.glob("*.png")}
@@ -455,6 +456,48 @@ def test_run_eval_writes_the_report_and_a_json_of_every_figure(tmp_path):
     assert json.loads((report / "metrics.json").read_text())["metrics"]["zs_finding_auroc_mean"] == pytest.approx(
         m["zs_finding_auroc_mean"]
     )
+
+
+def test_threshold_protocols_tune_where_they_say():
+    """validation: ROC-corner thresholds from the held-out groups, metrics on the rest only;
+    test_roc_corner: the corner of the scored scans themselves (a naive sweep over thresholds)."""
+    from ctray.evaluate.thresholds import apply_protocol
+
+    rng = np.random.default_rng(6)
+    n = 40
+    labels = (rng.random(n) < 0.5).astype(int)
+    margins = np.stack([labels + rng.normal(size=n), labels + 2 * rng.normal(size=n)])  # 2 templates
+    item = ItemScores("finding", "f", "liver", np.arange(n), labels, margins)
+    groups = np.arange(n) // 2
+
+    def corner(m: np.ndarray, y: np.ndarray) -> float:  # the threshold nearest (FPR 0, TPR 1), naively
+        best = min(
+            np.unique(m),
+            key=lambda t: np.hypot(
+                ((m >= t) & (y == 0)).sum() / (y == 0).sum(), 1 - ((m >= t) & (y == 1)).sum() / y.sum()
+            ),
+        )
+        return float(best)
+
+    (tuned,), line = apply_protocol([item], "test_roc_corner", groups, 0.3, seed=0)
+    assert "OPTIMISTIC" in line and len(tuned.labels) == n
+    for t, m in enumerate(margins):
+        got = tuned.per_template()["sensitivity"][t]
+        want = ((m >= corner(m, labels)) & (labels == 1)).sum() / labels.sum()
+        assert got == pytest.approx(want)
+
+    (held,), line = apply_protocol([item], "validation", groups, 0.3, seed=0)
+    assert "6 of 20 groups" in line and len(held.labels) == n - 12
+    validation = np.setdiff1d(np.arange(n), held.scans)
+    assert set(groups[validation]).isdisjoint(groups[held.scans])  # whole groups on either side
+    for t, m in enumerate(margins):
+        cut = corner(m[validation], labels[validation])
+        pred = held.margins[t] >= cut
+        want = (pred & (held.labels == 1)).sum() / held.labels.sum()
+        assert held.per_template()["sensitivity"][t] == pytest.approx(want)
+
+    (plain,), line = apply_protocol([item], "margin", groups, 0.3, seed=0)
+    assert plain.thresholds is None and "margin > 0" in line
 
 
 def test_groups_reach_the_report_and_parts_without_them_are_each_scan_alone(tmp_path, caplog):
