@@ -78,7 +78,8 @@ def _purge(args: argparse.Namespace) -> None:
 def _phantoms(args: argparse.Namespace) -> None:
     from ctray.data.phantoms import write_dataset
 
-    write_dataset(args.out, args.n, args.seed, tuple(args.shape), tuple(args.spacing), args.lesion_rate, args.dicom)
+    shape, spacing = tuple(args.shape), tuple(args.spacing)
+    write_dataset(args.out, args.n, args.seed, shape, spacing, args.lesion_rate, args.dicom, args.reconstructions)
     log.info("wrote %d phantoms to %s (scans/, masks/, reports.jsonl)", args.n, args.out)
 
 
@@ -214,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_geometry_arguments(ph, (48, 128, 128), (3.0, 2.5, 2.5))
     ph.add_argument("--lesion-rate", type=float, default=0.5, help="probability of each finding (default 0.5)")
     ph.add_argument("--dicom", type=int, default=0, help="write the first K phantoms as DICOM series")
+    ph.add_argument(
+        "--reconstructions",
+        type=int,
+        default=0,
+        help="K > 0: CT-RATE's names, train_<patient>_a_<k>, K scans per patient (for groups.pattern)",
+    )
     ph.set_defaults(fn=_phantoms)
 
     em = sub.add_parser(

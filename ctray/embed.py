@@ -8,7 +8,9 @@ in (OUT/part-<shard>.parquet, atomically). Re-running skips shards whose part ex
 job loses at most the shards in flight. OUT/embed.json describes the columns (the contract of
 `ctray eval`):
 
-- scan_id, embedding (D floats), finding_labels (F int8; -1 unknown; names in embed.json);
+- scan_id, group (the shards' patient/study key: scans of one group belong on one side of a split;
+  embed.json's "groups" says how ingest formed them), embedding (D floats), finding_labels (F int8;
+  -1 unknown; names in embed.json);
 - anatomy objectives: anatomy_embedding (A x D), region (A bool), abnormal (A int8);
   with a text tower also text_embedding (A x D, the report's anatomy texts) and present (A bool);
 - CT-FM: the scan as a grid of patches (ctray.objectives.ctfm.sliding), the embedding their mean;
@@ -122,6 +124,7 @@ class EmbedActor:
                     labels[i, column[lab["name"]]] = lab["value"]
         return {
             "scan_id": np.asarray(ids, dtype=object),
+            "group": np.asarray(table.column("group").to_pylist(), dtype=object),
             "path": np.asarray(table.column("path").to_pylist(), dtype=object),
             "finding_labels": labels,
             **out,
@@ -151,7 +154,10 @@ def _column(values: np.ndarray) -> pa.Array:
 
 
 def part_table(rows: list[dict[str, Any]], columns: list[str]) -> pa.Table:
-    data = {"scan_id": pa.array([r["scan_id"] for r in rows], pa.string())}
+    data = {
+        "scan_id": pa.array([r["scan_id"] for r in rows], pa.string()),
+        "group": pa.array([r["group"] for r in rows], pa.string()),
+    }
     for c in columns:
         values = [np.asarray(r[c]) for r in rows]
         if all(v.shape == values[0].shape for v in values):
@@ -198,6 +204,7 @@ def run_embed(
         "finding_anatomies": {f: a for f, a in findings.items() if a},
         "seed": seed,
         "scans": len(items),
+        "groups": shard_set.ingest.groups.describe(shard_set.ingest.privacy.pseudonymize_ids),
     }
     settings = {"findings": list(findings), "patches": patches, "seed": seed}
     _same_export(description, ofs, posixpath.join(oroot, "embed.json"), out, storage)
@@ -253,7 +260,7 @@ def _embed_pending(
     batch_scans, actors = pool
     max_actors = actors or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // 4)
     afs, _ = arrow_filesystem(shards, storage)
-    columns = sorted({*sampler_columns, "scan_id", "labels", "path"})
+    columns = sorted({*sampler_columns, "scan_id", "group", "labels", "path"})
     rows = ray.data.read_parquet(pending, filesystem=afs, include_paths=True).select_columns(columns)
     ds = rows.map_batches(
         EmbedActor,
@@ -282,9 +289,10 @@ def _write_parts(
     total = sum(rows_of[p] for p in pending)
     t0, last_log, scans, parts = time.time(), 0.0, 0, 0
     for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-        columns = [c for c in batch if c not in ("scan_id", "path")]
+        columns = [c for c in batch if c not in ("scan_id", "group", "path")]
         for i, path in enumerate(batch["path"]):
-            buffered[path].append({"scan_id": str(batch["scan_id"][i]), **{c: batch[c][i] for c in columns}})
+            ids = {"scan_id": str(batch["scan_id"][i]), "group": str(batch["group"][i])}
+            buffered[path].append({**ids, **{c: batch[c][i] for c in columns}})
             if len(buffered[path]) == rows_of[path]:
                 rows = sorted(buffered.pop(path), key=lambda r: r["scan_id"])
                 sink = pa.BufferOutputStream()

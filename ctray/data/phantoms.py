@@ -393,16 +393,22 @@ def write_dataset(
     spacing: tuple[float, float, float] = (3.0, 2.5, 2.5),
     lesion_rate: float = 0.5,
     dicom: int = 0,
+    reconstructions: int = 0,
 ) -> list[Phantom]:
     """`n` phantoms as scans/<id>.nii.gz (RAS, like most exports), masks/<id>.nii.gz and
     reports.jsonl (scan_id, report, one 0/1 key per finding). The first `dicom` scans are
-    written as DICOM series folders instead of NIfTI."""
+    written as DICOM series folders instead of NIfTI. Ids are phantom<i>, or with
+    `reconstructions` > 0 CT-RATE's names, train_<patient>_a_<k>: that many per patient (each
+    phantom its own volume), for ingest's `groups.pattern`."""
     os.makedirs(os.path.join(out_dir, "scans"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
     phantoms = []
     with open(os.path.join(out_dir, "reports.jsonl"), "w") as reports:
         for i in range(n):
-            p = make_phantom(f"phantom{i:04d}", seed * 100003 + i, shape, spacing, lesion_rate)
+            name = f"phantom{i:04d}"
+            if reconstructions:
+                name = f"train_{i // reconstructions + 1}_a_{i % reconstructions + 1}"
+            p = make_phantom(name, seed * 100003 + i, shape, spacing, lesion_rate)
             if i < dicom:
                 write_dicom_series(os.path.join(out_dir, "scans", p.scan_id), p)
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -215,6 +216,54 @@ class PrivacyConfig(Section):
         return (not self.pseudonymize_ids) if self.keep_source_paths is None else self.keep_source_paths
 
 
+class GroupsConfig(Section):
+    """Which scans belong together: one patient's scans (several reconstructions, follow-ups) must
+    not sit on both sides of a train/test split. Each row's `group` column holds the key; scans
+    that share it are one group. Default: every scan its own group (its scan id)."""
+
+    pattern: str | None = None
+    """A regex with one capture group, searched (re.search) in each scan's source id: the path
+    below input.scans without extension (NIfTI) or the series' folder (DICOM), before
+    pseudonymisation. The captured text is the group; a scan it does not match is its own group
+    (counted in the manifest as `ungrouped`, never named). CT-RATE: see jobs/ingest.yaml."""
+    dicom: Literal["none", "patient", "study"] = "none"
+    """DICOM series: group by the PatientID (`patient`) or StudyInstanceUID (`study`) tag, read by
+    the probe (that tag alone, never logged); a series without it falls back to `pattern`.
+    `patient` needs privacy.pseudonymize_ids: raw patient ids are never stored."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_capture(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            groups = re.compile(v).groups
+        except re.error as e:
+            raise ValueError(f"{v!r} is not a regex ({e})") from None
+        if groups != 1:
+            raise ValueError(f"{v!r} has {groups} capture groups; it needs exactly one (the group key)")
+        return v
+
+    @property
+    def dicom_tag(self) -> str | None:
+        """The DICOM tag the probe reads for the group (None: none)."""
+        return {"none": None, "patient": "PatientID", "study": "StudyInstanceUID"}[self.dicom]
+
+    @property
+    def configured(self) -> bool:
+        """Whether any grouping is set (else every scan is its own group, and none is `ungrouped`)."""
+        return self.pattern is not None or self.dicom != "none"
+
+    def describe(self, pseudonymized: bool) -> str:
+        """How the groups were formed, in words (embed.json states it)."""
+        ways = [f"DICOM {self.dicom_tag}"] if self.dicom_tag else []
+        ways += [f"groups.pattern '{self.pattern}' on the source id"] if self.pattern is not None else []
+        if not ways:
+            return "each scan its own group (its scan id)"
+        hashed = ", as keyed hashes" if pseudonymized else ""
+        return f"{', else '.join(ways)}{hashed}; else the scan's own id"
+
+
 class LeaseConfig(Section):
     """The output's lease: one ingest writes an output at a time (also on object stores)."""
 
@@ -245,6 +294,7 @@ class IngestConfig(Section):
     reports: ReportsConfig = Field(default_factory=ReportsConfig)
     output: OutputConfig
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    groups: GroupsConfig = Field(default_factory=GroupsConfig)
     lease: LeaseConfig = Field(default_factory=LeaseConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -258,6 +308,14 @@ class IngestConfig(Section):
     """Memory each shard writer task reserves from Ray, in GiB (None: estimated from
     preprocess.max_voxels, see `writer_memory`), so that a node runs no more writers than its
     memory holds the largest scans of. Lower max_voxels to your largest scan rather than this."""
+
+    @model_validator(mode="after")
+    def _no_raw_patient_ids(self) -> IngestConfig:
+        if self.groups.dicom == "patient" and not self.privacy.pseudonymize_ids:
+            raise ValueError(
+                "groups.dicom=patient would store raw PatientIDs in the shards: set privacy.pseudonymize_ids=true"
+            )
+        return self
 
     def writer_memory(self) -> int:
         """Bytes one shard writer reserves: the process (numpy, nibabel, pyarrow, a Ray worker:

@@ -11,8 +11,10 @@ Two steps, both run in Ray tasks on the cluster (never on the driver):
   slice steps (a missing slice would otherwise be squeezed out) and no gantry tilt.
 
 Identifying tags (PatientName, PatientID, ...) are never read into anything that leaves this
-module; errors name the input, the check and the measured figures, never a tag's value, and
-pydicom's own warnings (which quote values) are silenced.
+module, but for the one tag ingest's `groups.dicom` names (PatientID or StudyInstanceUID), which
+the probe returns as the series' group for the driver to pseudonymise; errors name the input, the
+check and the measured figures, never a tag's value, and pydicom's own warnings (which quote
+values) are silenced.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class Series:
     files: list[str] = field(default_factory=list)
     rows: int = 0
     columns: int = 0
+    group: str | None = None
+    """The value of the grouping tag (`probe_folder`'s group_tag) its files agree on; None: not
+    read, absent, or files that disagree. Never logged or put in a reason."""
 
 
 @dataclass
@@ -111,11 +116,16 @@ Opener = Callable[[], AbstractContextManager[IO[bytes]]]
 
 
 def probe_folder(
-    headers: Sequence[tuple[str, bytes | None, Opener]], folder_uri: str, cfg: DicomConfig, max_voxels: int
+    headers: Sequence[tuple[str, bytes | None, Opener]],
+    folder_uri: str,
+    cfg: DicomConfig,
+    max_voxels: int,
+    group_tag: str | None = None,
 ) -> Probe:
     """Classify one folder's files. `headers` holds (uri, first bytes, open()-able) per file; only
-    files with the DICM preamble are parsed, and only their headers (stop_before_pixels)."""
-    by_uid, meta, skipped = _group_by_series(headers)
+    files with the DICM preamble are parsed, and only their headers (stop_before_pixels).
+    `group_tag` (PatientID or StudyInstanceUID): also read that tag, as each series' group."""
+    by_uid, meta, skipped = _group_by_series(headers, group_tag)
     series, quarantined = [], []
     for uid, s in sorted(by_uid.items()):
         why = _not_axial_ct(meta[uid], len(s.files), cfg)
@@ -123,6 +133,7 @@ def probe_folder(
             skipped.append((f"{folder_uri} (series {uid})", why))
             continue
         s.files.sort()
+        s.group = next(iter(meta[uid].groups)) if len(meta[uid].groups) == 1 else None
         why = _too_large(s, cfg, max_voxels)
         if why is not None:
             quarantined.append((uid, s.files, why))
@@ -142,6 +153,8 @@ class _Header:
     types: set[str] = field(default_factory=set)
     frames: int = 1
     iop: np.ndarray | None = None
+    group: str = ""
+    """The grouping tag's value ("": not read or empty)."""
 
 
 @dataclass
@@ -154,15 +167,18 @@ class _SeriesMeta:
     iop: np.ndarray | None = None
     """The first usable ImageOrientationPatient."""
     frames: int = 1
+    groups: set[str] = field(default_factory=set)
+    """The grouping tag's values over its files (empty ones left out)."""
 
     def add(self, h: _Header) -> None:
+        self.groups |= {h.group} if h.group else set()
         self.types |= h.types
         self.iop = h.iop if self.iop is None else self.iop
         self.frames = max(self.frames, h.frames)
 
 
 def _group_by_series(
-    headers: Sequence[tuple[str, bytes | None, Opener]],
+    headers: Sequence[tuple[str, bytes | None, Opener]], group_tag: str | None
 ) -> tuple[dict[str, Series], dict[str, _SeriesMeta], list[tuple[str, str]]]:
     """The image series by SeriesInstanceUID and what classifies each, and (file, why) for the files
     that belong to none."""
@@ -176,7 +192,7 @@ def _group_by_series(
                 skipped.append((uri, "not an image (neither NIfTI by name nor DICOM by content)"))
                 continue
             try:
-                h = _read_header(opener)
+                h = _read_header(opener, group_tag)
             except Exception as e:  # any header that does not parse: the file is reported, not fatal
                 skipped.append((uri, f"unreadable DICOM header ({type(e).__name__})"))
                 continue
@@ -195,12 +211,13 @@ def _group_by_series(
     return by_uid, meta, skipped
 
 
-def _read_header(opener: Opener) -> _Header:
+def _read_header(opener: Opener, group_tag: str | None = None) -> _Header:
     """Call within quiet_pydicom(): pydicom converts (and may warn about) values as they are read."""
     import pydicom
 
+    tags = _PROBE_TAGS if group_tag is None else [*_PROBE_TAGS, group_tag]
     with opener() as f:
-        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=_PROBE_TAGS)
+        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags)
     uid = str(ds.get("SeriesInstanceUID", "") or "")
     if "Rows" not in ds:  # no image header: a DICOMDIR, a report, or a slice cut short
         return _Header(uid)
@@ -209,7 +226,8 @@ def _read_header(opener: Opener) -> _Header:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     modality = str(ds.get("Modality", "") or "")
     iop = _floats(ds.get("ImageOrientationPatient") or [], 6)
-    return _Header(uid, rows, columns, modality, types, frames, iop)
+    group = str(ds.get(group_tag, "") or "").strip() if group_tag else ""
+    return _Header(uid, rows, columns, modality, types, frames, iop, group)
 
 
 def _not_axial_ct(m: _SeriesMeta, n_files: int, cfg: DicomConfig) -> str | None:

@@ -3,7 +3,8 @@
 reports matched to scans; a stamp per scan that tells a changed input from an unchanged one.
 
 Nothing here reads pixel data, and nothing from a file's content but DICOM header geometry and
-series tags reaches the driver.
+series tags reaches the driver (and, with `groups.dicom`, the PatientID or StudyInstanceUID, which
+the driver pseudonymises before it caches or stores it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 import logging
 import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,12 +50,15 @@ class Inventory:
     are not scans or cannot be."""
 
     scans: list[dict] = field(default_factory=list)
-    """{scan_id, source_id (the original id: never leaves the driver), kind, uri, files (DICOM),
-    folder_id (DICOM), label (the input's name in reasons), stamp, mask_uri}, by original id."""
+    """{scan_id, source_id (the original id: never leaves the driver), group (the stored group
+    key), kind, uri, files (DICOM), folder_id (DICOM), label (the input's name in reasons), stamp,
+    mask_uri}, by original id."""
     skipped: list[dict] = field(default_factory=list)
     """{input, reason}: not an image, not axial CT, ..."""
     quarantined: list[dict] = field(default_factory=list)
     """{scan_id, input, reason}: scans refused before reading (duplicate ids, too large)."""
+    ungrouped: int = 0
+    """Scans that the configured `groups:` placed in no group (each is its own): a count only."""
 
 
 def nifti_id(rel: str) -> str | None:
@@ -103,7 +108,7 @@ def discover(cfg: IngestConfig, names: Names, probe_cache: tuple) -> Inventory:
             add({"source_id": sid, "kind": "nifti", "uri": to_uri(e.path), "files": [], "stamps": [e.stamp]})
         else:
             others.setdefault(posixpath.dirname(e.path), []).append(e)
-    for folder, probe in probe_folders(cfg, others, to_uri, probe_cache).items():
+    for folder, probe in probe_folders(cfg, others, to_uri, probe_cache, names).items():
         folder_id, folder_uri = _rel(folder, root), to_uri(folder)
         for uri, why in probe.skipped:
             label = names.label(uri)
@@ -123,15 +128,32 @@ def discover(cfg: IngestConfig, names: Names, probe_cache: tuple) -> Inventory:
                     "folder_id": folder_id,
                     "uri": f"{folder_uri} (series {series.uid})" if len(probe.series) > 1 else folder_uri,
                     "files": series.files,
+                    "tag_group": series.group,
                     "stamps": [f"{posixpath.basename(f)}:{stamps.get(f, '')}" for f in series.files],
                 }
             )
+    pattern = re.compile(cfg.groups.pattern) if cfg.groups.pattern is not None else None
     for sid in sorted(found):
         scan = found[sid]
         scan["scan_id"] = names.scan_id(sid, scan["uri"])
         scan["label"] = names.label(scan["uri"], scan["scan_id"])
+        group = _group(scan, pattern, names)
+        inv.ungrouped += group is None and cfg.groups.configured
+        scan["group"] = scan["scan_id"] if group is None else group
         inv.scans.append(scan)
+    if inv.ungrouped:
+        log.info("groups: %d of %d scans are in no group (each is its own)", inv.ungrouped, len(inv.scans))
     return inv
+
+
+def _group(scan: dict, pattern: re.Pattern | None, names: Names) -> str | None:
+    """A scan's stored group: its series' grouping tag (already pseudonymised by probe_folders),
+    else the pattern's capture in its source id; None: neither (the scan is its own group)."""
+    tagged = scan.pop("tag_group", None)
+    if tagged:
+        return tagged
+    match = pattern.search(scan["source_id"]) if pattern is not None else None
+    return names.group(match.group(1)) if match and match.group(1) else None
 
 
 def probe_cache_location(cfg: IngestConfig, names: Names) -> tuple:
@@ -144,14 +166,17 @@ def probe_cache_location(cfg: IngestConfig, names: Names) -> tuple:
 
 
 def probe_folders(
-    cfg: IngestConfig, folders: dict[str, list[Entry]], to_uri: Callable[[str], str], cache_at: tuple
+    cfg: IngestConfig, folders: dict[str, list[Entry]], to_uri: Callable[[str], str], cache_at: tuple, names: Names
 ) -> dict[str, Probe]:
     """Probe every folder holding files that are not NIfTI, in Ray tasks; a folder whose listing
-    is unchanged since the last run reuses its cached result."""
+    is unchanged since the last run reuses its cached result. A series' grouping tag
+    (`groups.dicom`) is turned into its stored group (`Names.group`) before it is cached."""
     if not folders:
         return {}
     fs_out, cache_root = cache_at
     settings = cfg.input.dicom.model_dump_json() + str(cfg.preprocess.max_voxels)
+    if cfg.groups.dicom_tag:  # cached groups are hashes under this key: another key probes again
+        settings += cfg.groups.dicom + names.group("probe cache")
     stamps = {
         f: _digest(str(_PROBE_VERSION), settings, *(f"{posixpath.basename(e.path)}:{e.stamp}" for e in entries))
         for f, entries in folders.items()
@@ -187,6 +212,8 @@ def probe_folders(
     log.info("probing %d folder(s) of non-NIfTI files for DICOM series in %d task(s)", len(todo), len(refs))
     for ref in refs:
         for folder, probe_json in ray.get(ref).items():
+            for series in probe_json["series"]:
+                series["group"] = names.group(series["group"]) if series["group"] else None
             probes[folder] = _probe_from_json(probe_json)
             publish_bytes(
                 json.dumps({"stamp": stamps[folder], "probe": probe_json}).encode(), fs_out, cache[folder], cfg.storage
@@ -207,13 +234,16 @@ def _probe_task(cfg_json: str, folders: list[tuple[str, str, list[str]]]) -> dic
             except FileNotFoundError:
                 head = None
             headers.append((uri, head, partial(fs.open, path, "rb", block_size=1 << 16)))
-        out[folder] = _probe_to_json(probe_folder(headers, folder_uri, cfg.input.dicom, cfg.preprocess.max_voxels))
+        probe = probe_folder(headers, folder_uri, cfg.input.dicom, cfg.preprocess.max_voxels, cfg.groups.dicom_tag)
+        out[folder] = _probe_to_json(probe)
     return out
 
 
 def _probe_to_json(p: Probe) -> dict:
     return {
-        "series": [{"uid": s.uid, "files": s.files, "rows": s.rows, "columns": s.columns} for s in p.series],
+        "series": [
+            {"uid": s.uid, "files": s.files, "rows": s.rows, "columns": s.columns, "group": s.group} for s in p.series
+        ],
         "skipped": [list(s) for s in p.skipped],
         "quarantined": [list(q) for q in p.quarantined],
     }
@@ -221,7 +251,7 @@ def _probe_to_json(p: Probe) -> dict:
 
 def _probe_from_json(d: dict) -> Probe:
     return Probe(
-        [Series(s["uid"], s["files"], s["rows"], s["columns"]) for s in d["series"]],
+        [Series(s["uid"], s["files"], s["rows"], s["columns"], s.get("group")) for s in d["series"]],
         [(u, w) for u, w in d["skipped"]],
         [(u, f, w) for u, f, w in d["quarantined"]],
     )

@@ -133,6 +133,7 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
                     [Skipped.from_json(s) for s in inventory.skipped],
                     [Failed.from_json(f) for f in failed],
                     purged,
+                    inventory.ungrouped,
                 )
                 publish_bytes(manifest.to_json().encode(), fs_out, join(root, MANIFEST), cfg.storage)
                 publish_bytes(to_yaml(cfg).encode(), fs_out, join(root, "ingest-config.yaml"), cfg.storage)
@@ -194,7 +195,7 @@ def plan(cfg: IngestConfig, inventory: Inventory, records: Records, purged: set[
     return todo
 
 
-_WORK_KEYS = ("scan_id", "kind", "uri", "files", "label", "stamp", "mask_uri")
+_WORK_KEYS = ("scan_id", "group", "kind", "uri", "files", "label", "stamp", "mask_uri")
 
 
 def run_writers(

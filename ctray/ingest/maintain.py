@@ -94,6 +94,7 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
             shard_set.skipped,
             [f for f in shard_set.failed if not gone & set(f.scan_ids)],
             purged,
+            shard_set.ungrouped,
         )
         publish_bytes(shard_set.to_json().encode(), fs, join(root, MANIFEST), storage)
         id_map = _drop_from_id_map(cfg, gone)

@@ -5,6 +5,10 @@ File and folder names are often accession numbers, MRNs or patient names. With
 driver's environment, so the same key gives the same ids on a resume), and every input is named
 by that hash (or a hash of its path) in rows, commit records, the manifest, reasons and logs. The
 map back is written to one separate file (`privacy.id_map`), which the user can keep elsewhere.
+
+Group keys (ingest's `groups:`: a patient or study) are hashed with the same key, `g` + hash, and
+are not in the id map: a DICOM group is a PatientID or StudyInstanceUID, which the map would then
+hold in a new place, and a pattern's group is part of a source id the map already holds.
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ class Names:
         sid = "s" + self._hash(source_id)
         self.mapping[sid] = {"id": sid, "source_id": source_id, "input": uri}
         return sid
+
+    def group(self, key: str) -> str:
+        """The stored group of the scans sharing `key` (a pattern's capture, a PatientID or a
+        StudyInstanceUID): the key, or `g` + its keyed hash (kept out of the id map)."""
+        if not self.pseudonymize:
+            return key
+        return "g" + self._hash("group\0" + key)
 
     def label(self, uri: str, scan_id: str | None = None) -> str:
         """How an input is named in reasons, logs and the manifest: its URI, or (pseudonymised) its

@@ -159,10 +159,12 @@ def build_manifest(
     skipped: Iterable[Skipped],
     failed: Iterable[Failed],
     purged: list[str],
+    ungrouped: int = 0,
 ) -> ShardSet:
     """The shard set at `uri` as its manifest describes it (publish its to_json()): every input
     accounted for: written (from the live records), quarantined (this run's and earlier ones' for
-    inputs still not written), skipped (this run's discovery) and failed."""
+    inputs still not written), skipped (this run's discovery) and failed; `ungrouped`: the scans
+    this run's discovery placed in no group."""
     committed = records.committed
     gone = set(purged)
     earlier = [q.entry() for r in records.live + records.superseded for q in r.quarantine]
@@ -194,6 +196,7 @@ def build_manifest(
         failed=tuple(failed),
         purged=tuple(sorted(purged)),
         llm_fallbacks=fallbacks,
+        ungrouped=ungrouped,
     )
 
 

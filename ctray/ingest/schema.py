@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: report_cache_key and stamp; source may be null (privacy settings)
+SCHEMA_VERSION = 3  # 2: report_cache_key and stamp; source may be null (privacy settings). 3: group
 
 _BOX = pa.struct([("anatomy", pa.string()), ("box", pa.list_(pa.int32())), ("voxels", pa.int64())])
 _TEXT = pa.struct([("anatomy", pa.string()), ("sentences", pa.list_(pa.string()))])
@@ -18,6 +18,7 @@ _LABEL = pa.struct([("name", pa.string()), ("value", pa.int8())])
 SHARD_SCHEMA = pa.schema(
     [
         pa.field("scan_id", pa.string(), nullable=False),
+        pa.field("group", pa.string(), nullable=False),  # patient/study key (ingest's groups:); default the scan_id
         pa.field("volume", pa.large_binary(), nullable=False),  # int16 HU, C order (z, y, x)
         pa.field("shape", pa.list_(pa.int32()), nullable=False),  # [z, y, x]
         pa.field("spacing", pa.list_(pa.float32()), nullable=False),  # mm along z, y, x

@@ -70,6 +70,7 @@ def preprocess_fingerprint(cfg: IngestConfig) -> str:
             "parser": cfg.reports.parser,
             **({"model": cfg.reports.llm.model, "prompt": PROMPT_VERSION} if cfg.reports.parser == "llm" else {}),
         },
+        "groups": cfg.groups.model_dump(mode="json"),
         "privacy": {
             "ids": cfg.privacy.pseudonymize_ids,
             "report_text": cfg.privacy.keep_report_text,
@@ -254,6 +255,7 @@ class ShardWriter:
         keep_paths = cfg.privacy.source_paths
         return {
             "scan_id": scan["scan_id"],
+            "group": scan["group"],
             "volume": pre.hu.tobytes(),
             "shape": list(pre.hu.shape),
             "spacing": list(pre.spacing),

@@ -408,6 +408,9 @@ class Counts:
     """Size of all committed shards."""
     llm_fallbacks: dict[str, int]
     """Reports the LLM parser failed on, by reason (the rules parser split them instead)."""
+    ungrouped: int
+    """Scans the ingest's `groups:` setting placed in no group (each is its own group), as the
+    last run's discovery counted them; 0 without a grouping."""
 
 
 @dataclass(frozen=True)
@@ -445,6 +448,9 @@ class ShardSet:
     """Scan ids removed by `ctray purge` (never ingested again), sorted."""
     llm_fallbacks: dict[str, int]
     """Reports the LLM parser failed on, by reason (the rules parser split them instead)."""
+    ungrouped: int
+    """Scans the last run's `groups:` setting placed in no group (each is its own; a count, never
+    the ids)."""
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -477,6 +483,7 @@ class ShardSet:
             shards=len(self.shards),
             bytes=sum(s.bytes for s in self.shards),
             llm_fallbacks=dict(self.llm_fallbacks),
+            ungrouped=self.ungrouped,
         )
 
     @property
@@ -554,6 +561,7 @@ class ShardSet:
                 failed=tuple(Failed.from_json(f) for f in d["failed"]),
                 purged=tuple(d["purged"]),
                 llm_fallbacks={str(k): int(v) for k, v in d["counts"]["llm_fallbacks"].items()},
+                ungrouped=int(d["counts"]["ungrouped"]),
             )
         except KeyError as e:
             raise ConfigError(f"{where} is not a ctray manifest (no {e} key)") from None

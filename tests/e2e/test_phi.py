@@ -2,7 +2,8 @@
 file names (the scan ids) are run through the real `ctray ingest` command, each run with its own
 local Ray whose session folder the test owns, and are searched for in everything the run left:
 its stderr and stdout, every file of Ray's session logs (the shard writers run in other
-processes), the manifest and the commit records; with pseudonymised ids, the original ids too.
+processes), the manifest and the commit records; with pseudonymised ids, the original ids too
+(also as the group keys of `groups:`, from the file names and the DICOM PatientID).
 The runs join one Ray head whose temp folder the tests own (conftest.py's ray_head), so each run's check
 also searches the logs the earlier runs left.
 
@@ -96,6 +97,8 @@ def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, ray_head)
         "output.scans_per_shard=2",
         "lease.settle_s=0.2",
         "privacy.pseudonymize_ids=true",
+        "groups.dicom=patient",
+        "groups.pattern=^(.+)-[0-9]+$",
         "input.require_report=false",
         env=_env(ray_head),
         timeout=300,
@@ -111,6 +114,8 @@ def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, ray_head)
         _leaks([REPORT_CANARY, TAG_CANARY, ID_CANARY], {"stdout": stdout, "stderr": stderr}, ray_head, _records(out))
         == []
     )
+    probe_cache = [p for p in Path(str(out) + ".id_map.jsonl.probe").iterdir()]
+    assert probe_cache and not [p for p in probe_cache if TAG_CANARY in p.read_text()]  # groups cached as hashes
     id_map = [json.loads(line) for line in Path(str(out) + ".id_map.jsonl").read_text().splitlines()]
     assert {e["source_id"] for e in id_map if e["source_id"]} >= {
         f"{ID_CANARY}-{i}" for i in range(4)

@@ -10,6 +10,7 @@ truncated file, a tilted gantry.
 """
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -20,8 +21,10 @@ import pydicom
 import pytest
 
 from ctray.data.phantoms import to_axcodes, write_ct_series
+from ctray.errors import ConfigError
 from ctray.ingest.dicom import quiet_pydicom
 from ctray.ingest.job import run_ingest
+from ctray.ingest.privacy import Names
 from ctray.ingest.schema import volume_of
 
 from helpers import ingest_cfg
@@ -171,3 +174,52 @@ def test_compressed_real_ct_series_equals_its_nifti(ray_local, shared_data, tmp_
     for name in syntaxes:
         assert np.array_equal(volume_of(rows[name]), reference), name
         assert rows[name]["affine"] == pytest.approx(rows["nifti"]["affine"], abs=1e-4)
+
+
+TAG_CANARY = "CANARY-PID-3b9e"
+
+
+def test_groups_from_patient_and_study_tags(ray_local, tmp_path, monkeypatch, caplog):
+    """`groups.dicom`: the probe reads PatientID (or StudyInstanceUID) and nothing else of the
+    identifying tags; a patient's two series share a group, another patient's differs, a series
+    without the tag is its own group (counted). PatientIDs are stored as keyed hashes only: the
+    canary PatientID is in no row, record, probe cache, id map or log. Without pseudonymisation
+    `patient` is refused in one line; `study` stores the StudyInstanceUID."""
+    scans = tmp_path / "scans"
+    _edit(PATIENT / "CT5N", scans / "first", lambda i, ds: None)
+    other_series = pydicom.uid.generate_uid()
+    _edit(PATIENT / "CT5N", scans / "second", lambda i, ds: setattr(ds, "SeriesInstanceUID", other_series))
+    _edit(PATIENT / "CT5N", scans / "canary", lambda i, ds: setattr(ds, "PatientID", TAG_CANARY))
+    _edit(PATIENT / "CT5N", scans / "anonymous", lambda i, ds: delattr(ds, "PatientID"))
+    first = pydicom.dcmread(next((scans / "first").iterdir()))
+    settings = ("preprocess.spacing=[2.5,2,2]", "output.scans_per_shard=2", "lease.settle_s=0")
+
+    with pytest.raises(ConfigError) as refused:
+        ingest_cfg(scans, tmp_path / "refused", *settings, "groups.dicom=patient")
+    message = str(refused.value)
+    assert "\n" not in message and "groups.dicom=patient" in message and "privacy.pseudonymize_ids=true" in message
+
+    monkeypatch.setenv("CTRAY_ID_KEY", "k" * 32)
+    out = tmp_path / "out"
+    cfg = ingest_cfg(scans, out, *settings, "groups.dicom=patient", "privacy.pseudonymize_ids=true")
+    with caplog.at_level(logging.INFO, logger="ctray"):
+        run_ingest(cfg)
+    names, written = Names(cfg), _rows(out)
+    rows = {sid: written[names.scan_id(sid, "")] for sid in ("first", "second", "canary", "anonymous")}
+    groups = {sid: row["group"] for sid, row in rows.items()}
+    assert groups["first"] == groups["second"] == names.group(str(first.PatientID))
+    assert groups["canary"] == names.group(TAG_CANARY) != groups["first"] and groups["canary"].startswith("g")
+    assert groups["anonymous"] == rows["anonymous"]["scan_id"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["ungrouped"] == 1
+    leaks = [p for p in Path(str(out) + ".id_map.jsonl.probe").rglob("*") if p.is_file()]  # the probe cache
+    leaks += [out / "manifest.json", *(out / "_commits").iterdir(), Path(str(out) + ".id_map.jsonl")]
+    assert len(leaks) > 4 and not [p for p in leaks if TAG_CANARY in p.read_text()]
+    assert TAG_CANARY not in json.dumps([{k: v for k, v in r.items() if isinstance(v, str)} for r in rows.values()])
+    assert TAG_CANARY not in caplog.text and "1 of 4 scans are in no group" in caplog.text
+
+    monkeypatch.delenv("CTRAY_ID_KEY")
+    study = tmp_path / "study"
+    run_ingest(ingest_cfg(scans, study, *settings, "groups.dicom=study"))
+    study_groups = {sid: row["group"] for sid, row in _rows(study).items()}
+    assert study_groups == dict.fromkeys(groups, str(first.StudyInstanceUID))

@@ -122,6 +122,8 @@ def test_embed_cagcl_anatomies_and_report_texts(labelled_shards, tmp_path, caplo
     norms = np.linalg.norm(anatomy, axis=-1)
     assert np.allclose(norms[region], 1, atol=1e-4) and np.all(norms[~region] == 0)
     assert list(meta["findings"]) == list(meta["finding_anatomies"])  # the recipe's zero-shot findings
+    assert t.column("group").to_pylist() == t.column("scan_id").to_pylist()  # the shards' groups: one per scan
+    assert meta["groups"] == "each scan its own group (its scan id)"
     ref = reference(run, labelled_shards, t.column("scan_id")[2].as_py())
     np.testing.assert_allclose(anatomy[2], ref["anatomy_embedding"][0], rtol=1e-4, atol=1e-5)
     assert torch.tensor(ref["text_embedding"]).shape == (1, a, 32)
@@ -153,8 +155,8 @@ def test_a_part_holds_scans_with_different_patch_counts():
     a, b = np.ones((1, 3, 4), np.float32), 2 * np.ones((1, 5, 4), np.float32)
     ragged = _rows([a, b])
     assert ragged.dtype == object and [r.shape for r in ragged] == [(3, 4), (5, 4)]
-    rows = [{"scan_id": "s1", "embedding": np.zeros(4, np.float32), "patch_embedding": ragged[0]}]
-    rows.append({"scan_id": "s2", "embedding": np.ones(4, np.float32), "patch_embedding": ragged[1]})
+    rows = [{"scan_id": "s1", "group": "g", "embedding": np.zeros(4, np.float32), "patch_embedding": ragged[0]}]
+    rows.append({"scan_id": "s2", "group": "g", "embedding": np.ones(4, np.float32), "patch_embedding": ragged[1]})
     t = part_table(rows, ["embedding", "patch_embedding"])
     assert [np.array(x).shape for x in t.column("patch_embedding").to_pylist()] == [(3, 4), (5, 4)]
     assert np.array(t.column("patch_embedding")[1].as_py()).max() == 2 and t.column("embedding").type.list_size == 4

@@ -66,6 +66,7 @@ def test_phantoms_to_local_shards(ray_local, phantom_dir, tmp_path):
             assert any("hypodense lesion" in s for s in texts["liver"])
         assert row["report_parser"] == "rules" and len(row["content_hash"]) == 64
         assert row["report_text"] is None  # privacy.keep_report_text defaults to off
+        assert row["group"] == sid  # no groups: setting: each scan its own group
     dicom_row = rows["phantom0000"]
     assert dicom_row["source"].endswith("scans/phantom0000") and dicom_row["label_map"] is not None
 

@@ -124,6 +124,7 @@ def test_the_writers_manifest_reads_back_unchanged(ingested):
         "shards",
         "bytes",
         "llm_fallbacks",
+        "ungrouped",
     ]
     assert list(manifest["shards"][0]) == ["path", "shard", "scans", "sha256", "bytes", "stats"]
     assert manifest["config"]["output"]["uri"] == str(out)
