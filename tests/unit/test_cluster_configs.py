@@ -82,9 +82,9 @@ def test_launcher_configs_pass_rays_own_checks(name):
         cfg = load_config(
             PretrainConfig,
             REPO / "jobs" / job,
-            ["data.shards=s3://b/s", "run.storage=s3://b/r", "objective.init_from=null"]
+            ["data.shards=s3://b/s", "eval.shards=s3://b/v", "run.storage=s3://b/r", "objective.init_from=null"]
             if job == "totalfm-clip.yaml"
-            else ["data.shards=s3://b/s", "run.storage=s3://b/r"],
+            else ["data.shards=s3://b/s", "eval.shards=s3://b/v", "run.storage=s3://b/r"],
         )
         fits = [
             t
