@@ -64,6 +64,12 @@ class Embeddings:
         return int(self.embedding.shape[1])
 
     @property
+    def embedded(self) -> np.ndarray:
+        """(S,) bool: the scan has an embedding. An anatomy objective's scan embedding is the mean of
+        its anatomies' in the image; a scan with none has a zero vector, which scores nothing."""
+        return np.linalg.norm(self.embedding, axis=1) > 0
+
+    @property
     def group_index(self) -> np.ndarray:
         """(S,) int: each scan's group as an index 0..G-1 (groups in sorted order)."""
         return np.unique(np.asarray(self.groups, dtype=object), return_inverse=True)[1].astype(np.int64)

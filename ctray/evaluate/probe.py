@@ -63,12 +63,12 @@ class ProbeRow:
 
 
 def probe_tasks(emb: Embeddings) -> list[ProbeTask]:
-    """Every finding on the scan embeddings; with anatomy embeddings, every anatomy's lesion
-    presence on its own embedding (scans showing it)."""
+    """Every finding on the scan embeddings (scans without one left out: Embeddings.embedded); with
+    anatomy embeddings, every anatomy's lesion presence on its own embedding (scans showing it)."""
     tasks = []
     groups = emb.group_index
     for c, f in enumerate(emb.findings):
-        ok = emb.finding_labels[:, c] >= 0
+        ok = (emb.finding_labels[:, c] >= 0) & emb.embedded
         tasks.append(ProbeTask("finding", f, emb.embedding[ok], emb.finding_labels[ok, c].astype(int), groups[ok]))
     if emb.anatomy_embedding is not None and emb.region is not None and emb.abnormal is not None:
         for j, a in enumerate(emb.anatomies):

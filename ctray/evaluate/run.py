@@ -76,6 +76,8 @@ def run_eval(cfg: EvalReportConfig, load_tower: TowerLoader | None = None) -> Ev
     held_out = held_out_status(emb, cfg.storage)
     if held_out.startswith("no"):
         log.warning("eval: %s", held_out)
+    if not emb.embedded.all():
+        log.warning("eval: %d scan(s) have a zero embedding (no anatomy in the image): left out", (~emb.embedded).sum())
     parts = []
     if emb.text_embedding is not None:
         if load_tower is None:
@@ -120,9 +122,25 @@ def _header(emb: Embeddings, cfg: EvalReportConfig, held_out: str) -> list[str]:
         f"- held-out: {held_out}",
         f"- {len(emb.scan_ids)} scans of {len(set(emb.groups))} groups ({known} with finding labels), {emb.dim} "
         f"dimensions, {len(emb.findings)} findings, {len(emb.anatomies)} anatomies",
+        *_coverage(emb),
         f"- seed {cfg.seed}; {cfg.bootstrap} bootstrap resamples, {cfg.ci:.0%} percentile intervals",
         "",
     ]
+
+
+def _coverage(emb: Embeddings) -> list[str]:
+    """How many scans show each anatomy, and the scans with no embedding at all (left out of the
+    probes and retrieval rather than entering them as zero vectors)."""
+    lines = []
+    if emb.region is not None:
+        shown = ", ".join(f"{a} {int(emb.region[:, j].sum())}" for j, a in enumerate(emb.anatomies))
+        lines.append(f"- scans showing each anatomy (of {len(emb.scan_ids)}): {shown}")
+    empty = int((~emb.embedded).sum())
+    if empty:
+        lines.append(
+            f"- {empty} scan(s) with no anatomy in the image (a zero embedding): left out of probes and retrieval"
+        )
+    return lines
 
 
 def _summary(emb: Embeddings, m: dict[str, float], cfg: EvalReportConfig, report: str) -> str:
@@ -353,7 +371,7 @@ def retrieval_part(emb: Embeddings, cfg: EvalReportConfig) -> Part:
     per_finding: dict[str, dict[str, float]] = {}
     groups = emb.group_index
     for c, f in enumerate(emb.findings):
-        ok = emb.finding_labels[:, c] >= 0
+        ok = (emb.finding_labels[:, c] >= 0) & emb.embedded
         y = emb.finding_labels[ok, c].astype(int)
         if y.sum() == 0 or y.sum() == len(y):
             notes.append(f"retrieval by {f}: {int(y.sum())} positive of {len(y)} labelled scans; skipped")

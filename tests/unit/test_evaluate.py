@@ -24,10 +24,12 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
+from ctray.config import StorageConfig
 from ctray.errors import ConfigError
 from ctray.evaluate.bootstrap import percentile_interval, resample_weights, zero_shot_intervals
 from ctray.evaluate.config import EvalReportConfig, ProbeConfig, ZeroShotConfig
-from ctray.evaluate.probe import ProbeTask, cross_validate, labelled_subset, run_probes
+from ctray.evaluate.embeddings import load_embeddings
+from ctray.evaluate.probe import ProbeTask, cross_validate, labelled_subset, probe_tasks, run_probes
 from ctray.evaluate.retrieval import precision_at_k, text_to_scan_ranks
 from ctray.evaluate.run import run_eval
 from ctray.evaluate.zeroshot import AnatomyScans, ItemScores, Prompts, evaluate, weighted_metrics
@@ -503,12 +505,31 @@ def test_threshold_protocols_tune_where_they_say():
 def test_groups_reach_the_report_and_parts_without_them_are_each_scan_alone(tmp_path, caplog):
     grouped = run_eval(quick(write_embeddings(tmp_path / "grouped", anatomy=False, text=False)))
     report = Path(grouped.report).read_text()
-    assert "over 8 groups of 24 scans" in report and "(chance" in report
+    assert "over 8 groups of 24 scans" in report and "(chance" in report and "zero embedding" not in report
     assert 0 < grouped.metrics["retrieval_finding_p@1_chance"] < 1
     with caplog.at_level(logging.WARNING, logger="ctray"):
         alone = run_eval(quick(write_embeddings(tmp_path / "alone", anatomy=False, text=False, groups=False)))
     assert "has no group column (embedded before groups): each scan is its own group" in caplog.text
     assert "over 24 groups of 24 scans" in Path(alone.report).read_text()
+
+
+def test_scans_without_an_embedding_are_left_out_and_counted(tmp_path, caplog):
+    """An anatomy objective's scan with no anatomy in the image has a zero embedding: it enters no
+    probe or retrieval, and the report says how many there were and how often each anatomy shows."""
+    folder = Path(write_embeddings(tmp_path / "emb", text=False))
+    first = sorted(folder.glob("part-*.parquet"))[0]
+    table = pq.read_table(first)
+    zero = pa.array([[0.0] * DIM, *table.column("embedding").to_pylist()[1:]], pa.list_(pa.float32(), DIM))
+    pq.write_table(table.set_column(table.column_names.index("embedding"), "embedding", zero), first)
+    with caplog.at_level(logging.WARNING, logger="ctray"):
+        result = run_eval(quick(str(folder), out=str(tmp_path / "out")))
+    assert "1 scan(s) have a zero embedding" in caplog.text
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "1 scan(s) with no anatomy in the image (a zero embedding): left out" in report
+    assert "scans showing each anatomy (of 24): liver " in report
+    emb = load_embeddings(str(folder), StorageConfig())
+    assert all(len(t.y) <= int(emb.embedded.sum()) for t in probe_tasks(emb) if t.family == "finding")
+    assert math.isfinite(result.metrics["probe_linear_finding_auroc"])
 
 
 def test_scan_level_embeddings_get_probes_and_retrieval_only(tmp_path):
