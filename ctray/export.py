@@ -52,12 +52,21 @@ class TrainedOn:
     """Scans it held when training started."""
 
 
-def write_export(
-    task: Task, objective: RecipeConfig, step: int, assets: Assets, write: Writer, trained_on: TrainedOn | None = None
-) -> list[str]:
-    """Every part of `task` and export.json through write(relative name, bytes); returns the names.
-    `trained_on`: the training shard set (None: synthetic data). Parameters must be whole (gathered
-    under ZeRO-3) when this runs."""
+@dataclass(frozen=True)
+class ExportRun:
+    """What export.json and the model card say of the run that made the export."""
+
+    step: int
+    """The optimizer step the weights are from."""
+    trained_on: TrainedOn | None = None
+    """The training shard set (None: synthetic data)."""
+    evaluation: dict[str, float] | None = None
+    """The last in-training evaluation's metrics (None: the objective has none, or it did not run)."""
+
+
+def write_export(task: Task, objective: RecipeConfig, assets: Assets, write: Writer, run: ExportRun) -> list[str]:
+    """Every part of `task`, export.json and the model card (README.md) through write(relative name,
+    bytes); returns the names. Parameters must be whole (gathered under ZeRO-3) when this runs."""
     from safetensors.torch import save
 
     parts: dict[str, Any] = {}
@@ -84,16 +93,109 @@ def write_export(
             names.append(posixpath.join("text", rel))
     meta = {
         "format": FORMAT,
+        "versions": library_versions(),
         "objective": objective.name,
-        "step": step,
+        "step": run.step,
         "recipe": objective.model_dump(mode="json"),
         "parts": parts,
         "assets": assets.for_export().model_dump(mode="json", exclude_none=True),
-        "trained_on": None if trained_on is None else asdict(trained_on),
+        "trained_on": None if run.trained_on is None else asdict(run.trained_on),
         **task.export_config(),
     }
     write(META, json.dumps(meta, indent=1).encode())
-    return [*names, META]
+    write(CARD, model_card(meta, run.evaluation).encode())
+    return [*names, META, CARD]
+
+
+CARD = "README.md"
+"""The export's model card: YAML front matter (the Hugging Face Hub's fields) and what the model is."""
+LIBRARIES = ("ctray", "torch", "transformers", "monai", "deepspeed", "safetensors")
+
+
+def library_versions() -> dict[str, str | None]:
+    """The versions that wrote an export (None: not installed), for export.json and the error a
+    later or earlier ctray gives when it cannot read one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def model_card(meta: dict[str, Any], evaluation: dict[str, float] | None) -> str:
+    """README.md of an export: the Hub's front matter (library, licence, tags), the objective and its
+    parts, the input it expects, what it was trained on (a shard set's size and fingerprint: no
+    patient data, no scan ids) and the in-training evaluation with its protocol."""
+    import yaml
+
+    front = {
+        "library_name": "ctray",
+        "license": "apache-2.0",
+        "tags": ["ctray", "medical-imaging", "computed-tomography", "feature-extraction", meta["objective"]],
+        "pipeline_tag": "feature-extraction",
+    }
+    trained = meta.get("trained_on")
+    data = (
+        f"{trained['scans']} CT scans of one shard set (preprocessing fingerprint `{trained['fingerprint']}`)"
+        if trained
+        else "synthetic batches only (a smoke test, not a usable model)"
+    )
+    parts = "\n".join(f"- `{name}`: {spec['class']}" for name, spec in meta["parts"].items())
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {meta['objective']} encoder, pretrained with ctray",
+        "",
+        f"Step {meta['step']}; written by ctray {meta['versions'].get('ctray')}"
+        f" (torch {meta['versions'].get('torch')}, transformers {meta['versions'].get('transformers')}).",
+        "",
+        "## Parts",
+        "",
+        parts,
+        "",
+        "## Input",
+        "",
+        "```json",
+        json.dumps(meta.get("input", "see export.json"), indent=1),
+        "```",
+        "",
+        "## Training data",
+        "",
+        f"{data}. The licence above is the code's; the weights carry the terms of the data they were trained on.",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if evaluation:
+        lines += [
+            "The in-training evaluation at the last step (zero-shot, thresholds at margin 0; on the run's "
+            "`eval.shards`, which are held-out only when the run set them):",
+            "",
+            "| metric | value |",
+            "| --- | --- |",
+            *(f"| {k} | {v:.4f} |" for k, v in sorted(evaluation.items()) if k.endswith("_mean")),
+        ]
+    else:
+        lines.append("None at export time: run `ctray embed` and `ctray eval` on a held-out shard set.")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import ctray",
+        'encoder = ctray.load_encoder("path/to/export")  # the vision encoder, its sampler and text tower',
+        "```",
+        "",
+        "Each part also loads without ctray, strictly, with the class and kwargs export.json names.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 Writer = Callable[[str, bytes], None]
@@ -261,14 +363,30 @@ def embed_sampler(name: str, config: RecipeConfig, assets: Assets) -> Sampler:
 def _recipe(read: Callable[[str], bytes | None], root: str, uri: str) -> tuple[dict[str, Any], RecipeConfig, Assets]:
     """export.json, the objective section (its text tower pointed at <root>/text) and the assets
     (with the tokenizer), from the export's files."""
+    from pydantic import ValidationError
+
+    import ctray
     from ctray.objectives import objective_config
     from ctray.objectives.config import Assets
 
     meta = json.loads(read(META) or b"{}")
+    made = (meta.get("versions") or {}).get("ctray") or "before 0.2"
     if meta.get("format") != FORMAT:
-        raise ConfigError(f"{uri}: export format {meta.get('format')}, this ctray reads format {FORMAT}")
-    config = objective_config(_offline(meta["recipe"], root))
-    assets = Assets.model_validate(meta.get("assets", {}))
+        raise ConfigError(
+            f"{uri}: export format {meta.get('format')} (ctray {made}); this ctray {ctray.__version__} reads format "
+            f"{FORMAT}"
+        )
+    try:
+        config = objective_config(_offline(meta["recipe"], root))
+        assets = Assets.model_validate(meta.get("assets", {}))
+    except (ValidationError, ValueError) as e:
+        # The field's place only: a value could be anything the export holds.
+        where = e.errors()[0]["loc"] if isinstance(e, ValidationError) and e.errors() else ()
+        field = ".".join(str(p) for p in where) or "objective"
+        raise ConfigError(
+            f"{uri}: written by ctray {made}, whose recipe settings this ctray {ctray.__version__} cannot read "
+            f"(at {field}); load it with ctray {made}"
+        ) from None
     tokenizer = read("text/tokenizer.json")
     if tokenizer is not None:
         assets = assets.model_copy(update={"tokenizer_json": tokenizer.decode()})

@@ -225,14 +225,14 @@ def trained_like(task: Any) -> Any:
 def export_to(folder: Path, task: Any, cfg: Any, assets: Any, step: int = 7, trained_on: Any = None) -> list[str]:
     """`task` exported to the local `folder` as a run at `step` would (trained on `trained_on`, a
     ctray.export.TrainedOn, or synthetic data)."""
-    from ctray.export import write_export
+    from ctray.export import ExportRun, write_export
 
     def write(name: str, data: bytes) -> None:
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
 
-    return write_export(task, cfg.objective, step, assets, write, trained_on)
+    return write_export(task, cfg.objective, assets, write, ExportRun(step, trained_on))
 
 
 # --- the command ---

@@ -27,7 +27,7 @@ import torch
 
 from ctray import dist
 from ctray.data.pipeline import stream_seed
-from ctray.export import TrainedOn
+from ctray.export import ExportRun, TrainedOn, write_export
 from ctray.objectives import get_objective
 from ctray.objectives.spec import Assets, Batch, Evaluates, Objective
 from ctray.train.config import PretrainConfig
@@ -127,6 +127,7 @@ class Worker:
         self.cadence = Cadence(cfg.train, cfg.eval.every if self.evaluation is not None else -1)
         self.batches = _batches(cfg, self.objective, self.device, inputs.streams)
         self.window = MetricsWindow()
+        self.last_evaluation: dict[str, float] | None = None
         self.loggers = MetricLoggers([])  # rank 0's are opened by restore(), at the step it resumes from
 
     def __enter__(self) -> Worker:
@@ -220,7 +221,7 @@ class Worker:
     def evaluate(self, step: int) -> dict[str, float]:
         """The in-training evaluation's metrics; its files as artifacts (collective)."""
         assert self.evaluation is not None  # the cadence never evaluates without one
-        metrics = self.evaluation.run_at(step, self.engine.module)
+        metrics = self.last_evaluation = self.evaluation.run_at(step, self.engine.module)
         self.loggers.log_folder(self.run.eval_dir(step), step)
         return metrics
 
@@ -239,12 +240,11 @@ class Worker:
     def export(self, step: int) -> None:
         """The trained parts in <run>/export (ctray.export), gathered first under ZeRO-3; then, once
         every rank has finished its part (the barrier), export/ as artifacts."""
-        from ctray.export import write_export
-
         with gathered(self.task, self.cfg.deepspeed.zero_stage):
             if dist.rank() == 0:
                 write = lambda name, data: self.run.write(f"export/{name}", data)  # noqa: E731
-                write_export(self.task, self.cfg.objective, step, self.inputs.assets, write, self.inputs.trained_on)
+                run = ExportRun(step, self.inputs.trained_on, self.last_evaluation)
+                write_export(self.task, self.cfg.objective, self.inputs.assets, write, run)
         if dist.is_dist():
             torch.distributed.barrier()
         self.loggers.log_folder("export", step)

@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+import ctray
 from ctray.errors import ConfigError
 from ctray.export import load_encoder
 from ctray.objectives import get_objective
@@ -43,6 +45,13 @@ def test_export_loads_strict_and_reproduces_the_training_time_embedding(name, tm
     names = export_to(tmp_path, task, cfg, assets)
     meta = json.loads((tmp_path / "export.json").read_text())
     assert meta["objective"] == name and meta["step"] == 7 and "export.json" in names
+    assert (
+        meta["versions"]["ctray"] == ctray.__version__ and meta["versions"]["torch"] == torch.__version__
+    )
+    card = (tmp_path / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "ctray" and name in front["tags"] and "README.md" in names
+    assert all(f"`{part}`" in card for part in meta["parts"]) and "synthetic batches only" in card
 
     expected = task.embed(batch)
     encoder = load_encoder(str(tmp_path))
@@ -96,7 +105,16 @@ def test_not_an_export_and_a_stage1_of_another_objective_fail_in_one_line(tmp_pa
         check_stage1(clip.objective, StorageConfig())
     assert "\n" not in str(err.value)
     meta = json.loads((tmp_path / "ctfm" / "export" / "export.json").read_text())
+    # A later ctray's recipe field: one line naming the versions and the field, never the values.
+    later = {**meta, "versions": {**meta["versions"], "ctray": "9.0"}}
+    later["recipe"] = {**meta["recipe"], "future_knob": "CANARY-VALUE"}
+    (tmp_path / "ctfm" / "export" / "export.json").write_text(json.dumps(later))
+    with pytest.raises(ConfigError) as err:
+        load_encoder(str(tmp_path / "ctfm"))
+    line = str(err.value)
+    assert "written by ctray 9.0, whose recipe settings this ctray" in line and "(at future_knob)" in line
+    assert "CANARY-VALUE" not in line and "\n" not in line
     meta["format"] = 99
     (tmp_path / "ctfm" / "export" / "export.json").write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match="export format 99"):
+    with pytest.raises(ConfigError, match=r"export format 99 \(ctray \d"):
         load_encoder(str(tmp_path / "ctfm"))
