@@ -24,7 +24,7 @@ Protocol = Literal["validation", "margin", "test_roc_corner"]
 def _corners(item: ItemScores, rows: np.ndarray) -> np.ndarray | None:
     """Each template's ROC-corner threshold over the item's scans `rows` (None: one class there)."""
     labels = item.labels[rows]
-    if labels.min() == labels.max():
+    if len(np.unique(labels)) < 2:
         return None
     return np.array([roc_corner_threshold(m[rows], labels) for m in item.margins])
 

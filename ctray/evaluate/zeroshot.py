@@ -123,7 +123,7 @@ def roc_corner_threshold(margin: np.ndarray, labels: np.ndarray) -> float:
     and CT-CLIP choose theirs; 0 when the labels have one class."""
     from sklearn.metrics import roc_curve
 
-    if labels.min() == labels.max():
+    if len(np.unique(labels)) < 2:
         return 0.0
     fpr, tpr, thresholds = roc_curve(labels, margin)
     best = int(np.argmin(np.hypot(fpr, 1 - tpr)))

@@ -500,6 +500,10 @@ def test_threshold_protocols_tune_where_they_say():
 
     (plain,), line = apply_protocol([item], "margin", groups, 0.3, seed=0)
     assert plain.thresholds is None and "margin > 0" in line
+    # An item none of whose scans fall in the validation split keeps margin > 0 and says so.
+    lone = ItemScores("finding", "g", "liver", held.scans[:6], held.labels[:6], held.margins[:, :6])
+    (kept,), line = apply_protocol([lone], "validation", groups, 0.3, seed=0)
+    assert kept.thresholds is None and len(kept.labels) == 6 and "1 item(s) with one class" in line
 
 
 def test_groups_reach_the_report_and_parts_without_them_are_each_scan_alone(tmp_path, caplog):
