@@ -5,54 +5,97 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import platform
 import sys
 import traceback
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ctray.bench import add_bench_arguments, add_geometry_arguments
 from ctray.errors import CtrayError
 from ctray.objectives import objective_names
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel
-
     from ctray.config import StorageConfig
+    from ctray.evaluate.config import EvalReportConfig
+    from ctray.ingest.config import IngestConfig
+    from ctray.train.config import PretrainConfig
+    from ctray.tune.config import SweepConfig
 
 log = logging.getLogger("ctray")
-T = TypeVar("T", bound="BaseModel")
+
+STACK = ("ray", "torch", "deepspeed", "monai", "transformers")
+"""The libraries `ctray --version` reports (from their installed metadata, none imported)."""
 
 
-def _loaded(model: type[T], args: argparse.Namespace) -> T:
-    """The command's config; then one line saying which ctray runs it (a job's --working-dir copy
-    or the installed one)."""
+def versions() -> list[str]:
+    """`ctray <version>`, then Python's and each STACK library's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import ctray
+
+    lines = [f"ctray {ctray.__version__}", f"python {platform.python_version()}"]
+    for name in STACK:
+        try:
+            lines.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            lines.append(f"{name} not installed")
+    return lines
+
+
+class _Version(argparse.Action):
+    """`ctray --version`: the versions, then exit (computed only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print("\n".join(versions()))
+        parser.exit()
+
+
+def _config_job(args: argparse.Namespace) -> None:
+    """A command that takes a YAML config: the config (YAML, dotted overrides, ${VAR}s), printed
+    with --print-config (credentials ***), else run by the command's function (args.run)."""
     import ctray
     from ctray.config import load_config
+    from ctray.config_show import command_config
 
-    cfg = load_config(model, args.config, args.overrides)
+    cfg = load_config(command_config(args.command), args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        from ctray.redact import redacted
+
+        print(yaml.safe_dump(redacted(cfg.model_dump(mode="json")), sort_keys=False), end="")
+        return
+    # Which ctray runs it: a job's --working-dir copy or the installed one.
     log.info("ctray %s from %s", ctray.__version__, os.path.dirname(ctray.__file__))
-    return cfg
+    args.run(cfg)
 
 
-def _ingest(args: argparse.Namespace) -> None:
-    from ctray.ingest.config import IngestConfig
+def _ingest(cfg: IngestConfig) -> None:
     from ctray.ingest.job import run_ingest
 
-    run_ingest(_loaded(IngestConfig, args))
+    run_ingest(cfg)
 
 
-def _pretrain(args: argparse.Namespace) -> None:
-    from ctray.train.config import PretrainConfig
+def _pretrain(cfg: PretrainConfig) -> None:
     from ctray.train.trainer import run_pretrain
 
-    run_pretrain(_loaded(PretrainConfig, args))
+    run_pretrain(cfg)
 
 
-def _sweep(args: argparse.Namespace) -> None:
-    from ctray.tune.config import SweepConfig
+def _sweep(cfg: SweepConfig) -> None:
     from ctray.tune.sweep import run_sweep
 
-    run_sweep(_loaded(SweepConfig, args))
+    run_sweep(cfg)
+
+
+def _config_show(args: argparse.Namespace) -> None:
+    from ctray.config_show import show
+
+    print(show(args.section))
 
 
 def _storage(args: argparse.Namespace) -> StorageConfig:
@@ -94,12 +137,11 @@ def _embed(args: argparse.Namespace) -> None:
     )
 
 
-def _eval(args: argparse.Namespace) -> None:
-    from ctray.evaluate.config import EvalReportConfig
+def _eval(cfg: EvalReportConfig) -> None:
     from ctray.evaluate.run import run_eval
     from ctray.export import load_encoder
 
-    run_eval(_loaded(EvalReportConfig, args), load_encoder)
+    run_eval(cfg, load_encoder)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -123,22 +165,30 @@ def _quickstart(args: argparse.Namespace) -> None:
 def _config_command(
     sub: argparse._SubParsersAction[argparse.ArgumentParser],
     name: str,
-    fn: Callable[[argparse.Namespace], None],
+    run: Callable[[Any], None],
     example_yaml: str,
     example_override: str,
     *,
     help: str,
     description: str,
 ) -> None:
-    """A subcommand that takes a YAML config and dotted overrides."""
+    """A subcommand that takes a YAML config and dotted overrides (its config class:
+    ctray.config_show.COMMANDS), run by `run`."""
     cmd = sub.add_parser(name, help=help, description=description)
-    cmd.add_argument("config", help=f"YAML config (see {example_yaml})")
+    cmd.add_argument("config", help=f"YAML config (see {example_yaml}; `ctray config show {name}` lists its fields)")
     cmd.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example_override}")
-    cmd.set_defaults(fn=fn)
+    cmd.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the config as it would run (the YAML with the overrides and ${VAR}s applied, credentials as "
+        "***) and exit without running",
+    )
+    cmd.set_defaults(fn=_config_job, run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ctray", description=__doc__.split("\n")[0] + " See README.md.")
+    p.add_argument("--version", action=_Version, help="ctray's version and those of Python, Ray, torch, DeepSpeed, ...")
     p.add_argument(
         "-v",
         "--verbose",
@@ -287,15 +337,47 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--scans", type=int, default=8, help="number of phantoms (default 8)")
     qs.add_argument("--steps", type=int, default=12, help="steps of each objective (default 12)")
     qs.set_defaults(fn=_quickstart)
+
+    co = sub.add_parser(
+        "config",
+        help="the fields of a command's config: type, default and what each does",
+        description="The configs of ingest, pretrain, sweep and eval, from the docstrings of their typed models.",
+    )
+    co_sub = co.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = co_sub.add_parser(
+        "show",
+        help="a config, one of its sections or one field",
+        description="Each field of a command's config, or of one section of it, with its type, default and "
+        "docstring; nested sections indented under their field. Examples: ctray config show pretrain.optim; "
+        "ctray config show pretrain.objective.cagcl (an objective's own fields); ctray config show ingest",
+    )
+    show.add_argument("section", help="COMMAND[.SECTION...][.FIELD], COMMAND one of ingest, pretrain, sweep, eval")
+    show.set_defaults(fn=_config_show)
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; a flag may stand between a config command's overrides (`ctray pretrain
+    job.yaml a=1 --print-config b=2`), which argparse alone would not take."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     if args.verbose:
         # Every worker's copy of a line instead of Ray's "[repeated Nx across cluster]"; read by Ray's log
         # monitor in this process, which starts later (commands import Ray lazily).
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    else:
+        from ctray.console import quiet_driver
+
+        quiet_driver()  # before the command imports Ray
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -15,11 +15,13 @@ substitution, not code: nothing in a config is evaluated.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
+import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -31,6 +33,12 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors; field docstrings become help."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    @classmethod
+    def variants(cls) -> dict[str, type[Section]]:
+        """The sections that stand in for this one, by the value of their `name` key (a pretrain job's
+        `objective:` is the config of the objective it names); {} for an ordinary section."""
+        return {}
 
 
 class StorageConfig(Section):
@@ -139,8 +147,81 @@ def load_config(model: type[T], path: str | Path | None, overrides: Sequence[str
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
+        if first["type"] == "extra_forbidden":
+            msg = unknown_key(model, first["loc"], data)
+        else:
+            msg = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
         raise ConfigError(f"config {path or '(defaults)'}: {where}: {msg}{more}") from e
+
+
+def section_type(annotation: Any, value: Any = None) -> type[BaseModel] | None:
+    """The config section a field's annotation holds (`X | None` and SerializeAsAny[X] unwrapped),
+    or None for a plain value. `value`, the field's raw data, picks a variant (Section.variants)
+    by its `name`."""
+    annotation = _unwrap(annotation)
+    if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return None
+    name = value.get("name") if isinstance(value, dict) else None
+    if issubclass(annotation, Section) and isinstance(name, str):
+        return annotation.variants().get(name, annotation)
+    return annotation
+
+
+def item_type(annotation: Any) -> Any:
+    """The type of the values of a dict or list field (dict[str, X], list[X] -> X), or None."""
+    annotation = _unwrap(annotation)
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is dict and len(args) == 2:
+        return args[1]
+    if origin is list and args:
+        return args[0]
+    return None
+
+
+def _unwrap(annotation: Any) -> Any:
+    if get_origin(annotation) is Annotated:
+        return _unwrap(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        return _unwrap(members[0]) if len(members) == 1 else annotation
+    return annotation
+
+
+def _section_at(model: type[BaseModel], loc: Sequence[int | str], data: Any) -> type[BaseModel] | None:
+    """The section at `loc` (keys from the top of the config) of a config whose raw data is `data`."""
+    annotation: Any = model
+    for key in loc:
+        section = section_type(annotation, data)
+        if section is not None:
+            field = section.model_fields.get(str(key))
+            annotation = field.annotation if field is not None else None
+        else:
+            annotation = item_type(annotation)
+        if annotation is None:
+            return None
+        data = _child(data, key)
+    return section_type(annotation, data)
+
+
+def _child(data: Any, key: int | str) -> Any:
+    if isinstance(data, dict):
+        return data.get(key)
+    if isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data):
+        return data[key]
+    return None
+
+
+def unknown_key(model: type[BaseModel], loc: Sequence[int | str], data: Any) -> str:
+    """pydantic's "Extra inputs are not permitted" for the key at `loc`, with the section's
+    closest key (a typo: optim.lrr -> "did you mean optim.lr?") or, with none close, its keys."""
+    section = _section_at(model, loc[:-1], data)
+    if section is None:
+        return "unknown key"
+    parent = ".".join(str(p) for p in loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+    if close:
+        return f"unknown key; did you mean {parent + '.' if parent else ''}{close[0]}?"
+    return f"unknown key; {parent or 'the top level'} has {', '.join(section.model_fields)}"
 
 
 def to_yaml(cfg: BaseModel) -> str:

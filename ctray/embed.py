@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ctray.config import StorageConfig
+from ctray.console import quiet_dataset, verbose
 from ctray.errors import ConfigError
 from ctray.redact import redact_text
 
@@ -267,10 +268,11 @@ def _embed_pending(
         fn_constructor_kwargs={"export": export, "storage": storage.model_dump(mode="json"), **settings},
         batch_size=batch_scans,
         batch_format="pyarrow",
-        concurrency=(1, max_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors),
         num_gpus=1 if gpus else 0,
         num_cpus=1,
     )
+    quiet_dataset(ds, verbose())
     ofs, oroot = filesystem(out, storage)
     return _write_parts(
         ds, rows_of, pending, out, lambda name, data: publish_bytes(data, ofs, posixpath.join(oroot, name), storage)

@@ -28,8 +28,13 @@ def ensure_ray(cfg: RayConfig) -> None:
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     kwargs = {} if address else {"num_cpus": cfg.num_cpus}
-    ray.init(address=address, log_to_driver=True, **kwargs)
-    log.info("ray: %s", "connected to " + address if address else "local instance")
+    context = ray.init(address=address, log_to_driver=True, **kwargs)
+    dashboard = getattr(context, "dashboard_url", None)
+    log.info(
+        "ray: %s%s",
+        "connected to " + address if address else "local instance",
+        f", dashboard http://{dashboard.removeprefix('http://')}" if dashboard else "",
+    )
 
 
 _KINDS = ("CPU", "GPU", "TPU", "memory")

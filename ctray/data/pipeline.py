@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from ctray.config import StorageConfig
+from ctray.console import quiet_dataset, verbose
 from ctray.ingest.shardset import ScanRow, ShardSet
 from ctray.storage import arrow_filesystem
 
@@ -157,8 +158,8 @@ class StreamPlan:
     """The first draw (a resumed run: the checkpoint's step x scans per step)."""
     concurrency: int | None = None
     """Ray Data map tasks sampling at once per stream (None: Ray Data decides)."""
-    reserved: dict[str, float] = field(default_factory=dict)
-    """The training workers' resources, left out of Ray Data's budget (as Ray Train does)."""
+    verbose: bool = False
+    """Ray Data's own console lines (progress bars, each stream's execution plan): `ctray -v`."""
 
 
 def training_datasets(
@@ -173,30 +174,41 @@ def training_datasets(
     Each stream is a one-way streaming_split: its dataset runs in a coordinator actor on this
     (the driver's) node, as Ray Train's own split does, not in the training process, where its
     scheduling thread would share the GIL with the training loop."""
+    order = ScanOrder(ShardSet.open(uri, storage).scans(), plan.seed)
+    return {
+        f"train_{rank}": rank_dataset(uri, storage, sampler, plan, order, rank).streaming_split(1, equal=False)[0]
+        for rank in range(plan.ranks)
+    }
+
+
+def rank_dataset(
+    uri: str, storage: StorageConfig, sampler: Sampler, plan: StreamPlan, order: ScanOrder, rank: int
+) -> ray.data.Dataset:
+    """Rank `rank`'s stream (training_datasets) as a dataset: its draws of `order`, sampled, in order.
+
+    Ray Data's budget leaves out the training workers' CPUs and GPUs without a word from ctray: in
+    the Ray ctray requires (2.60), Ray Train registers its workers with Ray Data's autoscaling
+    coordinator at high priority, and each dataset's executor gets what they leave (Ray Train's own
+    DataConfig sets nothing more). ExecutionOptions.exclude_resources, which ctray set before, is
+    deprecated, and subtracted the workers a second time from that share."""
     import ray
 
-    seed, per_rank, concurrency = plan.seed, plan.per_rank, plan.concurrency
-    order = ScanOrder(ShardSet.open(uri, storage).scans(), seed)
-    exclude = ray.data.ExecutionResources(cpu=plan.reserved.get("CPU", 0.0), gpu=plan.reserved.get("GPU", 0.0))
-    out = {}
-    for rank in range(plan.ranks):
-        draws = RankDraws(plan.start, rank, per_rank, per_rank * plan.ranks)
-        # Small blocks: ray.data.range splits into a handful of blocks whatever its length, so each
-        # map task would sample a quarter of the run in a row, and with preserve_order the later
-        # tasks' scans wait in the object store (measured: 5 GB, then spilling, at 20,000 draws).
-        length = plan.steps * per_rank
-        blocks = min(math.ceil(length / DRAWS_PER_BLOCK), MAX_BLOCKS)
-        ds = ray.data.range(length, override_num_blocks=max(1, blocks)).map_batches(
-            ShardRowReader(uri, storage, sampler, order, seed, draws),
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=1,
-            concurrency=concurrency,
-        )
-        ds.context.execution_options.preserve_order = True
-        ds.context.execution_options.exclude_resources = exclude
-        out[f"train_{rank}"] = ds.streaming_split(1, equal=False)[0]
-    return out
+    draws = RankDraws(plan.start, rank, plan.per_rank, plan.per_rank * plan.ranks)
+    # Small blocks: ray.data.range splits into a handful of blocks whatever its length, so each
+    # map task would sample a quarter of the run in a row, and with preserve_order the later
+    # tasks' scans wait in the object store (measured: 5 GB, then spilling, at 20,000 draws).
+    length = plan.steps * plan.per_rank
+    blocks = min(math.ceil(length / DRAWS_PER_BLOCK), MAX_BLOCKS)
+    ds = ray.data.range(length, override_num_blocks=max(1, blocks)).map_batches(
+        ShardRowReader(uri, storage, sampler, order, plan.seed, draws),
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=1,
+        compute=None if plan.concurrency is None else ray.data.TaskPoolStrategy(size=plan.concurrency),
+    )
+    ds.context.execution_options.preserve_order = True
+    quiet_dataset(ds, plan.verbose)
+    return ds
 
 
 DRAWS_PER_BLOCK = 4
@@ -212,4 +224,6 @@ def place_data_actors_here() -> None:
     actor would then keep from ever scaling down."""
     import ray
 
-    ray.data.range(1).materialize()
+    ds = ray.data.range(1)
+    quiet_dataset(ds, verbose())
+    ds.materialize()

@@ -59,7 +59,11 @@ def train_wordpiece(reports: list[list[str]], vocab_size: int, min_reports: int 
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=min_reports
+        # show_progress: its bars are blank lines in a log, for a second's work on the driver
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        min_frequency=min_reports,
+        show_progress=False,
     )
     tok.train_from_iterator([c for c in corpus if c], trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(

@@ -102,7 +102,7 @@ def weighted_metrics(
     out = {
         "auroc": _weighted_auroc(margin, y, w),
         "balanced_accuracy": (sensitivity + specificity) / 2,
-        "weighted_f1": (f1_pos * (tp + fn) + f1_neg * (tn + fp)) / w.sum(1),
+        "weighted_f1": _ratio(f1_pos * (tp + fn) + f1_neg * (tn + fp), w.sum(1), np.nan),
         "sensitivity": sensitivity,
         "specificity": specificity,
         "precision": _ratio(tp, tp + fp, 0.0),

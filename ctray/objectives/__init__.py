@@ -88,9 +88,14 @@ def objective_config(value: Any) -> RecipeConfig:
         raise ValueError(f"needs a `name`, one of {objective_names()}")
     if value["name"] not in objective_names():
         raise ValueError(f"unknown objective {value['name']!r}; known: {', '.join(objective_names())}")
-    name = value["name"]
+    return config_class(value["name"]).model_validate(value)
+
+
+def config_class(name: str) -> type[RecipeConfig]:
+    """The config class of a registered objective, without importing its recipe where CONFIGS
+    names it."""
     if name in _LOADED or name not in CONFIGS:
-        return get_objective(name).config.model_validate(value)
+        return get_objective(name).config
     module, attr = CONFIGS[name].split(":")
     config: type[RecipeConfig] = getattr(importlib.import_module(module), attr)
-    return config.model_validate(value)
+    return config

@@ -14,6 +14,16 @@ class RecipeConfig(Section):
     name: str
     """The registered objective (`ctray pretrain --help` lists them)."""
 
+    @classmethod
+    def variants(cls) -> dict[str, type[Section]]:
+        """Every registered objective's config, by name (only on this base: a recipe's own config
+        stands for itself)."""
+        if cls is not RecipeConfig:
+            return {}
+        from ctray.objectives import config_class, objective_names
+
+        return {name: config_class(name) for name in objective_names()}
+
 
 class Assets(Section):
     """What an objective's driver-side `prepare` computes once for every rank's task and sampler

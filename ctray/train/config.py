@@ -40,6 +40,7 @@ class OptimConfig(Section):
     weight_decay: float = 1e-6
     """AdamW weight decay (CT-FM 1e-6)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's decay rates of the gradient's running mean and of its square."""
     warmup_steps: int = 5000
     """Linear warmup steps (CT-FM: 10 of 500 epochs of 500 steps)."""
     min_lr_ratio: float = 0.0

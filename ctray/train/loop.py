@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ctray import dist
+from ctray.console import quiet_worker
 from ctray.data.pipeline import stream_seed
 from ctray.export import ExportRun, TrainedOn, write_export
 from ctray.objectives import get_objective
@@ -87,7 +88,7 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg = PretrainConfig.model_validate(config["cfg"])
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     if not config.get("verbose"):
-        _quiet_ray_reports()
+        quiet_worker()  # torch's deprecations inside DeepSpeed, Ray Train's line per report (ctray.console)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
@@ -262,17 +263,6 @@ class Worker:
         self.run.write(marker, b"")
         log.warning("fault injection: rank %d kills its own process at step %d", dist.rank(), step)
         os.kill(os.getpid(), 9)
-
-
-def _quiet_ray_reports() -> None:
-    """Ray Train logs every report of every rank ("Reporting training result N: TrainingReport(...)")
-    at INFO on a logger named after its file, outside `ray.train`, so the run's LoggingConfig misses
-    it; ctray's own line says the same once. `ctray -v` keeps it."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # moved in another Ray: its lines show, nothing breaks
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _batches(

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ctray.config import to_yaml
+from ctray.console import verbose
 from ctray.data.pipeline import StreamPlan, place_data_actors_here, training_datasets
 from ctray.errors import CtrayError, TrainingFailed, first_line
 from ctray.export import TrainedOn
@@ -87,12 +88,6 @@ def finished(run: RunFolder, steps: int) -> PretrainResult | None:
     )
 
 
-def verbose() -> bool:
-    """`ctray -v` (debug logging): Ray Train's own lines (a TrainingReport per report and rank, worker
-    group events) and Ray Data's progress bars are shown too; otherwise the console has ctray's lines."""
-    return logging.getLogger("ctray").isEnabledFor(logging.DEBUG)
-
-
 @dataclass
 class PretrainResult:
     step: int
@@ -140,11 +135,6 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
         cfg.peak_lr,
         run.uri,
     )
-    if not cfg.data.synthetic and not verbose():
-        import ray.data
-
-        # Ray Data's progress bars, redrawn by every rank's split coordinator, would bury the step lines.
-        ray.data.DataContext.get_current().enable_progress_bars = False
     ids = tracking.start(cfg, run)  # after prepare: a config that fails there opens no MLflow run
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
@@ -273,7 +263,6 @@ def _trainer(
     if not cfg.data.synthetic:
         # The micro-steps of the steps left, and one optimizer step's worth of slack.
         micro_steps = (max(0, cfg.train.steps - start) + 1) * cfg.optim.grad_accum
-        reserved = {k: v * cfg.scaling.num_workers for k, v in cfg.scaling.worker_bundle().items()}
         plan = StreamPlan(
             seed=cfg.train.seed,
             steps=micro_steps,
@@ -281,7 +270,7 @@ def _trainer(
             per_rank=cfg.scans_per_worker,
             start=start * cfg.scans_per_step,
             concurrency=cfg.data.sampler_concurrency,
-            reserved=reserved,
+            verbose=verbose(),
         )
         streams = training_datasets(cfg.data.shards, cfg.storage, sampler, plan)
     afs, storage_path = arrow_filesystem(cfg.run.storage, cfg.storage)

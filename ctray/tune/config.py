@@ -44,6 +44,7 @@ class SchedulerConfig(Section):
     metric: str = "loss"
     """A metric the pretrain loop reports (loss, positive_cosine, ...)."""
     mode: Literal["min", "max"] = "min"
+    """min: a lower `metric` is better; max: a higher one."""
     grace_period: int = 2
     """Reports (train.log_every steps each) before a trial can be stopped."""
     reduction_factor: int = 2

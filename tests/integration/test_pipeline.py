@@ -1,11 +1,15 @@
 """The run's seed drives the data it trains on: the scan order of every pass and each draw's
 sampling are functions of train.seed (ctray.data.pipeline); the same seed repeats them exactly, and
-another seed changes them. (test_reproducible.py runs the trainer end to end with one seed.)"""
+another seed changes them. (test_reproducible.py runs the trainer end to end with one seed.)
+Each rank's dataset keeps that order and leaves the console to ctray."""
+
+import dataclasses
+import warnings
 
 import numpy as np
 
 from ctray.config import StorageConfig
-from ctray.data.pipeline import RankDraws, ScanOrder, ShardRowReader
+from ctray.data.pipeline import RankDraws, ScanOrder, ShardRowReader, StreamPlan, rank_dataset
 from ctray.ingest.shardset import ShardSet
 from ctray.objectives import get_objective
 
@@ -52,3 +56,38 @@ def test_a_resumed_run_on_another_number_of_ranks_draws_where_the_checkpoint_lef
     assert resumed[1] == resumed[2] == resumed[4]
     assert resumed[2][0] == list(range(start_step * per_step, (start_step + 1) * per_step))
     assert uninterrupted[0] == list(range(per_step))  # and from 0: the same draw numbering
+
+
+def test_a_ranks_dataset_runs_in_order_and_leaves_the_console_to_ctray(train_shards):
+    """rank_dataset: its draws in order (preserve_order), sampled as ShardRowReader samples them;
+    no ExecutionOptions.exclude_resources (deprecated: Ray Train reserves its workers through Ray
+    Data's autoscaling coordinator, and subtracting them again counted them twice), so building it
+    warns nothing; Ray Data's progress bars and execution-plan lines off in the dataset's own
+    context (it travels to the split coordinator), unless verbose, and the process's context untouched."""
+    import ray.data
+    from ray.util.annotations import RayDeprecationWarning
+
+    cfg = pretrain_cfg(train_shards, "unused", "unused")
+    sampler = get_objective("ctfm_simclr").sampler(cfg.objective, {})
+    order = ScanOrder(ShardSet.open(str(train_shards), StorageConfig()).scans(), 0)
+    plan = StreamPlan(seed=0, steps=3, ranks=2, concurrency=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayDeprecationWarning)
+        quiet = rank_dataset(str(train_shards), StorageConfig(), sampler, plan, order, 1)
+        loud = rank_dataset(
+            str(train_shards), StorageConfig(), sampler, dataclasses.replace(plan, verbose=True), order, 1
+        )
+    options = quiet.context.execution_options
+    assert options.preserve_order
+    assert options.exclude_resources.is_zero() and options.is_resource_limits_default()
+    assert not quiet.context.enable_progress_bars and not quiet.context.print_on_execution_start
+    current = ray.data.DataContext.get_current()
+    assert current.print_on_execution_start  # Ray Data's default, left alone
+    assert (loud.context.enable_progress_bars, loud.context.print_on_execution_start) == (
+        current.enable_progress_bars,
+        current.print_on_execution_start,
+    )
+    rows = quiet.take_all()  # rank 1 of 2, one scan per micro-step: draws 1, 3, 5
+    reader = ShardRowReader(str(train_shards), StorageConfig(), sampler, order, 0, RankDraws(0, 1, 1, 2))
+    expected = reader({"id": np.arange(3)})["patches"]
+    assert np.array_equal(np.stack([row["patches"] for row in rows]), expected)

@@ -5,7 +5,10 @@ integration/test_cli_process.py."""
 import os
 
 import pytest
+import yaml
 
+import ctray
+from ctray import cli
 from ctray.cli import main
 from ctray.errors import ConfigError
 
@@ -23,6 +26,8 @@ COMMANDS = [
     ["embed"],
     ["eval"],
     ["doctor"],
+    ["config"],
+    ["config", "show"],
 ]
 BENCHES = [["bench"], ["bench", "ingest"], ["bench", "data"], ["bench", "scale"], ["bench", "step"]]
 
@@ -108,3 +113,63 @@ def test_verbose_shows_every_workers_lines(tmp_path, monkeypatch):
     assert "RAY_DEDUP_LOGS" not in os.environ
     assert main(["-v", "phantoms", str(tmp_path / "b"), "--n", "1", "--shape", "16", "32", "32"]) == 0
     assert os.environ["RAY_DEDUP_LOGS"] == "0"
+
+
+def test_version_names_ctray_and_its_stack(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"ctray {ctray.__version__}"
+    assert [line.split()[0] for line in lines[1:]] == ["python", *cli.STACK]
+    assert all(len(line.split(maxsplit=1)) == 2 for line in lines)
+
+
+def test_print_config_prints_the_resolved_config_without_credentials(capsys, monkeypatch):
+    """--print-config: the YAML as the command would run it (the job's YAML, then the overrides,
+    then ${VAR}s), wherever the flag stands among the overrides, and nothing run; a credential that
+    reaches the config through ${VAR} (a canary in a secret-named variable, alone and inside a URL)
+    is ***."""
+    canary = "canary-5e3f9d1b7a"
+    monkeypatch.setenv("CTRAY_CANARY_TOKEN", canary)
+    monkeypatch.setenv("CTRAY_TEST_RUN", "resolved-run")
+    monkeypatch.setattr(cli, "_pretrain", lambda cfg: pytest.fail("--print-config ran the command"))
+    argv = [
+        "pretrain",
+        str(REPO / "jobs" / "ctfm-local.yaml"),
+        "train.max_steps=3",
+        "--print-config",
+        "run.name=${CTRAY_TEST_RUN}",
+        "run.group=${CTRAY_CANARY_TOKEN}",
+        "run.mlflow.tracking_uri=https://ctray:${CTRAY_CANARY_TOKEN}@mlflow.example:5000",
+    ]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert canary not in out + err
+    printed = yaml.safe_load(out)
+    assert printed["objective"]["name"] == "ctfm_simclr"  # from the YAML
+    assert printed["train"]["max_steps"] == 3  # an override
+    assert printed["train"]["log_every"] == 2  # the YAML's value, not the default
+    assert printed["run"]["name"] == "resolved-run"  # ${VAR} expanded
+    assert printed["run"]["group"] == "***"
+    assert printed["run"]["mlflow"]["tracking_uri"] == "https://***@mlflow.example:5000"
+    assert printed["optim"]["weight_decay"] == 1e-6  # a default the YAML leaves out
+
+
+def test_config_show_lists_fields_with_type_default_and_docstring(capsys):
+    assert main(["config", "show", "pretrain.optim"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pretrain.optim (OptimConfig): torch AdamW")
+    assert "\n  lr: float = 0.0001\n      Peak learning rate (CT-FM 1e-4).\n" in out
+    assert "\n  lr_base_batch: int | None = null\n" in out
+    assert main(["config", "show", "pretrain"]) == 0
+    out = capsys.readouterr().out
+    assert "\n  optim: OptimConfig\n" in out and "\n    lr: float = 0.0001\n" in out  # nested, indented
+    assert "\n      tracking_uri: str | None = null\n" in out  # run.mlflow, two levels down
+    assert "ctray config show pretrain.objective.<name>" in out
+    assert '\n    placement_strategy: "PACK" | "SPREAD" | "STRICT_PACK" | "STRICT_SPREAD" = "PACK"\n' in out
+    assert main(["config", "show", "pretrain.objective.cagcl.global_weight"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pretrain.objective.cagcl.global_weight: float = ")
+    assert main(["config", "show", "pretrain.optm"]) == 2
+    assert "did you mean pretrain.optim?" in capsys.readouterr().err

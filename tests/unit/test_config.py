@@ -19,9 +19,28 @@ def test_yaml_and_dotted_overrides(tmp_path):
     assert load_config(IngestConfig, path) == cfg
 
 
-def test_unknown_key_is_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"preprocess\.spacingg"):
+def test_unknown_key_is_named_with_the_closest_known_one(tmp_path):
+    """A typo in an override or a YAML key: one line naming the key and the section's closest key,
+    in the section the key is in (a registered objective's own section under `objective:`); with
+    none close, the section's keys."""
+    from ctray.train.config import PretrainConfig
+
+    with pytest.raises(ConfigError, match=r"preprocess\.spacingg: unknown key; did you mean preprocess\.spacing\?$"):
         load_config(IngestConfig, None, ["input.scans=a", "output.uri=b", "preprocess.spacingg=[1,1,1]"])
+    base = ["objective.name=ctfm_simclr", "data.shards=s"]
+    with pytest.raises(ConfigError, match=r"optim\.lrr: unknown key; did you mean optim\.lr\?"):
+        load_config(PretrainConfig, None, [*base, "optim.lrr=0.1"])
+    (tmp_path / "job.yaml").write_text("objective: {name: cagcl, globl_weight: 0}\ndata: {shards: s}\n")
+    with pytest.raises(
+        ConfigError, match=r"job\.yaml: objective\.globl_weight: unknown key; did you mean objective\.global_weight\?"
+    ):
+        load_config(PretrainConfig, tmp_path / "job.yaml")
+    with pytest.raises(
+        ConfigError, match=r"run\.mlflow\.zzz: unknown key; run\.mlflow has tracking_uri, experiment, parent_run_id$"
+    ):
+        load_config(PretrainConfig, None, [*base, "run.mlflow.zzz=1"])
+    with pytest.raises(ConfigError, match=r"objectiv: unknown key; did you mean objective\?"):
+        load_config(PretrainConfig, None, [*base, "objectiv.name=x"])
 
 
 def test_bad_values_fail_early():
@@ -64,3 +83,41 @@ def test_epochs_or_steps_and_the_linear_lr_rule(tmp_path):
         PretrainConfig, None, [*base, "optim.lr=1.5e-4", "optim.lr_base_batch=256", "optim.lr_views_per_scan=13"]
     )
     assert scaled.peak_lr == pytest.approx(1.5e-4 * 56 * 13 / 256)
+
+
+def _sections(model: type, seen: set[type]) -> None:
+    """`model` and every section below it (a recipe's `objective:` as each registered objective)."""
+    from ctray.config import Section, item_type, section_type
+
+    if model in seen:
+        return
+    seen.add(model)
+    for name in model.variants() if issubclass(model, Section) else {}:
+        _sections(model.variants()[name], seen)
+    for field in model.model_fields.values():
+        inner = section_type(field.annotation) or section_type(item_type(field.annotation))
+        if inner is not None:
+            _sections(inner, seen)
+
+
+def test_every_config_field_has_a_docstring():
+    """Section's use_attribute_docstrings turns the string under each field into its description,
+    which `ctray config show` prints: every field of every command's config has one (a section
+    field may instead rely on its class docstring)."""
+    from ctray.config import item_type, section_type
+    from ctray.config_show import COMMANDS, command_config
+
+    seen: set[type] = set()
+    for command in COMMANDS:
+        _sections(command_config(command), seen)
+    assert len(seen) > 30
+    missing = []
+    for model in seen:
+        for name, field in model.model_fields.items():
+            inner = section_type(field.annotation) or section_type(item_type(field.annotation))
+            inherited = any(
+                getattr(base, "model_fields", {}).get(name, field).description for base in model.__mro__[1:]
+            )
+            if not (field.description or inherited or (inner is not None and inner.__doc__)):
+                missing.append(f"{model.__name__}.{name}")
+    assert missing == []
