@@ -45,9 +45,7 @@ def test_export_loads_strict_and_reproduces_the_training_time_embedding(name, tm
     names = export_to(tmp_path, task, cfg, assets)
     meta = json.loads((tmp_path / "export.json").read_text())
     assert meta["objective"] == name and meta["step"] == 7 and "export.json" in names
-    assert (
-        meta["versions"]["ctray"] == ctray.__version__ and meta["versions"]["torch"] == torch.__version__
-    )
+    assert meta["versions"]["ctray"] == ctray.__version__ and meta["versions"]["torch"] == torch.__version__
     card = (tmp_path / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "ctray" and name in front["tags"] and "README.md" in names
