@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,6 +51,9 @@ class TrainedOn:
     """Its manifest's preprocessing fingerprint."""
     scans: int
     """Scans it held when training started."""
+    preprocess: dict[str, Any] | None = None
+    """Its ingest preprocessing (ctray.ingest.config.PreprocessConfig as JSON): what
+    `Encoder.embed_volume` applies to a new scan."""
 
 
 @dataclass(frozen=True)
@@ -287,6 +291,49 @@ class Encoder:
         return embed_sampler(self.objective, self.config, self.assets)
 
     @torch.no_grad()
+    def embed_volume(
+        self,
+        volume: str | np.ndarray,
+        spacing: tuple[float, float, float] | None = None,
+        orientation: str | None = None,
+        label_map: str | np.ndarray | None = None,
+        seed: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """One scan -> `embed`'s output, through the preprocessing the training shards were written
+        with (export.json's trained_on.preprocess: orientation, spacing, foreground crop, the same
+        code as `ctray ingest`) and the recipe's embedding sampler, so that it equals the embedding
+        of the same scan read from shards. `volume`: a NIfTI path, or an HU array with its voxel
+        `spacing` (mm) and `orientation` (axis codes of its axes, e.g. "SPL": axis 0 runs to
+        superior). `label_map`: its TotalSegmentator labels on the same grid (a path or array),
+        which anatomy objectives need. `seed`: the draw of samplers that draw (CT-FM's does not)."""
+        from ctray.anatomy import anatomy_label_ids
+        from ctray.ingest.config import PreprocessConfig
+        from ctray.ingest.preprocess import anatomy_boxes, preprocess
+
+        recorded = (self.meta.get("trained_on") or {}).get("preprocess")
+        if recorded is None:
+            raise ConfigError(
+                f"the {self.objective} export records no ingest preprocessing (trained on synthetic data or by an "
+                "older ctray): embed shards written with it instead"
+            )
+        cfg = PreprocessConfig.model_validate(recorded)
+        scan = _raw_volume(volume, spacing, orientation, "volume")
+        mask = None if label_map is None else _raw_volume(label_map, spacing, orientation, "label_map", scan)
+        pre = preprocess(scan, mask, cfg)
+        row = {
+            "volume": [pre.hu.tobytes()],
+            "shape": [list(pre.hu.shape)],
+            "spacing": [list(pre.spacing)],
+            "label_map": [None if pre.labels is None else pre.labels.tobytes()],
+            "anatomy_boxes": [
+                [] if pre.labels is None else anatomy_boxes(pre.labels, anatomy_label_ids(cfg.anatomies))
+            ],
+            "anatomy_texts": [[]],
+            "labels": [[]],
+        }
+        return self.embed(self.sampler()(row, np.random.default_rng(seed)))
+
+    @torch.no_grad()
     def embed(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Task.embed: {"embedding": (S, D), ...} (see the recipe's task)."""
         device = next(self.task.parameters()).device
@@ -302,6 +349,42 @@ class Encoder:
     def to(self, device: torch.device | str) -> Encoder:
         self.task.to(device)
         return self
+
+
+def _raw_volume(
+    value: str | np.ndarray,
+    spacing: tuple[float, float, float] | None,
+    orientation: str | None,
+    name: str,
+    like: Any = None,
+) -> Any:
+    """A NIfTI path or an array in the given orientation and spacing -> ctray.ingest.volume.RawVolume
+    (a label map takes its scan's grid when given as an array)."""
+    from ctray.ingest.volume import RawVolume, load_nifti
+
+    if isinstance(value, str):
+        return load_nifti(value, name)
+    data = np.asarray(value)
+    if like is not None and spacing is None:
+        return RawVolume(data, like.affine, source=name)
+    if spacing is None or orientation is None:
+        raise ConfigError(f"embed_volume: an array {name} needs its spacing (mm per axis) and orientation (e.g. SPL)")
+    return RawVolume(data, axcodes_affine(orientation, spacing), source=name)
+
+
+def axcodes_affine(orientation: str, spacing: tuple[float, float, float]) -> np.ndarray:
+    """The voxel -> RAS+ affine of an array whose axes run towards `orientation`'s codes (R/L, A/P,
+    S/I) with `spacing` mm per voxel, its first voxel at the origin."""
+    world = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+    codes = orientation.upper()
+    if len(codes) != 3 or {world[c][0] for c in codes if c in world} != {0, 1, 2}:
+        raise ConfigError(f"embed_volume: orientation {orientation!r} is not three axis codes of R/L, A/P, S/I")
+    affine = np.eye(4)
+    affine[:3, :3] = 0.0
+    for axis, (code, size) in enumerate(zip(codes, spacing, strict=True)):
+        row, sign = world[code]
+        affine[row, axis] = sign * float(size)
+    return affine
 
 
 def export_uri(path: str, storage: StorageConfig) -> str:

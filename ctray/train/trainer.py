@@ -42,7 +42,8 @@ def _trained_on(cfg: PretrainConfig) -> TrainedOn:
             "eval: the in-training evaluation reads the training shards, so its figures are not held-out: "
             "set eval.shards to a held-out shard set (README: Use what was pretrained)"
         )
-    return TrainedOn(redact_text(cfg.data.shards), shard_set.fingerprint, len(shard_set.scans()))
+    preprocess = shard_set.ingest.preprocess.model_dump(mode="json")
+    return TrainedOn(redact_text(cfg.data.shards), shard_set.fingerprint, len(shard_set.scans()), preprocess)
 
 
 def steps_for_epochs(cfg: PretrainConfig, scans: int) -> int:

@@ -47,7 +47,8 @@ def exported(name: str, job: str, shards: Path, root: Path) -> Path:
     assets = get_objective(name).prepare(cfg.objective, cfg.data.shards, cfg.run_folder())
     task = trained_like(get_objective(name).task(cfg.objective, assets))
     shard_set = ShardSet.open(str(shards), StorageConfig())
-    trained_on = TrainedOn(str(shards), shard_set.fingerprint, len(shard_set.scans()))
+    preprocess = shard_set.ingest.preprocess.model_dump(mode="json")
+    trained_on = TrainedOn(str(shards), shard_set.fingerprint, len(shard_set.scans()), preprocess)
     export_to(root / "run" / "export", task, cfg, assets, trained_on=trained_on)
     return root / "run"
 
@@ -105,6 +106,28 @@ def test_embed_ctfm_equals_a_single_process_run_and_resumes_by_shard(labelled_sh
     assert again.parts == 1 and again.scans == 2
     assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("part-*.parquet"))[1:]} == kept
     assert np.array_equal(np.stack(table(out).column("embedding").to_numpy(zero_copy_only=False)), emb)
+
+
+def test_embed_volume_from_a_nifti_or_an_array_equals_the_shard_path(labelled_shards, tmp_path):
+    """A scan never ingested, embedded straight from its file (or its array, spacing and
+    orientation) through the preprocessing export.json recorded, equals the embedding of the same
+    scan read from the shards: the export carries its input pipeline."""
+    import nibabel as nib
+
+    run = exported("ctfm_simclr", "ctfm-local.yaml", labelled_shards, tmp_path)
+    encoder = load_encoder(str(run))
+    scan_id = pq.read_table(sorted(labelled_shards.glob("**/*.parquet"))[0]).column("scan_id")[0].as_py()
+    nifti = labelled_shards.parent / "data" / "scans" / f"{scan_id}.nii.gz"
+    want = reference(run, labelled_shards, scan_id)["embedding"]
+    np.testing.assert_allclose(encoder.embed_volume(str(nifti))["embedding"].numpy(), want, rtol=1e-5, atol=1e-6)
+
+    image = nib.as_closest_canonical(nib.load(nifti))  # RAS: axis 0 runs right, 1 anterior, 2 superior
+    hu = np.asarray(image.dataobj, dtype=np.float32)
+    spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
+    from_array = encoder.embed_volume(hu, spacing=spacing, orientation="RAS")["embedding"].numpy()
+    np.testing.assert_allclose(from_array, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="needs its spacing"):
+        encoder.embed_volume(hu)
 
 
 def test_embed_cagcl_anatomies_and_report_texts(labelled_shards, tmp_path, caplog):
