@@ -138,10 +138,21 @@ def _embed(args: argparse.Namespace) -> None:
 
 
 def _eval(cfg: EvalReportConfig) -> None:
+    import posixpath
+
     from ctray.evaluate.run import run_eval
     from ctray.export import load_encoder
+    from ctray.run_folder import RunFolder
+    from ctray.train.tracking import log_evaluation
 
-    run_eval(cfg, load_encoder)
+    result = run_eval(cfg, load_encoder)
+    # Into the training run's MLflow run when the export is a run's export/ (its tracking.json).
+    export = result.export.rstrip("/")
+    if export.endswith("/export"):
+        run = RunFolder(posixpath.dirname(export), cfg.storage)
+        report = RunFolder(posixpath.dirname(result.report), cfg.storage)
+        name = posixpath.basename(cfg.embeddings.rstrip("/"))
+        log_evaluation(run, max(result.export_step, 0), result.metrics, report, name)
 
 
 def _bench(args: argparse.Namespace) -> None:

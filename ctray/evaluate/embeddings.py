@@ -35,6 +35,8 @@ class Embeddings:
     export: str
     shards: str
     """The shard set embedded (embed.json; "" when not recorded)."""
+    export_step: int
+    """The step of the export's weights (embed.json; -1 when not recorded)."""
     findings: list[str]
     """Finding label names, the columns of finding_labels."""
     finding_anatomies: dict[str, str]
@@ -130,6 +132,7 @@ def load_embeddings(uri: str, storage: StorageConfig) -> Embeddings:
         objective=str(meta.get("objective", "?")),
         export=str(meta.get("export", "")),
         shards=str(meta.get("shards", "")),
+        export_step=int(meta.get("export_step", -1)),
         findings=findings,
         finding_anatomies=dict(meta.get("finding_anatomies") or {}),
         anatomies=anatomies if has["anatomy_embedding"] else [],

@@ -60,6 +60,10 @@ class EvalResult:
     """URI of report.md."""
     summary: str
     """One line for the console."""
+    export: str
+    """URI of the export whose embeddings these are."""
+    export_step: int
+    """Its step (-1: not recorded)."""
 
 
 TowerLoader = Callable[[str, StorageConfig], TextTower]
@@ -89,7 +93,7 @@ def run_eval(cfg: EvalReportConfig, load_tower: TowerLoader | None = None) -> Ev
     metrics = {"eval_scans": float(len(emb.scan_ids)), **{k: v for p in parts for k, v in p.metrics.items()}}
     summary = _summary(emb, metrics, cfg, report)
     log.info("%s", summary)
-    return EvalResult(metrics, report, summary)
+    return EvalResult(metrics, report, summary, emb.export, emb.export_step)
 
 
 def held_out_status(emb: Embeddings, storage: StorageConfig) -> str:

@@ -37,7 +37,7 @@ import yaml
 from ctray.errors import ConfigError, first_line
 from ctray.redact import redact_text, redacted
 from ctray.run_folder import RunFolder
-from ctray.storage import is_remote
+from ctray.storage import is_remote, local_folder
 
 if TYPE_CHECKING:
     from ctray.train.config import PretrainConfig
@@ -269,7 +269,34 @@ def end_sweep(base: PretrainConfig, run_id: str, folder: RunFolder, files: list[
         log.warning("mlflow: could not log the sweep's results to run %s: %s", run_id, first_line(e))
 
 
-def _metric(key: str, value: float) -> Any:
+def _metric(key: str, value: float, step: int = 0, stamp: int | None = None) -> Any:
     from mlflow.entities import Metric
 
-    return Metric(key, value, int(time.time() * 1000), 0)
+    return Metric(key, float(value), int(time.time() * 1000) if stamp is None else stamp, step)
+
+
+def log_evaluation(run: RunFolder, step: int, metrics: dict[str, float], report: RunFolder, name: str) -> str | None:
+    """A `ctray eval` report into the MLflow run of the training run that made the export (its
+    tracking.json): the report's scalars at the export's step, prefixed `eval/<name>/`, and the
+    report folder as artifacts under eval/<name>. Returns the run id (None: the run tracked
+    nothing in MLflow). A server that fails is warned about: the report is written either way."""
+    saved = _read_ids(run).get("mlflow")
+    if not saved:
+        return None
+    uri = saved["tracking_uri"] if "***" not in saved["tracking_uri"] else os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        log.warning("mlflow: %s names a server with credentials; set MLFLOW_TRACKING_URI to log the report", IDS_FILE)
+        return None
+    try:
+        client = mlflow_client(uri)
+        stamp = int(time.time() * 1000)
+        values = [_metric(f"eval/{name}/{k}", v, step, stamp) for k, v in metrics.items() if math.isfinite(float(v))]
+        for i in range(0, len(values), 1000):  # MLflow's limit per batch
+            client.log_batch(saved["run_id"], metrics=values[i : i + 1000])
+        with local_folder(report.uri, report.storage) as local:
+            client.log_artifacts(saved["run_id"], local, f"eval/{name}")
+    except Exception as e:  # the report is published already
+        log.warning("mlflow: could not log the evaluation to run %s: %s", saved["run_id"], first_line(e))
+        return None
+    log.info("mlflow: evaluation %s logged to run %s", name, saved["run_id"])
+    return str(saved["run_id"])

@@ -169,3 +169,29 @@ def test_ray_train_lines_only_with_verbose(tmp_path):
     finally:
         ctray_log.setLevel(old)
     assert trainer.run_config.logging_config.log_level == "INFO"
+
+
+def test_an_evaluation_lands_in_the_training_runs_mlflow_run(mlflow_server, tmp_path):
+    """`ctray eval` of a run's export: the report's scalars at the export's step and the report
+    folder as artifacts, in the MLflow run the training opened (its tracking.json)."""
+    from mlflow import MlflowClient
+
+    cfg = tracked_cfg(tmp_path, "evaluated", mlflow_server, "run.loggers=[mlflow]")
+    run = cfg.run_folder()
+    ids = tracking.start(cfg, run)
+    report = RunFolder(str(tmp_path / "emb" / "report"), cfg.storage)
+    report.write("report.md", b"# Evaluation\n")
+    report.write("metrics.json", b"{}")
+    metrics = {"probe_linear_finding_auroc": 0.7, "zs_finding_auroc_std": float("nan")}
+    run_id = tracking.log_evaluation(run, 12, metrics, report, "valid")
+    assert run_id == ids["mlflow"]["run_id"]
+    client = MlflowClient(mlflow_server)
+    history = client.get_metric_history(run_id, "eval/valid/probe_linear_finding_auroc")
+    assert [(m.step, m.value) for m in history] == [(12, 0.7)]
+    assert "eval/valid/zs_finding_auroc_std" not in client.get_run(run_id).data.metrics  # NaN: not logged
+    assert {a.path for a in client.list_artifacts(run_id, "eval/valid")} == {
+        "eval/valid/report.md",
+        "eval/valid/metrics.json",
+    }
+    untracked = RunFolder(str(tmp_path / "untracked"), cfg.storage)
+    assert tracking.log_evaluation(untracked, 1, metrics, report, "valid") is None
