@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
 
 from ctray import dist
 from ctray.data.pipeline import ScanOrder, ShardRowReader, labelled
+from ctray.export import embed_sampler
 from ctray.ingest.shardset import ShardSet
-from ctray.objectives.spec import Assets, Batch, Evaluates, Objective
+from ctray.objectives.spec import Assets, Batch, Evaluates
 from ctray.train.config import PretrainConfig
 
 log = logging.getLogger(__name__)
@@ -25,15 +25,16 @@ class InTrainingEvaluation:
     would cost GBs at CA-GCL's input size). Every rank runs it (ZeRO-3 gathers parameters
     collectively); rank 0 publishes the files under <run>/eval/step_N."""
 
-    def __init__(
-        self, cfg: PretrainConfig, objective: Objective[Any], assets: Assets, task: Evaluates, device: torch.device
-    ):
+    def __init__(self, cfg: PretrainConfig, assets: Assets, task: Evaluates, device: torch.device):
         self.task, self.device = task, device
         self.run = cfg.run_folder()
         uri = cfg.eval.shards or cfg.data.shards
         # The first scans with finding labels, in manifest order: unlabelled ones score nothing.
         order = ScanOrder(labelled(ShardSet.open(uri, cfg.storage)), seed=None)
-        self.reader = ShardRowReader(uri, cfg.storage, objective.sampler(cfg.objective, assets), order, seed=0)
+        # The sampler `ctray embed` uses (every anatomy with voxels, no augmentation), so that the
+        # in-training figures and `ctray eval`'s are of the same inputs.
+        sampler = embed_sampler(cfg.objective.name, cfg.objective, assets)
+        self.reader = ShardRowReader(uri, cfg.storage, sampler, order, seed=0)
         count, n = min(cfg.eval.max_scans, len(order)), cfg.scans_per_worker
         self.chunks = [np.arange(i, min(i + n, count)) for i in range(0, count, n)]
 

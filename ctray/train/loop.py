@@ -140,7 +140,7 @@ class Worker:
     def _evaluation(self) -> InTrainingEvaluation | None:
         if not (self.cfg.eval.enabled and isinstance(self.task, Evaluates)):
             return None
-        evaluation = InTrainingEvaluation(self.cfg, self.objective, self.inputs.assets, self.task, self.device)
+        evaluation = InTrainingEvaluation(self.cfg, self.inputs.assets, self.task, self.device)
         if not evaluation.chunks:
             log.warning("no evaluation: no scan of %s has finding labels", self.cfg.eval.shards or self.cfg.data.shards)
             return None

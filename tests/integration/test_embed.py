@@ -53,6 +53,15 @@ def exported(name: str, job: str, shards: Path, root: Path) -> Path:
     return root / "run"
 
 
+def _boxes(shards: Path, embedded) -> list[list[dict]]:
+    """The stored anatomy boxes of each embedded scan, in the embeddings' row order."""
+    rows = {}
+    for path in shards.glob("**/*.parquet"):
+        for r in pq.read_table(path, columns=["scan_id", "anatomy_boxes"]).to_pylist():
+            rows[r["scan_id"]] = r["anatomy_boxes"] or []
+    return [rows[s] for s in embedded.column("scan_id").to_pylist()]
+
+
 def table(out: Path):
     return pq.read_table(sorted(out.glob("part-*.parquet"))).sort_by("scan_id")
 
@@ -142,6 +151,11 @@ def test_embed_cagcl_anatomies_and_report_texts(labelled_shards, tmp_path, caplo
     present = np.array(t.column("present").to_pylist())
     assert anatomy.shape == (6, a, 32) and region.shape == present.shape == (6, a)
     assert region.any() and present.any() and not (present & ~region).any()
+    # Every anatomy with voxels in the scan is embedded, complete or not (fVLM's evaluation): the
+    # phantoms' lung and bone touch the scan's border, which training's sampler drops.
+    boxes = [{b["anatomy"] for b in row} for row in _boxes(labelled_shards, t)]
+    shown = [{a for j, a in enumerate(meta["anatomies"]) if region[i, j]} for i in range(len(boxes))]
+    assert shown == [b & set(meta["anatomies"]) for b in boxes], (shown, boxes)
     norms = np.linalg.norm(anatomy, axis=-1)
     assert np.allclose(norms[region], 1, atol=1e-4) and np.all(norms[~region] == 0)
     assert list(meta["findings"]) == list(meta["finding_anatomies"])  # the recipe's zero-shot findings

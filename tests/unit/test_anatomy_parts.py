@@ -252,9 +252,9 @@ def test_samplers_against_direct_computation():
     ids = {"liver": [5], "lung": [10, 11]}
     window = (-1000.0, 1000.0)
 
-    def sampler(size: tuple[int, int, int], **settings: Any) -> AnatomyScanSampler:
+    def sampler(size: tuple[int, int, int], evaluation: bool = False, **settings: Any) -> AnatomyScanSampler:
         cfg = CAGCLConfig(anatomies=["liver", "lung"], input_size=size, patch=(4, 8, 8), window_hu=window, **settings)
-        return AnatomyScanSampler(cfg, ids, texts)
+        return AnatomyScanSampler(cfg, ids, texts, evaluation)
 
     scan = sampler((12, 32, 32), flip_prob=0.0)(row, np.random.default_rng(0))
     # fVLM's cut: the liver's box + (5, 20, 20) voxels is z 0..11 of the 12 slices, padded by one
@@ -290,6 +290,10 @@ def test_samplers_against_direct_computation():
         [{"name": "liver_lesion", "value": 1}],
     )
     assert scan_present(sampler((16, 32, 32), flip_prob=0.0), edge_row) == [[0, 0]]
+    # Embedding and evaluation keep every anatomy with voxels, cut or not (fVLM's evaluation).
+    assert scan_present(sampler((16, 32, 32), evaluation=True, flip_prob=0.0), edge_row) == [[1, 0]]
+    kept = sampler((4, 32, 32), evaluation=True, flip_prob=0.0)  # the crop cuts the liver: still embedded
+    assert all(kept(row, np.random.default_rng(k))["present"][0, 0] == 1 for k in range(5))
     with pytest.raises(ValueError, match="multiple of the patch"):
         sampler((10, 32, 32))
 

@@ -65,16 +65,20 @@ class CAGCL:
     def prepare(self, cfg: CAGCLConfig, shards: str, run: RunFolder) -> Assets:
         return cagcl_assets(cfg, shards, run)
 
-    def sampler(self, cfg: CAGCLConfig, assets: Assets) -> AnatomyScanSampler:
+    def sampler(self, cfg: CAGCLConfig, assets: Assets, evaluation: bool = False) -> AnatomyScanSampler:
         policy = "clinical_aware" if cfg.text_augmentation else "all"
         texts = anatomy_texts(cfg, cfg.anatomies, assets, policy)
         if assets.anatomy_labels is None:
             raise ValueError("the assets hold no anatomy label ids: the objective's prepare() did not run")
-        return AnatomyScanSampler(cfg, assets.anatomy_labels, texts)
+        return AnatomyScanSampler(cfg, assets.anatomy_labels, texts, evaluation)
 
     def embed_sampler(self, cfg: CAGCLConfig, assets: Assets) -> AnatomyScanSampler:
-        """The training sampler without flips and with every sentence of each anatomy's text."""
-        return self.sampler(cfg.model_copy(update={"flip_prob": 0.0, "text_augmentation": False}), assets)
+        """Embedding and evaluation: the training sampler without flips, with every sentence of each
+        anatomy's text, a centred crop and every anatomy with voxels in it (not only complete ones).
+        One forward pass per scan over the anatomies' region: an organ reaching past the crop is
+        embedded from its visible part (fVLM's evaluation crops around each organ instead, one pass
+        per organ; ctray keeps one pass: A times cheaper, the same model input as training)."""
+        return self.sampler(cfg.model_copy(update={"flip_prob": 0.0, "text_augmentation": False}), assets, True)
 
     def task(self, cfg: CAGCLConfig, assets: Assets) -> CAGCLTask:
         return CAGCLTask(cfg, assets)

@@ -34,9 +34,14 @@ class AnatomyScanSampler:
     the device receives a few bytes per anatomy.
     """
 
-    def __init__(self, cfg: CAGCLConfig, anatomy_ids: dict[str, list[int]], texts: AnatomyTexts) -> None:
+    def __init__(
+        self, cfg: CAGCLConfig, anatomy_ids: dict[str, list[int]], texts: AnatomyTexts, evaluation: bool = False
+    ) -> None:
         """`anatomy_ids`: each of cfg.anatomies' label ids (Assets.anatomy_labels); the config has
-        checked that the input tiles into patches."""
+        checked that the input tiles into patches. `evaluation`: embedding, not training: the crop
+        is centred, and every anatomy with voxels in it counts, complete or not (fVLM's evaluation
+        keeps every organ with voxels; only training needs complete ones for its pairs)."""
+        self.evaluation = evaluation
         self.anatomy_ids = {a: list(anatomy_ids[a]) for a in cfg.anatomies}
         self.size, self.patch = cfg.input_size, cfg.patch
         self.grid = tuple(s // p for s, p in zip(self.size, self.patch, strict=True))
@@ -76,7 +81,8 @@ class AnatomyScanSampler:
         for j, ids in enumerate(self.anatomy_ids.values()):
             hit = np.isin(labels, ids)
             faces = (hit[0], hit[-1], hit[:, 0], hit[:, -1], hit[:, :, 0], hit[:, :, -1])
-            if cut[j] or hit.sum() < self.min_voxels or any(f.any() for f in faces):
+            incomplete = cut[j] or any(f.any() for f in faces)
+            if hit.sum() < self.min_voxels or (incomplete and not self.evaluation):
                 continue
             out[j] = hit.reshape(g[0], pz, g[1], py, g[2], px).any(axis=(1, 3, 5)).reshape(-1)
         return out
@@ -92,7 +98,10 @@ class AnatomyScanSampler:
             padded = [
                 max(s, n.stop - n.start) if not self.resize else s for s, n in zip(self.size, cut_region, strict=True)
             ]
-            starts = [int(rng.integers(0, n - s + 1)) for n, s in zip(padded, self.size, strict=True)]
+            starts = [
+                (n - s) // 2 if self.evaluation else int(rng.integers(0, n - s + 1))
+                for n, s in zip(padded, self.size, strict=True)
+            ]
             flips = tuple(k for k in range(3) if rng.random() < self.flip_prob)
             scan = self.fit(vol[cut_region], self.window[0], starts)
             scans[i] = window01(np.flip(scan, flips) if flips else scan, *self.window)
