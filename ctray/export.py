@@ -4,7 +4,8 @@
 - a transformers model (VideoMAE, BERT) as a `save_pretrained` folder <part>/ (config.json +
   model.safetensors; the text tower's folder also holds its tokenizer), which
   `transformers.AutoModel.from_pretrained` loads;
-- any other module as <part>.safetensors, its state_dict, loadable with `strict=True` into the
+- any other module as a folder <part>/ in huggingface_hub's PyTorchModelHubMixin layout:
+  model.safetensors (its state_dict) and config.json (its constructor's kwargs), loadable with `strict=True` into the
   class export.json names, built with the kwargs export.json gives (CT-FM's encoder is MONAI's
   `SegResEncoder`; the custom 3D ViT is `ctray.objectives.cagcl.vit.ViT3D`);
 - export.json: the objective, its config section ("recipe"), the step, each part's class and kwargs, the
@@ -36,8 +37,11 @@ if TYPE_CHECKING:
     from ctray.config import StorageConfig
     from ctray.objectives.spec import Assets, Batch, RecipeConfig, Sampler, Task
 
-FORMAT = 1
-"""Bump on an incompatible change of the layout; load_encoder refuses other versions."""
+FORMAT = 2
+"""Bump on an incompatible change of the layout. 2: non-transformers parts as PyTorchModelHubMixin
+folders (format 1 wrote <part>.safetensors files, still read)."""
+READS = (1, 2)
+"""The formats load_encoder reads; it refuses others in one line naming the ctray that wrote them."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,12 @@ def write_export(task: Task, objective: RecipeConfig, assets: Assets, write: Wri
             }
         else:
             state = {k: v.detach().float().cpu().contiguous() for k, v in part.module.state_dict().items()}
-            files = {f"{name}.safetensors": save(state)}
-            parts[name] = {"file": f"{name}.safetensors", "class": part.cls, "kwargs": part.kwargs or {}}
+            # huggingface_hub's PyTorchModelHubMixin layout: a class mixing it in loads the folder.
+            files = {
+                f"{name}/{HUB_WEIGHTS}": save(state),
+                f"{name}/{HUB_CONFIG}": json.dumps(part.kwargs or {}, indent=1).encode(),
+            }
+            parts[name] = {"folder": name, "class": part.cls, "kwargs": part.kwargs or {}}
         for rel, data in files.items():
             write(rel, data)
             names.append(rel)
@@ -111,6 +119,8 @@ def write_export(task: Task, objective: RecipeConfig, assets: Assets, write: Wri
     return [*names, META, CARD]
 
 
+HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
+"""A non-transformers part's folder, as huggingface_hub's PyTorchModelHubMixin saves a model."""
 CARD = "README.md"
 """The export's model card: YAML front matter (the Hugging Face Hub's fields) and what the model is."""
 LIBRARIES = ("ctray", "torch", "transformers", "monai", "deepspeed", "safetensors")
@@ -454,10 +464,10 @@ def _recipe(read: Callable[[str], bytes | None], root: str, uri: str) -> tuple[d
 
     meta = json.loads(read(META) or b"{}")
     made = (meta.get("versions") or {}).get("ctray") or "before 0.2"
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READS:
         raise ConfigError(
-            f"{uri}: export format {meta.get('format')} (ctray {made}); this ctray {ctray.__version__} reads format "
-            f"{FORMAT}"
+            f"{uri}: export format {meta.get('format')} (ctray {made}); this ctray {ctray.__version__} reads formats "
+            f"{', '.join(map(str, READS))}"
         )
     try:
         config = objective_config(_offline(meta["recipe"], root))
@@ -490,10 +500,11 @@ def _load_local(root: str, uri: str, device: torch.device | str) -> Encoder:
         raise ConfigError(f"{uri}: parts {sorted(meta['parts'])} do not match the {meta['objective']} recipe's")
     for name, part in parts.items():
         saved = meta["parts"][name]
-        if "folder" in saved:
+        if str(saved["class"]).startswith("transformers."):
             load_pretrained_into(part.module, os.path.join(root, saved["folder"]), saved.get("kwargs", {}))
-        else:
-            part.module.load_state_dict(load_file(os.path.join(root, saved["file"])), strict=True)
+        else:  # format 2's hub folder, or format 1's file
+            weights = os.path.join(saved["folder"], HUB_WEIGHTS) if "folder" in saved else saved["file"]
+            part.module.load_state_dict(load_file(os.path.join(root, weights)), strict=True)
     if "temperature" in meta:
         task.temperature.tau.data.fill_(float(meta["temperature"]))
     task.eval().to(device)

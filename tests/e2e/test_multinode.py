@@ -125,7 +125,7 @@ def test_pretrain_job_spans_two_nodes_and_resumes_after_losing_one(cluster, clon
     assert nodes[1] not in later  # resumed on another node
     steps = [m["step"] for m in read_metrics(run, "steps")]
     assert steps[-1] == 16 and steps == sorted(steps)
-    assert (run / "export" / "encoder.safetensors").exists()
+    assert (run / "export" / "encoder" / "model.safetensors").exists()
 
 
 def _trials(sweep_dir: Path) -> dict[str, dict]:

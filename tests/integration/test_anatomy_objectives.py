@@ -148,7 +148,8 @@ def test_cagcl_trains_with_two_workers(clinical_shards, tmp_path):
     )
     assert 0 <= last["text_cos_std"] and -1 <= last["text_cos_mean"] <= 1 and 0 <= last["zs_finding_auroc_mean"] <= 1
     assert (run / "eval" / "step_00000040" / "text_similarity.png").read_bytes()[:4] == b"\x89PNG"
-    assert (run / "export" / "vision.safetensors").exists() and (run / "export" / "text" / "tokenizer.json").exists()
+    assert (run / "export" / "vision" / "model.safetensors").exists()
+    assert (run / "export" / "text" / "tokenizer.json").exists()
 
     # As the quickstart ends: the run's export embeds its shards and `ctray eval` reports on them.
     report = evaluate_run(cfg, result.export, str(tmp_path / "embeddings"))

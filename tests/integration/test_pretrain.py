@@ -49,7 +49,7 @@ def test_loss_falls_training_from_s3_shards(train_shards, s3_endpoint, tmp_path)
     assert last < first - 0.05 and np.polyfit(range(len(losses)), losses, 1)[0] < 0, losses
     assert all(0 <= m["data_wait_fraction"] <= 1 and m["views_per_s"] > 0 for m in log if "loss" in m)
     fs.invalidate_cache()
-    assert fs.exists("ct-train/runs/falls/export/encoder.safetensors")
+    assert fs.exists("ct-train/runs/falls/export/encoder/model.safetensors")
     assert fs.find("ct-train/runs/falls/tensorboard")
     meta = json.loads(fs.cat_file("ct-train/runs/falls/export/export.json"))
     assert meta["parts"]["encoder"]["kwargs"]["init_filters"] == 4 and meta["step"] == 36

@@ -77,7 +77,7 @@ def test_same_seed_same_losses_and_a_killed_run_resumes_the_same_trajectory(runs
     resumes = read_metrics(runs / "killed", "resume")
     saved = {m["step"]: m["param_checksum"] for m in log if "param_checksum" in m}
     assert [r["step"] for r in resumes] == [5] and resumes[0]["param_checksum"] == pytest.approx(saved[5], rel=1e-12)
-    export = load_file(str(runs / "killed" / "export" / "encoder.safetensors"))  # MONAI SegResEncoder keys
+    export = load_file(str(runs / "killed" / "export" / "encoder" / "model.safetensors"))  # MONAI SegResEncoder keys
     assert export and all(t.dtype.is_floating_point for t in export.values())
     assert [loss for _, loss, _ in resumed] == pytest.approx([loss for _, loss, _ in straight], rel=1e-6, abs=1e-7)
     assert [e for _, _, e in resumed] == [e for _, _, e in straight] and straight[-1][2] > 1  # epochs continue

@@ -20,7 +20,7 @@ from helpers import LOCAL_JOBS, export_to, tiny_task, trained_like
 def library_module(folder, part: dict) -> torch.nn.Module:
     """A part loaded as a user would, without ctray: transformers' from_pretrained, or the named
     class built from its kwargs with a strict state-dict load."""
-    if "folder" in part:
+    if part["class"].startswith("transformers."):
         import transformers
 
         model, info = getattr(transformers, part["class"].split(".")[-1]).from_pretrained(
@@ -30,7 +30,7 @@ def library_module(folder, part: dict) -> torch.nn.Module:
         return model.eval()
     module_name, _, attr = part["class"].rpartition(".")
     module = getattr(importlib.import_module(module_name), attr)(**part["kwargs"])
-    module.load_state_dict(load_file(folder / part["file"]), strict=True)
+    module.load_state_dict(load_file(folder / part["folder"] / "model.safetensors"), strict=True)
     return module.eval()
 
 
@@ -90,6 +90,40 @@ def test_export_loads_strict_and_reproduces_the_training_time_embedding(name, tm
             encoder.embed_texts(["x"])
 
 
+def test_every_other_part_loads_through_huggingface_hubs_mixin(tmp_path):
+    """Non-transformers parts are PyTorchModelHubMixin folders: the library class with the mixin
+    mixed in loads each (config.json as its kwargs, model.safetensors strictly), equal tensor for tensor."""
+    from huggingface_hub import PyTorchModelHubMixin
+
+    task, cfg, assets = tiny_task("cagcl")
+    export_to(tmp_path, trained_like(task), cfg, assets)
+    meta = json.loads((tmp_path / "export.json").read_text())
+    plain = {n: p for n, p in meta["parts"].items() if not p["class"].startswith("transformers.")}
+    assert {"vision", "anatomy_pooling", "text_proj"} <= set(plain)
+    for name, part in plain.items():
+        module_name, _, attr = part["class"].rpartition(".")
+        hub = type(f"Hub{attr}", (getattr(importlib.import_module(module_name), attr), PyTorchModelHubMixin), {})
+        loaded = hub.from_pretrained(tmp_path / name)
+        want = task.export_parts()[name].module.state_dict()
+        got = loaded.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k].float(), want[k].float()) for k in want), name
+
+
+def test_a_format_1_export_still_loads(tmp_path):
+    """Format 1 kept each non-transformers part as <part>.safetensors: rewritten so, it loads the same."""
+    task, cfg, assets = tiny_task("ctfm_simclr")
+    export_to(tmp_path, trained_like(task), cfg, assets)
+    meta = json.loads((tmp_path / "export.json").read_text())
+    for name, part in meta["parts"].items():
+        (tmp_path / name / "model.safetensors").rename(tmp_path / f"{name}.safetensors")
+        meta["parts"][name] = {"file": f"{name}.safetensors", "class": part["class"], "kwargs": part["kwargs"]}
+    (tmp_path / "export.json").write_text(json.dumps({**meta, "format": 1}))
+    encoder = load_encoder(str(tmp_path))
+    want = task.export_parts()["encoder"].module.state_dict()
+    got = encoder.module.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_not_an_export_and_a_stage1_of_another_objective_fail_in_one_line(tmp_path):
     from ctray.config import StorageConfig
     from ctray.objectives.totalfm.clip import check_stage1
@@ -114,5 +148,5 @@ def test_not_an_export_and_a_stage1_of_another_objective_fail_in_one_line(tmp_pa
     assert "CANARY-VALUE" not in line and "\n" not in line
     meta["format"] = 99
     (tmp_path / "ctfm" / "export" / "export.json").write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match=r"export format 99 \(ctray \d"):
+    with pytest.raises(ConfigError, match=r"export format 99 \(ctray \d.*reads formats 1, 2"):
         load_encoder(str(tmp_path / "ctfm"))
