@@ -8,7 +8,7 @@ report over an embeddings folder written by `ctray embed`.
 
 Modules: config (EvalReportConfig), embeddings (reading and checking the folder), zeroshot (the
 zero-shot metric code, shared with the in-training evaluation of anatomy-text tasks), bootstrap
-(percentile CIs over scans), probe (linear probe and kNN, k-fold CV), retrieval (precision@k,
+(percentile CIs over groups), probe (linear probe and kNN, group k-fold CV), retrieval (precision@k,
 recall@k), plots (figures with their numbers), report (the folder), result (what an in-training
 evaluation returns), run (run_eval).
 
