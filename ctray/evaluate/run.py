@@ -272,7 +272,8 @@ def _zero_shot_tables(
     ]
     lines = [
         f"Logit margin of the present vs absent prompt, over the labelled scans showing the item's anatomy; "
-        f"macro over items, mean ± std over {templates} templates; {ci} of the template mean by bootstrap over groups (patients).",
+        f"macro over items, mean ± std over {templates} templates; {ci} of the template mean by bootstrap over "
+        "groups (patients).",
         "",
         *table(["task", "metric", "mean ± std", ci], macro),
     ]
