@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -411,14 +412,34 @@ def export_uri(path: str, storage: StorageConfig) -> str:
 
 
 def load_encoder(path: str, storage: StorageConfig | None = None, device: torch.device | str = "cpu") -> Encoder:
-    """A run folder or its export/ folder (local or s3://) -> the Encoder (see module docstring)."""
+    """A run folder or its export/ folder (local, s3:// or gs://), or a Hugging Face Hub model id
+    (`org/name`, an export pushed as a repository; downloaded where the Hub is reachable) -> the
+    Encoder (see module docstring)."""
     from ctray.config import StorageConfig
     from ctray.storage import local_folder
 
     storage = storage or StorageConfig()
+    if HUB_ID.fullmatch(path) and not os.path.exists(path):
+        path = _from_hub(path)
     uri = export_uri(path, storage)
     with local_folder(uri, storage) as root:  # every part is in memory once loaded
         return _load_local(root, uri, device)
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+"""A Hub repository id: one slash, no scheme (a local folder of that name wins)."""
+
+
+def _from_hub(repo_id: str) -> str:
+    """The Hub repository's files in the local Hub cache (huggingface_hub's snapshot_download)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConfigError(f"{repo_id}: not a local folder; loading from the Hub needs huggingface_hub") from None
+    try:
+        return str(snapshot_download(repo_id=repo_id))
+    except Exception as e:  # offline, unknown repository, no access: one line naming the id
+        raise ConfigError(f"{repo_id}: not a local folder, and the Hub did not give it ({type(e).__name__})") from None
 
 
 def load_sampler(path: str, storage: StorageConfig) -> tuple[dict[str, Any], Sampler]:

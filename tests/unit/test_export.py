@@ -109,6 +109,31 @@ def test_every_other_part_loads_through_huggingface_hubs_mixin(tmp_path):
         assert got.keys() == want.keys() and all(torch.equal(got[k].float(), want[k].float()) for k in want), name
 
 
+def test_an_export_loads_by_hub_id(tmp_path, monkeypatch):
+    """`org/name` that is no local folder comes from the Hub. The download is mocked (no network
+    here): snapshot_download hands back a local copy of an export, as it would after downloading."""
+    import huggingface_hub
+
+    task, cfg, assets = tiny_task("ctfm_simclr")
+    export_to(tmp_path / "snapshot", trained_like(task), cfg, assets)
+    asked = []
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo_id: asked.append(repo_id) or str(tmp_path / "snapshot")
+    )
+    monkeypatch.chdir(tmp_path)
+    encoder = load_encoder("ctray-org/ctfm-tiny")
+    assert asked == ["ctray-org/ctfm-tiny"] and encoder.objective == "ctfm_simclr"
+
+    def offline(repo_id: str) -> str:
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(
+        ConfigError, match=r"^ctray-org/gone: not a local folder, and the Hub did not give it \(OSError\)$"
+    ):
+        load_encoder("ctray-org/gone")
+
+
 def test_a_format_1_export_still_loads(tmp_path):
     """Format 1 kept each non-transformers part as <part>.safetensors: rewritten so, it loads the same."""
     task, cfg, assets = tiny_task("ctfm_simclr")
