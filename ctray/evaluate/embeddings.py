@@ -15,6 +15,7 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -65,13 +66,13 @@ class Embeddings:
     def dim(self) -> int:
         return int(self.embedding.shape[1])
 
-    @property
+    @cached_property
     def embedded(self) -> np.ndarray:
         """(S,) bool: the scan has an embedding. An anatomy objective's scan embedding is the mean of
         its anatomies' in the image; a scan with none has a zero vector, which scores nothing."""
         return np.linalg.norm(self.embedding, axis=1) > 0
 
-    @property
+    @cached_property
     def group_index(self) -> np.ndarray:
         """(S,) int: each scan's group as an index 0..G-1 (groups in sorted order)."""
         return np.unique(np.asarray(self.groups, dtype=object), return_inverse=True)[1].astype(np.int64)
