@@ -80,3 +80,21 @@ def zero_shot_intervals(
             m: percentile_interval(nanmean(np.stack([d[m] for d in draws]), 0).mean(0), ci) for m in METRICS
         }
     return out
+
+
+def mean_intervals(
+    items: dict[str, tuple[np.ndarray, np.ndarray]], weights: np.ndarray, ci: float
+) -> tuple[dict[str, Interval], Interval]:
+    """Intervals of per-query means (retrieval, probes' out-of-fold hits): items name -> (the scan
+    of each query (n,), its value (n,)); weights (B, S) from group_resample_weights over the
+    evaluation scans. -> per item the interval of its mean, and of the macro mean over the items
+    defined in a resample. A scan drawn twice counts its queries twice; a gallery that is not the
+    evaluation set is not resampled (it is the fixed reference the queries search)."""
+    means = {}
+    for name, (scans, values) in items.items():
+        w = weights[:, scans].astype(np.float64)
+        total = w.sum(1)
+        means[name] = np.divide(w @ values, total, out=np.full(len(w), np.nan), where=total > 0)
+    per = {name: percentile_interval(m, ci) for name, m in means.items()}
+    macro = percentile_interval(nanmean(np.stack(list(means.values())), 0), ci) if means else (np.nan, np.nan)
+    return per, (float(macro[0]), float(macro[1]))

@@ -67,6 +67,31 @@ class ProbeConfig(Section):
         return sorted(set(v))
 
 
+class RetrievalConfig(Section):
+    """Retrieval by cosine similarity under three protocols (ctray.evaluate.retrieval): leave one
+    group out within the evaluation set, CT-FM's test queries against a training gallery, CT-CLIP's
+    label overlap."""
+
+    k: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    """k of precision@k, average precision@k, hit rate@k and text-to-scan recall@k (capped to the
+    smallest gallery)."""
+    overlap_k: list[int] = Field(default_factory=lambda: [1, 5, 10, 50])
+    """k of CT-CLIP's label overlap (its volume-to-volume retrieval reports 1, 5, 10 and 50)."""
+    gallery: str | None = None
+    """CT-FM's protocol: an embeddings folder of training scans (`ctray embed` of the training shards,
+    same export) that the evaluation scans query. None: a `gallery_fraction` of the evaluation set's
+    groups (drawn with the seed) serves as the gallery and the other groups query it."""
+    gallery_fraction: float = Field(0.5, gt=0, lt=1)
+    """Share of the evaluation set's groups in the gallery when `gallery` is None."""
+
+    @field_validator("k", "overlap_k")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError(f"k must be positive integers, got {v}")
+        return sorted(set(v))
+
+
 class EvalReportConfig(Section):
     """`ctray eval`: metrics, plots and a report over an embeddings folder written by `ctray embed`."""
 
@@ -86,23 +111,17 @@ class EvalReportConfig(Section):
     validation_fraction: float = Field(0.3, gt=0, lt=1)
     """Share of the groups held out to choose thresholds (threshold: validation)."""
     bootstrap: int = Field(1000, ge=0)
-    """Bootstrap resamples of the scans for the zero-shot confidence intervals (0: none)."""
+    """Bootstrap resamples of the groups (patients) for the confidence intervals of zero-shot,
+    probe, kNN and retrieval figures (0: none)."""
     ci: float = Field(0.95, gt=0, lt=1)
     """Coverage of the percentile bootstrap intervals."""
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     """Linear probe and kNN."""
-    retrieval_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
-    """k of scan-to-scan precision@k and text-to-scan recall@k (capped to the gallery size)."""
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    """Retrieval protocols and their k."""
     tsne_points: int = Field(3000, ge=10)
     """At most this many anatomy embeddings (drawn with the seed) in the t-SNE map."""
     seed: int = 0
     """Seed of every random draw: bootstrap resamples, folds, labelled subsets, t-SNE."""
     storage: StorageConfig = Field(default_factory=StorageConfig)
     """How the embeddings and the report folder are reached."""
-
-    @field_validator("retrieval_k")
-    @classmethod
-    def _ks(cls, v: list[int]) -> list[int]:
-        if not v or min(v) < 1:
-            raise ValueError(f"retrieval_k must be positive integers, got {v}")
-        return sorted(set(v))

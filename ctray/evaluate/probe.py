@@ -3,8 +3,10 @@ cross-validated (a patient's scans never on both sides of a split: several recon
 scan would otherwise score each other), with the label-efficiency curve: each training fold
 subsampled to a labelled fraction, the test fold kept whole. A fold's scores are scikit-learn's
 scorers (roc_auc, balanced_accuracy), so a fraction of 1 is exactly cross_val_score with the same
-splitter; the report gives their mean and standard deviation over the folds. The linear probe
-chooses its C inside each training fold (LogisticRegressionCV over group folds of that fold)."""
+splitter; the report gives their mean and standard deviation over the folds, and for AUROC an
+interval from a bootstrap over groups of the pooled out-of-fold scores (each scan scored by the
+model of the fold that held it out). The linear probe chooses its C inside each training fold
+(LogisticRegressionCV over group folds of that fold)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ctray.evaluate.bootstrap import Interval, group_resample_weights, percentile_interval
 from ctray.evaluate.config import ProbeConfig
 from ctray.evaluate.embeddings import Embeddings
+from ctray.evaluate.zeroshot import weighted_metrics
 
 log = logging.getLogger("ctray")
 
@@ -60,6 +64,20 @@ class ProbeRow:
     auroc_std: float
     """Standard deviation over the folds."""
     balanced_accuracy_std: float
+    auroc_ci: Interval = (float("nan"), float("nan"))
+    """Interval of the pooled out-of-fold AUROC over resampled groups (at the largest labelled
+    fraction, with bootstrap resamples; NaN otherwise)."""
+
+
+@dataclass(frozen=True)
+class FoldScores:
+    """A cross-validation's results."""
+
+    per_fold: dict[str, list[float]]
+    """SCORES -> one value per fold that had both classes on both sides."""
+    out_of_fold: np.ndarray
+    """(n,) each scan's score (decision function, else positive-class probability, as scikit-learn's
+    roc_auc scorer takes) from the model of the fold that held it out; NaN in skipped folds."""
 
 
 def probe_tasks(emb: Embeddings) -> list[ProbeTask]:
@@ -125,10 +143,14 @@ def labelled_subset(train: np.ndarray, y: np.ndarray, fraction: float, rng: np.r
     return np.sort(np.concatenate(keep))
 
 
-def cross_validate(
-    task: ProbeTask, kind: Kind, cfg: ProbeConfig, folds: int, fraction: float, seed: int
-) -> dict[str, list[float]]:
-    """SCORES -> one value per stratified group fold (shuffled with the seed); the training fold
+def _score(model: Any, x: np.ndarray) -> np.ndarray:
+    if hasattr(model, "decision_function"):
+        return np.asarray(model.decision_function(x), dtype=np.float64)
+    return np.asarray(model.predict_proba(x)[:, 1], dtype=np.float64)
+
+
+def cross_validate(task: ProbeTask, kind: Kind, cfg: ProbeConfig, folds: int, fraction: float, seed: int) -> FoldScores:
+    """Scores per stratified group fold (shuffled with the seed) and out of fold; the training fold
     reduced to `fraction` (drawn with (seed, fold)); folds whose training part or test part lacks
     a class are left out."""
     from sklearn.metrics import get_scorer
@@ -136,6 +158,7 @@ def cross_validate(
 
     scorers = {"auroc": get_scorer("roc_auc"), "balanced_accuracy": get_scorer("balanced_accuracy")}
     per: dict[str, list[float]] = {s: [] for s in SCORES}
+    out_of_fold = np.full(len(task.y), np.nan)
     splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(task.x, task.y, task.groups)
     for fold, (train, test) in enumerate(splits):
         train = labelled_subset(train, task.y, fraction, np.random.default_rng((seed, fold)))
@@ -144,12 +167,26 @@ def cross_validate(
         model = estimator(kind, cfg, task.y[train], task.groups[train], seed).fit(task.x[train], task.y[train])
         for s, scorer in scorers.items():
             per[s].append(float(scorer(model, task.x[test], task.y[test])))
-    return per
+        out_of_fold[test] = _score(model, task.x[test])
+    return FoldScores(per, out_of_fold)
 
 
-def run_probes(tasks: list[ProbeTask], cfg: ProbeConfig, seed: int) -> tuple[list[ProbeRow], list[str]]:
+def pooled_auroc_interval(task: ProbeTask, scores: np.ndarray, resamples: int, seed: int, ci: float) -> Interval:
+    """Interval of the AUROC of the out-of-fold scores over `resamples` draws of the task's groups."""
+    ok = np.isfinite(scores)
+    if not resamples or len(np.unique(task.y[ok])) < 2:
+        return float("nan"), float("nan")
+    group_index = np.unique(task.groups[ok], return_inverse=True)[1]
+    weights = group_resample_weights(group_index, resamples, seed)
+    return percentile_interval(weighted_metrics(scores[ok], task.y[ok], weights)["auroc"], ci)
+
+
+def run_probes(
+    tasks: list[ProbeTask], cfg: ProbeConfig, seed: int, resamples: int = 0, ci: float = 0.95
+) -> tuple[list[ProbeRow], list[str]]:
     """Every task x probe kind x labelled fraction -> rows, and one note per task skipped (fewer
-    than 2 groups of a class: no stratified group split)."""
+    than 2 groups of a class: no stratified group split). `resamples` > 0: the rows at the largest
+    fraction carry their AUROC interval over resampled groups."""
     rows, skipped = [], []
     for task in tasks:
         folds = min(cfg.folds, task.minority)
@@ -161,9 +198,12 @@ def run_probes(tasks: list[ProbeTask], cfg: ProbeConfig, seed: int) -> tuple[lis
             continue
         for kind in KINDS:
             for fraction in cfg.labelled_fractions:
-                s = cross_validate(task, kind, cfg, folds, fraction, seed)
+                scores = cross_validate(task, kind, cfg, folds, fraction, seed)
+                s = scores.per_fold
                 mean = {k: float(np.mean(v)) if v else float("nan") for k, v in s.items()}
                 std = {k: float(np.std(v)) if v else float("nan") for k, v in s.items()}
+                last = fraction == cfg.labelled_fractions[-1]
+                interval = pooled_auroc_interval(task, scores.out_of_fold, resamples if last else 0, seed, ci)
                 rows.append(
                     ProbeRow(
                         task.family,
@@ -175,6 +215,7 @@ def run_probes(tasks: list[ProbeTask], cfg: ProbeConfig, seed: int) -> tuple[lis
                         mean["balanced_accuracy"],
                         std["auroc"],
                         std["balanced_accuracy"],
+                        interval,
                     )
                 )
         log.info("eval: probes of %s %s done (%d folds)", task.family, task.name, folds)

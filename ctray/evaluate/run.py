@@ -15,13 +15,13 @@ import torch
 
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
-from ctray.evaluate.bootstrap import group_resample_weights, nanmean, zero_shot_intervals
+from ctray.evaluate.bootstrap import group_resample_weights, mean_intervals, nanmean, zero_shot_intervals
 from ctray.evaluate.config import EvalReportConfig
 from ctray.evaluate.embeddings import Embeddings, load_embeddings, require_labels
 from ctray.evaluate.plots import label_efficiency, roc_curves, similarity_histogram, tsne_map
 from ctray.evaluate.probe import KINDS, SCORES, ProbeRow, ProbeTask, probe_tasks, run_probes
 from ctray.evaluate.report import Part, fmt, table, write_report
-from ctray.evaluate.retrieval import precision_at_k, text_to_scan_ranks
+from ctray.evaluate.retrieval import gallery_retrieval, label_overlap_at_k, precision_at_k, text_to_scan_ranks
 from ctray.evaluate.thresholds import apply_protocol
 from ctray.evaluate.zeroshot import (
     METRICS,
@@ -159,7 +159,7 @@ def _summary(emb: Embeddings, m: dict[str, float], cfg: EvalReportConfig, report
         f"probe finding AUROC linear {fmt(m.get('probe_linear_finding_auroc', float('nan')))}, "
         f"kNN {fmt(m.get('probe_knn_finding_auroc', float('nan')))}"
     )
-    k = cfg.retrieval_k[0]
+    k = cfg.retrieval.k[0]
     bits.append(f"P@{k} {fmt(m.get(f'retrieval_finding_p@{k}', float('nan')))}")
     if f"text_to_scan_r@{k}" in m:
         bits.append(f"text-to-scan R@{k} {fmt(m[f'text_to_scan_r@{k}'])}")
@@ -309,7 +309,7 @@ def _zero_shot_notes(emb: Embeddings, findings: dict[str, str], items: list[Item
 def probe_part(emb: Embeddings, cfg: EvalReportConfig) -> Part:
     """Linear probe and kNN per label, cross-validated, at every labelled fraction."""
     tasks = probe_tasks(emb)
-    rows, notes = run_probes(tasks, cfg.probe, cfg.seed)
+    rows, notes = run_probes(tasks, cfg.probe, cfg.seed, cfg.bootstrap, cfg.ci)
     fractions = cfg.probe.labelled_fractions
     metrics: dict[str, float] = {}
     curves: dict[str, list[float]] = {}
@@ -326,7 +326,13 @@ def probe_part(emb: Embeddings, cfg: EvalReportConfig) -> Part:
         "scans in one fold; k capped to the groups of the minority class); logistic regression on standardised "
         f"features with C in {cfg.probe.cs} chosen inside each training fold by AUROC, distance-weighted kNN "
         f"(k = {cfg.probe.knn_k}, cosine); training folds at labelled fraction {fractions[-1]:g}; mean ± std "
-        "over the folds; chance AUROC 0.5, balanced accuracy 0.5.",
+        "over the folds"
+        + (
+            f"; [{cfg.ci:.0%} interval] of the pooled out-of-fold AUROC over {cfg.bootstrap} resamples of the groups"
+            if cfg.bootstrap
+            else ""
+        )
+        + "; chance AUROC 0.5, balanced accuracy 0.5.",
         "",
         *_probe_table(tasks, [r for r in rows if r.fraction == fractions[-1]]),
     ]
@@ -345,6 +351,9 @@ def _probe_metrics(prefix: str, rows: list[ProbeRow], fractions: list[float]) ->
         out[f"{prefix}_{s}"] = out[f"{prefix}_{s}@{fractions[-1]:g}"]
         out |= {f"{prefix}.{r.name}.{s}": getattr(r, s) for r in rows if r.fraction == fractions[-1]}
         out |= {f"{prefix}.{r.name}.{s}_std": getattr(r, f"{s}_std") for r in rows if r.fraction == fractions[-1]}
+    for r in rows:
+        if r.fraction == fractions[-1] and np.isfinite(r.auroc_ci).all():
+            out[f"{prefix}.{r.name}.auroc_ci_low"], out[f"{prefix}.{r.name}.auroc_ci_high"] = r.auroc_ci
     return out
 
 
@@ -353,7 +362,11 @@ def _probe_table(tasks: list[ProbeTask], rows: list[ProbeRow]) -> list[str]:
     cells: dict[tuple[str, str], list[str]] = {}
     for r in sorted(rows, key=lambda r: KINDS.index(r.kind)):  # linear's columns first
         cells.setdefault((r.family, r.name), [str(r.folds)]).extend(
-            [f"{fmt(r.auroc)} ± {fmt(r.auroc_std)}", f"{fmt(r.balanced_accuracy)} ± {fmt(r.balanced_accuracy_std)}"]
+            [
+                f"{fmt(r.auroc)} ± {fmt(r.auroc_std)}"
+                + (f" [{fmt(r.auroc_ci[0])}, {fmt(r.auroc_ci[1])}]" if np.isfinite(r.auroc_ci).all() else ""),
+                f"{fmt(r.balanced_accuracy)} ± {fmt(r.balanced_accuracy_std)}",
+            ]
         )
     head = [
         "family",
@@ -368,72 +381,252 @@ def _probe_table(tasks: list[ProbeTask], rows: list[ProbeRow]) -> list[str]:
 # Retrieval ---------------------------------------------------------------------------------------
 
 
+Items = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Item name -> (the evaluation scan of each query, the query's value): what mean_intervals resamples."""
+
+
+@dataclass
+class _Scored:
+    """A retrieval part's figures as they are computed: metrics, and for each macro figure its
+    interval over resampled groups."""
+
+    cfg: EvalReportConfig
+    weights: np.ndarray | None
+    """(B, S) group-bootstrap multiplicities of the evaluation scans; None: no intervals."""
+    metrics: dict[str, float]
+
+    def add(self, key: str, items: Items, per_item: str | None = None) -> None:
+        """metrics[key]: the macro over items of their query means, with key_ci_low/high; per_item:
+        also metrics[per_item.format(item)] for each item."""
+        means = {name: float(v.mean()) if len(v) else float("nan") for name, (_, v) in items.items()}
+        self.metrics[key] = float(nanmean(np.array(list(means.values()) or [np.nan]), 0))
+        if per_item:
+            self.metrics |= {per_item.format(name): m for name, m in means.items()}
+        if self.weights is not None and items:
+            _, (lo, hi) = mean_intervals(items, self.weights, self.cfg.ci)
+            self.metrics[f"{key}_ci_low"], self.metrics[f"{key}_ci_high"] = lo, hi
+
+    def cell(self, key: str, chance: bool = False) -> str:
+        """The figure, its interval when there is one, and its chance level when asked."""
+        out = fmt(self.metrics.get(key, float("nan")))
+        if f"{key}_ci_low" in self.metrics:
+            out += f" [{fmt(self.metrics[f'{key}_ci_low'])}, {fmt(self.metrics[f'{key}_ci_high'])}]"
+        if chance:
+            out += f" (chance {fmt(self.metrics.get(f'{key}_chance', float('nan')))})"
+        return out
+
+
 def retrieval_part(emb: Embeddings, cfg: EvalReportConfig) -> Part:
-    """Scan-to-scan precision@k by finding (queries: the positive scans; gallery: the scans with
-    that label) and by anatomy (anatomy embeddings); text-to-scan recall@k for CLIP-type ones."""
-    metrics: dict[str, float] = {}
+    """Scan-to-scan retrieval under the three protocols of ctray.evaluate.retrieval, and text-to-scan
+    recall@k for CLIP-type embeddings; every macro figure with its interval over resampled groups."""
+    weights = group_resample_weights(emb.group_index, cfg.bootstrap, cfg.seed) if cfg.bootstrap else None
+    scored = _Scored(cfg, weights, {})
     notes: list[str] = []
-    per_finding: dict[str, dict[str, float]] = {}
-    groups = emb.group_index
+    tables: dict = {}
+    ci = f"; [{cfg.ci:.0%} interval] over {cfg.bootstrap} resamples of the query groups" if cfg.bootstrap else ""
+    lines = [
+        f"Scan-to-scan retrieval by cosine similarity, macro over the findings (each finding's positive scans "
+        f"query){ci}. A query's own group (its patient's other scans) is never in its gallery; chance is what a "
+        "random ranking scores.",
+        "",
+    ]
+    lines += _leave_group_out(emb, cfg, scored, notes, tables)
+    lines += _ctfm_protocol(emb, cfg, scored, notes, tables)
+    lines += _ctclip_protocol(emb, cfg, scored, notes)
+    if emb.text_embedding is not None and emb.present is not None:
+        lines += _text_to_scan(emb, cfg, scored, tables)
+    return Part("Retrieval", scored.metrics, lines, [], notes, tables)
+
+
+def _finding_queries(emb: Embeddings, c: int) -> np.ndarray:
+    """The scans labelled for finding c that have an embedding."""
+    return np.flatnonzero((emb.finding_labels[:, c] >= 0) & emb.embedded)
+
+
+def _leave_group_out(
+    emb: Embeddings, cfg: EvalReportConfig, scored: _Scored, notes: list[str], tables: dict
+) -> list[str]:
+    """Precision@k of each finding's positive scans against the rest of the evaluation set, and of
+    anatomy embeddings retrieving their own anatomy."""
+    ks, groups = cfg.retrieval.k, emb.group_index
+    per: dict[int, Items] = {k: {} for k in ks}
+    chance: dict[int, Items] = {k: {} for k in ks}
     for c, f in enumerate(emb.findings):
-        ok = (emb.finding_labels[:, c] >= 0) & emb.embedded
+        ok = _finding_queries(emb, c)
         y = emb.finding_labels[ok, c].astype(int)
         if y.sum() == 0 or y.sum() == len(y):
             notes.append(f"retrieval by {f}: {int(y.sum())} positive of {len(y)} labelled scans; skipped")
             continue
-        per_finding[f] = {}
-        for k in cfg.retrieval_k:
-            per_finding[f][f"p@{k}"], per_finding[f][f"p@{k}_chance"] = precision_at_k(
-                emb.embedding[ok], y, k, y == 1, groups[ok]
-            )
-    head = ["query", *(f"P@{k} (chance)" for k in cfg.retrieval_k)]
-    body = [
-        [f, *(f"{fmt(p[f'p@{k}'])} ({fmt(p[f'p@{k}_chance'])})" for k in cfg.retrieval_k)]
-        for f, p in per_finding.items()
-    ]
-    for k in cfg.retrieval_k:
-        for key in (f"p@{k}", f"p@{k}_chance"):
-            metrics[f"retrieval_finding_{key}"] = float(nanmean(np.array([p[key] for p in per_finding.values()]), 0))
-            metrics.update({f"retrieval_finding.{f}.{key}": p[key] for f, p in per_finding.items()})
+        for k in ks:
+            p, pc = precision_at_k(emb.embedding[ok], y, k, y == 1, groups[ok])
+            per[k][f], chance[k][f] = (ok[y == 1], p), (ok[y == 1], pc)
+    for k in ks:
+        scored.add(f"retrieval_finding_p@{k}", per[k], f"retrieval_finding.{{}}.p@{k}")
+        scored.metrics[f"retrieval_finding_p@{k}_chance"] = _macro_of(chance[k])
+        scored.metrics |= {f"retrieval_finding.{f}.p@{k}_chance": float(v.mean()) for f, (_, v) in chance[k].items()}
+    findings = list(per[ks[0]])
+    body = [[f, *(scored.cell(f"retrieval_finding.{f}.p@{k}", chance=True) for k in ks)] for f in findings]
+    body.append(["macro", *(scored.cell(f"retrieval_finding_p@{k}", chance=True) for k in ks)])
     if emb.anatomy_embedding is not None and emb.region is not None:
         scan, anatomy = np.nonzero(emb.region)
         x = emb.anatomy_embedding[scan, anatomy]
-        for k in cfg.retrieval_k:
-            metrics[f"retrieval_anatomy_p@{k}"], metrics[f"retrieval_anatomy_p@{k}_chance"] = precision_at_k(
-                x, anatomy, k, np.ones(len(x), bool), groups[scan]
+        for k in ks:
+            p, pc = precision_at_k(x, anatomy, k, np.ones(len(x), bool), groups[scan])
+            scored.add(f"retrieval_anatomy_p@{k}", {"anatomy": (scan, p)})
+            scored.metrics[f"retrieval_anatomy_p@{k}_chance"] = float(pc.mean()) if len(pc) else float("nan")
+        body.append(["same anatomy", *(scored.cell(f"retrieval_anatomy_p@{k}", chance=True) for k in ks)])
+    tables["leave_group_out"] = {f: {k: scored.metrics[f"retrieval_finding.{f}.p@{k}"] for k in ks} for f in findings}
+    return [
+        "**Leave one group out** (every query against the rest of the evaluation set): precision@k.",
+        "",
+        *table(["query", *(f"P@{k}" for k in ks)], body),
+    ]
+
+
+def _macro_of(items: Items) -> float:
+    return float(nanmean(np.array([v.mean() if len(v) else np.nan for _, v in items.values()] or [np.nan]), 0))
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One side of CT-FM's protocol: scans as arrays, groups numbered across both sides."""
+
+    scans: np.ndarray
+    """Indices into the evaluation set (query side; the gallery's when it is the evaluation set)."""
+    x: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+    anatomy_x: np.ndarray | None
+    region: np.ndarray | None
+
+
+def _ctfm_sides(emb: Embeddings, cfg: EvalReportConfig) -> tuple[_Side, _Side, str]:
+    """(queries, gallery, where the gallery comes from): the evaluation set against cfg.retrieval.gallery
+    (findings aligned by name), or a seeded split of the evaluation set's groups."""
+    if cfg.retrieval.gallery is None:
+        n_groups = int(emb.group_index.max()) + 1
+        size = min(max(1, round(cfg.retrieval.gallery_fraction * n_groups)), n_groups - 1)
+        in_gallery = np.isin(emb.group_index, np.random.default_rng(cfg.seed).permutation(n_groups)[:size])
+        sides = []
+        for mask in (~in_gallery, in_gallery):
+            rows = np.flatnonzero(mask)
+            sides.append(
+                _Side(
+                    rows,
+                    emb.embedding[rows],
+                    emb.finding_labels[rows],
+                    emb.group_index[rows],
+                    None if emb.anatomy_embedding is None else emb.anatomy_embedding[rows],
+                    None if emb.region is None else emb.region[rows],
+                )
             )
-        body.append(
-            [
-                "same anatomy",
-                *(
-                    f"{fmt(metrics[f'retrieval_anatomy_p@{k}'])} ({fmt(metrics[f'retrieval_anatomy_p@{k}_chance'])})"
-                    for k in cfg.retrieval_k
-                ),
-            ]
-        )
-    lines = [
-        "Scan-to-scan precision@k by cosine similarity: a finding's positive scans retrieve among the scans "
-        "labelled for it (macro over findings below the table); anatomy embeddings retrieve their own anatomy. "
-        "A query's own group (its patient's other scans) is never in its gallery; chance is the share of the "
-        "gallery in the query's class.",
+        where = f"{size} of {n_groups} groups of the evaluation set (drawn with seed {cfg.seed}), queried by the rest"
+        return sides[0], sides[1], where
+    gal = load_embeddings(cfg.retrieval.gallery, cfg.storage)
+    if gal.dim != emb.dim:
+        raise ConfigError(f"retrieval.gallery {gal.uri}: {gal.dim}-d embeddings, the evaluation set's are {emb.dim}-d")
+    numbered = np.unique(np.asarray(emb.groups + gal.groups, dtype=object), return_inverse=True)[1]
+    columns = [gal.findings.index(f) if f in gal.findings else -1 for f in emb.findings]
+    labels = np.where(np.array(columns) >= 0, gal.finding_labels[:, np.maximum(columns, 0)], -1).astype(np.int8)
+    anatomies = gal.anatomies == emb.anatomies
+    queries = _Side(
+        np.arange(len(emb.scan_ids)),
+        emb.embedding,
+        emb.finding_labels,
+        numbered[: len(emb.groups)],
+        emb.anatomy_embedding,
+        emb.region,
+    )
+    embedded = np.flatnonzero(gal.embedded)
+    gallery = _Side(
+        embedded,
+        gal.embedding[embedded],
+        labels[embedded],
+        numbered[len(emb.groups) :][embedded],
+        gal.anatomy_embedding[embedded] if anatomies and gal.anatomy_embedding is not None else None,
+        gal.region[embedded] if anatomies and gal.region is not None else None,
+    )
+    return queries, gallery, f"the {len(embedded)} embedded scans of {redact_text(gal.uri)}"
+
+
+def _ctfm_protocol(
+    emb: Embeddings, cfg: EvalReportConfig, scored: _Scored, notes: list[str], tables: dict
+) -> list[str]:
+    """CT-FM's content-based retrieval: test queries against a gallery of other scans, P/AP/HR@k by
+    finding (positive queries; a positive gallery scan matches) and by anatomy (a query anatomy
+    matches the same anatomy, as CT-FM's OrganMNIST3D organ retrieval)."""
+    q, g, where = _ctfm_sides(emb, cfg)
+    ks = cfg.retrieval.k
+    stats = ("p", "ap", "hr")
+    per: dict[tuple[str, int], Items] = {(m, k): {} for m in (*stats, "chance") for k in ks}
+    for c, f in enumerate(emb.findings):
+        qrows = np.flatnonzero((q.labels[:, c] == 1) & (np.linalg.norm(q.x, axis=1) > 0))
+        grows = np.flatnonzero(g.labels[:, c] >= 0)
+        g_y = g.labels[grows, c]
+        if not len(qrows) or g_y.sum() == 0:
+            notes.append(
+                f"CT-FM retrieval by {f}: {len(qrows)} positive queries, "
+                f"{int(g_y.sum())} positive gallery scans; skipped"
+            )
+            continue
+        for k in ks:
+            r = gallery_retrieval(q.x[qrows], np.ones(len(qrows)), q.groups[qrows], g.x[grows], g_y, g.groups[grows], k)
+            for m in (*stats, "chance"):
+                per[m, k][f] = (q.scans[qrows], r[m])
+    for k in ks:
+        for m in stats:
+            scored.add(f"retrieval_ctfm_finding_{m}@{k}", per[m, k], f"retrieval_ctfm_finding.{{}}.{m}@{k}")
+        scored.metrics[f"retrieval_ctfm_finding_p@{k}_chance"] = _macro_of(per["chance", k])
+    families = ["finding"]
+    if q.anatomy_x is not None and q.region is not None and g.anatomy_x is not None and g.region is not None:
+        families.append("anatomy")
+        qs, qa = np.nonzero(q.region)
+        gs, ga = np.nonzero(g.region)
+        for k in ks:
+            r = gallery_retrieval(q.anatomy_x[qs, qa], qa, q.groups[qs], g.anatomy_x[gs, ga], ga, g.groups[gs], k)
+            for m in stats:
+                scored.add(f"retrieval_ctfm_anatomy_{m}@{k}", {"anatomy": (q.scans[qs], r[m])})
+            scored.metrics[f"retrieval_ctfm_anatomy_p@{k}_chance"] = float(r["chance"].mean()) if len(qs) else np.nan
+    body = [
+        [f"{m.upper()}@{k}", *(scored.cell(f"retrieval_ctfm_{fam}_{m}@{k}", chance=m == "p") for fam in families)]
+        for k in ks
+        for m in stats
+    ]
+    head = ["figure", *(f"by {fam}" for fam in families)]
+    tables["ctfm"] = {"gallery": where, "queries": len(q.scans)}
+    return [
+        f"**CT-FM's protocol** (test queries against a gallery: {where}): precision, average precision and hit "
+        "rate at k.",
         "",
         *table(head, body),
-        "Macro over findings: "
-        + ", ".join(
-            f"P@{k} {fmt(metrics[f'retrieval_finding_p@{k}'])} "
-            f"(chance {fmt(metrics[f'retrieval_finding_p@{k}_chance'])})"
-            for k in cfg.retrieval_k
-        ),
-        "",
     ]
-    tables = {"finding": per_finding}
-    if emb.text_embedding is not None and emb.present is not None:
-        lines += _text_to_scan(emb, cfg, metrics, tables)
-    return Part("Retrieval", metrics, lines, [], notes, tables)
 
 
-def _text_to_scan(emb: Embeddings, cfg: EvalReportConfig, metrics: dict[str, float], tables: dict) -> list[str]:
-    """Adds text_to_scan_r@k (all report texts pooled) and per anatomy to metrics; -> its table."""
+def _ctclip_protocol(emb: Embeddings, cfg: EvalReportConfig, scored: _Scored, notes: list[str]) -> list[str]:
+    """CT-CLIP's volume-to-volume retrieval: the label overlap of each scan's top k among the scans
+    with a positive finding."""
+    ok = np.flatnonzero(emb.embedded)
+    body = []
+    for k in cfg.retrieval.overlap_k:
+        rows, overlap, chance = label_overlap_at_k(emb.embedding[ok], emb.finding_labels[ok], emb.group_index[ok], k)
+        if not len(rows):
+            notes.append(
+                f"CT-CLIP retrieval at k={k}: no gallery (no scan with a positive finding outside a query's group)"
+            )
+            continue
+        scored.add(f"retrieval_ctclip_overlap@{k}", {"all": (ok[rows], overlap)})
+        scored.metrics[f"retrieval_ctclip_overlap@{k}_chance"] = float(chance.mean())
+        body.append([str(k), scored.cell(f"retrieval_ctclip_overlap@{k}", chance=True)])
+    return [
+        "**CT-CLIP's protocol**: every scan queries the scans with a positive finding; a retrieved scan scores "
+        "|both positive| / |positive in either| over the findings, averaged over the top k.",
+        "",
+        *table(["k", "label overlap"], body),
+    ]
+
+
+def _text_to_scan(emb: Embeddings, cfg: EvalReportConfig, scored: _Scored, tables: dict) -> list[str]:
+    """text_to_scan_r@k (all report texts pooled) and per anatomy; -> its table."""
     assert emb.text_embedding is not None and emb.anatomy_embedding is not None
     assert emb.present is not None and emb.region is not None
     ranks = text_to_scan_ranks(
@@ -441,20 +634,24 @@ def _text_to_scan(emb: Embeddings, cfg: EvalReportConfig, metrics: dict[str, flo
     )
     if not ranks:
         return ["No report texts: no text-to-scan retrieval.", ""]
-    pooled = np.concatenate(list(ranks.values()))
-    rows = []
-    for k in cfg.retrieval_k:
-        metrics[f"text_to_scan_r@{k}"] = float((pooled < k).mean())
-        metrics.update({f"text_to_scan.{a}.r@{k}": float((r < k).mean()) for a, r in ranks.items()})
+    ks = cfg.retrieval.k
+    scans = {a: np.flatnonzero(emb.region[:, j] & emb.present[:, j]) for j, a in enumerate(emb.anatomies) if a in ranks}
+    pooled = (np.concatenate(list(scans.values())), np.concatenate(list(ranks.values())))
+    for k in ks:
+        # Pooled over every text (one item), as CLIP-style recall is reported.
+        scored.add(f"text_to_scan_r@{k}", {"all": (pooled[0], (pooled[1] < k).astype(np.float64))})
+        scored.metrics |= {f"text_to_scan.{a}.r@{k}": float((r < k).mean()) for a, r in ranks.items()}
     gallery = {a: int(emb.region[:, emb.anatomies.index(a)].sum()) for a in ranks}
-    for a, r in ranks.items():
-        rows.append([a, f"{len(r)}/{gallery[a]}", *(fmt(float((r < k).mean())) for k in cfg.retrieval_k)])
-    rows.append(["all", f"{len(pooled)}", *(fmt(metrics[f"text_to_scan_r@{k}"]) for k in cfg.retrieval_k)])
+    rows = [
+        [a, f"{len(r)}/{gallery[a]}", *(fmt(scored.metrics[f"text_to_scan.{a}.r@{k}"]) for k in ks)]
+        for a, r in ranks.items()
+    ]
+    rows.append(["all", f"{len(pooled[1])}", *(scored.cell(f"text_to_scan_r@{k}") for k in ks)])
     tables["text_to_scan"] = {a: {"texts": len(r), "gallery": gallery[a], "ranks": r} for a, r in ranks.items()}
     return [
         "Text-to-scan recall@k: an anatomy's report text retrieves its own scan among the scans showing that anatomy.",
         "",
-        *table(["anatomy", "texts/gallery", *(f"R@{k}" for k in cfg.retrieval_k)], rows),
+        *table(["anatomy", "texts/gallery", *(f"R@{k}" for k in ks)], rows),
     ]
 
 

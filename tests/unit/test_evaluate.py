@@ -26,11 +26,17 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
-from ctray.evaluate.bootstrap import percentile_interval, resample_weights, zero_shot_intervals
-from ctray.evaluate.config import EvalReportConfig, ProbeConfig, ZeroShotConfig
+from ctray.evaluate.bootstrap import (
+    group_resample_weights,
+    mean_intervals,
+    percentile_interval,
+    resample_weights,
+    zero_shot_intervals,
+)
+from ctray.evaluate.config import EvalReportConfig, ProbeConfig, RetrievalConfig, ZeroShotConfig
 from ctray.evaluate.embeddings import load_embeddings
 from ctray.evaluate.probe import ProbeTask, cross_validate, labelled_subset, probe_tasks, run_probes
-from ctray.evaluate.retrieval import precision_at_k, text_to_scan_ranks
+from ctray.evaluate.retrieval import gallery_retrieval, label_overlap_at_k, precision_at_k, text_to_scan_ranks
 from ctray.evaluate.run import run_eval
 from ctray.evaluate.zeroshot import AnatomyScans, ItemScores, Prompts, evaluate, weighted_metrics
 
@@ -149,9 +155,10 @@ def separable(n: int, seed: int, positives: int) -> tuple[np.ndarray, np.ndarray
 
 
 def test_probe_and_knn_cross_validation_equal_cross_val_score():
-    """With C fixed, the probes' fold scores are cross_val_score's over the same group splitter."""
+    """With C fixed, the probes' fold scores are cross_val_score's over the same group splitter, and
+    their out-of-fold scores cross_val_predict's."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -169,7 +176,11 @@ def test_probe_and_knn_cross_validation_equal_cross_val_score():
         cv = StratifiedGroupKFold(4, shuffle=True, random_state=3)
         for score, scoring in (("auroc", "roc_auc"), ("balanced_accuracy", "balanced_accuracy")):
             want = cross_val_score(model, x, y, groups=groups, cv=cv, scoring=scoring)
-            assert got[score] == pytest.approx(list(want), abs=1e-12), (kind, score)
+            assert got.per_fold[score] == pytest.approx(list(want), abs=1e-12), (kind, score)
+        method = "decision_function" if kind == "linear" else "predict_proba"
+        predicted = cross_val_predict(model, x, y, groups=groups, cv=cv, method=method)
+        want_oof = predicted if kind == "linear" else predicted[:, 1]
+        assert got.out_of_fold == pytest.approx(want_oof, abs=1e-12), kind
 
 
 def test_linear_probe_chooses_c_inside_the_training_fold():
@@ -220,13 +231,14 @@ def test_groups_stop_reconstructions_of_one_scan_from_scoring_each_other():
     cfg = ProbeConfig(knn_k=10, cs=[1.0])
 
     def auroc(kind: str, groups: np.ndarray) -> float:
-        return float(np.mean(cross_validate(ProbeTask("finding", "f", x, y, groups), kind, cfg, 5, 1.0, 0)["auroc"]))
+        scores = cross_validate(ProbeTask("finding", "f", x, y, groups), kind, cfg, 5, 1.0, 0)
+        return float(np.mean(scores.per_fold["auroc"]))
 
     assert auroc("knn", per_scan) > 0.9 and auroc("linear", per_scan) > 0.6  # the leak
     assert abs(auroc("knn", patient) - 0.5) < 0.1 and abs(auroc("linear", patient) - 0.5) < 0.1
-    leaky, chance = precision_at_k(x, y, 1, y == 1, per_scan)
+    leaky, chance = (v.mean() for v in precision_at_k(x, y, 1, y == 1, per_scan))
     assert leaky == 1.0 and abs(chance - 0.5) < 0.05
-    fair, chance = precision_at_k(x, y, 10, y == 1, patient)  # ~750 draws: a binomial sd of ~0.02
+    fair, chance = (v.mean() for v in precision_at_k(x, y, 10, y == 1, patient))  # ~750 draws: a binomial sd of ~0.02
     assert abs(fair - chance) < 0.08
 
 
@@ -245,7 +257,24 @@ def test_probe_folds_capped_subsets_stratified_and_tiny_labels_skipped():
     )
     assert {r.folds for r in rows} == {3} and {r.name for r in rows} == {"three"}
     assert len(rows) == 4  # 2 kinds x 2 fractions
+    assert all(np.isnan(r.auroc_ci).all() for r in rows)  # no resamples asked for
     assert notes == ["probe finding one: 1 positive of 20 labelled scans (needs >= 2 groups of each class)"]
+
+
+def test_probe_auroc_interval_resamples_groups_of_the_out_of_fold_scores_like_a_loop():
+    from ctray.evaluate.probe import pooled_auroc_interval
+
+    x, y = separable(40, 5, 15)
+    groups = np.arange(40) // 2
+    task = ProbeTask("finding", "f", x, y, groups)
+    scores = cross_validate(task, "linear", ProbeConfig(cs=[1.0]), 4, 1.0, seed=0).out_of_fold
+    got = pooled_auroc_interval(task, scores, 200, seed=1, ci=0.9)
+    draws = []
+    for w in group_resample_weights(groups, 200, seed=1):  # groups are 0..19 already
+        idx = np.repeat(np.arange(40), w)
+        draws.append(roc_auc_score(y[idx], scores[idx]) if len(np.unique(y[idx])) == 2 else np.nan)
+    assert got == pytest.approx(percentile_interval(np.array(draws), 0.9))
+    assert got[0] < roc_auc_score(y, scores) < got[1]
 
 
 def test_retrieval_precision_and_recall_equal_naive_loops():
@@ -262,8 +291,8 @@ def test_retrieval_precision_and_recall_equal_naive_loops():
             ranked = [j for j in np.argsort(-(unit @ unit[i]), kind="stable") if j in gallery][: min(k, 27)]
             want.append(np.mean(classes[ranked] == classes[i]))
             chance.append(np.mean(classes[gallery] == classes[i]))
-        got = precision_at_k(x, classes, k, queries, groups, chunk=4)
-        assert got == pytest.approx((np.mean(want), np.mean(chance)), abs=1e-12)
+        got, got_chance = precision_at_k(x, classes, k, queries, groups, chunk=4)
+        assert list(got) == pytest.approx(want, abs=1e-12) and list(got_chance) == pytest.approx(chance, abs=1e-12)
     s, a = 12, 2
     text, image = rng.normal(size=(s, a, 6)), rng.normal(size=(s, a, 6))
     present, region = rng.random((s, a)) < 0.7, rng.random((s, a)) < 0.9
@@ -278,6 +307,78 @@ def test_retrieval_precision_and_recall_equal_naive_loops():
             order = [gallery[o] for o in np.argsort(-np.array(sims), kind="stable")]
             want.append(order.index(i))
         assert list(ranks[name]) == want
+
+
+def _naive_ranking(q: np.ndarray, gallery: np.ndarray, allowed: list[int]) -> list[int]:
+    """The allowed gallery rows, most cosine-similar to q first (ties in gallery order)."""
+    sims = [float(gallery[j] @ q / np.linalg.norm(gallery[j]) / np.linalg.norm(q)) for j in allowed]
+    return [allowed[o] for o in np.argsort(-np.array(sims), kind="stable")]
+
+
+def test_ctfm_gallery_retrieval_equals_naive_loops():
+    """P@k, AP@k (mean precision at the ranks holding a match) and hit rate@k of queries against a
+    separate gallery, the query's group left out of it, against a loop over the queries."""
+    rng = np.random.default_rng(21)
+    q_x, g_x = rng.normal(size=(9, 5)), rng.normal(size=(20, 5))
+    q_c, g_c = rng.integers(0, 2, 9), rng.integers(0, 2, 20)
+    q_g, g_g = np.arange(9), np.r_[np.arange(9), np.full(11, 50)]  # each query's patient is in the gallery once
+    for k in (1, 3, 19):
+        got = gallery_retrieval(q_x, q_c, q_g, g_x, g_c, g_g, k, chunk=4)
+        for i in range(9):
+            allowed = [j for j in range(20) if g_g[j] != q_g[i]]
+            hits = [g_c[j] == q_c[i] for j in _naive_ranking(q_x[i], g_x, allowed)[:k]]
+            at = [np.mean(hits[: r + 1]) for r in range(k) if hits[r]]
+            assert got["p"][i] == pytest.approx(np.mean(hits))
+            assert got["ap"][i] == pytest.approx(np.mean(at) if at else 0.0)
+            assert got["hr"][i] == float(any(hits))
+            assert got["chance"][i] == pytest.approx(np.mean([g_c[j] == q_c[i] for j in allowed]))
+
+
+def test_ctclip_label_overlap_equals_a_naive_loop():
+    """CT-CLIP's volume-to-volume retrieval: every scan with a known label queries the scans with a
+    positive finding (its own group left out); a retrieved scan scores |both positive| / |positive in
+    either| over the findings known in both."""
+    rng = np.random.default_rng(22)
+    n = 24
+    x = rng.normal(size=(n, 6))
+    labels = rng.choice(np.array([-1, 0, 1], np.int8), size=(n, 4), p=[0.1, 0.6, 0.3])
+    labels[3] = -1  # no known label: not a query
+    labels[5] = 0  # no positive: a query, not in the gallery
+    groups = np.arange(n) // 2
+
+    def overlap(a: np.ndarray, b: np.ndarray) -> float:
+        known = (a >= 0) & (b >= 0)
+        both, either = np.sum(known & (a == 1) & (b == 1)), np.sum(known & ((a == 1) | (b == 1)))
+        return both / either if either else 0.0
+
+    for k in (1, 5):
+        rows, got, chance = label_overlap_at_k(x, labels, groups, k, chunk=5)
+        assert 3 not in rows and 5 in rows
+        for row, value, level in zip(rows, got, chance, strict=True):
+            allowed = [j for j in range(n) if (labels[j] == 1).any() and groups[j] != groups[row]]
+            top = _naive_ranking(x[row], x, allowed)[:k]
+            assert value == pytest.approx(np.mean([overlap(labels[row], labels[j]) for j in top]))
+            assert level == pytest.approx(np.mean([overlap(labels[row], labels[j]) for j in allowed]))
+
+
+def test_retrieval_intervals_resample_query_groups_like_a_loop():
+    """mean_intervals: per item the percentile interval of its queries' mean over resamples of the
+    groups (a scan drawn twice counts its queries twice); the macro averages the items per resample."""
+    group_index = np.array([0, 0, 1, 2, 2, 3, 4, 4])
+    items = {"a": (np.array([0, 1, 2, 4]), np.array([1.0, 0.0, 1.0, 0.5])), "b": (np.array([5, 6, 6]), np.ones(3))}
+    weights = group_resample_weights(group_index, 300, seed=3)
+    per, macro = mean_intervals(items, weights, 0.9)
+    draws = {"a": [], "b": []}
+    for w in weights:
+        for name, (scans, values) in items.items():
+            copies = [v for s, v in zip(scans, values, strict=True) for _ in range(w[s])]
+            draws[name].append(np.mean(copies) if copies else np.nan)
+    for name in items:
+        assert per[name] == pytest.approx(percentile_interval(np.array(draws[name]), 0.9))
+    both = np.array(
+        [np.nanmean([a, b]) if np.isfinite([a, b]).any() else np.nan for a, b in zip(*draws.values(), strict=True)]
+    )
+    assert macro == pytest.approx(percentile_interval(both, 0.9))
 
 
 def test_group_bootstrap_draws_whole_groups_like_a_loop():
@@ -396,7 +497,7 @@ def quick(folder: str, **kw) -> EvalReportConfig:
         embeddings=folder,
         bootstrap=200,
         probe=ProbeConfig(folds=3, labelled_fractions=[0.5, 1.0], knn_k=3),
-        retrieval_k=[1, 5],
+        retrieval=RetrievalConfig(k=[1, 5], overlap_k=[1, 5]),
         **kw,
     )
 
@@ -560,3 +661,18 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     )
     wrong = write_embeddings(tmp_path / "wrong", dim=32)
     assert "embedding has 16 dimensions, embed.json says 32" in error(quick(wrong))
+
+
+def test_ctfm_protocol_with_a_gallery_folder_numbers_groups_across_both(tmp_path):
+    """retrieval.gallery: the evaluation scans query another embeddings folder. Given the evaluation
+    folder itself, every query's patient is in the gallery and is left out (groups are matched by
+    name across the two folders), so CT-FM's P@k equals the leave-one-group-out P@k."""
+    folder = write_embeddings(tmp_path / "emb", anatomy=False, text=False)
+    cfg = quick(folder).model_copy(update={"retrieval": RetrievalConfig(k=[1, 5], overlap_k=[5], gallery=folder)})
+    result = run_eval(cfg)
+    for k in (1, 5):
+        assert result.metrics[f"retrieval_ctfm_finding_p@{k}"] == pytest.approx(
+            result.metrics[f"retrieval_finding_p@{k}"]
+        )
+        assert 0 <= result.metrics[f"retrieval_ctfm_finding_ap@{k}"] <= 1
+    assert f"the 24 embedded scans of {folder}" in Path(result.report).read_text()
