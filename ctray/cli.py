@@ -146,7 +146,7 @@ def _eval(cfg: EvalReportConfig) -> None:
     from ctray.train.tracking import log_evaluation
 
     result = run_eval(cfg, load_encoder)
-    # Into the training run's MLflow run when the export is a run's export/ (its tracking.json).
+    # Into the training run's MLflow and W&B runs when the export is a run's export/ (its tracking.json).
     export = result.export.rstrip("/")
     if export.endswith("/export"):
         run = RunFolder(posixpath.dirname(export), cfg.storage)

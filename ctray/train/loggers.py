@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -30,7 +29,7 @@ from ctray.errors import first_line
 from ctray.run_folder import RunFolder
 from ctray.storage import local_folder
 from ctray.train.metrics import StepClock, step_line
-from ctray.train.tracking import mlflow_client, scalars
+from ctray.train.tracking import keep_wandb_offline, mlflow_client, open_wandb, scalars, wandb_safe
 
 if TYPE_CHECKING:
     from ctray.train.config import PretrainConfig
@@ -231,28 +230,8 @@ class WandbLogger(_Sink):
         # On object storage W&B writes to this node's disk; an offline run's files go to <run>/wandb at close.
         self.temp = ids["dir"] is None
         directory = tempfile.mkdtemp(prefix="ctray-wandb-") if self.temp else ids["dir"]
-        os.makedirs(directory, exist_ok=True)
-        self.prefix = re.sub(r"[^\w.-]", "-", cfg.run.name)
-        self.run = wandb.init(
-            project=cfg.run.wandb.project,
-            id=ids["id"],
-            name=cfg.run.name,
-            group=cfg.run.group,
-            config=ids["config"],
-            mode=self.mode,
-            dir=directory,
-            resume="allow",
-            # No console capture (Ray owns the worker's output), no run summary printed at the end, and no
-            # machine metadata (argv, host, git).
-            settings=wandb.Settings(
-                console="off",
-                quiet=True,
-                x_disable_meta=True,
-                disable_git=True,
-                save_code=False,
-                x_save_requirements=False,
-            ),
-        )
+        self.prefix = wandb_safe(cfg.run.name)
+        self.run = open_wandb(cfg, ids["id"], self.mode, directory, ids["config"])
         self.sync_dir = os.path.dirname(self.run.dir)
         # The step as W&B's x-axis: a resumed run logs steps again from its checkpoint, which W&B's own
         # monotonic step would drop.
@@ -274,11 +253,7 @@ class WandbLogger(_Sink):
     def close(self, ok: bool) -> None:
         self.run.finish(exit_code=0 if ok else 1)
         if self.temp and self.mode == "offline":
-            for path in Path(self.sync_dir).rglob("*"):
-                if path.is_file():
-                    rel = path.relative_to(os.path.dirname(self.sync_dir)).as_posix()
-                    self.folder.write(f"wandb/{rel}", path.read_bytes())
-            log.info("wandb: offline run in %s (upload: wandb sync)", self.folder.uri_of("wandb"))
+            keep_wandb_offline(self.folder, self.sync_dir)
         if self.temp:
             shutil.rmtree(os.path.dirname(os.path.dirname(self.sync_dir)), ignore_errors=True)
 

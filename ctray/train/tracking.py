@@ -7,7 +7,10 @@ Who logs what (`run.loggers`):
   MLflow run's end status (a rank 0 that died cannot report its own failure).
 - Rank 0 (ctray.train.loggers: MlflowLogger, WandbLogger) logs each report's metrics at its step,
   each evaluation folder (eval/step_N) and, once every rank has finished writing it, export/ as
-  artifacts. A W&B run lives in the process that opened it, so all of W&B is logged there.
+  artifacts. A W&B run lives in the process that opened it, so all of the training's W&B is
+  logged there.
+- `ctray eval` of a run's export (`log_evaluation`) logs the report into the same MLflow run and
+  resumes the same W&B run, after the training.
 
 Why not Ray's integrations: `setup_mlflow` and `setup_wandb` start a new run on every call (a resumed
 run or a restarted attempt would become a second run), and Tune's `MLflowLoggerCallback` keeps its
@@ -26,11 +29,14 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 
@@ -96,6 +102,59 @@ def wandb_mode(cfg: PretrainConfig) -> str:
         or os.environ.get("WANDB_MODE")
         or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     )
+
+
+def wandb_dir(cfg: PretrainConfig, run: RunFolder) -> str | None:
+    """Where W&B writes its wandb/ folder: run.wandb.dir, else the run folder when it is local.
+    None (object storage): a temporary folder, whose offline run `keep_wandb_offline` copies to <run>/wandb."""
+    return cfg.run.wandb.dir or (None if is_remote(run.uri) else run.path())
+
+
+def wandb_safe(text: str) -> str:
+    """A W&B artifact name: word characters, dashes and dots only (W&B refuses a "/"; the rest keeps
+    names plain), at most W&B's 128 characters."""
+    return re.sub(r"[^\w.-]", "-", text)[:128]
+
+
+def open_wandb(
+    cfg: PretrainConfig, run_id: str, mode: str, directory: str, config: dict[str, Any] | None = None
+) -> Any:
+    """The run's W&B run, created or resumed (same id): one opener for the training's rank 0 and
+    `ctray eval`, so both reach the same run. `config` must be redacted already; None leaves the
+    run's config as the training logged it."""
+    import wandb
+
+    os.makedirs(directory, exist_ok=True)
+    return wandb.init(
+        project=cfg.run.wandb.project,
+        id=run_id,
+        name=cfg.run.name,
+        group=cfg.run.group,
+        config=config,
+        mode=cast(Any, mode),  # $WANDB_MODE may name any of W&B's modes: W&B itself checks it
+        dir=directory,
+        resume="allow",
+        # No console capture (Ray owns the worker's output), no run summary printed at the end, and no
+        # machine metadata (argv, host, git).
+        settings=wandb.Settings(
+            console="off",
+            quiet=True,
+            x_disable_meta=True,
+            disable_git=True,
+            save_code=False,
+            x_save_requirements=False,
+        ),
+    )
+
+
+def keep_wandb_offline(folder: RunFolder, sync_dir: str) -> None:
+    """An offline run W&B wrote in a temporary folder (<tmp>/wandb/offline-run-*), copied to
+    <run>/wandb/ so that `wandb sync` can upload it after the temporary folder is gone."""
+    for path in Path(sync_dir).rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(os.path.dirname(sync_dir)).as_posix()
+            folder.write(f"wandb/{rel}", path.read_bytes())
+    log.info("wandb: offline run in %s (upload: wandb sync)", folder.uri_of("wandb"))
 
 
 def _read_ids(folder: RunFolder) -> dict[str, Any]:
@@ -205,11 +264,10 @@ def start(cfg: PretrainConfig, run: RunFolder) -> dict[str, Any]:
         ids["mlflow"] = {"tracking_uri": uri, "run_id": run_id}
         log.info("mlflow: run %s in experiment %r at %s", run_id, cfg.run.mlflow.experiment, redact_text(uri))
     if "wandb" in wanted:
-        wandb_dir = cfg.run.wandb.dir or (None if is_remote(run.uri) else run.path())
         ids["wandb"] = {
             "id": (saved.get("wandb") or {}).get("id") or secrets.token_hex(4),
             "mode": wandb_mode(cfg),
-            "dir": wandb_dir,
+            "dir": wandb_dir(cfg, run),
             # Redacted here: the driver's environment is the one a ${VAR} in the config was read from.
             "config": config,
         }
@@ -275,12 +333,37 @@ def _metric(key: str, value: float, step: int = 0, stamp: int | None = None) -> 
     return Metric(key, float(value), int(time.time() * 1000) if stamp is None else stamp, step)
 
 
-def log_evaluation(run: RunFolder, step: int, metrics: dict[str, float], report: RunFolder, name: str) -> str | None:
-    """A `ctray eval` report into the MLflow run of the training run that made the export (its
-    tracking.json): the report's scalars at the export's step, prefixed `eval/<name>/`, and the
-    report folder as artifacts under eval/<name>. Returns the run id (None: the run tracked
-    nothing in MLflow). A server that fails is warned about: the report is written either way."""
-    saved = _read_ids(run).get("mlflow")
+@dataclass(frozen=True)
+class EvaluationLogged:
+    """Where `log_evaluation` logged a report: the training's MLflow run id and W&B run id, None
+    where the run tracked nothing there or the logging failed (warned about)."""
+
+    mlflow: str | None = None
+    wandb: str | None = None
+
+
+def log_evaluation(
+    run: RunFolder, step: int, metrics: dict[str, float], report: RunFolder, name: str
+) -> EvaluationLogged:
+    """A `ctray eval` report into the runs the training run that made the export tracked (its
+    tracking.json), so an export's evaluation sits beside its training curves:
+    - MLflow: the report's scalars at the export's step, prefixed `eval/<name>/`, and the report
+      folder as artifacts under eval/<name>.
+    - W&B: the run resumed (same id, project, mode and folder as the training: its config.yaml), the
+      finite scalars prefixed `eval/<name>/` in the run's summary and as one history row whose x-axis
+      is `eval/<name>/step` (W&B drops a row at a step below the run's last, and an export's step is
+      the last at best), and the report folder as an `evaluation` artifact.
+    A tracker that fails is warned about in one line: the report is written either way."""
+    saved = _read_ids(run)
+    return EvaluationLogged(
+        mlflow=_mlflow_evaluation(saved.get("mlflow"), step, metrics, report, name),
+        wandb=_wandb_evaluation(run, saved.get("wandb"), step, metrics, report, name),
+    )
+
+
+def _mlflow_evaluation(
+    saved: dict[str, Any] | None, step: int, metrics: dict[str, float], report: RunFolder, name: str
+) -> str | None:
     if not saved:
         return None
     uri = saved["tracking_uri"] if "***" not in saved["tracking_uri"] else os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -300,3 +383,50 @@ def log_evaluation(run: RunFolder, step: int, metrics: dict[str, float], report:
         return None
     log.info("mlflow: evaluation %s logged to run %s", name, saved["run_id"])
     return str(saved["run_id"])
+
+
+def _wandb_evaluation(
+    run: RunFolder, saved: dict[str, Any] | None, step: int, metrics: dict[str, float], report: RunFolder, name: str
+) -> str | None:
+    if not saved:
+        return None
+    run_id = str(saved["id"])
+    try:
+        import wandb
+
+        from ctray.train.config import PretrainConfig
+
+        # The settings the training opened the run with. Validated as stored, not through load_config:
+        # config.yaml holds the values ${VAR}s expanded to, which must not be expanded again. Only its
+        # W&B settings and names are used: the config the run logged (redacted) stays as it is.
+        cfg = PretrainConfig.model_validate(yaml.safe_load(run.read("config.yaml")))
+        mode, directory = wandb_mode(cfg), wandb_dir(cfg, run)
+        temp = tempfile.mkdtemp(prefix="ctray-wandb-") if directory is None else None
+        try:
+            wb = open_wandb(cfg, run_id, mode, directory or str(temp))
+            sync_dir = os.path.dirname(wb.dir)
+            try:
+                prefix = f"eval/{name}/"
+                values = {prefix + k: v for k, v in scalars(metrics).items() if math.isfinite(v)}
+                wb.summary.update(values)
+                wb.define_metric(f"{prefix}step")
+                wb.define_metric(f"{prefix}*", step_metric=f"{prefix}step")
+                # No step=: W&B's own step only grows, and this row belongs at the export's step.
+                wb.log({**values, f"{prefix}step": step})
+                artifact = wandb.Artifact(wandb_safe(f"{cfg.run.name}-eval-{name}"), type="evaluation")
+                with local_folder(report.uri, report.storage) as local:
+                    artifact.add_dir(local)
+                    wb.log_artifact(artifact, aliases=[f"step_{step}"])
+            finally:
+                # Exit code 0 even after a failure here: the run's state is the training's, not the report's.
+                wb.finish()
+            if temp is not None and mode == "offline":
+                keep_wandb_offline(run, sync_dir)
+        finally:
+            if temp is not None:
+                shutil.rmtree(temp, ignore_errors=True)
+    except Exception as e:  # the report is published already
+        log.warning("wandb: could not log the evaluation to run %s: %s", run_id, first_line(e))
+        return None
+    log.info("wandb: evaluation %s logged to run %s", name, run_id)
+    return run_id

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ctray.config import load_config
+from ctray.config import load_config, to_yaml
 from ctray.errors import ConfigError
 from ctray.redact import redacted
 from ctray.run_folder import RunFolder
@@ -21,7 +21,7 @@ from ctray.train.config import PretrainConfig
 from ctray.train.loggers import MetricLoggers, MlflowLogger
 from ctray.train.metrics import StepClock, step_line
 
-from helpers import CANARY_ENV, CANARY_PASSWORD, TINY, tracking_overrides
+from helpers import CANARY_ENV, CANARY_PASSWORD, TINY, tracking_overrides, wandb_records
 
 
 def tracked_cfg(storage, name, uri, *overrides) -> PretrainConfig:
@@ -183,8 +183,9 @@ def test_an_evaluation_lands_in_the_training_runs_mlflow_run(mlflow_server, tmp_
     report.write("report.md", b"# Evaluation\n")
     report.write("metrics.json", b"{}")
     metrics = {"probe_linear_finding_auroc": 0.7, "zs_finding_auroc_std": float("nan")}
-    run_id = tracking.log_evaluation(run, 12, metrics, report, "valid")
-    assert run_id == ids["mlflow"]["run_id"]
+    logged = tracking.log_evaluation(run, 12, metrics, report, "valid")
+    assert logged == tracking.EvaluationLogged(mlflow=ids["mlflow"]["run_id"])  # no W&B in its loggers
+    run_id = logged.mlflow
     client = MlflowClient(mlflow_server)
     history = client.get_metric_history(run_id, "eval/valid/probe_linear_finding_auroc")
     assert [(m.step, m.value) for m in history] == [(12, 0.7)]
@@ -194,4 +195,63 @@ def test_an_evaluation_lands_in_the_training_runs_mlflow_run(mlflow_server, tmp_
         "eval/valid/metrics.json",
     }
     untracked = RunFolder(str(tmp_path / "untracked"), cfg.storage)
-    assert tracking.log_evaluation(untracked, 1, metrics, report, "valid") is None
+    assert tracking.log_evaluation(untracked, 1, metrics, report, "valid") == tracking.EvaluationLogged()
+
+
+def test_an_evaluation_lands_in_the_training_runs_wandb_run(tmp_path, monkeypatch, caplog, capfd):
+    """`ctray eval` of a run tracked in W&B (offline): the W&B run whose id tracking.json holds, the
+    report's finite scalars in its summary and in one row on their own x-axis (eval/<name>/step,
+    since W&B drops rows below the run's last step), the report folder as an artifact; neither the
+    config's secrets nor the report's text in the run file or the console."""
+    monkeypatch.setenv("CTRAY_TEST_TOKEN", CANARY_ENV)
+    cfg = tracked_cfg(tmp_path, "evaluated-wb", "http://127.0.0.1:9", "run.loggers=[wandb]")
+    run = cfg.run_folder()
+    run.write("config.yaml", to_yaml(cfg).encode())  # as run_pretrain leaves it: secrets expanded
+    ids = tracking.start(cfg, run)
+    canary = "report-canary-5521"
+    report_text = f"# Evaluation\n{canary}: no lesion in the liver\n"
+    report = RunFolder(str(tmp_path / "emb" / "report"), cfg.storage)
+    report.write("report.md", report_text.encode())
+    report.write("metrics.json", b"{}")
+    metrics = {"probe_linear_finding_auroc": 0.7, "zs_finding_auroc_std": float("nan")}
+    with caplog.at_level(logging.INFO, logger="ctray.train.tracking"):
+        logged = tracking.log_evaluation(run, 12, metrics, report, "valid")
+    wandb_id = ids["wandb"]["id"]
+    assert logged == tracking.EvaluationLogged(wandb=wandb_id)
+
+    (wandb_file,) = Path(run.path()).glob(f"wandb/offline-run-*/run-{wandb_id}.wandb")  # the same run
+    records = wandb_records(wandb_file)
+    rows = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.HasField("history")
+    ]
+    (row,) = [row for row in rows if "eval/valid/probe_linear_finding_auroc" in row]
+    assert row["eval/valid/probe_linear_finding_auroc"] == 0.7 and row["eval/valid/step"] == 12
+    summary = {
+        u.key or "/".join(u.nested_key): json.loads(u.value_json)
+        for r in records
+        if r.HasField("summary")
+        for u in r.summary.update
+    }
+    assert summary["eval/valid/probe_linear_finding_auroc"] == 0.7
+    axes = {m.metric.glob_name: m.metric.step_metric for m in records if m.HasField("metric") and m.metric.glob_name}
+    assert axes == {"eval/valid/*": "eval/valid/step"}
+    assert all("eval/valid/zs_finding_auroc_std" not in row for row in [*rows, summary])  # NaN: not logged
+    (artifact,) = [r.artifact for r in records if r.HasField("artifact")]
+    assert (artifact.type, artifact.name) == ("evaluation", "evaluated-wb-eval-valid")
+    assert {c.path for c in artifact.manifest.contents} == {"report.md", "metrics.json"}
+    assert "step_12" in artifact.aliases
+    raw = wandb_file.read_bytes()
+    assert CANARY_PASSWORD.encode() not in raw and CANARY_ENV.encode() not in raw  # the config is not re-logged
+    shown = caplog.text + "".join(capfd.readouterr())
+    assert canary not in shown and canary.encode() not in raw
+
+    # Best effort: a run folder W&B cannot be resumed from (no config.yaml) is one warning line.
+    broken = RunFolder(str(tmp_path / "broken"), cfg.storage)
+    broken.write(tracking.IDS_FILE, json.dumps({"wandb": {"id": wandb_id}}).encode())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ctray.train.tracking"):
+        assert tracking.log_evaluation(broken, 12, metrics, report, "valid") == tracking.EvaluationLogged()
+    (warning,) = caplog.messages
+    assert warning.startswith(f"wandb: could not log the evaluation to run {wandb_id}: ") and "\n" not in warning
