@@ -111,7 +111,12 @@ class EvalConfig(Section):
     """Steps between evaluations; the last step always evaluates; 0: the last step only."""
     shards: str | None = None
     """Held-out shards with known labels to evaluate on (e.g. CT-RATE's valid split ingested on its
-    own). None: data.shards, the training scans, whose figures are not held-out (the run warns)."""
+    own). Required by the objectives that evaluate during training (TotalFM stage 2, CA-GCL)
+    unless `on_training_scans`."""
+    on_training_scans: bool = False
+    """Let the in-training evaluation read data.shards when eval.shards is not set: its figures then
+    come from scans the model trains on, fit for a smoke test or the quickstart's phantoms, never for
+    a paper's table (the run warns). Off: such a run refuses to start without eval.shards."""
     max_scans: int = 64
     """Scans evaluated (the first of the shards' index)."""
     enabled: bool = True

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ctray.config import to_yaml
 from ctray.console import verbose
 from ctray.data.pipeline import StreamPlan, place_data_actors_here, training_datasets
-from ctray.errors import CtrayError, TrainingFailed, first_line
+from ctray.errors import ConfigError, CtrayError, TrainingFailed, first_line
 from ctray.export import TrainedOn
 from ctray.ingest.shardset import ShardSet
 from ctray.objectives import get_objective
@@ -31,17 +31,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _trained_on(cfg: PretrainConfig) -> TrainedOn:
-    """The training shard set as the export records it; a warning when the in-training evaluation
-    reads these same scans (its figures are then not held-out)."""
-    shard_set = ShardSet.open(cfg.data.shards, cfg.storage)
+def require_held_out(cfg: PretrainConfig) -> None:
+    """A ConfigError (one line, before Ray starts) when the in-training evaluation would score the
+    training scans without the config saying so (eval.on_training_scans); a warning when it says so.
+    Figures measured on training scans land in metrics.jsonl, MLflow and W&B beside held-out ones,
+    so this is a choice the config makes, not a default."""
     # The objectives that evaluate during training (zero-shot: TotalFM stage 2, CA-GCL) share ContrastConfig.
-    evaluates = cfg.eval.enabled and isinstance(cfg.objective, ContrastConfig)
-    if evaluates and cfg.eval.shards in (None, cfg.data.shards):
-        log.warning(
-            "eval: the in-training evaluation reads the training shards, so its figures are not held-out: "
-            "set eval.shards to a held-out shard set (README: Use what was pretrained)"
+    evaluates = cfg.eval.enabled and isinstance(cfg.objective, ContrastConfig) and not cfg.data.synthetic
+    if not evaluates or cfg.eval.shards not in (None, cfg.data.shards):
+        return
+    if not cfg.eval.on_training_scans:
+        raise ConfigError(
+            "eval.shards is not set, so the in-training evaluation would score the training scans: set it to a "
+            "held-out shard set (README: Use what was pretrained), or eval.on_training_scans=true for a smoke test"
         )
+    log.warning("eval: the in-training evaluation reads the training shards (eval.on_training_scans): not held-out")
+
+
+def _trained_on(cfg: PretrainConfig) -> TrainedOn:
+    """The training shard set as the export records it."""
+    shard_set = ShardSet.open(cfg.data.shards, cfg.storage)
     preprocess = shard_set.ingest.preprocess.model_dump(mode="json")
     return TrainedOn(redact_text(cfg.data.shards), shard_set.fingerprint, len(shard_set.scans()), preprocess)
 
@@ -107,6 +116,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     cfg.run.storage = resolve_uri(cfg.run.storage)
     if cfg.eval.shards:
         cfg.eval.shards = resolve_uri(cfg.eval.shards)
+    require_held_out(cfg)
     ensure_ray(cfg.ray)
     ensure_schedulable(cfg.scaling.worker_bundle(), "training worker", cfg.ray.schedule_timeout_s)
 

@@ -121,3 +121,34 @@ def test_every_config_field_has_a_docstring():
             if not (field.description or inherited or (inner is not None and inner.__doc__)):
                 missing.append(f"{model.__name__}.{name}")
     assert missing == []
+
+
+def test_an_objective_that_evaluates_during_training_needs_held_out_shards_or_says_it_has_none(caplog):
+    """CA-GCL and TotalFM stage 2 score zero-shot figures during training: without eval.shards they
+    would score the training scans, so the run refuses in one line unless the config opts in
+    (the local jobs do, for their phantoms), and then warns. CT-FM has no in-training evaluation."""
+    import logging
+
+    from ctray.train.config import PretrainConfig
+    from ctray.train.trainer import require_held_out
+
+    from helpers import REPO
+
+    local = load_config(PretrainConfig, REPO / "jobs/cagcl-local.yaml")
+    assert local.eval.on_training_scans and local.eval.shards is None
+    with caplog.at_level(logging.WARNING, logger="ctray"):
+        require_held_out(local)
+    assert "reads the training shards (eval.on_training_scans): not held-out" in caplog.text
+    for job in (REPO / "jobs/cagcl-local.yaml", REPO / "jobs/totalfm-clip-local.yaml"):
+        refused = load_config(PretrainConfig, job, ["eval.on_training_scans=false"])
+        with pytest.raises(ConfigError, match=r"^eval.shards is not set, so the in-training evaluation would") as e:
+            require_held_out(refused)
+        assert "\n" not in str(e.value)
+        held_out = load_config(PretrainConfig, job, ["eval.on_training_scans=false", "eval.shards=valid-shards"])
+        require_held_out(held_out)  # a separate shard set: nothing to say
+    require_held_out(load_config(PretrainConfig, REPO / "jobs/ctfm-local.yaml", ["eval.on_training_scans=false"]))
+    require_held_out(
+        load_config(
+            PretrainConfig, REPO / "jobs/cagcl-local.yaml", ["eval.on_training_scans=false", "eval.enabled=false"]
+        )
+    )
