@@ -4,9 +4,11 @@ Shards -> read_parquet -> an autoscaling pool of actors (one GPU each where the 
 each holding the export (ctray.export.load_encoder) and running the recipe's sampler (the run's
 preprocessing, with a seed per scan: a scan embeds alike in any batch, on any actor) and
 `Task.embed` -> the driver, which writes one Parquet part per input shard once all its scans are
-in (OUT/part-<shard>.parquet, atomically). Re-running skips shards whose part exists, so a stopped
-job loses at most the shards in flight. OUT/embed.json describes the columns (the contract of
-`ctray eval`):
+in (OUT/part-<shard>-<sha>.parquet, atomically, named by the shard and the start of its file's
+sha256 in its commit record). Re-running skips shards whose part exists, so a stopped job loses at
+most the shards in flight, and deletes the parts of shards no longer in the shard set: a purge or a
+rewrite replaces a shard by another, and the old part would otherwise keep the purged scans and
+count the others twice. OUT/embed.json describes the columns (the contract of `ctray eval`):
 
 - scan_id, group (the shards' patient/study key: scans of one group belong on one side of a split;
   embed.json's "groups" says how ingest formed them), embedding (D floats), finding_labels (F int8;
@@ -40,7 +42,7 @@ from ctray.errors import ConfigError
 from ctray.redact import redact_text
 
 if TYPE_CHECKING:
-    from ctray.ingest.shardset import ShardSet
+    from ctray.ingest.shardset import Shard, ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +144,10 @@ def _rows(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def part_name(shard_path: str) -> str:
-    return f"part-{posixpath.basename(shard_path).rsplit('.', 1)[0]}.parquet"
+def part_name(shard: Shard) -> str:
+    """The embeddings part of a shard: its name and the start of its content hash, so that a shard
+    rewritten under the same name (another input, a purge) is embedded anew."""
+    return f"part-{shard.shard.removeprefix('part-')}-{shard.sha256[:12]}.parquet"
 
 
 def _column(values: np.ndarray) -> pa.Array:
@@ -181,7 +185,7 @@ def run_embed(
     """Embed every committed scan of `shards` with `export` into `out` (see module docstring)."""
     from ctray.export import export_uri, load_sampler
     from ctray.ingest.shardset import ShardSet
-    from ctray.storage import filesystem, publish_bytes, resolve_uri
+    from ctray.storage import arrow_filesystem, filesystem, publish_bytes, resolve_uri
 
     storage = storage or StorageConfig()
     export, shards, out = export_uri(export, storage), resolve_uri(shards), resolve_uri(out)
@@ -191,8 +195,10 @@ def run_embed(
     rows_of: dict[str, int] = defaultdict(int)
     for item in items:
         rows_of[item.path] += 1
+    _, sroot = arrow_filesystem(shards, storage)
+    parts = {posixpath.join(sroot, s.path): part_name(s) for s in shard_set.shards if s.stats.rows}
     ofs, oroot = filesystem(out, storage)
-    done = {p for p in rows_of if ofs.exists(posixpath.join(oroot, part_name(p)))}
+    done = {p for p in rows_of if ofs.exists(posixpath.join(oroot, parts[p]))}
     pending = sorted(set(rows_of) - done)
     findings = finding_names(meta, shard_set)
     description = {
@@ -209,6 +215,7 @@ def run_embed(
     }
     settings = {"findings": list(findings), "patches": patches, "seed": seed}
     _same_export(description, ofs, posixpath.join(oroot, "embed.json"), out, storage)
+    _drop_stale_parts(ofs, oroot, set(parts.values()), storage)
     publish_bytes(json.dumps(description, indent=1).encode(), ofs, posixpath.join(oroot, "embed.json"), storage)
     result = EmbedResult(out, 0, 0)
     if pending:
@@ -217,10 +224,10 @@ def run_embed(
             sum(rows_of[p] for p in pending), len(pending), len(done), meta["objective"], meta["step"], out,
         )  # fmt: skip
         pool = (batch_scans, actors)
-        result = _embed_pending(export, shards, out, storage, pending, rows_of, sampler.columns, settings, pool)
+        result = _embed_pending(export, shards, out, storage, pending, rows_of, parts, sampler.columns, settings, pool)
     else:
         log.info("embed: every one of %d shards already has its part in %s", len(rows_of), out)
-    a_part = posixpath.join(oroot, part_name(sorted(rows_of)[0]))
+    a_part = posixpath.join(oroot, parts[sorted(rows_of)[0]])
     with ofs.open(a_part, "rb") as f:
         description["dim"] = pq.read_schema(f).field("embedding").type.list_size
     publish_bytes(json.dumps(description, indent=1).encode(), ofs, posixpath.join(oroot, "embed.json"), storage)
@@ -241,6 +248,21 @@ def _same_export(description: dict[str, Any], fs: Any, path: str, out: str, stor
         raise ConfigError(f"{out} holds embeddings made with another {', '.join(changed)}: use a new folder")
 
 
+def _drop_stale_parts(fs: Any, root: str, current: set[str], storage: StorageConfig) -> None:
+    """Delete the parts under `root` of shards the shard set no longer holds (purged, rewritten)."""
+    from ctray.storage import list_files
+
+    stale = [
+        p
+        for p in list_files(fs, root, storage, ".parquet")
+        if posixpath.basename(p).startswith("part-") and posixpath.basename(p) not in current
+    ]
+    for path in stale:
+        fs.rm(path)
+    if stale:
+        log.info("embed: removed %d part(s) of shards no longer in the shard set (purged or rewritten)", len(stale))
+
+
 def _embed_pending(
     export: str,
     shards: str,
@@ -248,6 +270,7 @@ def _embed_pending(
     storage: StorageConfig,
     pending: list[str],
     rows_of: dict[str, int],
+    parts: dict[str, str],
     sampler_columns: tuple[str, ...],
     settings: dict[str, Any],
     pool: tuple[int, int | None],
@@ -275,13 +298,19 @@ def _embed_pending(
     quiet_dataset(ds, verbose())
     ofs, oroot = filesystem(out, storage)
     return _write_parts(
-        ds, rows_of, pending, out, lambda name, data: publish_bytes(data, ofs, posixpath.join(oroot, name), storage)
+        ds,
+        rows_of,
+        parts,
+        pending,
+        out,
+        lambda name, data: publish_bytes(data, ofs, posixpath.join(oroot, name), storage),
     )
 
 
 def _write_parts(
     ds: Any,
     rows_of: dict[str, int],
+    parts_of: dict[str, str],
     pending: list[str],
     out: str,
     write: Callable[[str, bytes], None],
@@ -299,7 +328,7 @@ def _write_parts(
                 rows = sorted(buffered.pop(path), key=lambda r: r["scan_id"])
                 sink = pa.BufferOutputStream()
                 pq.write_table(part_table(rows, columns), sink, compression="zstd")
-                write(part_name(path), sink.getvalue().to_pybytes())
+                write(parts_of[path], sink.getvalue().to_pybytes())
                 parts += 1
             scans += 1
         now = time.time()

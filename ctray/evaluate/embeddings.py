@@ -126,6 +126,16 @@ def load_embeddings(uri: str, storage: StorageConfig) -> Embeddings:
     anatomies = list(meta.get("anatomies") or [])
     findings = list(meta.get("findings") or [])
     scan_ids = [str(s) for s in table.column("scan_id").to_pylist()]
+    duplicates = len(scan_ids) - len(set(scan_ids))
+    if duplicates:
+        # Parts of a shard set that changed since (a purge or rewrite renamed shards): counted twice,
+        # a scan would score against itself and weigh double. The ids are not named: they may be the
+        # scans' own names where ingest did not pseudonymise them.
+        raise ConfigError(
+            f"{uri}: {duplicates} scan id(s) appear in more than one part (parts of shards that were purged or "
+            "rewritten since?): run `ctray embed` into this folder again, which drops the parts of shards no "
+            "longer in the shard set"
+        )
     names = set(table.column_names)
     has = {c: c in names and bool(anatomies) for c in ("anatomy_embedding", "text_embedding")}
     emb = Embeddings(

@@ -3,6 +3,7 @@ equal a single-process embedding of each scan, resumable shard by shard."""
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from ctray.errors import ConfigError
 from ctray.evaluate.config import EvalReportConfig
 from ctray.evaluate.run import run_eval
 from ctray.export import TrainedOn, load_encoder
+from ctray.ingest.maintain import purge
 from ctray.ingest.shardset import ShardSet
 from ctray.objectives import get_objective
 from ctray.objectives.ctfm.sliding import tile_starts
@@ -84,7 +86,8 @@ def reference(run: Path, shards: Path, scan_id: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_embed_ctfm_equals_a_single_process_run_and_resumes_by_shard(labelled_shards, tmp_path):
+def test_embed_ctfm_equals_a_single_process_run_resumes_by_shard_and_follows_a_purge(labelled_shards, tmp_path):
+    labelled_shards = Path(shutil.copytree(labelled_shards, tmp_path / "shards"))  # purged below
     run = exported("ctfm_simclr", "ctfm-local.yaml", labelled_shards, tmp_path)
     out = tmp_path / "emb"
     result = run_embed(str(run), str(labelled_shards), str(out), patches=True)
@@ -115,6 +118,15 @@ def test_embed_ctfm_equals_a_single_process_run_and_resumes_by_shard(labelled_sh
     assert again.parts == 1 and again.scans == 2
     assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("part-*.parquet"))[1:]} == kept
     assert np.array_equal(np.stack(table(out).column("embedding").to_numpy(zero_copy_only=False)), emb)
+
+    # A purge rewrites the scan's shard under a new name: embedding again drops the old shard's part
+    # (which holds the purged scan and the shard's other one) and embeds the new shard.
+    purge(str(labelled_shards), StorageConfig(), [first])
+    after = run_embed(str(run), str(labelled_shards), str(out), patches=True)
+    assert after.parts == 1 and after.scans == 1
+    ids = table(out).column("scan_id").to_pylist()
+    assert first not in ids and len(ids) == len(set(ids)) == 5 and len(list(out.glob("part-*.parquet"))) == 3
+    assert json.loads((out / "embed.json").read_text())["scans"] == 5
 
 
 def test_embed_volume_from_a_nifti_or_an_array_equals_the_shard_path(labelled_shards, tmp_path):

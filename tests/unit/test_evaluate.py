@@ -661,6 +661,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     )
     wrong = write_embeddings(tmp_path / "wrong", dim=32)
     assert "embedding has 16 dimensions, embed.json says 32" in error(quick(wrong))
+    # A part left from a shard that was rewritten since holds scans another part holds too.
+    twice = Path(write_embeddings(tmp_path / "twice"))
+    first = sorted(twice.glob("part-*.parquet"))[0]
+    (twice / "part-stale.parquet").write_bytes(first.read_bytes())
+    rows = pq.read_metadata(first).num_rows
+    assert f"{rows} scan id(s) appear in more than one part" in error(quick(str(twice)))
 
 
 def test_ctfm_protocol_with_a_gallery_folder_numbers_groups_across_both(tmp_path):
