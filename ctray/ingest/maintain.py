@@ -21,7 +21,7 @@ from ctray.ingest.job import PURGED, read_purged, resolve
 from ctray.ingest.lease import Lease
 from ctray.ingest.llm import CACHE_DIR, cache_path
 from ctray.ingest.privacy import Names, read_id_map, write_id_map
-from ctray.ingest.records import Records, build_manifest, read_records, rewrite_without
+from ctray.ingest.records import Records, build_manifest, read_records, rewrite_without, unreadable_advice
 from ctray.ingest.shards import publish_record
 from ctray.ingest.shardset import MANIFEST, ShardSet
 from ctray.storage import filesystem, join, publish_bytes, remove
@@ -53,6 +53,8 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
     fs, root = filesystem(uri, storage)
     with Lease(uri, cfg.lease, storage, what="purge"):
         records = read_records(uri, storage)
+        if records.unreadable:  # the scan may sit in a shard whose record cannot be read
+            raise ConfigError(f"purge stopped: {unreadable_advice(uri, records.unreadable)}")
         committed = records.committed
         ids = _stored_ids(cfg, scan_ids, set(committed))
         known = set(committed) | {q.scan_id for q in shard_set.quarantine}
@@ -83,7 +85,7 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
                 r = replace(r, quarantine=tuple(q for q in r.quarantine if q.scan_id not in gone))
                 publish_record(r, fs, root, storage)
             live.append(r)
-        records = Records(live, records.superseded)
+        records = Records(live, records.superseded, records.unreadable)
         shard_set = build_manifest(
             uri,
             storage,

@@ -16,7 +16,7 @@ import posixpath
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pyarrow.parquet as pq
 
@@ -48,6 +48,9 @@ class Records:
     """Commit records in commit order, none superseded."""
     superseded: list[CommitRecord]
     """Commit records a live one supersedes (their shards are no longer part of the set)."""
+    unreadable: list[str] = field(default_factory=list)
+    """Names of the records that are not JSON (cut short, overwritten): their shards cannot be
+    accounted for, so nothing may clean them away (`clean` refuses)."""
 
     @property
     def committed(self) -> dict[str, tuple[CommittedScan, CommitRecord]]:
@@ -67,16 +70,18 @@ class Records:
 
 def read_records(uri: str, storage: StorageConfig) -> Records:
     """The commit records under `uri`, live and superseded. One that is not JSON (cut short) is
-    left out with a warning; one that is JSON but not a commit record is a ConfigError."""
+    left out with a warning and listed as unreadable; one that is JSON but not a commit record is a
+    ConfigError."""
     fs, root = filesystem(uri, storage)
     paths = list_files(fs, join(root, COMMITS_DIR), storage, suffix=".json")
-    records = []
+    records, unreadable = [], []
     for path, blob in sorted(read_many(fs, paths, storage).items()):
         name = posixpath.basename(path)
         try:
             d = json.loads(blob)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             log.warning("ignoring an unreadable commit record %s", name)
+            unreadable.append(name)
             continue
         try:
             records.append(CommitRecord.from_json(d))
@@ -88,12 +93,29 @@ def read_records(uri: str, storage: StorageConfig) -> Records:
             ) from None
     records.sort(key=lambda r: r.committed_at)
     gone = {name for r in records for name in r.supersedes}
-    return Records([r for r in records if r.shard not in gone], [r for r in records if r.shard in gone])
+    return Records([r for r in records if r.shard not in gone], [r for r in records if r.shard in gone], unreadable)
+
+
+def unreadable_advice(uri: str, names: list[str]) -> str:
+    """One line on unreadable commit records: what they hold back and what to do, never a command
+    that deletes what cannot be accounted for."""
+    shards = ", ".join(f"{SHARDS_DIR}/{posixpath.splitext(n)[0]}.parquet" for n in names[:3])
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return (
+        f"{len(names)} commit record(s) in {join(uri, COMMITS_DIR)} are not readable JSON ({', '.join(names[:3])}"
+        f"{more}), so the shards they name ({shards}{more}) cannot be told from leftovers: restore the records "
+        "from a copy (a versioned bucket, a backup); or delete each such record together with its shard, "
+        "whose scans the next `ctray ingest` then writes again"
+    )
 
 
 def clean(uri: str, storage: StorageConfig, records: Records) -> None:
     """Remove superseded records and their shards, then shard files that no live record names (a
-    writer died between publishing and committing). Only while holding the output's lease."""
+    writer died between publishing and committing). Only while holding the output's lease. A
+    ConfigError, before anything is removed, while a record is unreadable: its shard would look like
+    a leftover and go, scans and all."""
+    if records.unreadable:
+        raise ConfigError(f"ingest stopped: {unreadable_advice(uri, records.unreadable)}")
     fs, root = filesystem(uri, storage)
     for r in records.superseded:
         if r.path:
@@ -200,6 +222,18 @@ def build_manifest(
     )
 
 
+def _manifest_problems(uri: str, storage: StorageConfig, committed: set[str]) -> list[str]:
+    """The manifest's problems: unreadable, or not listing the committed scans (ingest rebuilds it
+    from the records, deleting nothing they account for)."""
+    try:
+        shard_set = ShardSet.open(uri, storage)
+    except ConfigError as e:
+        return [str(e)]
+    if {w.scan_id for w in shard_set.written} != committed:
+        return [f"{shard_set.manifest_uri} does not list the committed scans (re-run `ctray ingest` to rebuild it)"]
+    return []
+
+
 def verify(uri: str, storage: StorageConfig) -> list[str]:
     """Problems of a shard set, one line each (empty: every committed shard is whole): each live
     record's shard exists with its recorded size and sha256, its rows are the recorded scans, no
@@ -237,14 +271,10 @@ def verify(uri: str, storage: StorageConfig) -> list[str]:
         if ids != [s.scan_id for s in r.scans]:
             problems.append(f"{r.path}: its rows are not the scans its commit record lists")
         log.info("[%d/%d] %s ok", i, len(records.live), r.path)
-    try:
-        shard_set = ShardSet.open(uri, storage)
-        if {w.scan_id for w in shard_set.written} != set(seen):
-            problems.append(
-                f"{shard_set.manifest_uri} does not list the committed scans (re-run `ctray ingest` to rebuild it)"
-            )
-    except ConfigError as e:
-        problems.append(str(e))
+    if records.unreadable:
+        problems.append(unreadable_advice(uri, records.unreadable))
+    else:  # the manifest cannot be checked against records that cannot be read
+        problems += _manifest_problems(uri, storage, set(seen))
     for p in problems:
         log.error("%s", p)
     log.info(

@@ -70,3 +70,36 @@ def test_purge_removes_a_scan_everywhere(ray_local, tmp_path):
     assert [s["reason"] for s in skipped if "phantom0001" in s["input"]] == [
         f"{data}/scans/phantom0001.nii.gz: removed by `ctray purge`; not ingested again"
     ]
+
+
+def test_an_unreadable_commit_record_stops_ingest_and_purge_and_verify_deletes_nothing(ray_local, tmp_path):
+    """A commit record cut short (a bad copy, a disk fault) leaves its shard unaccounted for. Once,
+    verify said "re-run `ctray ingest`" and that run deleted the shard as an uncommitted leftover.
+    Now verify names the record and its shard with advice that deletes nothing unaccounted for, and
+    ingest and purge stop in one line before touching a file."""
+    import pytest
+
+    from ctray.errors import ConfigError
+
+    _, out, cfg = _ingested(tmp_path, 4, seed=3)
+    record = sorted((out / "_commits").glob("*.json"))[0]
+    shard = out / "shards" / f"{record.stem}.parquet"
+    whole = record.read_bytes()
+    record.write_bytes(whole[:100])
+    files = {p: p.read_bytes() for p in (out / "shards").iterdir()}
+
+    problems = verify(str(out), StorageConfig())
+    assert problems == [
+        f"1 commit record(s) in {out}/_commits are not readable JSON ({record.name}), so the shards they name "
+        f"(shards/{shard.name}) cannot be told from leftovers: restore the records from a copy (a versioned bucket, "
+        "a backup); or delete each such record together with its shard, whose scans the next `ctray ingest` then "
+        "writes again"
+    ]
+    for attempt in (lambda: run_ingest(cfg), lambda: purge(str(out), StorageConfig(), ["phantom0001"])):
+        with pytest.raises(ConfigError, match=r"^(ingest|purge) stopped: 1 commit record\(s\) in ") as e:
+            attempt()
+        assert "\n" not in str(e.value)
+        assert {p: p.read_bytes() for p in (out / "shards").iterdir()} == files  # every shard kept, unchanged
+
+    record.write_bytes(whole)  # restored from a copy: whole again
+    assert verify(str(out), StorageConfig()) == []
