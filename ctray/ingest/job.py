@@ -7,6 +7,7 @@ Layout of the output (local folder or s3:// / gs:// prefix):
     _lease.json                    the running ingest's lease (ctray.ingest.lease)
     _probe/, _cache/llm/           DICOM folder probes and LLM answers, reused by later runs
     purged.json                    scan ids removed by `ctray purge`; never ingested again
+    key-check.json                 the pseudonymisation key's check value (ctray.ingest.privacy)
     manifest.json                  config, counts, shards, and every input: written, quarantined
                                    (reason), skipped (reason), failed
 The pseudonym map (privacy.pseudonymize_ids) is written outside it (privacy.id_map).
@@ -31,7 +32,7 @@ from ctray.ingest.config import IngestConfig
 from ctray.ingest.discover import Inventory, attach, discover, discover_masks, load_reports, probe_cache_location
 from ctray.ingest.lease import Lease
 from ctray.ingest.llm import Secret
-from ctray.ingest.privacy import Names
+from ctray.ingest.privacy import Names, check_key
 from ctray.ingest.records import Records, build_manifest, clean, read_records, rewrite_without
 from ctray.ingest.shards import preprocess_fingerprint, shard_name, write_shard
 from ctray.ingest.shardset import MANIFEST, CommitRecord, Failed, Quarantined, Skipped
@@ -98,6 +99,7 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
     fs_out, root = filesystem(out_uri, cfg.storage)
     with Lease(out_uri, cfg.lease, cfg.storage) as lease:
         records = read_records(out_uri, cfg.storage)
+        check_key(names, out_uri, cfg.storage, committed=bool(records.live))
         stale = {r.fingerprint for r in records.live} - {fingerprint}
         if stale:
             versions = sorted({r.ctray_version for r in records.live})

@@ -20,7 +20,7 @@ from ctray.ingest.config import IngestConfig
 from ctray.ingest.job import PURGED, read_purged, resolve
 from ctray.ingest.lease import Lease
 from ctray.ingest.llm import CACHE_DIR, cache_path
-from ctray.ingest.privacy import Names, read_id_map, write_id_map
+from ctray.ingest.privacy import Names, check_key, read_id_map, write_id_map
 from ctray.ingest.records import Records, build_manifest, read_records, rewrite_without, unreadable_advice
 from ctray.ingest.shards import publish_record
 from ctray.ingest.shardset import MANIFEST, ShardSet
@@ -40,7 +40,9 @@ def _stored_ids(cfg: IngestConfig, ids: list[str], committed: set[str]) -> list[
         if sid in committed:
             out.append(sid)
             continue
-        names = names or Names(cfg)
+        if names is None:
+            names = Names(cfg)
+            check_key(names, cfg.output.uri, cfg.storage, committed=True)  # another key would find nothing
         out.append(names.scan_id(sid, ""))
     return out
 

@@ -6,6 +6,11 @@ driver's environment, so the same key gives the same ids on a resume), and every
 by that hash (or a hash of its path) in rows, commit records, the manifest, reasons and logs. The
 map back is written to one separate file (`privacy.id_map`), which the user can keep elsewhere.
 
+The key is checked, not only its length: the output holds its check value (key-check.json, an
+HMAC of a constant under the key, which tells nothing of the key), and an ingest or purge with
+another key stops in one line. Another key would give every scan a second pseudonym: every input
+written again beside its first copy, and purged scans (recorded by pseudonym) back in the shards.
+
 Group keys (ingest's `groups:`: a patient or study) are hashed with the same key, `g` + hash, and
 are not in the id map: a DICOM group is a PatientID or StudyInstanceUID, which the map would then
 hold in a new place, and a pattern's group is part of a source id the map already holds.
@@ -16,11 +21,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 
+from ctray.config import StorageConfig
 from ctray.errors import ConfigError
 from ctray.ingest.config import IngestConfig
-from ctray.storage import filesystem, publish_bytes, read_bytes
+from ctray.storage import filesystem, join, publish_bytes, read_bytes
+
+log = logging.getLogger(__name__)
+
+KEY_CHECK = "key-check.json"
 
 
 class Names:
@@ -39,6 +50,10 @@ class Names:
                 )
             self._key = key.encode()
         self.mapping: dict[str, dict] = {}
+
+    def key_check(self) -> str:
+        """The key's check value: an HMAC of a constant, the same for the same key."""
+        return self._hash("ctray key check value", 16)
 
     def _hash(self, text: str, n: int = 24) -> str:
         return hmac.new(self._key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:n]
@@ -77,6 +92,37 @@ class Names:
         if not self.pseudonymize:
             return None
         return write_id_map(self.cfg, {**read_id_map(self.cfg), **self.mapping})
+
+
+def check_key(names: Names, uri: str, storage: StorageConfig, committed: bool) -> None:
+    """With pseudonymised ids: a ConfigError of one line when the output at `uri` was pseudonymised
+    with another key; the key's check value recorded there the first time. An output written before
+    check values existed (`committed` scans, no key-check.json) is checked against an entry of its
+    id map where the map can be read."""
+    if not names.pseudonymize:
+        return
+    fs, root = filesystem(uri, storage)
+    path = join(root, KEY_CHECK)
+    mine = names.key_check()
+    env = names.cfg.privacy.id_key_env
+    try:
+        stored = json.loads(read_bytes(fs, path, storage))["key_check"]
+    except FileNotFoundError:
+        stored = None
+    if stored is None and committed:
+        scans = [e for e in read_id_map(names.cfg).values() if e.get("source_id") is not None]
+        if scans and "s" + names._hash(scans[0]["source_id"]) != scans[0]["id"]:
+            stored = "(its id map)"
+        elif not scans:
+            log.warning("%s has no key check and no readable id map: the key in $%s is taken as its key", uri, env)
+    if stored is not None and stored != mine:
+        raise ConfigError(
+            f"${env} is not the key {uri} was pseudonymised with (check value {stored[:6]}.., this key's "
+            f"{mine[:6]}..): use that key, or ingest into a new output.uri; another key would write every scan again "
+            "under a second pseudonym and bring purged scans back"
+        )
+    if stored is None:
+        publish_bytes(json.dumps({"key_check": mine, "of": "HMAC-SHA256 of a constant"}).encode(), fs, path, storage)
 
 
 def id_map_uri(cfg: IngestConfig) -> str:

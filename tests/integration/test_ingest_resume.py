@@ -103,3 +103,35 @@ def test_an_unreadable_commit_record_stops_ingest_and_purge_and_verify_deletes_n
 
     record.write_bytes(whole)  # restored from a copy: whole again
     assert verify(str(out), StorageConfig()) == []
+
+
+def test_another_pseudonymisation_key_is_refused_and_brings_nothing_back(ray_local, tmp_path, monkeypatch):
+    """Key A writes 3 scans, one is purged; key B would give every scan a second pseudonym (all
+    written again, the purged one back). The output holds key A's check value: B is refused in one
+    line before anything is written, and a purge with B's pseudonyms is refused too."""
+    import pytest
+
+    from ctray.errors import ConfigError
+
+    monkeypatch.setenv("CTRAY_ID_KEY", "key-A-0123456789abcdef")
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_dataset(str(data), 3, seed=4, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+    cfg = ingest_cfg(data / "scans", out, "privacy.pseudonymize_ids=true")
+    assert run_ingest(cfg).scans == 3
+    check = json.loads((out / "key-check.json").read_text())["key_check"]
+    assert "key-A" not in check and len(check) == 16
+    purge(str(out), StorageConfig(), ["phantom0001"])  # an original id, turned into its pseudonym with key A
+    before = sorted(r["scan_id"] for r in _rows(out))
+    assert len(before) == 2
+
+    monkeypatch.setenv("CTRAY_ID_KEY", "key-B-0123456789abcdef")
+    with pytest.raises(ConfigError, match=r"^\$CTRAY_ID_KEY is not the key .* was pseudonymised with") as e:
+        run_ingest(cfg)
+    assert "\n" not in str(e.value) and "key-B" not in str(e.value) and "key-A" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^\$CTRAY_ID_KEY is not the key"):
+        purge(str(out), StorageConfig(), ["phantom0002"])
+    assert sorted(r["scan_id"] for r in _rows(out)) == before
+
+    monkeypatch.setenv("CTRAY_ID_KEY", "key-A-0123456789abcdef")
+    assert run_ingest(cfg).scans == 2  # the right key: the purged scan stays out
+    assert sorted(r["scan_id"] for r in _rows(out)) == before
