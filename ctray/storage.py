@@ -25,7 +25,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ctray.config import StorageConfig
-from ctray.errors import ConfigError, CtrayError, StorageError, first_line
+from ctray.errors import ConfigError, CtrayError, StorageError, first_line, library_error
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -112,10 +112,12 @@ def join(root: str, *parts: str) -> str:
     return posixpath.join(root, *parts)
 
 
-def with_retries(fn: Callable[[], R], what: str, cfg: StorageConfig) -> R:
+def with_retries(fn: Callable[[], R], what: str, cfg: StorageConfig, quote_errors: bool = True) -> R:
     """Call `fn`, retrying transient failures with exponential backoff; then a clear StorageError.
 
     `what` names the operation and its target (never credentials), e.g. "write s3://b/x.json".
+    `quote_errors` False: the error gives the failure's type only, not the client's message (which
+    quotes the URL: an input's, where inputs are named by pseudonym).
     """
     delay = cfg.backoff_s
     for attempt in range(1, cfg.retries + 1):
@@ -126,8 +128,7 @@ def with_retries(fn: Callable[[], R], what: str, cfg: StorageConfig) -> R:
         except Exception as e:  # any transport error is worth another try
             if attempt == cfg.retries:
                 raise StorageError(
-                    f"{what}: storage unreachable after {cfg.retries} attempts "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                    f"{what}: storage unreachable after {cfg.retries} attempts ({library_error(e, quote_errors)})"
                 ) from e
             log.warning(
                 "%s failed (attempt %d/%d, %s); retrying in %.1fs", what, attempt, cfg.retries, type(e).__name__, delay

@@ -224,13 +224,20 @@ def probe_folders(
 def _probe_task(cfg_json: str, folders: list[tuple[str, str, list[str]]]) -> dict[str, dict]:
     """Ray task: (folder, its URI, its files' URIs) -> folder -> its probe as JSON."""
     cfg = IngestConfig.model_validate_json(cfg_json)
+    private = cfg.privacy.pseudonymize_ids
     out = {}
     for folder, folder_uri, uris in folders:
         headers = []
         for uri in uris:
             fs, path = filesystem(uri, cfg.storage)
             try:
-                head = with_retries(partial(fs.cat_file, path, start=0, end=PREAMBLE_BYTES), f"read {uri}", cfg.storage)
+                head = with_retries(
+                    partial(fs.cat_file, path, start=0, end=PREAMBLE_BYTES),
+                    # A probe has no pseudonyms (the key stays with the driver): the file is not named.
+                    "read a file of a DICOM folder" if private else f"read {uri}",
+                    cfg.storage,
+                    not private,
+                )
             except FileNotFoundError:
                 head = None
             headers.append((uri, head, partial(fs.open, path, "rb", block_size=1 << 16)))

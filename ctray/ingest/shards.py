@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -202,19 +203,23 @@ class ShardWriter:
             )
         publish_record(record, self.fs_out, self.root, self.cfg.storage)
 
-    def _fetch(self, uri: str, tmp: str) -> tuple[str, hashlib._Hash]:
-        """A local path for `uri` (downloaded into `tmp` when remote) and the sha256 of its bytes."""
+    def _fetch(self, uri: str, tmp: str, label: str) -> tuple[str, hashlib._Hash]:
+        """A local path for `uri` (downloaded into `tmp` when remote) and the sha256 of its bytes.
+        Failures name the input by `label` (its pseudonym where ids are pseudonymised), and then
+        carry no storage client's message, which would quote the URI."""
+        quote = not self.cfg.privacy.pseudonymize_ids
         if not is_remote(uri):
             local = resolve_uri(uri)
         else:
             fs, path = filesystem(uri, self.cfg.storage)
             os.makedirs(tmp, exist_ok=True)
-            local = os.path.join(tmp, os.path.basename(path))
-            with_retries(lambda: fs.get_file(path, local), f"download {uri}", self.cfg.storage)
+            # Not the input's own name: a reader's message quoting the local path must not name it either.
+            local = os.path.join(tmp, "input" + "".join(Path(path).suffixes[-2:]))
+            with_retries(lambda: fs.get_file(path, local), f"download {label}", self.cfg.storage, quote)
         try:
             return local, file_sha256(local)
         except FileNotFoundError:
-            raise BadInput(f"{uri}: file vanished before it could be read") from None
+            raise BadInput(f"{label}: file vanished before it could be read") from None
 
     def _row(self, scan: dict, report: dict | None, tmp: str) -> dict:
         cfg = self.cfg
@@ -230,20 +235,20 @@ class ShardWriter:
         if scan["kind"] == "dicom":
             digest = hashlib.sha256()
             locals_ = []
-            for f in scan["files"]:
-                local, d = self._fetch(f, os.path.join(tmp, "series"))
+            for i, f in enumerate(scan["files"]):
+                local, d = self._fetch(f, os.path.join(tmp, "series", str(i)), label)
                 digest.update(d.digest())
                 locals_.append(local)
             raw = load_series(locals_, label, cfg.input.dicom)
         else:
-            local, digest = self._fetch(scan["uri"], os.path.join(tmp, "scan"))
-            raw = load_nifti(local, label, max_voxels)
+            local, digest = self._fetch(scan["uri"], os.path.join(tmp, "scan"), label)
+            raw = load_nifti(local, label, max_voxels, quote_errors=not cfg.privacy.pseudonymize_ids)
 
         mask: RawVolume | None = None
         if scan.get("mask_uri"):
             mask_label = f"{label}: its mask" if cfg.privacy.pseudonymize_ids else f"{label}: mask {scan['mask_uri']}"
-            mask_local, _ = self._fetch(scan["mask_uri"], os.path.join(tmp, "mask"))
-            mask = load_nifti(mask_local, mask_label, max_voxels)
+            mask_local, _ = self._fetch(scan["mask_uri"], os.path.join(tmp, "mask"), mask_label)
+            mask = load_nifti(mask_local, mask_label, max_voxels, quote_errors=not cfg.privacy.pseudonymize_ids)
         elif self.segmenter is not None:
             mask = self.segmenter(raw)
         elif cfg.input.masks and cfg.input.require_mask:

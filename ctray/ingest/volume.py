@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from ctray.errors import BadInput, first_line
+from ctray.errors import BadInput, library_error
 
 
 @dataclass
@@ -49,9 +49,10 @@ def _as_3d(data: np.ndarray, source: str) -> np.ndarray:
     return data
 
 
-def load_nifti(path: str, source: str, max_voxels: int | None = None) -> RawVolume:
+def load_nifti(path: str, source: str, max_voxels: int | None = None, quote_errors: bool = True) -> RawVolume:
     """Load a .nii/.nii.gz without scaling, after checking the header against `max_voxels` and
-    the file against the header, so that a lying header costs nothing.
+    the file against the header, so that a lying header costs nothing. `source` names the input in
+    errors; `quote_errors` False keeps the reader's own messages (which quote `path`) out of them.
 
     An uncompressed file is memory-mapped once its size covers the voxels. A compressed one is
     inflated chunk by chunk into an array that is allocated but not touched beforehand (the pages
@@ -61,7 +62,7 @@ def load_nifti(path: str, source: str, max_voxels: int | None = None) -> RawVolu
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises many types for a bad header
-        raise BadInput(f"{source}: not a readable NIfTI file ({type(e).__name__}: {first_line(e)})") from e
+        raise BadInput(f"{source}: not a readable NIfTI file ({library_error(e, quote_errors)})") from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BadInput(f"{source}: {type(img).__name__} is not a NIfTI image")
     shape = tuple(int(n) for n in img.shape)
@@ -87,7 +88,7 @@ def load_nifti(path: str, source: str, max_voxels: int | None = None) -> RawVolu
                 raise BadInput(f"{source}: truncated image data ({size - offset} of {nbytes} bytes)")
             data = np.asanyarray(img.dataobj.get_unscaled())
     except (EOFError, zlib.error, OSError, ValueError) as e:
-        raise BadInput(f"{source}: truncated or corrupt image data ({type(e).__name__}: {first_line(e)})") from e
+        raise BadInput(f"{source}: truncated or corrupt image data ({library_error(e, quote_errors)})") from e
     data = _as_3d(data, source)
     slope = float(img.dataobj.slope)
     inter = float(img.dataobj.inter)

@@ -7,9 +7,10 @@ processes), the manifest and the commit records; with pseudonymised ids, the ori
 The runs join one Ray head whose temp folder the tests own (conftest.py's ray_head), so each run's check
 also searches the logs the earlier runs left.
 
-Three ways things go wrong: (a) S3 goes down mid-job (through the loopback relay), (b) a scan
-whose header makes the reader raise with a canary in the exception's message, (c) a reports CSV
-without a header row (its first row is a report).
+Four ways things go wrong: (a) S3 goes down mid-job (through the loopback relay), (b) a scan
+whose header makes the reader raise with a canary in the exception's message, (c) NIfTI files that
+are empty, not gzip, gzip of junk or cut inside the header, whose reader's messages quote their
+paths (named by MRN), (d) a reports CSV without a header row (its first row is a report).
 """
 
 import json
@@ -31,8 +32,9 @@ ID_CANARY = "CANARY-MRN-77a2"
 KEY = "k" * 32
 
 
-def _dataset(root: Path, header: bool = True) -> Path:
-    """Scans named by MRN-like ids; reports naming the patient; DICOM tags holding names."""
+def _dataset(root: Path, header: bool = True, corrupt: bool = False) -> Path:
+    """Scans named by MRN-like ids; reports naming the patient; DICOM tags holding names; with
+    `corrupt`, four unreadable NIfTI files named by MRN as well."""
     scans = root / "scans"
     scans.mkdir(parents=True)
     lines = ["scan_id,report"] if header else []
@@ -59,6 +61,13 @@ def _dataset(root: Path, header: bool = True) -> Path:
     del ds[(0x0020, 0x0032)]
     ds.add_new((0x0020, 0x0032), "LO", f"{TAG_CANARY}-pos")  # ImagePositionPatient
     ds.save_as(bad[1])
+    if corrupt:
+        import gzip
+
+        (scans / f"{ID_CANARY}-empty.nii.gz").write_bytes(b"")
+        (scans / f"{ID_CANARY}-plain.nii.gz").write_bytes(b"not gzip at all" * 20)
+        (scans / f"{ID_CANARY}-junk.nii.gz").write_bytes(gzip.compress(b"\x07junk" * 100))
+        (scans / f"{ID_CANARY}-short.nii").write_bytes((scans / f"{ID_CANARY}-0.nii.gz").read_bytes()[:60])
     (root / "reports.csv").write_text("\n".join(lines) + "\n")
     return scans
 
@@ -85,7 +94,7 @@ def _records(out: Path) -> list[Path]:
 
 
 def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, ray_head):
-    scans = _dataset(tmp_path)
+    scans = _dataset(tmp_path, corrupt=True)
     out = tmp_path / "out"
     done = ctray_cli(
         "ingest",
@@ -109,6 +118,8 @@ def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, ray_head)
     assert manifest["counts"]["written"] == 6 and all(w["scan_id"].startswith("s") for w in manifest["written"])
     reasons = " ".join(q["reason"] for q in manifest["quarantine"]) + " ".join(s["reason"] for s in manifest["skipped"])
     assert "unreadable DICOM header (ValueError)" in reasons  # the crash, reduced to its type
+    unreadable = [q["reason"] for q in manifest["quarantine"] if "not a readable NIfTI file (" in q["reason"]]
+    assert len(unreadable) == 4 and all(r.startswith("scan s") for r in unreadable), unreadable  # by type only
     assert "lacks a usable ImageOrientationPatient, ImagePositionPatient or PixelSpacing" in reasons
     assert (
         _leaks([REPORT_CANARY, TAG_CANARY, ID_CANARY], {"stdout": stdout, "stderr": stderr}, ray_head, _records(out))
@@ -146,6 +157,7 @@ def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, ray_head
             "concurrency=1",
             "lease.settle_s=0.2",
             "input.require_report=false",
+            "privacy.pseudonymize_ids=true",
         ],
         env=_env(ray_head),
         stdout=subprocess.PIPE,
@@ -163,7 +175,8 @@ def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, ray_head
     fs.get("phi-out/run/", str(local) + "/", recursive=True)
     records = [p for p in local.rglob("*.json")]
     assert any("_commits" in str(p) for p in records), "nothing was committed before the cut"
-    assert _leaks([REPORT_CANARY, TAG_CANARY], {"stdout": stdout, "stderr": stderr}, ray_head, records) == []
+    canaries = [REPORT_CANARY, TAG_CANARY, ID_CANARY]
+    assert _leaks(canaries, {"stdout": stdout, "stderr": stderr}, ray_head, records) == []
 
 
 def test_headerless_reports_csv_is_one_line_without_the_report(tmp_path, ray_head):
