@@ -160,8 +160,9 @@ def _replace_locally(dest: str, write: Callable[[str], object]) -> None:
         os.close(fd)
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
+def _write_bytes(path: str, data: bytes, mode: int = 0o666) -> None:
+    """`mode` before the umask: the file is created with it, so no moment exposes it wider."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
         f.write(data)
 
 
@@ -177,10 +178,13 @@ def publish_file(local_path: str, fs: fsspec.AbstractFileSystem, dest: str, cfg:
     with_retries(lambda: fs.put_file(local_path, dest), f"upload {fs.unstrip_protocol(dest)}", cfg)
 
 
-def publish_bytes(data: bytes, fs: fsspec.AbstractFileSystem, dest: str, cfg: StorageConfig) -> None:
-    """Write `data` to `dest` atomically (see publish_file)."""
+def publish_bytes(
+    data: bytes, fs: fsspec.AbstractFileSystem, dest: str, cfg: StorageConfig, owner_only: bool = False
+) -> None:
+    """Write `data` to `dest` atomically (see publish_file). `owner_only`: a local file readable by
+    its owner alone (0600); object stores have no such bit (their access is the bucket's policy)."""
     if isinstance(fs, LocalFileSystem):
-        _replace_locally(dest, lambda tmp: _write_bytes(tmp, data))
+        _replace_locally(dest, lambda tmp: _write_bytes(tmp, data, 0o600 if owner_only else 0o666))
         return
     with_retries(lambda: fs.pipe_file(dest, data), f"write {fs.unstrip_protocol(dest)}", cfg)
 

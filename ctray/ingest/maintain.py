@@ -20,7 +20,7 @@ from ctray.ingest.config import IngestConfig
 from ctray.ingest.job import PURGED, read_purged, resolve
 from ctray.ingest.lease import Lease
 from ctray.ingest.llm import CACHE_DIR, cache_path
-from ctray.ingest.privacy import Names, check_key, read_id_map, write_id_map
+from ctray.ingest.privacy import Names, check_key, read_id_map, update_id_map
 from ctray.ingest.records import Records, build_manifest, read_records, rewrite_without, unreadable_advice
 from ctray.ingest.shards import publish_record
 from ctray.ingest.shardset import MANIFEST, ShardSet
@@ -117,5 +117,6 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
 def _drop_from_id_map(cfg: IngestConfig, ids: set[str]) -> str | None:
     if not cfg.privacy.pseudonymize_ids:
         return None
-    entries = read_id_map(cfg)
-    return write_id_map(cfg, {k: e for k, e in entries.items() if k not in ids}) if entries else None
+    if not read_id_map(cfg):
+        return None
+    return update_id_map(cfg, lambda entries: {k: e for k, e in entries.items() if k not in ids})

@@ -23,6 +23,8 @@ import hmac
 import json
 import logging
 import os
+import time
+from collections.abc import Callable
 
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
@@ -32,6 +34,8 @@ from ctray.storage import filesystem, join, publish_bytes, read_bytes
 log = logging.getLogger(__name__)
 
 KEY_CHECK = "key-check.json"
+MAP_WAIT_S = 300.0
+"""How long an id map update waits for another ingest's update to finish."""
 
 
 class Names:
@@ -91,7 +95,7 @@ class Names:
         """Merge this run's entries into the id map file (earlier runs' entries are kept)."""
         if not self.pseudonymize:
             return None
-        return write_id_map(self.cfg, {**read_id_map(self.cfg), **self.mapping})
+        return update_id_map(self.cfg, lambda entries: {**entries, **self.mapping})
 
 
 def check_key(names: Names, uri: str, storage: StorageConfig, committed: bool) -> None:
@@ -140,8 +144,26 @@ def read_id_map(cfg: IngestConfig) -> dict[str, dict]:
 
 
 def write_id_map(cfg: IngestConfig, entries: dict[str, dict]) -> str:
+    """The id map as `entries`, readable by its owner alone where it is a local file."""
     uri = id_map_uri(cfg)
     fs, path = filesystem(uri, cfg.storage)
     body = "".join(json.dumps(e, sort_keys=True) + "\n" for _, e in sorted(entries.items()))
-    publish_bytes(body.encode(), fs, path, cfg.storage)
+    publish_bytes(body.encode(), fs, path, cfg.storage, owner_only=True)
     return uri
+
+
+def update_id_map(cfg: IngestConfig, change: Callable[[dict[str, dict]], dict[str, dict]]) -> str:
+    """Read, change and write the id map under a lease of its own (<map>.lock): outputs may share
+    one map (privacy.id_map), and two ingests merging at once would each drop the other's entries.
+    Waits while another holds it (up to `MAP_WAIT_S`)."""
+    from ctray.ingest.lease import Lease, LeaseHeld
+
+    deadline = time.time() + MAP_WAIT_S
+    while True:
+        try:
+            with Lease(id_map_uri(cfg) + ".lock", cfg.lease, cfg.storage, what="id map update"):
+                return write_id_map(cfg, change(read_id_map(cfg)))
+        except LeaseHeld:
+            if time.time() > deadline:
+                raise
+            time.sleep(1.0)

@@ -135,3 +135,28 @@ def test_another_pseudonymisation_key_is_refused_and_brings_nothing_back(ray_loc
     monkeypatch.setenv("CTRAY_ID_KEY", "key-A-0123456789abcdef")
     assert run_ingest(cfg).scans == 2  # the right key: the purged scan stays out
     assert sorted(r["scan_id"] for r in _rows(out)) == before
+    assert (tmp_path / "out.id_map.jsonl").stat().st_mode & 0o777 == 0o600  # the map back: its owner's alone
+
+
+def test_id_map_updates_of_two_ingests_at_once_keep_both(tmp_path):
+    """Outputs sharing one id map (privacy.id_map) merge into it under its own lease: two writers
+    at once, each adding its entries in turns, lose none of the other's."""
+    import threading
+
+    from ctray.ingest.privacy import read_id_map, update_id_map
+
+    cfgs = [
+        ingest_cfg(tmp_path, tmp_path / f"out{i}", f"privacy.id_map={tmp_path}/shared.jsonl", "lease.settle_s=0.05")
+        for i in range(2)
+    ]
+
+    def add(i: int) -> None:
+        for n in range(3):
+            update_id_map(cfgs[i], lambda e, i=i, n=n: {**e, f"s{i}{n}": {"id": f"s{i}{n}", "source_id": None}})
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(read_id_map(cfgs[0])) == [f"s{i}{n}" for i in range(2) for n in range(3)]

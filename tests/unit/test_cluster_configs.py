@@ -107,9 +107,15 @@ def test_aws_iam_policies_grant_what_the_autoscaler_and_jobs_use():
         "iam:PassRole",
     } <= head_actions
     for policy in (head, worker):
-        actions = {a for s in policy["Statement"] for a in s["Action"]}
+        actions = {a for s in policy["Statement"] if s["Effect"] == "Allow" for a in s["Action"]}
         assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket", "s3:DeleteObject"} <= actions
         assert policy["Version"] == "2012-10-17"
+    # The pseudonym maps are the driver's (the head's): workers may neither read nor write them.
+    denied = [s for s in worker["Statement"] if s["Effect"] == "Deny"]
+    assert any(
+        "s3:GetObject" in s["Action"] and "arn:aws:s3:::my-bucket/*.id_map.jsonl" in s["Resource"] for s in denied
+    )
+    assert not [s for s in head["Statement"] if s["Effect"] == "Deny"]
 
 
 @pytest.mark.parametrize("manifest", sorted(p.name for p in KUBERAY.glob("ray*.yaml")))
