@@ -39,10 +39,15 @@ class AxisMap:
         return len(self.lo)
 
 
+def axis_size(n_in: int, s_in: float, s_out: float) -> int:
+    """Output voxels of one axis resampled from `s_in` to `s_out` mm (the grid convention above),
+    computed without building anything, so that a size can be refused before it is allocated."""
+    return int(np.ceil(round((n_in - 1) / (s_out / s_in), 6))) + 1
+
+
 def axis_map(n_in: int, s_in: float, s_out: float) -> AxisMap:
     ratio = s_out / s_in
-    n_out = int(np.ceil(round((n_in - 1) / ratio, 6))) + 1
-    return _at_positions(np.arange(n_out) * ratio, n_in, ratio)
+    return _at_positions(np.arange(axis_size(n_in, s_in, s_out)) * ratio, n_in, ratio)
 
 
 def _at_positions(pos: np.ndarray, n_in: int, ratio: float) -> AxisMap:
@@ -51,6 +56,14 @@ def _at_positions(pos: np.ndarray, n_in: int, ratio: float) -> AxisMap:
     hi = np.minimum(lo + 1, n_in - 1)
     nearest = np.minimum(np.floor(pos + 0.5).astype(np.intp), n_in - 1)
     return AxisMap(lo, hi, (pos - lo).astype(np.float32), nearest, ratio)
+
+
+def spacing_shape(
+    shape: tuple[int, ...], spacing_in: np.ndarray, spacing_out: tuple[float, float, float]
+) -> tuple[int, int, int]:
+    """The shape `spacing_maps` resamples a 3D grid to."""
+    z, y, x = (axis_size(n, s_in, s_out) for n, s_in, s_out in zip(shape, spacing_in, spacing_out, strict=True))
+    return z, y, x
 
 
 def spacing_maps(

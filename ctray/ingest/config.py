@@ -58,8 +58,8 @@ class InputConfig(Section):
     labels_id_column: str | None = None
     """Id column of the labels table (None: report_id_column)."""
     require_report: bool = True
-    """With a reports table: a scan whose report is missing, empty or not UTF-8 is quarantined.
-    False keeps such scans with empty anatomy texts."""
+    """With a reports table: a scan whose report is missing, empty, not UTF-8 or longer than
+    reports.max_chars is quarantined. False keeps such scans with empty anatomy texts."""
     masks: str | None = None
     """Folder or URI of TotalSegmentator v2 "total" label maps named like their scans (NIfTI)."""
     require_mask: bool = True
@@ -102,8 +102,10 @@ class PreprocessConfig(Section):
     max_hu_allowed: float = 32767.0
     """Maximum HU accepted (int16 storage); larger values mean a wrong slope or a non-CT image."""
     max_voxels: int = Field(2**29, ge=1)
-    """Largest input volume in voxels (default 512x1024x1024: 1 GiB as int16), checked from the
-    file header (or the DICOM slice count and size) before any voxel is read; a larger or a
+    """Largest volume in voxels (default 512x1024x1024: 1 GiB as int16), of the input and of its
+    resampled grid: the input's checked from the file header (or the DICOM slice count and size)
+    before any voxel is read, the resampled one from the input's shape and spacing before it is
+    allocated (a wrong pixdim makes a small file huge at the target spacing). A larger or a
     truncated input is quarantined instead of costing a worker its memory."""
     anatomies: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_ANATOMIES.items()})
     """Anatomy name -> TotalSegmentator class names; boxes and report texts are keyed by these."""
@@ -167,6 +169,12 @@ class ReportsConfig(Section):
     falling back to the rules (reason recorded per scan) when it fails."""
     llm: LLMConfig = Field(default_factory=LLMConfig)
     """Endpoint settings, used when parser is `llm`."""
+    max_chars: int = Field(100_000, ge=1)
+    """Longest report accepted, in characters (its text columns joined). A radiology report is a
+    few thousand; one far longer is something else (a pasted document, a CSV field whose unclosed
+    quote swallowed the rows after it) and would cost every parser and the LLM endpoint. Such a
+    report is refused for its own scan, with its length (quarantined, or kept without anatomy texts
+    under input.require_report=false); the rest of the table is read on."""
 
     @model_validator(mode="after")
     def _secure_endpoint(self) -> ReportsConfig:
@@ -322,8 +330,9 @@ class IngestConfig(Section):
         ~0.75 GiB) and the largest scan max_voxels lets in, 5 B per voxel (8 B with masks).
         `ctray bench ingest` measures ctray's peak at 1.17x the raw int16 volume (2.3 B per voxel,
         a 300x512x512 scan without a mask: the resampling goes slice by slice); the allowance covers
-        float32 files (4 B per voxel as stored), the resampled volume (fewer voxels than the input:
-        CT is finer in-plane than the target spacing, which outweighs upsampling thick slices) and
+        float32 files (4 B per voxel as stored), the resampled volume (at most max_voxels, refused
+        before it is allocated, and in practice fewer voxels than the input: CT is finer in-plane
+        than the target spacing, which outweighs upsampling thick slices) and
         with masks the label map as stored and resampled (3 B)."""
         if self.task_memory_gb is not None:
             return int(self.task_memory_gb * 2**30)

@@ -280,7 +280,9 @@ def load_reports(cfg: IngestConfig) -> ReportTable | None:
     try:
         if cfg.input.reports:
             raw, name = load_table(cfg.input.reports, "input.reports", cfg.storage)
-            table = parse_report_table(raw, name, cfg.input.report_id_column, cfg.input.report_text_columns)
+            table = parse_report_table(
+                raw, name, cfg.input.report_id_column, cfg.input.report_text_columns, cfg.reports.max_chars
+            )
         if cfg.input.labels:
             from ctray.ingest.reports import Report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -12,7 +13,7 @@ from scipy import ndimage
 from ctray.errors import BadInput
 from ctray.ingest.config import PreprocessConfig
 from ctray.ingest.volume import RawVolume
-from ctray.resample import grid_affine, resample_linear, resample_nearest, spacing_maps
+from ctray.resample import grid_affine, resample_linear, resample_nearest, spacing_maps, spacing_shape
 
 # Mask and scan grids are the same when their affines agree to this many mm.
 _GRID_TOL_MM = 1e-2
@@ -68,9 +69,26 @@ def mask_labels(mask: RawVolume, scan_shape: tuple[int, ...], scan_affine: np.nd
     return np.rint(data * mask.slope + mask.inter).astype(np.uint8)
 
 
+def check_resampled_size(source: str, shape: tuple[int, ...], spacing: np.ndarray, cfg: PreprocessConfig) -> None:
+    """Refuse a scan whose resampled grid holds more than preprocess.max_voxels, before any of it
+    is allocated. The input's check (its header) bounds the input only: a header with pixdim 100x
+    too large turns a few thousand voxels into tens of billions at the target spacing, which would
+    cost the worker its memory (writer_memory counts on the output being no larger than the limit)."""
+    out = spacing_shape(shape, spacing, cfg.spacing)
+    voxels = math.prod(out)
+    if voxels > cfg.max_voxels:
+        mm = "x".join(f"{s:g}" for s in spacing)
+        raise BadInput(
+            f"{source}: {'x'.join(map(str, shape))} voxels of {mm} mm resample to"
+            f" {'x'.join(map(str, out))} = {voxels} voxels at {'x'.join(f'{s:g}' for s in cfg.spacing)} mm,"
+            f" more than preprocess.max_voxels={cfg.max_voxels}"
+        )
+
+
 def preprocess(scan: RawVolume, mask: RawVolume | None, cfg: PreprocessConfig) -> Preprocessed:
+    data, affine = orient(scan.data, scan.affine, cfg.orientation)  # a view: nothing allocated yet
+    check_resampled_size(scan.source, data.shape, voxel_sizes(affine), cfg)
     check_intensity(scan, cfg)
-    data, affine = orient(scan.data, scan.affine, cfg.orientation)
     labels_src = mask_labels(mask, data.shape, affine, cfg.orientation) if mask is not None else None
     maps = spacing_maps(data.shape, voxel_sizes(affine), cfg.spacing)
     hu = resample_linear(data, maps, scan.slope, scan.inter)

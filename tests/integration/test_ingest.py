@@ -107,6 +107,8 @@ def _bad_inputs(root: Path) -> dict[str, str]:
         "nomask",
         "liar",
         "huge",
+        "longreport",
+        "stretched",
     ):
         if sid != "nomask":
             write_nifti(str(masks / f"{sid}.nii.gz"), good.labels, good.affine)
@@ -124,6 +126,10 @@ def _bad_inputs(root: Path) -> dict[str, str]:
     write_nifti(str(masks / "badmask.nii.gz"), good.labels[:, :30], good.affine)
     (scans / "liar.nii.gz").write_bytes(lying_header((1024, 1024, 512)))  # claims 1 GiB, holds nothing
     (scans / "huge.nii.gz").write_bytes(lying_header((4096, 4096, 4096)))  # beyond preprocess.max_voxels
+    stretched = good.affine.copy()
+    stretched[:3, :3] *= 100  # pixdim 100x: 25,600 voxels in the file, 9.1e10 at the target spacing
+    write_nifti(str(scans / "stretched.nii.gz"), good.hu, stretched)
+    write_nifti(str(masks / "stretched.nii.gz"), good.labels, stretched)
     (scans / "README.txt").write_text("exported by the PACS")
     (scans / "notes").mkdir()
     (scans / "notes" / "series.json").write_text("{}")
@@ -131,6 +137,8 @@ def _bad_inputs(root: Path) -> dict[str, str]:
     reports = [
         (s, b"   " if s == "emptyreport" else (b"Lung \xff\xfe nodule." if s == "badutf8" else r)) for s, r in reports
     ]
+    # over csv's default field limit (131,072), which used to fail the whole table, and reports.max_chars
+    reports = [(s, r + b" Heart size is normal." * 10_000 if s == "longreport" else r) for s, r in reports]
     with open(root / "reports.csv", "wb") as f:
         f.write(b"scan_id,report\n")
         for sid, text in reports:
@@ -149,6 +157,8 @@ def _bad_inputs(root: Path) -> dict[str, str]:
         "nomask": "no mask",
         "liar": "truncated image data",
         "huge": "more than preprocess.max_voxels",
+        "longreport": "characters, over the 100,000 limit (reports.max_chars)",
+        "stretched": "resample to 1501x7801x7801 = 91344257101 voxels at 3x2x2 mm, more than preprocess.max_voxels",
     }
 
 

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+import ctray.ingest.preprocess
 from ctray.data.phantoms import make_phantom, to_axcodes
+from ctray.errors import BadInput
 from ctray.ingest.config import DicomConfig, PreprocessConfig
 from ctray.ingest.dicom import load_series
 from ctray.ingest.preprocess import anatomy_boxes, orient, preprocess
 from ctray.ingest.volume import RawVolume
-from ctray.resample import axis_map, resample_linear, resample_nearest
+from ctray.resample import axis_map, resample_linear, resample_nearest, spacing_shape
 
 
 def _naive_trilinear(src, spacing_in, spacing_out):
@@ -134,3 +136,35 @@ def test_orient_is_a_view():
     data = np.zeros((5, 6, 7), dtype=np.int16)
     view, _ = orient(data, np.diag([1.0, 1.0, 1.0, 1.0]), "SPL")
     assert view.base is not None and np.shares_memory(view, data)
+
+
+def test_a_resampled_grid_over_max_voxels_is_refused_before_it_is_allocated(monkeypatch):
+    """pixdim 100x too large: 25,600 voxels in the file, 2.3e10 at the target spacing (46 GB of
+    int16). The input passes max_voxels; its resampled grid is refused before resampling starts."""
+
+    def resampling_started(*args, **kwargs):
+        raise AssertionError("resampling started")
+
+    monkeypatch.setattr(ctray.ingest.preprocess, "resample_linear", resampling_started)
+    p = make_phantom("s", 3, shape=(16, 40, 40), spacing=(3.0, 2.0, 2.0))
+    stretched = p.affine.copy()
+    stretched[:3, :3] *= 100
+    scan = RawVolume(p.hu, stretched, source="scan0042")
+    with pytest.raises(BadInput) as err:
+        preprocess(scan, RawVolume(p.labels, stretched, source="m"), PreprocessConfig(spacing=(3.0, 2.0, 2.0)))
+    assert str(err.value) == (
+        "scan0042: 16x40x40 voxels of 300x200x200 mm resample to 1501x3901x3901 = 22841919301 voxels at 3x2x2 mm,"
+        " more than preprocess.max_voxels=536870912"
+    )
+
+
+def test_max_voxels_bounds_the_resampled_grid_exactly():
+    p = make_phantom("e", 3, shape=(8, 12, 10), spacing=(3.0, 2.0, 2.0))
+    scan = RawVolume(p.hu, p.affine, source="e")
+    out = spacing_shape(p.hu.shape, np.array(p.spacing), (1.5, 1.0, 1.0))
+    assert out == (15, 23, 19)  # upsampled: more voxels than the input's 960
+    exact = 15 * 23 * 19
+    cfg = PreprocessConfig(spacing=(1.5, 1.0, 1.0), crop_foreground=False, max_voxels=exact)
+    assert preprocess(scan, None, cfg).hu.shape == out
+    with pytest.raises(BadInput, match=f"= {exact} voxels at 1.5x1x1 mm, more than preprocess.max_voxels={exact - 1}$"):
+        preprocess(scan, None, cfg.model_copy(update={"max_voxels": exact - 1}))
