@@ -145,12 +145,22 @@ def test_plain_http_to_another_host_is_refused(tmp_path):
     ingest_cfg(tmp_path, tmp_path / "out", "reports.parser=rules", "reports.llm.base_url=http://vllm.internal:8000/v1")
 
 
+CANARY_ENV_PASS = "canary-env-pass-6a0f"
+CONFIG_CANARIES = ("canary-userinfo-c3d1", CANARY_ENV_PASS, "canary-auth-8b52", "canary-sig-40e9")
+CANARY_ENDPOINT = (
+    "https://user:canary-userinfo-c3d1@minio.example.org/${CTRAY_TEST_DB_PASS}/"
+    "?auth=canary-auth-8b52&X-Amz-Signature=canary-sig-40e9"
+)
+
+
 def test_ingest_through_the_endpoint(ray_local, phantom_dir, endpoint, tmp_path, monkeypatch, caplog):
     """The key reaches the shard writers (other processes) through the object store: only the
     driver's environment has it. Fallbacks are counted by reason in the manifest; a refused key
-    stops the job before anything is written."""
+    stops the job before anything is written. Secrets in the config (a storage endpoint, unused
+    by a local output, holding canaries) are redacted in manifest.json and ingest-config.yaml."""
     url, state = endpoint
     monkeypatch.setenv("CTRAY_TEST_KEY", KEY)
+    monkeypatch.setenv("CTRAY_TEST_DB_PASS", CANARY_ENV_PASS)
     valid = (200, _completion('{"lung": ["The lungs are clear."]}'))
     state["default"] = valid
     # in order: the check request, then the one shard's reports scan by scan
@@ -165,6 +175,7 @@ def test_ingest_through_the_endpoint(ray_local, phantom_dir, endpoint, tmp_path,
         "reports.llm.api_key_env=CTRAY_TEST_KEY",
         "output.scans_per_shard=6",
         "lease.settle_s=0",
+        f"storage.endpoint_url={CANARY_ENDPOINT}",
         reports=phantom_dir / "reports.jsonl",
     )
     result = run_ingest(cfg)
@@ -176,6 +187,9 @@ def test_ingest_through_the_endpoint(ray_local, phantom_dir, endpoint, tmp_path,
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["llm_fallbacks"] == {"answer has no choices": 1, "answer has no message content": 1}
     assert KEY not in caplog.text and KEY not in (out / "manifest.json").read_text()
+    stored = {name: (out / name).read_text() for name in ("manifest.json", "ingest-config.yaml")}
+    assert [(c, name) for c in CONFIG_CANARIES for name, text in stored.items() if c in text] == []
+    assert manifest["config"]["reports"]["llm"]["api_key_env"] == "CTRAY_TEST_KEY"  # a name, kept
 
     # `ctray purge` takes the scan's LLM cache entry with it
     shard = out / manifest["shards"][0]["path"]
@@ -183,6 +197,7 @@ def test_ingest_through_the_endpoint(ray_local, phantom_dir, endpoint, tmp_path,
     entry = out / "_cache" / "llm" / keys["phantom0003"][:2] / (keys["phantom0003"] + ".json")
     assert entry.exists()
     purge(str(out), StorageConfig(), ["phantom0003"])
+    assert [c for c in CONFIG_CANARIES if c in (out / "manifest.json").read_text()] == []  # purge rewrote it
     assert (
         not entry.exists()
         and (out / "_cache" / "llm" / keys["phantom0004"][:2] / (keys["phantom0004"] + ".json")).exists()
