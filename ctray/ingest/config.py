@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ctray.anatomy import DEFAULT_ANATOMIES, anatomy_label_ids
 from ctray.config import RayConfig, Section, StorageConfig
+from ctray.redact import redact_text
 
 
 class DicomConfig(Section):
@@ -143,8 +144,9 @@ class LLMConfig(Section):
     environment variable, a config or a task argument that the dashboard shows."""
 
     base_url: str = "http://127.0.0.1:8000/v1"
-    """Endpoint root; ctray POSTs to {base_url}/chat/completions. Plain http:// is accepted only
-    for loopback hosts unless `allow_insecure_http` is true."""
+    """Endpoint root; ctray POSTs to {base_url}/chat/completions and nowhere else: a redirect is an
+    error, never followed. Plain http:// is accepted only for a loopback host reached without a
+    proxy unless `allow_insecure_http` is true."""
     model: str = "Qwen/Qwen2.5-7B-Instruct"
     """Model name the endpoint serves."""
     api_key_env: str = "OPENAI_API_KEY"
@@ -153,12 +155,29 @@ class LLMConfig(Section):
     """A file on the driver's machine holding the key (a mounted Kubernetes secret); wins over
     `api_key_env`."""
     allow_insecure_http: bool = False
-    """Send reports over plain http:// to a host other than this machine (a trusted internal
-    network only)."""
+    """Send reports over plain http:// to a host other than this machine, or through `proxy` (a
+    trusted internal network only)."""
+    proxy: str | None = None
+    """An HTTP proxy (http://host:port) for the endpoint's requests. None: none at all, whatever
+    http_proxy, https_proxy or all_proxy say, since a proxy picked up from the environment would
+    receive the key and the reports. An https:// endpoint is tunnelled through it (CONNECT),
+    encrypted end to end."""
     timeout_s: float = 60.0
     """Timeout of one request."""
     retries: int = 3
     """Attempts per report (invalid JSON or schema counts as a failed attempt)."""
+
+    @field_validator("proxy")
+    @classmethod
+    def _http_proxy(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        url = urlsplit(v)
+        if url.scheme != "http" or not url.hostname:
+            # urllib speaks plain HTTP to any proxy (an https:// one too): saying http:// keeps
+            # that visible; the endpoint's own TLS runs through the tunnel.
+            raise ValueError(f"proxy {redact_text(v)} must be http://host:port")
+        return v
 
 
 class ReportsConfig(Section):
@@ -178,14 +197,33 @@ class ReportsConfig(Section):
 
     @model_validator(mode="after")
     def _secure_endpoint(self) -> ReportsConfig:
-        if self.parser == "llm" and not self.llm.allow_insecure_http:
-            url = urlsplit(self.llm.base_url)
-            if url.scheme == "http" and not _is_loopback(url.hostname or ""):
-                raise ValueError(
-                    f"reports.llm.base_url {self.llm.base_url} sends report text unencrypted to another host; "
-                    "use https:// or set reports.llm.allow_insecure_http=true for a trusted network"
-                )
+        if self.parser == "llm":
+            problem = endpoint_problem(self.llm.base_url, self.llm)
+            if problem:
+                raise ValueError(problem)
         return self
+
+
+def endpoint_problem(url: str, llm: LLMConfig) -> str | None:
+    """Why report text and the key must not go to `url` under `llm`'s settings, in one line (None:
+    they may). Checked when the config is read and again for every request (ctray.ingest.llm), as a
+    config can be built or changed without validation."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"reports.llm.base_url {redact_text(url)} is not an http:// or https:// URL"
+    if parts.scheme == "https" or llm.allow_insecure_http:
+        return None
+    if not _is_loopback(parts.hostname):
+        return (
+            f"reports.llm.base_url {redact_text(url)} sends report text unencrypted to another host; "
+            "use https:// or set reports.llm.allow_insecure_http=true for a trusted network"
+        )
+    if llm.proxy:
+        return (
+            f"reports.llm.base_url {redact_text(url)} sends report text unencrypted through reports.llm.proxy; "
+            "use https://, no proxy for a loopback endpoint or reports.llm.allow_insecure_http=true"
+        )
+    return None
 
 
 def _is_loopback(host: str) -> bool:

@@ -8,8 +8,8 @@ Layout of the output (local folder or s3:// / gs:// prefix):
     _probe/, _cache/llm/           DICOM folder probes and LLM answers, reused by later runs
     purged.json                    scan ids removed by `ctray purge`; never ingested again
     key-check.json                 the pseudonymisation key's check value (ctray.ingest.privacy)
-    manifest.json                  config, counts, shards, and every input: written, quarantined
-                                   (reason), skipped (reason), failed
+    manifest.json                  config (redacted), counts, shards, and every input: written,
+                                   quarantined (reason), skipped (reason), failed
 The pseudonym map (privacy.pseudonymize_ids) is written outside it (privacy.id_map).
 
 Shard writers are plain Ray tasks asking for 1 CPU, memory for the largest scan `max_voxels` lets
@@ -26,7 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ctray.config import StorageConfig, to_yaml
+import yaml
+
+from ctray.config import StorageConfig
 from ctray.errors import ConfigError, CtrayError, StorageError
 from ctray.ingest.config import IngestConfig
 from ctray.ingest.discover import Inventory, attach, discover, discover_masks, load_reports, probe_cache_location
@@ -36,6 +38,7 @@ from ctray.ingest.privacy import Names, check_key
 from ctray.ingest.records import Records, build_manifest, clean, read_records, rewrite_without
 from ctray.ingest.shards import preprocess_fingerprint, shard_name, write_shard
 from ctray.ingest.shardset import MANIFEST, CommitRecord, Failed, Quarantined, Skipped
+from ctray.redact import redacted
 from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import filesystem, join, publish_bytes, read_bytes, resolve_uri
 
@@ -70,6 +73,12 @@ def resolve(cfg: IngestConfig) -> IngestConfig:
         if getattr(section, key):
             setattr(section, key, resolve_uri(getattr(section, key)))
     return cfg
+
+
+def config_yaml(cfg: IngestConfig) -> str:
+    """ingest-config.yaml: the run's config as `ctray ingest` reads it, redacted like the manifest's
+    (ctray.redact): it sits beside the shards, readable by everyone who trains on them."""
+    return yaml.safe_dump(redacted(cfg.model_dump(mode="json")), sort_keys=False)
 
 
 def read_purged(uri: str, storage: StorageConfig) -> list[str]:
@@ -138,7 +147,7 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
                     inventory.ungrouped,
                 )
                 publish_bytes(manifest.to_json().encode(), fs_out, join(root, MANIFEST), cfg.storage)
-                publish_bytes(to_yaml(cfg).encode(), fs_out, join(root, "ingest-config.yaml"), cfg.storage)
+                publish_bytes(config_yaml(cfg).encode(), fs_out, join(root, "ingest-config.yaml"), cfg.storage)
                 id_map = names.write_map()
             except StorageError as e:
                 log.error("manifest not written (%s); committed shards are intact and the next run rebuilds it", e)

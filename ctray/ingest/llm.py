@@ -5,7 +5,12 @@ configured anatomies, failed attempts are retried with backoff, and answers are 
 hash in the output storage, so re-runs and resumed jobs never pay twice. When every attempt
 fails (or the answer is malformed) the rule parser is used and the reason's category is recorded
 with the scan and counted in the manifest. A refused key (HTTP 401/403) is not a reason to fall
-back: it fails the job, once at start (`check_endpoint`) or at the first report.
+back: it fails the job, once at start (`check_endpoint`) or at the first report; so does a redirect.
+
+Requests go to `base_url` only: no redirect is followed (urllib's would resend the key and the
+report to wherever a 3xx points, over plain http too), no proxy is taken from the environment
+(http_proxy would receive both), only `reports.llm.proxy` when set, and every request's URL is
+checked against the https rule of the config (ctray.ingest.config.endpoint_problem).
 
 Nothing here logs report text, the answer or the key: log lines and reasons name categories only.
 """
@@ -22,13 +27,15 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError, CtrayError
-from ctray.ingest.config import LLMConfig
+from ctray.ingest.config import LLMConfig, endpoint_problem
+from ctray.redact import redact_text
 from ctray.storage import join, publish_bytes, with_retries
 
 log = logging.getLogger(__name__)
@@ -46,8 +53,18 @@ _SYSTEM = (
 _CHECK_REPORT = "The lungs are clear. Heart size is normal."
 
 
-class LLMAuthError(CtrayError):
-    """The endpoint refused the API key (HTTP 401/403): every report would fail the same way."""
+class LLMEndpointError(CtrayError):
+    """The endpoint cannot be used as configured (every report would fail the same way): the job
+    stops instead of falling back to the rules report by report."""
+
+
+class LLMAuthError(LLMEndpointError):
+    """The endpoint refused the API key (HTTP 401/403)."""
+
+
+class LLMRedirectError(LLMEndpointError):
+    """The endpoint answered with a redirect (3xx), which ctray does not follow with the key and a
+    report: base_url must name the endpoint itself."""
 
 
 class _Malformed(ValueError):
@@ -75,6 +92,30 @@ def read_api_key(cfg: LLMConfig) -> Secret:
         except OSError as e:
             raise ConfigError(f"reports.llm.api_key_file {cfg.api_key_file}: {e.strerror}") from None
     return Secret(os.environ.get(cfg.api_key_env) or None)
+
+
+def opener(cfg: LLMConfig) -> urllib.request.OpenerDirector:
+    """An opener that speaks http(s) only, follows no redirect (a 3xx comes back as an HTTPError)
+    and uses `cfg.proxy` or no proxy at all. urllib's default opener would do neither: it takes
+    proxies from the environment and resends a request, headers included, to a redirect's target."""
+    director = urllib.request.OpenerDirector()
+    handlers: list[urllib.request.BaseHandler] = [
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+        urllib.request.UnknownHandler(),
+    ]
+    if cfg.proxy:
+        handlers.append(urllib.request.ProxyHandler({"http": cfg.proxy, "https": cfg.proxy}))
+    for handler in handlers:
+        director.add_handler(handler)
+    return director
+
+
+def endpoint_host(cfg: LLMConfig) -> str:
+    """host[:port] of base_url, for messages (no userinfo, path or query)."""
+    return urlsplit(cfg.base_url).netloc.rpartition("@")[2]
 
 
 def findings_schema(anatomies: list[str]) -> type[BaseModel]:
@@ -134,6 +175,7 @@ class LLMParser:
         self.fallback = fallback
         self.fs, self.cache_root, self.storage = cache_fs, cache_root, storage
         self.api_key = api_key
+        self.opener = opener(cfg)
 
     def cache_key(self, text: str) -> str:
         h = hashlib.sha256()
@@ -159,7 +201,7 @@ class LLMParser:
             except urllib.error.HTTPError as e:
                 if e.code in (401, 403):
                     raise LLMAuthError(
-                        f"LLM endpoint {self.cfg.base_url} refused the API key (HTTP {e.code})"
+                        f"LLM endpoint {redact_text(self.cfg.base_url)} refused the API key (HTTP {e.code})"
                     ) from None
                 reason = _category(e)
             except (urllib.error.URLError, TimeoutError, OSError, ValueError, ValidationError) as e:
@@ -180,17 +222,26 @@ class LLMParser:
                 {"role": "user", "content": text},
             ],
         }
+        url = self.cfg.base_url.rstrip("/") + "/chat/completions"
+        problem = endpoint_problem(url, self.cfg)
+        if problem:
+            raise LLMEndpointError(problem)
         headers = {"Content-Type": "application/json"}
         if self.api_key.value:
             headers["Authorization"] = f"Bearer {self.api_key.value}"
-        req = urllib.request.Request(
-            self.cfg.base_url.rstrip("/") + "/chat/completions",
-            data=json.dumps(body).encode(),
-            headers=headers,
-            method="POST",
-        )
-        with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-            answer = json.loads(resp.read())
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with self.opener.open(req, timeout=self.cfg.timeout_s) as resp:
+                answer = json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            if not 300 <= e.code < 400:
+                raise
+            e.close()
+            # from None: the HTTPError holds the Location header, which may carry a token
+            raise LLMRedirectError(
+                f"LLM endpoint {endpoint_host(self.cfg)} answered HTTP {e.code} (a redirect), which ctray"
+                " does not follow with the API key and reports: set reports.llm.base_url to the endpoint itself"
+            ) from None
         parsed = self.schema.model_validate_json(_strip_fences(_content(answer)))
         out = {}
         for anatomy, sentences in parsed.model_dump().items():
@@ -218,9 +269,9 @@ def _content(answer: object) -> str:
 
 
 def check_endpoint(cfg: LLMConfig, anatomies: list[str], api_key: Secret) -> None:
-    """One request with a report that holds no patient, before any shard is written: a refused key
-    fails the job at once; an endpoint that is down or answers badly is a warning (reports then
-    fall back to the rules, counted by reason in the manifest)."""
+    """One request with a report that holds no patient, before any shard is written: a refused key,
+    a redirect or an insecure URL fails the job at once; an endpoint that is down or answers badly
+    is a warning (reports then fall back to the rules, counted by reason in the manifest)."""
     parser = LLMParser(cfg, anatomies, lambda text: {}, fsspec.filesystem("memory"), "/", StorageConfig(), api_key)
     try:
         parser.ask(_CHECK_REPORT)
@@ -228,17 +279,17 @@ def check_endpoint(cfg: LLMConfig, anatomies: list[str], api_key: Secret) -> Non
         if e.code in (401, 403):
             key_from = f"file {cfg.api_key_file}" if cfg.api_key_file else f"${cfg.api_key_env}"
             raise LLMAuthError(
-                f"LLM endpoint {cfg.base_url} refused the API key from {key_from} (HTTP {e.code})"
+                f"LLM endpoint {redact_text(cfg.base_url)} refused the API key from {key_from} (HTTP {e.code})"
             ) from None
         log.warning(
             "LLM endpoint %s answered the check request with HTTP %d; reports may fall back to the rules",
-            cfg.base_url,
+            redact_text(cfg.base_url),
             e.code,
         )
     except (urllib.error.URLError, TimeoutError, OSError, ValueError, ValidationError) as e:
         log.warning(
             "LLM endpoint %s failed the check request (%s); reports may fall back to the rules",
-            cfg.base_url,
+            redact_text(cfg.base_url),
             _category(e),
         )
 

@@ -137,7 +137,7 @@ def read_id_map(cfg: IngestConfig) -> dict[str, dict]:
     """Pseudonym -> its entry; empty when there is no map yet."""
     fs, path = filesystem(id_map_uri(cfg), cfg.storage)
     try:
-        lines = read_bytes(fs, path, cfg.storage).decode().splitlines()
+        lines = [line for line in read_bytes(fs, path, cfg.storage).decode().split("\n") if line.strip()]
     except FileNotFoundError:
         return {}
     return {(e := json.loads(line))["id"]: e for line in lines}

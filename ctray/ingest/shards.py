@@ -39,7 +39,7 @@ from ctray.errors import BadInput, CtrayError, StorageError
 from ctray.ingest.config import IngestConfig
 from ctray.ingest.dicom import load_series
 from ctray.ingest.lease import LeaseHeld, lease_is_ours
-from ctray.ingest.llm import CACHE_DIR, PROMPT_VERSION, LLMAuthError, Parsed, Secret
+from ctray.ingest.llm import CACHE_DIR, PROMPT_VERSION, LLMEndpointError, Parsed, Secret
 from ctray.ingest.preprocess import anatomy_boxes, preprocess
 from ctray.ingest.reports import RuleParser
 from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA
@@ -157,7 +157,7 @@ class ShardWriter:
                     quarantine.append(QuarantinedScan(scan["scan_id"], scan["label"], str(e), scan["stamp"]))
                     log.warning("quarantined %s", e)
                     continue
-                except (StorageError, LLMAuthError):
+                except (StorageError, LLMEndpointError):
                     raise
                 except Exception as e:  # a bug must not cost the rest of the shard
                     reason = bug_reason(scan["label"], e)

@@ -30,6 +30,7 @@ from ctray.config import StorageConfig
 from ctray.errors import ConfigError, first_line
 from ctray.ingest.config import IngestConfig, PreprocessConfig
 from ctray.ingest.schema import SCHEMA_VERSION
+from ctray.redact import redacted
 from ctray.storage import arrow_filesystem, filesystem, read_bytes
 
 MANIFEST = "manifest.json"
@@ -570,14 +571,15 @@ class ShardSet:
 
     def to_json(self) -> str:
         """The manifest's text (what from_json reads back): indented JSON, in the order ingest has
-        always written it."""
+        always written it. Its config is redacted (ctray.redact) like a logged one: the manifest
+        sits beside the shards, readable by everyone who trains on them."""
         return json.dumps(
             {
                 "schema_version": self.schema_version,
                 "ctray_version": self.ctray_version,
                 "created_at": self.created_at,
                 "fingerprint": self.fingerprint,
-                "config": self.ingest.model_dump(mode="json"),
+                "config": redacted(self.ingest.model_dump(mode="json")),
                 "counts": asdict(self.counts),
                 "shards": [s.to_json() for s in self.shards],
                 "written": [w.to_json() for w in self.written],
