@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,19 +29,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+DIGIT_RUN = re.compile(r"\d{6,}")
+"""A word a trained tokenizer never learns: an MRN, an accession number, a date written as digits."""
 
 
-def train_wordpiece(reports: list[list[str]], vocab_size: int, min_reports: int = 5) -> str:
+def train_wordpiece(
+    reports: list[list[str]], vocab_size: int, min_patients: int = 5, patients: list[str] | None = None
+) -> str:
     """A BERT-style (lower-case, WordPiece, [CLS] ... [SEP]) tokenizer trained on report sentences,
     grouped by report; returns its tokenizer.json text. Used when the text encoder is randomly
     initialised, because no hub tokenizer can be downloaded in every environment (and a trained
     one fits the corpus).
 
-    Only words seen in at least `min_reports` reports are learned: a patient's or a physician's
-    name in a few reports must not become vocabulary (a whole-word token would let the tokenizer
-    file itself leak it). Rarer words are dropped from the training text; at use they are spelled
-    with the subwords of common words."""
-    from collections import Counter
+    Only words seen in the reports of at least `min_patients` patients are learned (`patients`: each
+    report's patient, the shards' group; None: each report its own): a patient's name in all their
+    reports, or a physician's in a few patients', must not become vocabulary, since the tokenizer
+    file travels with every run and export. Counting reports would let one patient with five
+    reports put their name in it. Runs of 6 or more digits (MRNs, accession numbers, dates) and the
+    values of header fields ("MRN: ...", HEADER_KEY_WORDS) are never learned, however common.
+    Words left out are dropped from the training text; at use they are spelled with the subwords
+    of common words."""
+    from collections import defaultdict
 
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -50,9 +59,14 @@ def train_wordpiece(reports: list[list[str]], vocab_size: int, min_reports: int 
     def words(sentence: str) -> list[str]:
         return [w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(sentence))]
 
-    per_report = [[words(s) for s in sentences] for sentences in reports]
-    seen_in = Counter(w for report in per_report for w in {w for sentence in report for w in sentence})
-    common = {w for w, n in seen_in.items() if n >= min_reports}
+    per_report = [[_learnable(words(s)) for s in sentences] for sentences in reports]
+    owners = patients if patients is not None else [str(i) for i in range(len(reports))]
+    seen_by: dict[str, set[str]] = defaultdict(set)
+    for report, patient in zip(per_report, owners, strict=True):
+        for sentence in report:
+            for w in sentence:
+                seen_by[w].add(patient)
+    common = {w for w, who in seen_by.items() if len(who) >= min_patients}
     corpus = [" ".join(w for w in sentence if w in common) for report in per_report for sentence in report]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizer
@@ -62,7 +76,7 @@ def train_wordpiece(reports: list[list[str]], vocab_size: int, min_reports: int 
         # show_progress: its bars are blank lines in a log, for a second's work on the driver
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
-        min_frequency=min_reports,
+        min_frequency=min_patients,
         show_progress=False,
     )
     tok.train_from_iterator([c for c in corpus if c], trainer=trainer)
@@ -71,6 +85,20 @@ def train_wordpiece(reports: list[list[str]], vocab_size: int, min_reports: int 
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
     )
     return tok.to_str()
+
+
+def _learnable(words: list[str]) -> list[str]:
+    """The words a tokenizer may learn from, in order: without digit runs of 6+ and without the
+    value of a header field (a HEADER_KEY_WORDS key and a colon: the words up to the sentence's end)."""
+    from ctray.ingest.reports import HEADER_KEY_WORDS
+
+    out: list[str] = []
+    for i, w in enumerate(words):
+        if w == ":" and i and words[i - 1] in HEADER_KEY_WORDS:
+            return out
+        if not DIGIT_RUN.fullmatch(w):
+            out.append(w)
+    return out
 
 
 def prepare_tokenizer(text: TextConfig, shards: str, run_dir: str, storage: StorageConfig) -> str:
@@ -88,22 +116,24 @@ def prepare_tokenizer(text: TextConfig, shards: str, run_dir: str, storage: Stor
 
         tokenizer_json = AutoTokenizer.from_pretrained(text.model).backend_tokenizer.to_str()
     else:
-        reports = report_sentences(shards, storage)
+        reports, patients = report_sentences(shards, storage)
         log.info(
-            "training a WordPiece tokenizer (vocab %d, words of >= %d reports) on the sentences of %d reports in %s",
+            "training a WordPiece tokenizer (vocab %d, words of >= %d patients) on the sentences of %d reports "
+            "of %d patients (the shards' groups) in %s",
             text.vocab_size,
-            text.tokenizer_min_reports,
+            text.tokenizer_min_patients,
             len(reports),
+            len(set(patients)),
             shards,
         )
-        tokenizer_json = train_wordpiece(reports, text.vocab_size, text.tokenizer_min_reports)
+        tokenizer_json = train_wordpiece(reports, text.vocab_size, text.tokenizer_min_patients, patients)
     publish_bytes(tokenizer_json.encode(), fs, path, storage)
     return tokenizer_json
 
 
-def report_sentences(shards: str, storage: StorageConfig) -> list[list[str]]:
-    """The anatomy sentences of each report in the committed shards (only the anatomy_texts
-    column is read)."""
+def report_sentences(shards: str, storage: StorageConfig) -> tuple[list[list[str]], list[str]]:
+    """The anatomy sentences of each report in the committed shards, and each report's patient
+    (its scan's group: ingest's `groups`, else the scan itself). Only those two columns are read."""
     import pyarrow.parquet as pq
 
     from ctray.ingest.shardset import ShardSet
@@ -111,14 +141,19 @@ def report_sentences(shards: str, storage: StorageConfig) -> list[list[str]]:
     afs, _ = arrow_filesystem(shards, storage)
     paths = sorted(ShardSet.open(shards, storage).shard_paths())
     out: list[list[str]] = []
+    patients: list[str] = []
     for path in paths:
-        for texts in pq.read_table(path, columns=["anatomy_texts"], filesystem=afs).column("anatomy_texts").to_pylist():
+        table = pq.read_table(path, columns=["anatomy_texts", "group"], filesystem=afs)
+        for texts, group in zip(
+            table.column("anatomy_texts").to_pylist(), table.column("group").to_pylist(), strict=True
+        ):
             sentences = [s for t in texts or [] for s in t["sentences"]]
             if sentences:
                 out.append(sentences)
+                patients.append(str(group))
     if not out:
         raise ConfigError(f"{shards}: no report sentences to train a tokenizer on (were reports ingested?)")
-    return out
+    return out, patients
 
 
 class TextEncoding:

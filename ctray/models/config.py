@@ -28,9 +28,11 @@ class TextConfig(Section):
     """Random init: attention heads."""
     max_length: int = 64
     """Tokens per text ([CLS] ... [SEP], truncated and padded)."""
-    tokenizer_min_reports: int = 5
-    """A trained tokenizer learns only words seen in at least this many reports (scans), so that
-    names in a few reports never become vocabulary; tiny local data sets may lower it."""
+    tokenizer_min_patients: int = 5
+    """A trained tokenizer learns only words seen in the reports of at least this many patients (the
+    shards' groups, from ingest's `groups`; shards without groups: scans), so that names never
+    become vocabulary; tiny local data sets may lower it. Digit runs of 6+ and header-field values
+    are never learned."""
     pooling: Literal["cls", "mean"] = "cls"
     """cls: the [CLS] token (fVLM, CA-GCL). mean: the mean over the text's tokens, for random-init
     towers on small data (the local jobs and tests): at init a BERT's [CLS] output hardly depends

@@ -231,7 +231,7 @@ def test_samplers_against_direct_computation():
     labels = np.zeros(vol.shape, dtype=np.uint8)
     vol[2:6, 4:12, 20:28] = 200
     labels[2:6, 4:12, 20:28] = 5  # liver
-    tok = TextEncoding(train_wordpiece([["The liver is normal."], ["A lesion in the liver."]], 60, min_reports=1), 16)
+    tok = TextEncoding(train_wordpiece([["The liver is normal."], ["A lesion in the liver."]], 60, min_patients=1), 16)
     texts = AnatomyTexts(["liver", "lung"], {"liver_lesion": "liver", "lung_nodule": "lung"}, tok, "one")
     row = _row(
         vol,
@@ -351,11 +351,33 @@ def test_trained_tokenizer_learns_no_word_of_few_reports():
 
     common = ["The liver is normal.", "No pleural effusion.", "Heart size is normal."]
     reports = [common + (["Compared with the study read by Dr Quillfeather."] if i < 2 else []) for i in range(10)]
-    vocab = Tokenizer.from_str(train_wordpiece(reports, 300, min_reports=5)).get_vocab()
+    vocab = Tokenizer.from_str(train_wordpiece(reports, 300, min_patients=5)).get_vocab()
     assert {"liver", "pleural", "normal"} <= set(vocab)
     assert not [t for t in vocab if "quill" in t or "feather" in t]
-    assert set(Tokenizer.from_str(train_wordpiece(reports, 300, min_reports=2)).get_vocab()) & {
+    assert set(Tokenizer.from_str(train_wordpiece(reports, 300, min_patients=2)).get_vocab()) & {
         "quillfeather",
         "quill",
         "##feather",
     }
+
+
+def test_trained_tokenizer_counts_patients_not_reports_and_never_learns_numbers_or_header_values():
+    """One patient with many reports puts no word of theirs in the vocabulary; a word of 5 patients
+    is learned; an MRN-like digit run and a header field's value are not, however many patients
+    have them."""
+    from tokenizers import Tokenizer
+
+    common = ["The liver is normal.", "No pleural effusion."]
+    reports = [
+        *([[*common, "Patient Zebedee Wrightwood returns."]] * 8),  # one patient, eight reports
+        *([[*common, "Mild gallbladder sludge."]] * 5),  # five patients
+        *([[*common, "Accession 40817263 reviewed.", "Referring: Dr Ostrowicz."]] * 6),  # six more patients
+    ]
+    patients = ["p0"] * 8 + [f"p{i}" for i in range(1, 12)]
+    vocab = set(Tokenizer.from_str(train_wordpiece(reports, 300, min_patients=5, patients=patients)).get_vocab())
+    assert {"liver", "gallbladder", "sludge", "accession", "referring"} <= vocab
+    assert not [t for t in vocab if "zeb" in t or "wright" in t or "ostrow" in t]
+    assert not [t for t in vocab if t.strip("#").isdigit() and len(t.strip("#")) >= 3]
+    # Counted by report, as before, the one patient's name would be in it.
+    by_report = set(Tokenizer.from_str(train_wordpiece(reports, 300, min_patients=5)).get_vocab())
+    assert {"zebedee", "wrightwood"} <= by_report
