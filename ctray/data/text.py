@@ -10,9 +10,12 @@ sampler tasks. Samplers handle a hub tokenizer and a trained one the same way.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import posixpath
 import re
+from collections import Counter, defaultdict
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,9 +52,7 @@ def train_wordpiece(
     values of header fields ("MRN: ...", HEADER_KEY_WORDS) are never learned, however common.
     Words left out are dropped from the training text; at use they are spelled with the subwords
     of common words."""
-    from collections import defaultdict
-
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     normalizer = normalizers.BertNormalizer(lowercase=True)
     pre = pre_tokenizers.BertPreTokenizer()
@@ -67,24 +68,81 @@ def train_wordpiece(
             for w in sentence:
                 seen_by[w].add(patient)
     common = {w for w, who in seen_by.items() if len(who) >= min_patients}
-    corpus = [" ".join(w for w in sentence if w in common) for report in per_report for sentence in report]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    counts: Counter[str] = Counter(w for report in per_report for sentence in report for w in sentence if w in common)
+    vocab = wordpiece_vocab(counts, vocab_size, min_patients)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(
-        # show_progress: its bars are blank lines in a log, for a second's work on the driver
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        min_frequency=min_patients,
-        show_progress=False,
-    )
-    tok.train_from_iterator([c for c in corpus if c], trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
     )
     return tok.to_str()
+
+
+def wordpiece_vocab(counts: Counter[str], vocab_size: int, min_frequency: int) -> list[str]:
+    """A WordPiece vocabulary learned from word counts in the manner of the tokenizers library's
+    WordPieceTrainer (BPE merges over the words' characters, pieces after a word's first character marked
+    "##", a merge only of pairs seen at least `min_frequency` times), by hand because that trainer
+    breaks ties between pairs of equal count in its hash maps' order, which differs per process: the
+    same corpus gave two runs different vocabularies (and a run's texts other ids after a restart
+    on another node). Here ties go to the first pair in code-point order, and ids are given in a
+    fixed order: SPECIAL_TOKENS, the characters (sorted), then the merges in the order made."""
+    pieces = {w: [w[0], *("##" + c for c in w[1:])] for w in sorted(counts)}
+    vocab = [*SPECIAL_TOKENS, *sorted({p for ps in pieces.values() for p in ps} - set(SPECIAL_TOKENS))]
+    known = set(vocab)
+    pairs: Counter[tuple[str, str]] = Counter()
+    holders: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for w, ps in pieces.items():
+        for pair in pairwise(ps):
+            pairs[pair] += counts[w]
+            holders[pair].add(w)
+    heap = [(-n, pair) for pair, n in pairs.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        n, pair = heapq.heappop(heap)
+        if pairs.get(pair, 0) != -n:
+            continue  # a stale entry: the pair's count changed since it was pushed
+        if -n < min_frequency:
+            break
+        a, b = pair
+        merged = a + b[2:]
+        changed: set[tuple[str, str]] = set()
+        for w in sorted(holders.pop(pair)):
+            old = pieces[w]
+            for p in pairwise(old):
+                pairs[p] -= counts[w]
+                holders[p].discard(w)
+                changed.add(p)
+            pieces[w] = new = _merged(old, pair, merged)
+            for p in pairwise(new):
+                pairs[p] += counts[w]
+                holders[p].add(w)
+                changed.add(p)
+        del pairs[pair]
+        for p in sorted(changed - {pair}):
+            if pairs[p] > 0:
+                heapq.heappush(heap, (-pairs[p], p))
+            else:
+                pairs.pop(p, None)
+        if merged not in known:
+            known.add(merged)
+            vocab.append(merged)
+    return vocab
+
+
+def _merged(pieces: list[str], pair: tuple[str, str], merged: str) -> list[str]:
+    """`pieces` with every occurrence of `pair`, left to right, replaced by `merged`."""
+    out, i = [], 0
+    while i < len(pieces):
+        if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(pieces[i])
+            i += 1
+    return out
 
 
 def _learnable(words: list[str]) -> list[str]:

@@ -3,7 +3,9 @@ gradients), the permutation's use of each anatomy token, soft targets, the learn
 the clinical-aware augmentation, the anatomy pooling's masking, the samplers against direct
 computations, and AUROC against pair counting."""
 
+import itertools
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -381,3 +383,64 @@ def test_trained_tokenizer_counts_patients_not_reports_and_never_learns_numbers_
     # Counted by report, as before, the one patient's name would be in it.
     by_report = set(Tokenizer.from_str(train_wordpiece(reports, 300, min_patients=5)).get_vocab())
     assert {"zebedee", "wrightwood"} <= by_report
+
+
+def _naive_wordpiece(counts: dict[str, int], vocab_size: int, min_frequency: int) -> list[str]:
+    """BPE merges by recounting every pair each round; ties to the first pair in code-point order."""
+    from ctray.data.text import SPECIAL_TOKENS
+
+    pieces = {w: [w[0], *("##" + c for c in w[1:])] for w in counts}
+    vocab = [*SPECIAL_TOKENS, *sorted({p for ps in pieces.values() for p in ps})]
+    while len(vocab) < vocab_size:
+        pairs: dict[tuple[str, str], int] = {}
+        for w, ps in pieces.items():
+            for pair in itertools.pairwise(ps):
+                pairs[pair] = pairs.get(pair, 0) + counts[w]
+        if not pairs:
+            break
+        pair = min(pairs, key=lambda p: (-pairs[p], p))
+        if pairs[pair] < min_frequency:
+            break
+        merged = pair[0] + pair[1][2:]
+        for w, ps in pieces.items():
+            out, i = [], 0
+            while i < len(ps):
+                if i + 1 < len(ps) and (ps[i], ps[i + 1]) == pair:
+                    out, i = [*out, merged], i + 2
+                else:
+                    out, i = [*out, ps[i]], i + 1
+            pieces[w] = out
+        if merged not in vocab:
+            vocab.append(merged)
+    return vocab
+
+
+def test_wordpiece_vocab_equals_naive_merges_and_is_the_same_in_every_process():
+    """The tokenizer is a function of the corpus and its settings: the incremental merges equal a
+    naive loop's, and two processes with other hash seeds write the same tokenizer.json bytes (the
+    tokenizers library's own trainer did not: its ties go in hash-map order)."""
+    import subprocess
+    import sys
+    from collections import Counter
+
+    from ctray.data.text import wordpiece_vocab
+
+    rng = np.random.default_rng(7)
+    letters = list("abcdeéx")
+    words = ["".join(rng.choice(letters, size=rng.integers(1, 9))) for _ in range(300)]
+    counts = Counter({w: int(rng.integers(1, 6)) for w in words})
+    for size, floor in ((40, 1), (120, 2), (1000, 1)):
+        assert wordpiece_vocab(counts, size, floor) == _naive_wordpiece(dict(counts), size, floor)
+
+    script = (
+        "from ctray.data.text import train_wordpiece; import sys; "
+        "r = [['the liver is normal', 'a lesion in segment ' + str(i % 7)] for i in range(40)]; "
+        "sys.stdout.write(train_wordpiece(r, 80, 2))"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, check=True
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(outputs) == 1
