@@ -27,8 +27,10 @@ class ContrastConfig(RecipeConfig):
     """Joint embedding width (fVLM: 256)."""
     temperature_init: float = 0.07
     """Initial temperature (fVLM / CLIP: 0.07); learnable."""
-    temperature_range: tuple[float, float] = (0.001, 0.5)
-    """Clamp of the learnable temperature (fVLM: 0.001..0.5)."""
+    temperature_range: tuple[float, float] = (0.01, 0.5)
+    """Clamp of the learnable temperature. Default: CLIP's cap on the logit scale (1/tau <= 100),
+    which keeps bf16 logits of cosines coarse-grained enough to rank; fVLM's code allows 0.001
+    (scale 1000), and jobs/cagcl.yaml keeps that to follow it."""
     soft_targets: bool = False
     """fVLM's false-negative calibration: identical texts and both-normal anatomies are not
     negatives of each other (soft targets)."""

@@ -10,13 +10,18 @@ from typing import Any
 import torch
 from torch import nn
 
+LEARNED_TOKENS = frozenset({"mask_token", "cls_token", "dist_token", "pos_embed"})
+"""Parameter names timm's `no_weight_decay()` lists and transformers' models hold as learned
+tokens: multi-dimensional, so the ndim rule would decay them."""
+
 
 def no_decay_names(module: nn.Module) -> set[str]:
     """Parameters AdamW must not decay (open_clip's and timm's rule): every parameter of fewer
     than 2 dimensions (biases, norm scales, a learnable temperature), every nn.Embedding table
     (BERT's token, position and token-type embeddings), and what a submodule lists in its own
-    `no_weight_decay()` (a ViT's position embedding, learned query tokens)."""
-    out = {name for name, p in module.named_parameters() if p.ndim < 2}
+    `no_weight_decay()` (a ViT's position embedding, learned query tokens), and the learned tokens
+    of library models by name (LEARNED_TOKENS: transformers' VideoMAE `mask_token`, timm's)."""
+    out = {name for name, p in module.named_parameters() if p.ndim < 2 or name.rsplit(".", 1)[-1] in LEARNED_TOKENS}
     for prefix, sub in module.named_modules():
         dot = f"{prefix}." if prefix else ""
         if isinstance(sub, nn.Embedding):

@@ -28,7 +28,8 @@ def test_parameter_groups_leave_norms_biases_embeddings_and_temperature_undecaye
         ".pos",
         ".queries",
     )
-    assert all(n.endswith(".bias") or params[n].ndim < 2 or n.endswith(tables) for n in keep["names"])
+    learned = (".mask_token", ".proj_bias")
+    assert all(n.endswith((".bias", *learned)) or params[n].ndim < 2 or n.endswith(tables) for n in keep["names"])
     assert not [n for n in decay["names"] if "norm" in n.lower() or n.endswith(tables)]
     if name in ("totalfm_clip", "cagcl"):
         assert "temperature.tau" in keep["names"]
@@ -36,7 +37,10 @@ def test_parameter_groups_leave_norms_biases_embeddings_and_temperature_undecaye
         assert "text.bert.embeddings.position_embeddings.weight" in keep["names"]
         assert [p for p, _, _ in task.clamped_parameters()] == [task.temperature.tau]
     if name == "cagcl":
-        assert {"vit.pos", "pool.queries"} <= set(keep["names"]) and "vit.patch_embed.weight" in decay["names"]
+        assert {"vit.pos", "pool.queries", "pool.proj_bias"} <= set(keep["names"])
+        assert "vit.patch_embed.weight" in decay["names"] and "pool.proj_weight" in decay["names"]
+    if name == "totalfm_mae":
+        assert "mae.mask_token" in keep["names"]  # VideoMAE's learned token (transformers names it so)
     if name in ("ctfm_simclr", "totalfm_mae"):
         assert task.clamped_parameters() == []
 

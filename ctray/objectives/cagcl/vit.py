@@ -82,8 +82,9 @@ class AnatomyQueryPooling(nn.Module):
         self.heads = heads
 
     def no_weight_decay(self) -> set[str]:
-        """The anatomy queries are learned tokens, like a [CLS] token: not decayed."""
-        return {"queries"}
+        """The anatomy queries are learned tokens, like a [CLS] token, and `proj_bias` is each
+        anatomy's projection bias (2-D only because it is per anatomy): not decayed."""
+        return {"queries", "proj_bias"}
 
     def forward(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         b = tokens.shape[0]
