@@ -48,7 +48,13 @@ class OptimConfig(Section):
     grad_clip: float = 0.0
     """Gradient norm clipping (0 disables; CT-FM does not clip)."""
     grad_accum: int = 1
-    """Micro-steps per optimizer step (DeepSpeed gradient accumulation)."""
+    """Micro-steps per optimizer step (DeepSpeed gradient accumulation). It does not enlarge a
+    contrastive loss's batch: each micro-step contrasts its own scans only (the CLIP-type recipes
+    refuse it unless `accumulate_contrastive`)."""
+    accumulate_contrastive: bool = False
+    """Let TotalFM stage 2 and CA-GCL accumulate gradients although each micro-batch then holds
+    1/grad_accum of the negatives a batch of data.scans_per_batch x grad_accum would (CA-GCL's 56
+    scans on 4 GPUs accumulating 4: 14 negatives per anatomy). Off: such a run refuses to start."""
     lr_base_batch: int | None = None
     """Linear scaling rule (MAE, VideoMAE: lr = 1.5e-4 x batch / 256): when set, `lr` is the base
     lr and the peak lr used is lr x views per step / lr_base_batch, with views per step =

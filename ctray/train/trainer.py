@@ -48,6 +48,19 @@ def require_held_out(cfg: PretrainConfig) -> None:
     log.warning("eval: the in-training evaluation reads the training shards (eval.on_training_scans): not held-out")
 
 
+def require_whole_contrastive_batch(cfg: PretrainConfig) -> None:
+    """A ConfigError (one line, before Ray starts) when a CLIP-type recipe would accumulate gradients
+    without the config accepting what it costs: the contrastive loss sees one micro-batch's
+    negatives, not the step's (gradient caching, which would keep them, is not built)."""
+    if cfg.optim.grad_accum > 1 and isinstance(cfg.objective, ContrastConfig) and not cfg.optim.accumulate_contrastive:
+        micro = cfg.data.scans_per_batch  # across all workers: the loss gathers every rank's embeddings
+        raise ConfigError(
+            f"optim.grad_accum={cfg.optim.grad_accum} does not enlarge {cfg.objective.name}'s contrastive batch: each "
+            f"micro-step contrasts its {micro} scans, not {micro * cfg.optim.grad_accum}; raise data.scans_per_batch "
+            "(with more workers if one cannot hold it), or set optim.accumulate_contrastive=true to accept it"
+        )
+
+
 def _trained_on(cfg: PretrainConfig) -> TrainedOn:
     """The training shard set as the export records it."""
     shard_set = ShardSet.open(cfg.data.shards, cfg.storage)
@@ -117,6 +130,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     if cfg.eval.shards:
         cfg.eval.shards = resolve_uri(cfg.eval.shards)
     require_held_out(cfg)
+    require_whole_contrastive_batch(cfg)
     ensure_ray(cfg.ray)
     ensure_schedulable(cfg.scaling.worker_bundle(), "training worker", cfg.ray.schedule_timeout_s)
 

@@ -152,3 +152,26 @@ def test_an_objective_that_evaluates_during_training_needs_held_out_shards_or_sa
             PretrainConfig, REPO / "jobs/cagcl-local.yaml", ["eval.on_training_scans=false", "eval.enabled=false"]
         )
     )
+
+
+def test_a_clip_type_recipe_refuses_gradient_accumulation_unless_told():
+    """Accumulation does not enlarge a contrastive batch: CA-GCL and TotalFM stage 2 refuse it in one
+    line naming both batch sizes, unless optim.accumulate_contrastive; CT-FM is not refused."""
+    from ctray.train.config import PretrainConfig
+    from ctray.train.trainer import require_whole_contrastive_batch
+
+    from helpers import REPO
+
+    for job in ("cagcl-local.yaml", "totalfm-clip-local.yaml"):
+        cfg = load_config(PretrainConfig, REPO / "jobs" / job, ["optim.grad_accum=4"])
+        micro = cfg.data.scans_per_batch
+        with pytest.raises(
+            ConfigError, match=rf"^optim.grad_accum=4 does not enlarge .* its {micro} scans, not {4 * micro};"
+        ):
+            require_whole_contrastive_batch(cfg)
+        require_whole_contrastive_batch(
+            cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"accumulate_contrastive": True})})
+        )
+    require_whole_contrastive_batch(
+        load_config(PretrainConfig, REPO / "jobs" / "ctfm-local.yaml", ["optim.grad_accum=4"])
+    )
