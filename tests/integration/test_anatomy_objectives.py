@@ -155,3 +155,21 @@ def test_cagcl_trains_with_two_workers(clinical_shards, tmp_path):
     report = evaluate_run(cfg, result.export, str(tmp_path / "embeddings"))
     metrics = json.loads((tmp_path / "embeddings" / "report" / "metrics.json").read_text())
     assert report.endswith("report.md") and 0 <= metrics["metrics"]["zs_finding_auroc_mean"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_cagcl_same_seed_same_losses_and_a_killed_run_resumes_them(clinical_shards, tmp_path):
+    """CA-GCL as reproducible as CT-FM (test_reproducible.py): its tokenizer is trained in each run
+    (a function of the shards' sentences), so a run whose worker is killed at step 5 and resumed
+    from its step-3 checkpoint logs the losses of the straight run, step for step."""
+    steps = ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=3", "data.scans_per_batch=4"]
+    run_pretrain(job("cagcl-local.yaml", clinical_shards, tmp_path, *steps, "run.name=straight"))
+    killed = job("cagcl-local.yaml", clinical_shards, tmp_path, *steps, "run.name=killed", "debug.kill_at_step=5")
+    killed.run.max_failures = 1
+    assert run_pretrain(killed).step == 6
+    assert [r["step"] for r in read_metrics(tmp_path / "killed", "resume")] == [3]
+    assert (tmp_path / "straight" / "tokenizer.json").read_bytes() == (
+        tmp_path / "killed" / "tokenizer.json"
+    ).read_bytes()
+    assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6, abs=1e-7)
