@@ -277,7 +277,8 @@ def test_samplers_against_direct_computation():
         window01(np.flip(np.pad(vol[:11], [(0, 1), (0, 0), (0, 0)], constant_values=-1000), (0, 1, 2)), *window),
     )
 
-    # Incomplete anatomies are not pairs: too small, cut by the crop, or cut by the scan's own border.
+    # Incomplete anatomies are not pairs: too small, or cut by the crop; with presence "in_scan" also
+    # cut by the scan's own border.
     small = sampler((12, 32, 32), flip_prob=0.0, min_voxels=257)
     assert small(row, np.random.default_rng(0))["present"].tolist() == [[0, 0]]
     cropped = sampler((4, 32, 32), flip_prob=0.0)  # 4 of the liver's 4+ slices
@@ -291,7 +292,18 @@ def test_samplers_against_direct_computation():
         [{"anatomy": "liver", "sentences": ["A lesion in the liver."]}],
         [{"name": "liver_lesion", "value": 1}],
     )
-    assert scan_present(sampler((16, 32, 32), flip_prob=0.0), edge_row) == [[0, 0]]
+    # fVLM checks the crop's faces only: padded beyond the scan's first slice, the liver's voxels
+    # there are not on a face, so it counts; the stricter rule refuses it.
+    assert scan_present(sampler((16, 32, 32), flip_prob=0.0), edge_row) == [[1, 0]]
+    assert scan_present(sampler((16, 32, 32), flip_prob=0.0, presence="in_scan"), edge_row) == [[0, 0]]
+    # The crop is cut around crop_anatomies only: around the lung (no box here), the whole scan.
+    boxes = {"liver": [2, 4, 20, 9, 12, 28]}
+    tight = {"crop_margin": (0, 0, 0)}
+    assert sampler((16, 32, 32), **tight).region(vol.shape, boxes) == (slice(2, 9), slice(4, 12), slice(20, 28))
+    whole = tuple(slice(0, n) for n in vol.shape)
+    assert sampler((16, 32, 32), crop_anatomies=["lung"], **tight).region(vol.shape, boxes) == whole
+    with pytest.raises(ValueError, match=r"crop_anatomies \['kidney'\] are not among anatomies"):
+        sampler((16, 32, 32), crop_anatomies=["kidney"])
     # Embedding and evaluation keep every anatomy with voxels, cut or not (fVLM's evaluation).
     assert scan_present(sampler((16, 32, 32), evaluation=True, flip_prob=0.0), edge_row) == [[1, 0]]
     kept = sampler((4, 32, 32), evaluation=True, flip_prob=0.0)  # the crop cuts the liver: still embedded

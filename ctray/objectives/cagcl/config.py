@@ -31,8 +31,17 @@ class CAGCLConfig(ContrastConfig):
     """Probability of flipping the scan along each axis, independently (fVLM: 0.2)."""
     min_voxels: int = 1
     """An anatomy counts for a scan (N_j of eq. 1, the paper's "complete anatomical structures")
-    only with at least this many voxels in the crop, none on the crop's faces, and its box not
-    touching the scan's border (fVLM drops organs the crop cuts; any voxel is enough there)."""
+    only with at least this many voxels in the crop (fVLM: any voxel) and as `presence` says."""
+    presence: Literal["crop_faces", "in_scan"] = "crop_faces"
+    """Which anatomies in a crop are complete. crop_faces (fVLM's code, its model's forward):
+    none of its voxels on the crop's faces; where the crop is padded beyond the scan, the padding
+    lies between the organ and the face, so an organ running past the field of view (esophagus and
+    aorta past a chest scan, bone always) still counts. in_scan: also refuse an anatomy whose
+    stored box touches the scan's border (stricter; on chest CT it leaves little but lung and heart)."""
+    crop_anatomies: list[str] | None = None
+    """The anatomies whose bounding box (plus crop_margin) the crop is cut around; None: all of
+    `anatomies`. Bone spans the scan, so a box around it is the scan: the paper job cuts around
+    the chest organs."""
     patch: tuple[int, int, int] = (16, 16, 32)
     """ViT patch (z, y, x) (fVLM: 16x16x32 -> 7x16x11 = 1232 tokens)."""
     window_hu: tuple[float, float] = (-1150.0, 350.0)
@@ -49,6 +58,13 @@ class CAGCLConfig(ContrastConfig):
     """lambda of eq. (5); 0 trains the local loss only (the paper's fine-grained VLP baseline)."""
     text_augmentation: bool = True
     """Clinical-aware text augmentation (Sec. 2.3); off: all sentences in report order."""
+
+    @model_validator(mode="after")
+    def _crop_anatomies_known(self) -> CAGCLConfig:
+        unknown = sorted(set(self.crop_anatomies or []) - set(self.anatomies))
+        if unknown:
+            raise ValueError(f"crop_anatomies {unknown} are not among anatomies {self.anatomies}")
+        return self
 
     @model_validator(mode="after")
     def _patches_tile(self) -> CAGCLConfig:

@@ -26,9 +26,10 @@ class AnatomyScanSampler:
     takes the same cut, crop and flips.
 
     An anatomy counts only when complete (the paper's N_j, fVLM's "remove incomplete organs
-    caused by random crop"): at least `min_voxels` voxels in the crop, none on the crop's faces,
-    and its stored box not touching the scan's own border (an organ cut by the field of view;
-    padding would otherwise hide it). With fit="resize" the region is resampled to `size` instead
+    caused by random crop"): at least `min_voxels` voxels in the crop and none on the crop's faces
+    (presence "crop_faces", as fVLM's forward checks it, after padding), and with presence
+    "in_scan" also its stored box not touching the scan's own border. The crop is cut around
+    `crop_anatomies` (default: all). With fit="resize" the region is resampled to `size` instead
     of padded and cropped (tiny local models on whole-body phantoms; not fVLM). Its voxels
     max-pooled to the ViT token grid (`patch`) select the tokens its query attends to, done here so
     the device receives a few bytes per anatomy.
@@ -49,11 +50,13 @@ class AnatomyScanSampler:
         self.texts = texts
         self.margin, self.flip_prob, self.min_voxels = cfg.crop_margin, cfg.flip_prob, cfg.min_voxels
         self.resize = cfg.fit == "resize"
+        self.in_scan = cfg.presence == "in_scan"
+        self.crop_anatomies = list(cfg.crop_anatomies or cfg.anatomies)
         self.columns = ("volume", "shape", "label_map", "anatomy_boxes", *texts.columns)
 
     def region(self, shape: tuple[int, ...], boxes: dict[str, list[int]]) -> tuple[slice, slice, slice]:
-        """The anatomies' bounding box plus the margin, within the scan (the whole scan without boxes)."""
-        mine = [boxes[a] for a in self.anatomy_ids if a in boxes]
+        """The crop anatomies' bounding box plus the margin, within the scan (the whole scan without boxes)."""
+        mine = [boxes[a] for a in self.crop_anatomies if a in boxes]
         if not mine:
             return slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2])
         lo = [max(0, min(b[k] for b in mine) - self.margin[k]) for k in range(3)]
@@ -110,7 +113,8 @@ class AnatomyScanSampler:
                     np.frombuffer(lab, dtype=np.uint8).reshape(vol.shape)[cut_region], 0, starts, nearest=True
                 )
                 cut = [
-                    a in boxes
+                    self.in_scan
+                    and a in boxes
                     and (min(boxes[a][:3]) == 0 or any(e >= n for e, n in zip(boxes[a][3:], vol.shape, strict=True)))
                     for a in self.anatomy_ids
                 ]
