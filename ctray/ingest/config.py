@@ -317,8 +317,10 @@ class LeaseConfig(Section):
     """A lease not renewed for this long is stale: a later ingest takes it over (the holder
     crashed). The holder renews it every ttl_s / 4."""
     settle_s: float = Field(2.0, ge=0)
-    """Wait between writing the lease and reading it back: of two ingests starting at once, the
-    later write wins and the other one sees it and refuses."""
+    """Wait between writing the lease and reading it back, on stores where taking it is no
+    compare-and-swap (GCS, other fsspec stores): of two ingests starting at once, the later write
+    wins and the other one sees it and refuses, as long as no write lands later than this. S3 keeps
+    the read-back as a check on stores that ignore conditional writes; local folders skip it."""
 
 
 class OutputConfig(Section):

@@ -5,6 +5,7 @@ Layout of the output (local folder or s3:// / gs:// prefix):
     shards/part-<hash>.parquet     one row per scan (ctray.ingest.schema)
     _commits/part-<hash>.json      written after its shard: the shard counts only once this exists
     _lease.json                    the running ingest's lease (ctray.ingest.lease)
+    _lease.json.lock               local folders: locked while the lease changes hands
     _probe/, _cache/llm/           DICOM folder probes and LLM answers, reused by later runs
     purged.json                    scan ids removed by `ctray purge`; never ingested again
     key-check.json                 the pseudonymisation key's check value (ctray.ingest.privacy)
@@ -116,7 +117,7 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
                 f"{out_uri} already holds shards made with other settings (or ctray {', '.join(versions)}); "
                 "write to a new output.uri (or delete the old shards)"
             )
-        clean(out_uri, cfg.storage, records)
+        clean(out_uri, cfg.storage, records, lease)
         records = Records(records.live, [])
         table = load_reports(cfg)  # a table that cannot be read fails before any work starts
         inventory = discover(cfg, names, probe_cache_location(cfg, names))
@@ -127,6 +128,7 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
         reports = attach(inventory, discover_masks(cfg), table)
         purged = read_purged(out_uri, cfg.storage)
         todo = plan(cfg, inventory, records, set(purged))
+        drop_changed(cfg, records, todo, lease)
         failed: list[dict] = []
         try:
             if todo:
@@ -146,6 +148,7 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
                     purged,
                     inventory.ungrouped,
                 )
+                lease.ensure("writing the manifest")
                 publish_bytes(manifest.to_json().encode(), fs_out, join(root, MANIFEST), cfg.storage)
                 publish_bytes(config_yaml(cfg).encode(), fs_out, join(root, "ingest-config.yaml"), cfg.storage)
                 id_map = names.write_map()
@@ -177,8 +180,8 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
 
 
 def plan(cfg: IngestConfig, inventory: Inventory, records: Records, purged: set[str]) -> list[dict]:
-    """Scans to write: new ones and changed ones (whose old rows are first removed from their
-    shards, so that no scan is ever in two shards). Unchanged committed scans are skipped."""
+    """Scans to write: new ones and changed ones (whose old rows drop_changed removes first).
+    Unchanged committed scans are skipped. Writes nothing."""
     committed = records.committed
     todo, changed = [], []
     for scan in inventory.scans:
@@ -193,8 +196,6 @@ def plan(cfg: IngestConfig, inventory: Inventory, records: Records, purged: set[
                 continue
             changed.append(sid)
         todo.append(scan)
-    for record, drop in records.holding(changed):
-        rewrite_without(cfg.output.uri, cfg.storage, record, drop, "input changed")
     log.info(
         "ingest: %d scans found, %d committed and unchanged, %d changed, %d to write -> %s",
         len(inventory.scans),
@@ -204,6 +205,14 @@ def plan(cfg: IngestConfig, inventory: Inventory, records: Records, purged: set[
         cfg.output.uri,
     )
     return todo
+
+
+def drop_changed(cfg: IngestConfig, records: Records, todo: list[dict], lease: Lease) -> None:
+    """Rewrite the shards holding committed scans that `todo` writes again (changed inputs) without
+    them, before anything is written, so that no scan is ever in two shards."""
+    committed = records.committed
+    for record, drop in records.holding(s["scan_id"] for s in todo if s["scan_id"] in committed):
+        rewrite_without(cfg.output.uri, cfg.storage, record, drop, "input changed", lease)
 
 
 _WORK_KEYS = ("scan_id", "group", "kind", "uri", "files", "label", "stamp", "mask_uri")

@@ -3,7 +3,8 @@
 Purging a scan (a patient withdrew consent, a scan should not have been exported) rewrites its
 shard without it and re-commits it, removes its LLM cache entry, its quarantine mentions and its
 id map entry, records its id in purged.json (so no later ingest takes it again) and rewrites the
-manifest. It holds the output's lease like an ingest, so it never races one.
+manifest. It holds the output's lease like an ingest, so it never races one, and checks that the
+lease is still its own before each write (Lease.ensure).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
     cfg = resolve(shard_set.ingest)  # a copy
     cfg.output.uri, cfg.storage = uri, storage
     fs, root = filesystem(uri, storage)
-    with Lease(uri, cfg.lease, storage, what="purge"):
+    with Lease(uri, cfg.lease, storage, what="purge") as lease:
         records = read_records(uri, storage)
         if records.unreadable:  # the scan may sit in a shard whose record cannot be read
             raise ConfigError(f"purge stopped: {unreadable_advice(uri, records.unreadable)}")
@@ -74,10 +75,13 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
             scan_ids = table.column("scan_id").to_pylist()
             keys = table.column("report_cache_key").to_pylist()
             cache_keys += [k for s, k in zip(scan_ids, keys, strict=False) if s in drop and k]
-            rewrite_without(uri, storage, record, drop, "purged")
+            rewrite_without(uri, storage, record, drop, "purged", lease)
+        if cache_keys:
+            lease.ensure("removing LLM cache entries")
         for key in cache_keys:
             remove(fs, cache_path(join(root, CACHE_DIR), key), storage)
         purged = sorted(set(read_purged(uri, storage)) | set(ids))
+        lease.ensure(f"writing {PURGED}")
         publish_bytes(json.dumps(purged).encode(), fs, join(root, PURGED), storage)
         gone = set(ids)
         records = read_records(uri, storage)
@@ -85,6 +89,7 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
         for r in records.live:  # earlier quarantine entries name the scan too
             if any(q.scan_id in gone for q in r.quarantine):
                 r = replace(r, quarantine=tuple(q for q in r.quarantine if q.scan_id not in gone))
+                lease.ensure(f"rewriting commit record {r.shard}")
                 publish_record(r, fs, root, storage)
             live.append(r)
         records = Records(live, records.superseded, records.unreadable)
@@ -100,6 +105,7 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str]) -> dict:
             purged,
             shard_set.ungrouped,
         )
+        lease.ensure("writing the manifest")
         publish_bytes(shard_set.to_json().encode(), fs, join(root, MANIFEST), storage)
         id_map = _drop_from_id_map(cfg, gone)
     log.info(

@@ -24,6 +24,7 @@ import ctray
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError, first_line
 from ctray.ingest.config import IngestConfig
+from ctray.ingest.lease import Lease
 from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA
 from ctray.ingest.shards import file_sha256, publish_record
 from ctray.ingest.shardset import (
@@ -109,15 +110,17 @@ def unreadable_advice(uri: str, names: list[str]) -> str:
     )
 
 
-def clean(uri: str, storage: StorageConfig, records: Records) -> None:
+def clean(uri: str, storage: StorageConfig, records: Records, lease: Lease) -> None:
     """Remove superseded records and their shards, then shard files that no live record names (a
-    writer died between publishing and committing). Only while holding the output's lease. A
-    ConfigError, before anything is removed, while a record is unreadable: its shard would look like
-    a leftover and go, scans and all."""
+    writer died between publishing and committing). Only while `lease` is ours, checked before each
+    removal: an ingest that took the lease over may just have published a shard that `records`,
+    read before, would make a leftover. A ConfigError, before anything is removed, while a record is
+    unreadable: its shard would look like a leftover and go, scans and all."""
     if records.unreadable:
         raise ConfigError(f"ingest stopped: {unreadable_advice(uri, records.unreadable)}")
     fs, root = filesystem(uri, storage)
     for r in records.superseded:
+        lease.ensure(f"removing superseded shard {r.shard}")
         if r.path:
             remove(fs, join(root, r.path), storage)
         remove(fs, join(root, r.record_path), storage)
@@ -125,14 +128,19 @@ def clean(uri: str, storage: StorageConfig, records: Records) -> None:
     for path in list_files(fs, join(root, SHARDS_DIR), storage):
         rel = posixpath.relpath(path, root)
         if rel not in named:
+            lease.ensure(f"removing uncommitted leftover {rel}")
             log.info("removing uncommitted leftover %s", rel)
             remove(fs, path, storage)
 
 
-def rewrite_without(uri: str, storage: StorageConfig, record: CommitRecord, drop: set[str], why: str) -> CommitRecord:
+def rewrite_without(
+    uri: str, storage: StorageConfig, record: CommitRecord, drop: set[str], why: str, lease: Lease
+) -> CommitRecord:
     """Replace a committed shard by one without the scans in `drop` (row groups copied one by one,
     so memory stays at one scan); returns the new live record. The old files are removed last.
-    The new record keeps the old one's figures (stats) but for rows and bytes."""
+    The new record keeps the old one's figures (stats) but for rows and bytes. Only while `lease` is
+    ours, checked before starting and before committing (copying a shard takes a while)."""
+    lease.ensure(f"rewriting shard {record.shard}")
     fs, root = filesystem(uri, storage)
     keep = [s for s in record.scans if s.scan_id not in drop]
     name = "part-" + hashlib.sha1((record.shard + "\0" + "\0".join(sorted(drop))).encode()).hexdigest()[:16]
@@ -163,6 +171,7 @@ def rewrite_without(uri: str, storage: StorageConfig, record: CommitRecord, drop
         supersedes=[record.shard],
         rewritten=why,
     )
+    lease.ensure(f"committing shard {name} (shard {record.shard} without {len(drop)} scan(s))")
     publish_record(new, fs, root, storage)
     if record.path:
         remove(fs, join(root, record.path), storage)
