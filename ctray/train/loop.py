@@ -129,6 +129,7 @@ class Worker:
         self.batches = _batches(cfg, self.objective, self.device, inputs.streams)
         self.window = MetricsWindow()
         self.last_evaluation: dict[str, float] | None = None
+        self.advised: set[str] = set()
         self.loggers = MetricLoggers([])  # rank 0's are opened by restore(), at the step it resumes from
 
     def __enter__(self) -> Worker:
@@ -217,7 +218,14 @@ class Worker:
         scans = self.inputs.scans
         epoch = step * self.cfg.scans_per_step / scans if scans else 0.0
         lr = self.sched.get_last_lr()[0]
-        return {"step": step, "time": time.time(), "epoch": epoch, "lr": lr, **self.window.report(self.device)}
+        metrics = {"step": step, "time": time.time(), "epoch": epoch, "lr": lr, **self.window.report(self.device)}
+        advice = getattr(self.task, "advice", None)  # a task may say what its metrics call for
+        if dist.rank() == 0 and callable(advice):
+            for subject, line in advice(metrics).items():
+                if subject not in self.advised:  # once per subject and attempt
+                    self.advised.add(subject)
+                    log.warning("step %d: %s", step, line)
+        return metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The in-training evaluation's metrics; its files as artifacts (collective)."""

@@ -456,3 +456,25 @@ def test_wordpiece_vocab_equals_naive_merges_and_is_the_same_in_every_process():
         for seed in ("1", "2", "3")
     }
     assert len(outputs) == 1
+
+
+def test_cagcl_reports_how_often_each_anatomy_formed_a_pair_and_warns_of_rare_scored_ones():
+    """Each anatomy's share of the batch's scans in which it formed a pair (region and text) is a
+    metric of every step; a scored anatomy under 10% is worth a warning, others are not."""
+    from ctray.objectives.cagcl.task import synthetic_batch
+
+    from helpers import tiny_task
+
+    task, cfg, _ = tiny_task("cagcl")
+    batch = synthetic_batch(cfg.objective, 4, torch.device("cpu"))
+    batch["present"][:, 0] = torch.tensor([1, 0, 0, 0], dtype=batch["present"].dtype)  # the first anatomy: 1 of 4
+    out = task(batch)
+    first = task.anatomies[0]
+    assert out[f"anatomy_pairs.{first}"].item() == pytest.approx(0.25)
+    want = batch["present"].float().mean(0)
+    assert [out[f"anatomy_pairs.{a}"].item() for a in task.anatomies] == pytest.approx(want.tolist())
+    scored = set(cfg.objective.zero_shot.findings.values())
+    rare = {a: 0.05 for a in task.anatomies}
+    advice = task.advice({f"anatomy_pairs.{a}": v for a, v in rare.items()})
+    assert set(advice) == scored & set(task.anatomies) and all("formed a pair in 5%" in v for v in advice.values())
+    assert task.advice({f"anatomy_pairs.{a}": 0.5 for a in task.anatomies}) == {}

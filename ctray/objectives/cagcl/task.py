@@ -54,10 +54,14 @@ class CAGCLTask(AnatomyTextTask):
         g = self.gathered(self.embed_anatomies(batch), self.embed_reports(batch), batch)
         scale = self.temperature()
         local = self.local_losses(g, scale).sum()
+        # How often each anatomy formed a pair in the global batch: an anatomy the sampler rarely
+        # finds complete is rarely trained (logged as means over each report's window).
+        shares = g["present"].float().mean(0).detach()
         out = {
             "loss_local": local.detach(),
             "temperature": 1 / scale.detach(),
             "views": torch.tensor(float(len(batch["scan"]))),
+            **{f"anatomy_pairs.{a}": shares[j] for j, a in enumerate(self.anatomies)},
         }
         loss = local
         if self.cfg.global_weight:
@@ -65,6 +69,18 @@ class CAGCLTask(AnatomyTextTask):
             loss = local + self.cfg.global_weight * glo
             out["loss_global"] = glo.detach()
         return {"loss": loss, **out}
+
+    def advice(self, metrics: dict[str, float]) -> dict[str, str]:
+        """Subject -> the warning a report's metrics call for: an anatomy that zero-shot findings are
+        scored on but that formed a pair in under 10% of the window's scans (its findings get little
+        signal: `presence`, `crop_anatomies`, the scans' field of view)."""
+        scored = set(self.cfg.zero_shot.findings.values())
+        return {
+            a: f"anatomy {a} formed a pair in {metrics[key]:.0%} of the scans (findings scored on it get little "
+            "signal; see objective.presence and objective.crop_anatomies)"
+            for a in self.anatomies
+            if a in scored and (key := f"anatomy_pairs.{a}") in metrics and metrics[key] < 0.1
+        }
 
     def export_parts(self) -> dict[str, ExportPart]:
         c = self.cfg
