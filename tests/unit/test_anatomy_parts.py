@@ -296,6 +296,11 @@ def test_samplers_against_direct_computation():
     # there are not on a face, so it counts; the stricter rule refuses it.
     assert scan_present(sampler((16, 32, 32), flip_prob=0.0), edge_row) == [[1, 0]]
     assert scan_present(sampler((16, 32, 32), flip_prob=0.0, presence="in_scan"), edge_row) == [[0, 0]]
+    # fit="resize" (the local jobs) pads the region with air where it reaches the scan's border, so
+    # the resize does not put the liver on the input's face either (the phantoms' lung and bone were
+    # never paired before).
+    assert scan_present(sampler((16, 32, 32), flip_prob=0.0, fit="resize"), edge_row) == [[1, 0]]
+    assert scan_present(sampler((16, 32, 32), flip_prob=0.0, fit="resize", crop_margin=(0, 0, 0)), edge_row) == [[0, 0]]
     # The crop is cut around crop_anatomies only: around the lung (no box here), the whole scan.
     boxes = {"liver": [2, 4, 20, 9, 12, 28]}
     tight = {"crop_margin": (0, 0, 0)}

@@ -63,10 +63,24 @@ class AnatomyScanSampler:
         hi = [min(shape[k], max(b[k + 3] for b in mine) + self.margin[k]) for k in range(3)]
         return slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2])
 
-    def fit(self, vol: np.ndarray, fill: float, starts: list[int], nearest: bool = False) -> np.ndarray:
+    def beyond(self, shape: tuple[int, ...], cut: tuple[slice, slice, slice]) -> list[tuple[int, int]]:
+        """fit="resize": air padding of `crop_margin` on each side where the region reaches the
+        scan's border, before the resize. Without it an organ reaching the field of view's edge
+        would sit on the resized input's face and never count; with it, as fVLM's padding does, the
+        border is not a cut."""
+        return [
+            (m if c.start == 0 else 0, m if c.stop == n else 0) for c, m, n in zip(cut, self.margin, shape, strict=True)
+        ]
+
+    def fit(
+        self, vol: np.ndarray, fill: float, starts: list[int], nearest: bool = False, pad: Any = None
+    ) -> np.ndarray:
         """Pad (symmetrically, with `fill`) to at least `size`, then crop `size` at `starts`; or,
-        with fit="resize", resample the whole region to `size` (linear, or nearest for labels)."""
+        with fit="resize", pad by `pad` and resample the whole region to `size` (linear, or nearest
+        for labels)."""
         if self.resize:
+            if pad is not None and any(a or b for a, b in pad):
+                vol = np.pad(vol, pad, constant_values=fill)
             maps = size_maps(vol.shape, self.size)
             return resample_nearest(vol, maps) if nearest else resample_linear(vol, maps)
         short = [max(0, s - n) for s, n in zip(self.size, vol.shape, strict=True)]
@@ -106,11 +120,12 @@ class AnatomyScanSampler:
                 for n, s in zip(padded, self.size, strict=True)
             ]
             flips = tuple(k for k in range(3) if rng.random() < self.flip_prob)
-            scan = self.fit(vol[cut_region], self.window[0], starts)
+            pad = self.beyond(vol.shape, cut_region) if self.resize and boxes else None
+            scan = self.fit(vol[cut_region], self.window[0], starts, pad=pad)
             scans[i] = window01(np.flip(scan, flips) if flips else scan, *self.window)
             if lab is not None:
                 labels = self.fit(
-                    np.frombuffer(lab, dtype=np.uint8).reshape(vol.shape)[cut_region], 0, starts, nearest=True
+                    np.frombuffer(lab, dtype=np.uint8).reshape(vol.shape)[cut_region], 0, starts, nearest=True, pad=pad
                 )
                 cut = [
                     self.in_scan
