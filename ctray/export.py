@@ -532,12 +532,18 @@ def _load_local(root: str, uri: str, device: torch.device | str) -> Encoder:
     return Encoder(meta["objective"], config, task, meta, assets)
 
 
+_STARTING_WEIGHTS = ("init_from", "vit_init")
+"""Objective fields naming weights a run starts from (TotalFM's stage 1, CA-GCL's 2D ViT): the
+export holds the trained ones, so a rebuilt task loads none of them (nor downloads them)."""
+
+
 def _offline(config: dict[str, Any], root: str) -> dict[str, Any]:
-    """The objective section as the task is rebuilt from it here: no stage-1 load (the export holds
-    the trained weights) and a text tower from the export's folder, not a hub download."""
+    """The objective section as the task is rebuilt from it here: no starting weights loaded (the
+    export holds the trained weights) and a text tower from the export's folder, not a hub download."""
     config = json.loads(json.dumps(config))
-    if "init_from" in config:
-        config["init_from"] = None
+    for field in _STARTING_WEIGHTS:
+        if field in config:
+            config[field] = None
     if isinstance(config.get("text"), dict) and config["text"].get("model"):
         config["text"]["model"] = os.path.join(root, "text")
     return config

@@ -10,8 +10,10 @@ through a BERT-style encoder, [CLS] -> projection (R_ij). Loss (eq. 5): sum over
 local loss (eq. 1) + lambda * the global loss over synthetic cross-anatomy groups (eq. 2-4).
 
 Top to bottom: config.py (settings), sampler.py (CPU side: scan resized to the ViT input, each
-anatomy's mask max-pooled to the token grid, clinical-aware texts), task.py (device side), and
-recipe.py (the label ids read from the shards' manifest, the registry entry, the sweep space).
+anatomy's mask max-pooled to the token grid, clinical-aware texts), vit.py (the 3D ViT and the
+anatomy pooling), vit_init.py (the ViT started from a 2D ImageNet ViT, as fVLM), task.py (device
+side), and recipe.py (the label ids read from the shards' manifest, `vit_init` checked, the
+registry entry, the sweep space).
 
 This package's __init__ imports nothing: Ray Data's task processes import the sampler module
 alone, without torch.

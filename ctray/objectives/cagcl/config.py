@@ -54,6 +54,32 @@ class CAGCLConfig(ContrastConfig):
     """ViT attention heads (ViT-B: 12)."""
     pool_heads: int = 4
     """Heads of the shared anatomy query attention (fVLM: 4)."""
+    pool_blocks: tuple[int, ...] | None = None
+    """The ViT blocks, counted from 1, whose tokens the anatomy pooling reads: each anatomy's query
+    attends to its tokens of all of them at once (one key/value sequence). Increasing, ending with
+    the last block (`depth`), which is read after the final norm, the others as their block
+    outputs them. None: the last block only. fVLM: [4, 7, 10, 12] (its vit.py keeps the outputs
+    of the 0-based blocks 3, 6, 9 and the normed last one). The default keeps the pooling that
+    exports written before this field hold."""
+    vit_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout in the ViT: after the position embedding, on the attention weights, after the
+    attention's output projection, after the MLP's GELU and after its output (fVLM: 0.1, its MONAI
+    ViT's places). 0: none, as exports written before this field."""
+    pool_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the anatomy query attention's weights (fVLM: 0.1)."""
+    vit_init: str | None = None
+    """A 2D ViT whose blocks, final norm and position embedding the 3D ViT starts from (fVLM: MAE's
+    ImageNet ViT-B, `mae_pretrain_vit_base.pth`): a transformers ViTMAEModel/ViTModel folder
+    (config.json + weights, loaded with from_pretrained), a timm-named state dict (.safetensors,
+    .pth or .bin; MAE's {"model": ...} accepted) or a folder holding one, or a Hugging Face Hub id
+    of either (downloaded where the Hub is reachable). The driver checks it before the workers
+    start and every worker loads it: a local path must exist on every node. `objective.width`,
+    `depth`, `heads` and the MLP must match it; the 2D position grid is resized to the in-plane
+    token grid and repeated over depth (fVLM's way; ctray.objectives.cagcl.vit_init). None: random
+    init. An export holds the trained weights: `load_encoder` never reads this."""
+    vit_init_patch_embed: Literal["scratch", "inflate"] = "scratch"
+    """The 3D patch embedding with `vit_init`: scratch (random init, trained; fVLM) or inflate (the
+    2D kernel summed over RGB, resized in-plane and spread over the patch's slices, I3D-style)."""
     global_weight: float = 0.1
     """lambda of eq. (5); 0 trains the local loss only (the paper's fine-grained VLP baseline)."""
     text_augmentation: bool = True
@@ -70,4 +96,13 @@ class CAGCLConfig(ContrastConfig):
     def _patches_tile(self) -> CAGCLConfig:
         if any(s % p for s, p in zip(self.input_size, self.patch, strict=False)):
             raise ValueError(f"input_size {list(self.input_size)} is not a multiple of the patch {list(self.patch)}")
+        return self
+
+    @model_validator(mode="after")
+    def _pool_blocks_exist(self) -> CAGCLConfig:
+        blocks = list(self.pool_blocks or [self.depth])
+        if blocks != sorted(set(blocks)) or blocks[0] < 1 or blocks[-1] != self.depth:
+            raise ValueError(
+                f"pool_blocks {blocks}: increasing block numbers 1..{self.depth}, ending with the last ({self.depth})"
+            )
         return self

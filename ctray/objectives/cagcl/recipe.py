@@ -31,8 +31,21 @@ def anatomy_labels(cfg: CAGCLConfig, shards: str, storage: StorageConfig) -> dic
     return {a: list(groups[a]) for a in cfg.anatomies}
 
 
+def check_vit_init(cfg: CAGCLConfig) -> None:
+    """Driver side, before any worker starts: `objective.vit_init` is readable and fits the
+    configured ViT, shape for shape (a ViT on the meta device: nothing of the model allocated)."""
+    from ctray.objectives.cagcl.task import vit3d
+    from ctray.objectives.cagcl.vit_init import vit3d_state
+
+    if cfg.vit_init:
+        with torch.device("meta"):
+            vit = vit3d(cfg)
+        vit3d_state(vit, cfg.vit_init, cfg.vit_init_patch_embed)
+
+
 def cagcl_assets(cfg: CAGCLConfig, shards: str, run: RunFolder) -> Assets:
-    """The run's tokenizer and each anatomy's label ids."""
+    """The run's tokenizer and each anatomy's label ids; `vit_init` checked."""
+    check_vit_init(cfg)
     labels = anatomy_labels(cfg, shards, run.storage)
     return text_assets(cfg, shards, run).model_copy(update={"anatomy_labels": labels})
 

@@ -6,12 +6,14 @@ lambda x the cross-anatomy global loss (eq. 2-4, ctray.objectives.losses)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from ctray.objectives.anatomy_text import AnatomyTextTask, synthetic_text_fields
 from ctray.objectives.cagcl.config import CAGCLConfig
 from ctray.objectives.cagcl.vit import AnatomyQueryPooling, ViT3D
+from ctray.objectives.cagcl.vit_init import init_vit3d
 from ctray.objectives.losses import CrossAnatomyGlobalLoss
 from ctray.objectives.spec import Assets, Batch, ExportPart
 
@@ -29,6 +31,13 @@ def synthetic_batch(cfg: CAGCLConfig, scans: int, device: torch.device) -> Batch
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def vit3d(cfg: CAGCLConfig) -> ViT3D:
+    """The config's 3D ViT, randomly initialised."""
+    return ViT3D(
+        cfg.input_size, cfg.patch, cfg.width, cfg.depth, cfg.heads, dropout=cfg.vit_dropout, out_blocks=cfg.pool_blocks
+    )
+
+
 class CAGCLTask(AnatomyTextTask):
     """Batch {"scan": (S, D, H, W) float16, "anatomy_tokens": (S, A, N) + text fields} -> eq. (5)."""
 
@@ -36,8 +45,13 @@ class CAGCLTask(AnatomyTextTask):
         super().__init__(cfg, assets)
         self.cfg = cfg
         self.anatomies = list(cfg.anatomies)
-        self.vit = ViT3D(cfg.input_size, cfg.patch, cfg.width, cfg.depth, cfg.heads)
-        self.pool = AnatomyQueryPooling(len(cfg.anatomies), cfg.width, cfg.pool_heads, cfg.embed_dim)
+        self.vit = vit3d(cfg)
+        if cfg.vit_init:
+            # On every worker, as the text tower's hub model: the driver has checked it (recipe.py).
+            init_vit3d(self.vit, cfg.vit_init, cfg.vit_init_patch_embed)
+        self.pool = AnatomyQueryPooling(
+            len(cfg.anatomies), cfg.width, cfg.pool_heads, cfg.embed_dim, dropout=cfg.pool_dropout
+        )
         self.global_loss = CrossAnatomyGlobalLoss()
         self.generator = torch.Generator(device="cpu")
 
@@ -48,7 +62,7 @@ class CAGCLTask(AnatomyTextTask):
 
     def embed_anatomies(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x = batch["scan"].unsqueeze(1).to(self.compute_dtype())
-        return self.pool(self.vit(x), batch["anatomy_tokens"].bool())
+        return self.pool(self.vit.features(x), batch["anatomy_tokens"].bool())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         g = self.gathered(self.embed_anatomies(batch), self.embed_reports(batch), batch)
@@ -84,9 +98,10 @@ class CAGCLTask(AnatomyTextTask):
 
     def export_parts(self) -> dict[str, ExportPart]:
         c = self.cfg
-        vit = {"input_size": list(c.input_size), "patch": list(c.patch), "dim": c.width}
-        vit |= {"depth": c.depth, "heads": c.heads}
-        pool = {"anatomies": len(c.anatomies), "dim": c.width, "heads": c.pool_heads, "out_dim": c.embed_dim}
+        vit: dict[str, Any] = {"input_size": list(c.input_size), "patch": list(c.patch), "dim": c.width}
+        vit |= {"depth": c.depth, "heads": c.heads, "dropout": c.vit_dropout, "out_blocks": list(self.vit.out_blocks)}
+        pool: dict[str, Any] = {"anatomies": len(c.anatomies), "dim": c.width, "heads": c.pool_heads}
+        pool |= {"out_dim": c.embed_dim, "dropout": c.pool_dropout}
         return {
             "vision": ExportPart(self.vit, "ctray.objectives.cagcl.vit.ViT3D", vit),
             "anatomy_pooling": ExportPart(self.pool, "ctray.objectives.cagcl.vit.AnatomyQueryPooling", pool),
@@ -98,7 +113,8 @@ class CAGCLTask(AnatomyTextTask):
         return {
             **super().export_config(),
             "vision_part": "vision",
-            "embedding": "anatomy_pooling(vision(scan), anatomy token masks): (S, A, embed_dim), L2-normalised",
+            "embedding": "anatomy_pooling(vision.features(scan), anatomy token masks): (S, A, embed_dim), "
+            "L2-normalised (features: the tokens of the ViT's out_blocks)",
             "input": {
                 "spacing_zyx_mm": "the shards' (fVLM: 3 x 1 x 1)",
                 "window_hu": list(c.window_hu),
