@@ -96,7 +96,10 @@ class PreprocessConfig(Section):
     """Crop to the bounding box of voxels above `foreground_hu` (the body), as CT-FM's
     CropForeground; the air around the patient is not worth storing or sampling."""
     foreground_hu: float = -500.0
-    """HU threshold that separates the body from the surrounding air."""
+    """HU threshold that separates the body from the surrounding air. CT-FM's CropForeground keeps
+    voxels above 0 HU; ctray keeps -500, which also keeps the subcutaneous fat (~-100 HU) at the
+    body's outline inside the box. It is part of the preprocessing fingerprint: another value means
+    a new output.uri (a re-ingest)."""
     min_hu_required: float = -500.0
     """A CT of a body holds air, so its minimum must be at or below this; images whose minimum is
     higher (MR, PET, already-normalised data) are quarantined as a non-CT intensity range."""

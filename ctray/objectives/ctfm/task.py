@@ -50,6 +50,10 @@ class CTFMTask(Task):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         patches = batch["patches"]
         s, m = patches.shape[:2]
+        # Both views of every patch go through the encoder in one call, so BatchNorm (SyncBatchNorm
+        # across ranks) normalises them with one batch's statistics, as SimCLR's own implementation
+        # does with its concatenated views. CT-FM's released code encodes the views in separate calls;
+        # one call keeps the GPU's kernels full (one launch per layer, twice the batch) and is kept.
         x = self.views(patches)
         if x.is_cuda:  # cuDNN picks its fast 3D kernels for channels-last input (measured ~2x on an H100)
             x = x.contiguous(memory_format=torch.channels_last_3d)
