@@ -118,6 +118,11 @@ class Task(nn.Module):
         temperature), so that the gradient at a bound is never cut."""
         return []
 
+    def advice(self, metrics: dict[str, float]) -> dict[str, str]:
+        """Subject -> a warning that a report's metrics call for (rank 0 logs each subject once per
+        attempt); none by default."""
+        return {}
+
 
 @runtime_checkable
 class Evaluates(Protocol):

@@ -219,9 +219,8 @@ class Worker:
         epoch = step * self.cfg.scans_per_step / scans if scans else 0.0
         lr = self.sched.get_last_lr()[0]
         metrics = {"step": step, "time": time.time(), "epoch": epoch, "lr": lr, **self.window.report(self.device)}
-        advice = getattr(self.task, "advice", None)  # a task may say what its metrics call for
-        if dist.rank() == 0 and callable(advice):
-            for subject, line in advice(metrics).items():
+        if dist.rank() == 0:
+            for subject, line in self.task.advice(metrics).items():
                 if subject not in self.advised:  # once per subject and attempt
                     self.advised.add(subject)
                     log.warning("step %d: %s", step, line)

@@ -31,6 +31,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def preflight(cfg: PretrainConfig) -> None:
+    """The config's checks that need no shards and no Ray: a run (and a sweep, once for all its
+    trials) refuses in one line before anything starts."""
+    require_held_out(cfg)
+    require_whole_contrastive_batch(cfg)
+
+
 def require_held_out(cfg: PretrainConfig) -> None:
     """A ConfigError (one line, before Ray starts) when the in-training evaluation would score the
     training scans without the config saying so (eval.on_training_scans); a warning when it says so.
@@ -129,8 +136,7 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     cfg.run.storage = resolve_uri(cfg.run.storage)
     if cfg.eval.shards:
         cfg.eval.shards = resolve_uri(cfg.eval.shards)
-    require_held_out(cfg)
-    require_whole_contrastive_batch(cfg)
+    preflight(cfg)
     ensure_ray(cfg.ray)
     ensure_schedulable(cfg.scaling.worker_bundle(), "training worker", cfg.ray.schedule_timeout_s)
 

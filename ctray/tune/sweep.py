@@ -143,11 +143,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
     # The trials' MLflow runs nest under the sweep's own; W&B groups them by the sweep's name.
     base["run"]["group"] = base["run"]["group"] or cfg.name
     base["run"]["mlflow"]["parent_run_id"] = parent
-    from ctray.train.trainer import require_held_out, require_whole_contrastive_batch
+    from ctray.train.trainer import preflight
 
-    # Every trial would refuse the same config: once here, before Tune starts any.
-    require_held_out(base_cfg)
-    require_whole_contrastive_batch(base_cfg)
+    preflight(base_cfg)  # every trial would refuse the same config: once here, before Tune starts any
     ensure_ray(cfg.ray)
     place_data_actors_here()  # before any trial runs a dataset on a worker node
     scaling = base_cfg.scaling
