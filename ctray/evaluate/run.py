@@ -398,8 +398,8 @@ class _Scored:
     def add(self, key: str, items: Items, per_item: str | None = None) -> None:
         """metrics[key]: the macro over items of their query means, with key_ci_low/high; per_item:
         also metrics[per_item.format(item)] for each item."""
-        means = {name: float(v.mean()) if len(v) else float("nan") for name, (_, v) in items.items()}
-        self.metrics[key] = float(nanmean(np.array(list(means.values()) or [np.nan]), 0))
+        means = _item_means(items)
+        self.metrics[key] = _macro_of(items)
         if per_item:
             self.metrics |= {per_item.format(name): m for name, m in means.items()}
         if self.weights is not None and items:
@@ -483,8 +483,14 @@ def _leave_group_out(
     ]
 
 
+def _item_means(items: Items) -> dict[str, float]:
+    """Each item's mean over its queries (NaN without queries)."""
+    return {name: float(v.mean()) if len(v) else float("nan") for name, (_, v) in items.items()}
+
+
 def _macro_of(items: Items) -> float:
-    return float(nanmean(np.array([v.mean() if len(v) else np.nan for _, v in items.values()] or [np.nan]), 0))
+    """The mean over the items of their query means (NaN without any)."""
+    return float(nanmean(np.array(list(_item_means(items).values()) or [np.nan]), 0))
 
 
 @dataclass(frozen=True)
