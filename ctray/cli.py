@@ -115,7 +115,7 @@ def _verify(args: argparse.Namespace) -> None:
 def _purge(args: argparse.Namespace) -> None:
     from ctray.ingest.maintain import purge
 
-    purge(args.output, _storage(args), args.scan_id)
+    purge(args.output, _storage(args), args.scan_id, args.evaluations)
 
 
 def _phantoms(args: argparse.Namespace) -> None:
@@ -257,11 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove scans from an ingest output: shards, manifest, LLM cache, id map",
         description="Rewrites the shards holding the scans without them and re-commits them, removes their LLM "
         "cache entries, quarantine mentions and id map entries, and records the ids in purged.json so that no "
-        "later ingest takes them again. With pseudonymised ids, an original id works too when the key is set. "
-        "Example: ctray purge s3://bucket/shards --scan-id CT0042 --scan-id CT0107",
+        "later ingest takes them again. It reaches what `ctray embed`, `ctray eval` and runs recorded in the shard "
+        "set: embeddings are rewritten without the scans, evaluation reports deleted or kept (--evaluations), "
+        "runs whose tokenizer saw their reports named. With pseudonymised ids, an original id works too when the "
+        "key is set. Example: ctray purge s3://bucket/shards --scan-id CT0042 --scan-id CT0107",
     )
     pu.add_argument("output", help="ingest output (folder or s3:// / gs:// URI)")
     pu.add_argument("--scan-id", action="append", required=True, help="a scan id to remove (repeat for several)")
+    pu.add_argument(
+        "--evaluations",
+        choices=("delete", "keep"),
+        default=None,
+        help="evaluation reports computed with the scans: delete them or keep them (default: stop while any exist)",
+    )
     pu.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (MinIO, ...)")
     pu.set_defaults(fn=_purge)
 

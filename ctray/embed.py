@@ -39,10 +39,11 @@ import pyarrow.parquet as pq
 from ctray.config import StorageConfig
 from ctray.console import quiet_dataset, verbose
 from ctray.errors import ConfigError
+from ctray.ingest.derived import record_derived
 from ctray.redact import redact_text
 
 if TYPE_CHECKING:
-    from ctray.ingest.shardset import Shard, ShardSet
+    from ctray.ingest.shardset import ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +145,10 @@ def _rows(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def part_name(shard: Shard) -> str:
+def part_name(shard: str, sha256: str) -> str:
     """The embeddings part of a shard: its name and the start of its content hash, so that a shard
     rewritten under the same name (another input, a purge) is embedded anew."""
-    return f"part-{shard.shard.removeprefix('part-')}-{shard.sha256[:12]}.parquet"
+    return f"part-{shard.removeprefix('part-')}-{sha256[:12]}.parquet"
 
 
 def _column(values: np.ndarray) -> pa.Array:
@@ -196,7 +197,7 @@ def run_embed(
     for item in items:
         rows_of[item.path] += 1
     _, sroot = arrow_filesystem(shards, storage)
-    parts = {posixpath.join(sroot, s.path): part_name(s) for s in shard_set.shards if s.stats.rows}
+    parts = {posixpath.join(sroot, s.path): part_name(s.shard, s.sha256) for s in shard_set.shards if s.stats.rows}
     ofs, oroot = filesystem(out, storage)
     done = {p for p in rows_of if ofs.exists(posixpath.join(oroot, parts[p]))}
     pending = sorted(set(rows_of) - done)
@@ -231,6 +232,7 @@ def run_embed(
     with ofs.open(a_part, "rb") as f:
         description["dim"] = pq.read_schema(f).field("embedding").type.list_size
     publish_bytes(json.dumps(description, indent=1).encode(), ofs, posixpath.join(oroot, "embed.json"), storage)
+    record_derived(shards, storage, "embeddings", out, [s.shard for s in shard_set.shards if s.stats.rows])
     return result
 
 

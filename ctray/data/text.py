@@ -185,8 +185,18 @@ def prepare_tokenizer(text: TextConfig, shards: str, run_dir: str, storage: Stor
             shards,
         )
         tokenizer_json = train_wordpiece(reports, text.vocab_size, text.tokenizer_min_patients, patients)
+        _record_tokenizer(shards, storage, run_dir)
     publish_bytes(tokenizer_json.encode(), fs, path, storage)
     return tokenizer_json
+
+
+def _record_tokenizer(shards: str, storage: StorageConfig, run_dir: str) -> None:
+    """Record in the shard set that this run's tokenizer saw its reports, so that `ctray purge`
+    names the run (ctray.ingest.derived)."""
+    from ctray.ingest.derived import record_derived
+    from ctray.ingest.shardset import ShardSet
+
+    record_derived(shards, storage, "tokenizer", run_dir, [s.shard for s in ShardSet.open(shards, storage).shards])
 
 
 def report_sentences(shards: str, storage: StorageConfig) -> tuple[list[list[str]], list[str]]:

@@ -35,6 +35,7 @@ from ctray.evaluate.zeroshot import (
     template_summary,
     zero_shot_scores,
 )
+from ctray.ingest.derived import embedded_shards, record_derived
 from ctray.redact import redact_text
 from ctray.storage import join
 
@@ -90,6 +91,8 @@ def run_eval(cfg: EvalReportConfig, load_tower: TowerLoader | None = None) -> Ev
     parts += [probe_part(emb, cfg), retrieval_part(emb, cfg), map_part(emb, cfg)]
     out = cfg.out or join(cfg.embeddings, "report")
     report = write_report(out, _header(emb, cfg, held_out), parts, cfg.model_dump(mode="json"), cfg.storage)
+    if emb.shards:  # its figures were computed with these scans: a purge of one of them must find it
+        record_derived(emb.shards, cfg.storage, "evaluation", out, embedded_shards(emb.uri, cfg.storage))
     metrics = {"eval_scans": float(len(emb.scan_ids)), **{k: v for p in parts for k, v in p.metrics.items()}}
     summary = _summary(emb, metrics, cfg, report)
     log.info("%s", summary)

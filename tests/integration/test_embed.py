@@ -14,6 +14,7 @@ import torch
 from ctray.config import StorageConfig, load_config
 from ctray.data.phantoms import write_dataset
 from ctray.data.pipeline import stream_seed
+from ctray.data.text import prepare_tokenizer
 from ctray.embed import run_embed
 from ctray.errors import ConfigError
 from ctray.evaluate.config import EvalReportConfig
@@ -21,6 +22,7 @@ from ctray.evaluate.run import run_eval
 from ctray.export import TrainedOn, load_encoder
 from ctray.ingest.maintain import purge
 from ctray.ingest.shardset import ShardSet
+from ctray.models.config import TextConfig
 from ctray.objectives import get_objective
 from ctray.objectives.ctfm.sliding import tile_starts
 from ctray.train.config import PretrainConfig
@@ -88,6 +90,7 @@ def reference(run: Path, shards: Path, scan_id: str) -> dict[str, np.ndarray]:
 @pytest.mark.timeout(180)
 def test_embed_ctfm_equals_a_single_process_run_resumes_by_shard_and_follows_a_purge(labelled_shards, tmp_path):
     labelled_shards = Path(shutil.copytree(labelled_shards, tmp_path / "shards"))  # purged below
+    shutil.rmtree(labelled_shards / "_derived", ignore_errors=True)  # the other tests' outputs of the original
     run = exported("ctfm_simclr", "ctfm-local.yaml", labelled_shards, tmp_path)
     out = tmp_path / "emb"
     result = run_embed(str(run), str(labelled_shards), str(out), patches=True)
@@ -119,14 +122,36 @@ def test_embed_ctfm_equals_a_single_process_run_resumes_by_shard_and_follows_a_p
     assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("part-*.parquet"))[1:]} == kept
     assert np.array_equal(np.stack(table(out).column("embedding").to_numpy(zero_copy_only=False)), emb)
 
-    # A purge rewrites the scan's shard under a new name: embedding again drops the old shard's part
-    # (which holds the purged scan and the shard's other one) and embeds the new shard.
-    purge(str(labelled_shards), StorageConfig(), [first])
+    # A purge reaches what was made of the scan, as recorded in the shard set: an evaluation report
+    # stops it until told what to do with the report; the embeddings lose the scan's row, the
+    # shard-mate's row moves to the new shard's part (so embedding again has nothing to redo); the
+    # run whose tokenizer saw the scan's report is named.
+    run_eval(EvalReportConfig(embeddings=str(out), bootstrap=20))
+    tokenizer_run = tmp_path / "tokenizer-run"
+    prepare_tokenizer(TextConfig(tokenizer_min_patients=1), str(labelled_shards), str(tokenizer_run), StorageConfig())
+    with pytest.raises(ConfigError, match=r"purge stopped: 1 evaluation report\(s\) were computed with these scans"):
+        purge(str(labelled_shards), StorageConfig(), [first])
+    assert first in table(out).column("scan_id").to_pylist() and ShardSet.open(str(labelled_shards), StorageConfig())
+    done = purge(str(labelled_shards), StorageConfig(), [first], evaluations="delete")
+    assert done["evaluations"] == [str(out / "report")] and not (out / "report").exists()
+    assert done["embeddings"] == [str(out)] and done["tokenizers"] == [str(tokenizer_run)]
+    t = table(out)
+    ids = t.column("scan_id").to_pylist()
+    assert first not in ids and len(ids) == len(set(ids)) == 5 and len(list(out.glob("part-*.parquet"))) == 3
+    assert np.array_equal(np.stack(t.column("embedding").to_numpy(zero_copy_only=False)), emb[1:])
+    assert json.loads((out / "embed.json").read_text())["scans"] == 5
+    after = run_embed(str(run), str(labelled_shards), str(out), patches=True)
+    assert after.parts == 0 and after.scans == 0
+
+    # Embeddings a purge did not know of (their record gone): embedding again drops the old shard's
+    # part (the purged scan and its shard-mate) and embeds the new shard.
+    shutil.rmtree(labelled_shards / "_derived")
+    second = ids[-1]  # its shard-mate stays
+    assert purge(str(labelled_shards), StorageConfig(), [second])["embeddings"] == []
     after = run_embed(str(run), str(labelled_shards), str(out), patches=True)
     assert after.parts == 1 and after.scans == 1
     ids = table(out).column("scan_id").to_pylist()
-    assert first not in ids and len(ids) == len(set(ids)) == 5 and len(list(out.glob("part-*.parquet"))) == 3
-    assert json.loads((out / "embed.json").read_text())["scans"] == 5
+    assert second not in ids and len(ids) == len(set(ids)) == 4 and len(list(out.glob("part-*.parquet"))) == 3
 
 
 def test_embed_volume_from_a_nifti_or_an_array_equals_the_shard_path(labelled_shards, tmp_path):
