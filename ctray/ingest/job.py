@@ -10,13 +10,22 @@ Layout of the output (local folder or s3:// / gs:// prefix):
     purged.json                    scan ids removed by `ctray purge`; never ingested again
     key-check.json                 the pseudonymisation key's check value (ctray.ingest.privacy)
     manifest.json                  config (redacted), counts, shards, and every input: written,
-                                   quarantined (reason), skipped (reason), failed
+                                   quarantined (reason), skipped (reason)
 The pseudonym map (privacy.pseudonymize_ids) is written outside it (privacy.id_map).
 
 Shard writers are plain Ray tasks asking for 1 CPU, memory for the largest scan `max_voxels` lets
 in (IngestConfig.writer_memory) and 1 GPU with `input.segment`: queued
 tasks are demand an autoscaling cluster adds nodes for, and a job whose tasks no node type can
 run is refused within a minute (ctray.runtime.ensure_schedulable).
+
+A shard whose worker process dies (out of memory, a crash, a lost node) is re-run by Ray
+(`task_retries`). When it still dies, one of its scans may be what kills it (a huge or malformed
+input), which would cost its shard-mates every run: the shard is split and each of its scans
+retried as a one-scan shard of its own. Those that write are committed as usual; a one-scan shard
+whose worker still dies is quarantined under its scan's label (the driver's entry, like
+discovery's: no commit record holds it). Like every quarantined input it is tried again by the next
+run: alone when nothing else is new, quarantined again after its retries; with new scans beside it,
+their shard is split once more and they are committed, so no scan is held back for good.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from ctray.ingest.llm import Secret
 from ctray.ingest.privacy import Names, check_key
 from ctray.ingest.records import Records, build_manifest, clean, read_records, rewrite_without
 from ctray.ingest.shards import preprocess_fingerprint, shard_name, write_shard
-from ctray.ingest.shardset import MANIFEST, CommitRecord, Failed, Quarantined, Skipped
+from ctray.ingest.shardset import MANIFEST, CommitRecord, Quarantined, Skipped
 from ctray.redact import redacted
 from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import filesystem, join, publish_bytes, read_bytes, resolve_uri
@@ -55,11 +64,6 @@ class IngestResult:
     scans: int
     quarantined: int
     skipped: int = 0
-    failed: int = 0
-
-
-class IngestIncomplete(CtrayError):
-    """Some shards failed after their retries; everything else was written and committed."""
 
 
 def resolve(cfg: IngestConfig) -> IngestConfig:
@@ -129,10 +133,10 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
         purged = read_purged(out_uri, cfg.storage)
         todo = plan(cfg, inventory, records, set(purged))
         drop_changed(cfg, records, todo, lease)
-        failed: list[dict] = []
+        killers: list[dict] = []
         try:
             if todo:
-                failed = run_writers(cfg, todo, reports, api_key, lease)
+                killers = run_writers(cfg, todo, reports, api_key, lease)
         finally:  # whatever happened, the manifest describes every committed shard (if storage is up)
             try:
                 records = read_records(out_uri, cfg.storage)
@@ -142,9 +146,9 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
                     cfg,
                     fingerprint,
                     records,
-                    [Quarantined.from_json(q) for q in inventory.quarantined],
+                    [Quarantined.from_json(q) for q in inventory.quarantined + killers],
                     [Skipped.from_json(s) for s in inventory.skipped],
-                    [Failed.from_json(f) for f in failed],
+                    (),  # a shard that kept dying is split, its killer quarantined: none fails whole
                     purged,
                     inventory.ungrouped,
                 )
@@ -157,7 +161,7 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
                 raise
     c = manifest.counts
     log.info(
-        "ingest done in %.1fs: %d inputs: %d written (%d scans in %d shards), %d quarantined, %d skipped%s;"
+        "ingest done in %.1fs: %d inputs: %d written (%d scans in %d shards), %d quarantined, %d skipped;"
         " manifest %s%s",
         time.time() - started,
         c.inputs,
@@ -166,17 +170,10 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
         c.shards,
         c.quarantined,
         c.skipped,
-        f", {c.failed} in failed shards" if c.failed else "",
         manifest.manifest_uri,
         f"; id map {id_map}" if id_map else "",
     )
-    if failed:
-        raise IngestIncomplete(
-            f"{len(failed)} shard(s) failed after {cfg.task_retries} retries ({c.failed} scans, listed under"
-            f" 'failed' in {manifest.manifest_uri}); everything else is committed: re-run the same"
-            " command to retry them"
-        )
-    return IngestResult(manifest.manifest_uri, c.shards, c.scans, c.quarantined, c.skipped, c.failed)
+    return IngestResult(manifest.manifest_uri, c.shards, c.scans, c.quarantined, c.skipped)
 
 
 def plan(cfg: IngestConfig, inventory: Inventory, records: Records, purged: set[str]) -> list[dict]:
@@ -221,11 +218,13 @@ _WORK_KEYS = ("scan_id", "group", "kind", "uri", "files", "label", "stamp", "mas
 def run_writers(
     cfg: IngestConfig, todo: list[dict], reports: dict[str, dict], api_key: Secret, lease: Lease
 ) -> list[dict]:
-    """Submit one task per shard (up to `concurrency` at once), log progress, return failed shards.
+    """Submit one task per shard (up to `concurrency` at once), log progress, return the quarantine
+    entries of the scans that killed their writer.
 
     Work items hold references only; each shard's reports travel through the object store, the
-    API key too. A shard whose worker died is retried by Ray (`task_retries`), then recorded as
-    failed while the others go on; storage down, a refused LLM key or a lost lease stop the job."""
+    API key too. A shard whose worker died is retried by Ray (`task_retries`), then split into
+    one-scan shards queued like the others; a one-scan shard whose worker died quarantines its scan
+    while the others go on. Storage down, a refused LLM key or a lost lease stop the job."""
     import ray
 
     ensure_ray(cfg.ray)
@@ -234,22 +233,19 @@ def run_writers(
     task = ray.remote(write_shard).options(
         num_cpus=shape["CPU"], num_gpus=shape.get("GPU", 0), memory=int(shape["memory"]), max_retries=cfg.task_retries
     )
+    died = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError)
     per = cfg.output.scans_per_shard
-    items: list[dict[str, Any]] = []
-    for i in range(0, len(todo), per):
-        group = [{k: s.get(k) for k in _WORK_KEYS} for s in todo[i : i + per]]
-        items.append({"shard": shard_name(group), "scans": group, "lease_token": lease.token})
+    work = [{k: s.get(k) for k in _WORK_KEYS} for s in todo]
+    items = [_item(work[i : i + per], lease.token) for i in range(0, len(work), per)]
     cfg_json = cfg.model_dump_json()
     key_ref = ray.put(api_key)
-    limit = cfg.concurrency or len(items)
     queue = list(reversed(items))
     pending: dict[Any, dict[str, Any]] = {}
-    failed: list[dict] = []
-    done_shards = done_scans = 0
-    t0 = time.time()
+    killers: list[dict] = []
+    progress = _Progress(len(items), len(todo))
     try:
         while queue or pending:
-            while queue and len(pending) < limit:
+            while queue and (cfg.concurrency is None or len(pending) < cfg.concurrency):
                 item = queue.pop()
                 shard_reports = {s["scan_id"]: reports[s["scan_id"]] for s in item["scans"] if s["scan_id"] in reports}
                 pending[task.remote(cfg_json, item, ray.put(shard_reports), key_ref)] = item
@@ -259,32 +255,23 @@ def run_writers(
                 item = pending.pop(ref)
                 try:
                     record: CommitRecord = ray.get(ref)
-                except (
-                    ray.exceptions.WorkerCrashedError,
-                    ray.exceptions.OutOfMemoryError,
-                    ray.exceptions.NodeDiedError,
-                ) as e:
-                    reason = (
-                        f"shard {item['shard']}: its worker died {cfg.task_retries + 1} time(s)"
-                        f" ({type(e).__name__}: a crash, out of memory or a lost node)"
-                    )
-                    log.error("%s; its %d scans are not committed, the job goes on", reason, len(item["scans"]))
-                    failed.append(
-                        {"shard": item["shard"], "scan_ids": [s["scan_id"] for s in item["scans"]], "reason": reason}
-                    )
+                except died as e:
+                    if len(item["scans"]) > 1:
+                        singles = [_item([scan], item["lease_token"]) for scan in item["scans"]]
+                        queue += reversed(singles)  # next, in the shard's order
+                        progress.split(len(singles))
+                        log.warning(
+                            "shard %s: worker died; retrying its %d scans one by one to find the one that kills it",
+                            item["shard"],
+                            len(singles),
+                        )
+                    else:
+                        killers.append(_killed(item["scans"][0], cfg.task_retries + 1, e))
+                        log.error("%s %s", progress.done(1), killers[-1]["reason"])
                     continue
-                done_shards += 1
-                done_scans += len(item["scans"])
-                rate = done_scans / max(time.time() - t0, 1e-9)
-                left = (len(todo) - done_scans) / rate if rate else 0
                 log.info(
-                    "[%d/%d shards, %d/%d scans, %.2f scans/s, ETA %s] %s: %d written, %d quarantined",
-                    done_shards,
-                    len(items),
-                    done_scans,
-                    len(todo),
-                    rate,
-                    _duration(left),
+                    "%s %s: %d written, %d quarantined",
+                    progress.done(len(item["scans"])),
                     record.shard,
                     len(record.scans),
                     len(record.quarantine),
@@ -296,7 +283,48 @@ def run_writers(
         if cause is not None:
             raise type(cause)(str(cause)) from None
         raise
-    return failed
+    return killers
+
+
+def _item(scans: list[dict], lease_token: str) -> dict[str, Any]:
+    """A shard's work item: its name (from its scans, so a retried one overwrites its own leftovers)
+    and its scans' references."""
+    return {"shard": shard_name(scans), "scans": scans, "lease_token": lease_token}
+
+
+def _killed(scan: dict, deaths: int, e: BaseException) -> dict:
+    """The quarantine entry of a scan whose one-scan shard's worker died every time, named by its
+    label (its pseudonym under privacy.pseudonymize_ids, never its URI there)."""
+    label = scan["label"]
+    reason = (
+        f"{label}: its shard writer died {deaths} time(s) while writing it ({type(e).__name__}: out of memory, a"
+        " crash or a lost node); give the writers more memory (task_memory_gb) or leave the input out"
+    )
+    return {"scan_id": scan["scan_id"], "input": label, "reason": reason}
+
+
+class _Progress:
+    """The progress line's counts. A split shard is replaced by its one-scan shards, so the shard
+    total grows; a scan that killed its writer counts as done (quarantined)."""
+
+    def __init__(self, shards: int, scans: int) -> None:
+        self.shards, self.scans = shards, scans
+        self.done_shards = self.done_scans = 0
+        self.t0 = time.time()
+
+    def split(self, into: int) -> None:
+        self.shards += into - 1
+
+    def done(self, scans: int) -> str:
+        """Count a finished shard of `scans` scans; the line's prefix with counts, rate and ETA."""
+        self.done_shards += 1
+        self.done_scans += scans
+        rate = self.done_scans / max(time.time() - self.t0, 1e-9)
+        left = (self.scans - self.done_scans) / rate if rate else 0
+        return (
+            f"[{self.done_shards}/{self.shards} shards, {self.done_scans}/{self.scans} scans, {rate:.2f} scans/s,"
+            f" ETA {_duration(left)}]"
+        )
 
 
 def _duration(seconds: float) -> str:

@@ -192,7 +192,9 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Failed:
-    """A shard whose writer died every time Ray ran it; its scans are not committed."""
+    """A shard whose writer died every time Ray ran it; its scans are not committed. Written by
+    ingest before it split such shards and quarantined the scan that kills its writer; read so that
+    those manifests still open (the next ingest retries the scans and lists none)."""
 
     shard: str
     """The shard's name."""
@@ -444,7 +446,8 @@ class ShardSet:
     skipped: tuple[Skipped, ...]
     """Inputs the last run skipped, by input."""
     failed: tuple[Failed, ...]
-    """Shards the last run could not write (re-running ingest retries them)."""
+    """Shards the last run could not write, in manifests of an ingest that did not yet split them
+    (their scans' worker deaths are quarantined now); re-running ingest retries them."""
     purged: tuple[str, ...]
     """Scan ids removed by `ctray purge` (never ingested again), sorted."""
     llm_fallbacks: dict[str, int]

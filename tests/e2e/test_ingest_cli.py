@@ -1,10 +1,12 @@
 """`ctray ingest` processes on a Ray head of the tests' own, killed mid-job as a machine or a user
 would: a re-run finishes what the killed one left, without loss or a scan twice, and a second ingest
 into the same output is refused while the first holds it, then takes over once its holder is gone.
-(Ingest in the test's own process: integration/test_ingest.py and test_ingest_resume.py.)"""
+A scan that kills its writer process is quarantined by its label while its shard-mates are
+committed. (Ingest in the test's own process: integration/test_ingest.py and test_ingest_resume.py.)"""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +20,17 @@ from ctray.ingest.job import run_ingest
 from ctray.ingest.lease import LEASE, LeaseHeld
 from ctray.ingest.records import verify
 
-from helpers import CTRAY_CLI, PHANTOM_SHAPE, PHANTOM_SPACING, ctray_cli, ingest_cfg, read_rows, shard_rows
+from helpers import (
+    CTRAY_CLI,
+    PHANTOM_SHAPE,
+    PHANTOM_SPACING,
+    REPO,
+    RayHead,
+    ctray_cli,
+    ingest_cfg,
+    read_rows,
+    shard_rows,
+)
 
 
 @pytest.mark.timeout(240)
@@ -112,6 +124,51 @@ def test_a_second_ingest_refuses_and_a_dead_holders_lease_is_taken_over(ray_loca
         run_ingest(cfg)
     time.sleep(4.5)
     assert run_ingest(cfg).scans == 8
+
+
+@pytest.mark.timeout(300)
+def test_a_scan_that_kills_its_writer_is_quarantined_by_label_and_its_shard_mates_committed(tmp_path):
+    """One scan of a 3-scan shard kills its writer process each time it is loaded: with SIGKILL, as
+    the kernel's OOM killer ends a process, injected into the workers of a Ray head of the test's
+    own (tests/worker_death/sitecustomize.py) because a real out-of-memory kill cannot be made safely
+    here. After its retry the shard is split and its scans retried one by one: the other two are
+    committed, the killer is quarantined under its pseudonym, nothing fails whole. A re-run writes
+    nothing new and quarantines the killer again, alone in its shard: no split."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_dataset(str(data), 3, seed=5, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+    hook = {"PYTHONPATH": f"{REPO / 'tests' / 'worker_death'}:{os.environ.get('PYTHONPATH', '')}"}
+    head = RayHead("--num-cpus=2", env={**hook, "CTRAY_TEST_KILL_ON": "phantom0001"})
+    env = {**head.env, "CTRAY_ID_KEY": "key-0123456789abcdef"}
+    args = ingest_args(
+        data, out, "output.scans_per_shard=3", "task_retries=1", "privacy.pseudonymize_ids=true", "lease.settle_s=0.2"
+    )
+    try:
+        first = ctray_cli(*args, env=env, timeout=200, check=True)
+        shards = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
+        again = ctray_cli(*args, env=env, timeout=200, check=True)
+    finally:
+        head.stop()
+
+    ids = {e["source_id"]: e["id"] for e in map(json.loads, (tmp_path / "out.id_map.jsonl").read_text().splitlines())}
+    killer = f"scan {ids['phantom0001']}"
+    assert re.search(
+        r"shard part-\w+: worker died; retrying its 3 scans one by one to find the one that kills it", first.stderr
+    )
+    assert "[3/3 shards, 3/3 scans" in first.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(w["scan_id"] for w in manifest["written"]) == sorted([ids["phantom0000"], ids["phantom0002"]])
+    assert [s["scans"] for s in manifest["shards"]] == [1, 1] and len(shards) == 2
+    reason = (
+        f"{killer}: its shard writer died 2 time(s) while writing it (WorkerCrashedError: out of memory, a crash or"
+        " a lost node); give the writers more memory (task_memory_gb) or leave the input out"
+    )
+    assert manifest["quarantine"] == [{"scan_id": ids["phantom0001"], "input": killer, "reason": reason}]
+    assert manifest["failed"] == [] and "phantom0001" not in json.dumps(manifest)  # named by its pseudonym only
+    assert verify(str(out), StorageConfig()) == []
+
+    assert "2 committed and unchanged" in again.stderr and "retrying its" not in again.stderr
+    assert {p.name: p.read_bytes() for p in (out / "shards").iterdir()} == shards
+    assert json.loads((out / "manifest.json").read_text())["quarantine"] == manifest["quarantine"]
 
 
 def ingest_args(data, out, *overrides: str) -> list[str]:
