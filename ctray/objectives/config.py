@@ -24,6 +24,11 @@ class RecipeConfig(Section):
 
         return {name: config_class(name) for name in objective_names()}
 
+    def counted_anatomies(self) -> list[str]:
+        """The anatomies of which each scan gives one view, as a batch counts them (the linear lr
+        rule's optim.lr_views_per_scan: anatomies); none for recipes whose views are not anatomies."""
+        return []
+
 
 class Assets(Section):
     """What an objective's driver-side `prepare` computes once for every rank's task and sampler

@@ -59,9 +59,11 @@ class OptimConfig(Section):
     """Linear scaling rule (MAE, VideoMAE: lr = 1.5e-4 x batch / 256): when set, `lr` is the base
     lr and the peak lr used is lr x views per step / lr_base_batch, with views per step =
     data.scans_per_batch x grad_accum x lr_views_per_scan. Logged as the effective lr. None: lr as given."""
-    lr_views_per_scan: float = 1.0
-    """What the base batch counts, per scan: 1 for scans; a VideoMAE batch counts videos, so
-    TotalFM stage 1 says the organs per scan (13 in jobs/totalfm-mae.yaml)."""
+    lr_views_per_scan: float | Literal["anatomies"] = 1.0
+    """What the base batch counts, per scan: 1 for scans. A VideoMAE batch counts videos, and
+    TotalFM stage 1 cuts one per organ the scan has: "anatomies" counts the mean number of the
+    recipe's anatomies present per scan in the training shards (the manifest's figures), measured
+    when the run starts and logged; a fixed 13 would count organs a chest or abdomen scan lacks."""
 
 
 class TrainConfig(Section):
@@ -257,6 +259,12 @@ class PretrainConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _counted_anatomies(self) -> PretrainConfig:
+        if self.optim.lr_views_per_scan == "anatomies" and not self.objective.counted_anatomies():
+            raise ValueError(f"optim.lr_views_per_scan=anatomies: {self.objective.name} counts no anatomies per scan")
+        return self
+
     @property
     def scans_per_step(self) -> int:
         """Scans per optimizer step across all workers (with gradient accumulation)."""
@@ -267,6 +275,8 @@ class PretrainConfig(Section):
         """The lr the schedule peaks at: optim.lr, or scaled by the linear rule (optim.lr_base_batch)."""
         if self.optim.lr_base_batch is None:
             return self.optim.lr
+        # "anatomies" is measured on the shards by the driver (run_pretrain) before anything reads this.
+        assert not isinstance(self.optim.lr_views_per_scan, str), "lr_views_per_scan not measured yet"
         return self.optim.lr * self.scans_per_step * self.optim.lr_views_per_scan / self.optim.lr_base_batch
 
     def run_folder(self) -> RunFolder:

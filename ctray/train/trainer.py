@@ -75,6 +75,29 @@ def _trained_on(cfg: PretrainConfig) -> TrainedOn:
     return TrainedOn(redact_text(cfg.data.shards), shard_set.fingerprint, len(shard_set.scans()), preprocess)
 
 
+def anatomies_per_scan(cfg: PretrainConfig) -> float:
+    """The mean number of the recipe's counted anatomies present per training scan, from the
+    shards' figures (each shard's scans with a stored box of each anatomy); synthetic phantoms have
+    every one. Logged: it scales the peak lr."""
+    counted = cfg.objective.counted_anatomies()
+    if cfg.data.synthetic:
+        per_scan = float(len(counted))
+    else:
+        shards = ShardSet.open(cfg.data.shards, cfg.storage).shards
+        rows = sum(s.stats.rows for s in shards)
+        if not rows:
+            raise ConfigError(f"{cfg.data.shards}: no scans to count anatomies in (optim.lr_views_per_scan)")
+        per_scan = sum(s.stats.anatomies.get(a, 0) for s in shards for a in counted) / rows
+    log.info(
+        "optim.lr_views_per_scan=anatomies: %.2f of the %d anatomies (%s) per scan in %s",
+        per_scan,
+        len(counted),
+        ", ".join(counted),
+        "the synthetic phantoms" if cfg.data.synthetic else cfg.data.shards,
+    )
+    return per_scan
+
+
 def steps_for_epochs(cfg: PretrainConfig, scans: int) -> int:
     """train.epochs passes over `scans` scans, in optimizer steps (logged: the run's length)."""
     assert cfg.train.epochs is not None
@@ -145,6 +168,8 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     scans = 0 if trained_on is None else trained_on.scans
     if cfg.train.epochs is not None:
         cfg.train.max_steps, cfg.train.epochs = steps_for_epochs(cfg, scans), None
+    if cfg.optim.lr_views_per_scan == "anatomies":
+        cfg.optim.lr_views_per_scan = anatomies_per_scan(cfg)
     done = finished(run, cfg.train.steps)
     if done is not None:
         log.info("pretrain %s already reached step %d; export %s", run.uri, done.step, done.export)

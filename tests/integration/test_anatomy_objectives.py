@@ -56,6 +56,29 @@ def losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir, "steps")]
 
 
+def test_totalfm_lr_counts_the_organ_volumes_the_scans_have(clinical_shards, tmp_path):
+    """The linear lr rule counts VideoMAE's videos: per scan, the recipe's organs with a stored box
+    (one volume each), counted here row by row; a recipe whose views are not anatomies refuses it."""
+    import pyarrow.parquet as pq
+
+    from ctray.train.trainer import anatomies_per_scan
+
+    scaled = ["optim.lr_base_batch=256", "optim.lr_views_per_scan=anatomies"]
+    cfg = job(
+        "totalfm-mae-local.yaml", clinical_shards, tmp_path, *scaled, "objective.organs.anatomies=[liver,kidney,lung]"
+    )
+    organs = {"liver", "kidney", "lung"}
+    rows = [
+        r
+        for p in clinical_shards.glob("shards/*.parquet")
+        for r in pq.read_table(p, columns=["anatomy_boxes"]).to_pylist()
+    ]
+    naive = sum(len({b["anatomy"] for b in r["anatomy_boxes"]} & organs) for r in rows) / len(rows)
+    assert anatomies_per_scan(cfg) == pytest.approx(naive) and 0 < naive <= 3
+    with pytest.raises(ConfigError, match="ctfm_simclr counts no anatomies per scan"):
+        job("ctfm-local.yaml", clinical_shards, tmp_path, *scaled)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_totalfm_stage1_to_stage2_zero_shot(clinical_shards, tmp_path):

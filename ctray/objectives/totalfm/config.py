@@ -97,6 +97,11 @@ class TotalFMMAEConfig(RecipeConfig):
         self.model.check_fits(self.organs)
         return self
 
+    def counted_anatomies(self) -> list[str]:
+        """One organ volume per organ with a stored box (OrganSampler), and a VideoMAE batch counts
+        volumes."""
+        return list(self.organs.anatomies)
+
 
 class TotalFMCLIPConfig(ContrastConfig):
     """TotalFM stage 2: organ-wise volume-text contrastive learning."""
