@@ -26,7 +26,9 @@ class DataConfig(Section):
     """CPU sampler tasks running at once (None: Ray Data decides from free CPUs)."""
     shuffle_buffer_scans: int = 0
     """Local shuffle buffer (scans) in each worker on top of the seeded scan order (seeded from
-    train.seed too); 0 disables."""
+    train.seed too); 0 disables. Two runs with one seed are equal, but a resumed run refills the
+    buffer, so its batches after the resume differ from an uninterrupted run's (it warns); with 0,
+    resumed and uninterrupted runs log the same losses (tests/integration/test_reproducible.py)."""
     synthetic: bool = False
     """Train on one in-memory batch of the objective's shape instead of the shards (to measure the
     step alone, `ctray bench step`); `shards` is then not read."""

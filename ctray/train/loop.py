@@ -168,6 +168,13 @@ class Worker:
         if checkpoint is not None:
             checksum = param_checksum(self.engine.module, self.cfg.deepspeed.zero_stage)  # collective under ZeRO-3
             self.loggers.event(step, event="resume", checkpoint=checkpoint.path, param_checksum=checksum)
+            if self.cfg.data.shuffle_buffer_scans and dist.rank() == 0:
+                log.warning(
+                    "data.shuffle_buffer_scans=%d: the resumed run refills its shuffle buffer, so from step %d its "
+                    "batches differ from an uninterrupted run's (same scans per pass, another order within a buffer)",
+                    self.cfg.data.shuffle_buffer_scans,
+                    step,
+                )
         return step
 
     def train_steps(self, step: int) -> Iterator[int]:

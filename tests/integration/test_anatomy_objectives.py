@@ -182,13 +182,17 @@ def test_cagcl_trains_with_two_workers(clinical_shards, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_cagcl_same_seed_same_losses_and_a_killed_run_resumes_them(clinical_shards, tmp_path):
-    """CA-GCL as reproducible as CT-FM (test_reproducible.py): its tokenizer is trained in each run
-    (a function of the shards' sentences), so a run whose worker is killed at step 5 and resumed
-    from its step-3 checkpoint logs the losses of the straight run, step for step."""
+@pytest.mark.parametrize("recipe", ["cagcl-local.yaml", "totalfm-clip-local.yaml"])
+def test_clip_recipes_same_seed_same_losses_and_a_killed_run_resumes_them(recipe, clinical_shards, tmp_path):
+    """CA-GCL and TotalFM stage 2 as reproducible as CT-FM (test_reproducible.py): their tokenizer
+    is trained in each run (a function of the shards' sentences), so a run whose worker is killed at
+    step 5 and resumed from its step-3 checkpoint logs the losses of the straight run, step for
+    step. (TotalFM starts from random init here: the stage-1 hand-off has its own test.)"""
     steps = ["train.max_steps=6", "train.log_every=1", "train.checkpoint_every=3", "data.scans_per_batch=4"]
-    run_pretrain(job("cagcl-local.yaml", clinical_shards, tmp_path, *steps, "run.name=straight"))
-    killed = job("cagcl-local.yaml", clinical_shards, tmp_path, *steps, "run.name=killed", "debug.kill_at_step=5")
+    if recipe.startswith("totalfm"):
+        steps.append("objective.init_from=null")
+    run_pretrain(job(recipe, clinical_shards, tmp_path, *steps, "run.name=straight"))
+    killed = job(recipe, clinical_shards, tmp_path, *steps, "run.name=killed", "debug.kill_at_step=5")
     killed.run.max_failures = 1
     assert run_pretrain(killed).step == 6
     assert [r["step"] for r in read_metrics(tmp_path / "killed", "resume")] == [3]
