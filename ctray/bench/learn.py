@@ -1,0 +1,420 @@
+"""`ctray bench learn`: does each recipe learn something useful? Pretrained vs random init, on the
+same held-out scans, with paired bootstrap intervals (a benchmark table like lightly's kNN tables
+or open_clip's zero-shot tables, at a size a laptop runs).
+
+1. Phantoms with planted findings (ctray.data.phantoms: lesions in organs, each named in the report
+   and labelled), `reconstructions` scans per patient; a grouped split (ctray.evaluate.paired) puts
+   each patient's scans in the training or the held-out folder; each folder is ingested (groups:
+   the patient).
+2. Each recipe's local job pretrains on the training shards for the size's steps (TotalFM stage 2
+   from its stage 1), and its export embeds the held-out shards. The same architecture at its
+   initialisation (the run's own seed, before any step; the tokenizer trained on the same reports)
+   is exported and embeds them too.
+3. Protocols, each on the held-out scans only:
+   - linear probe: per finding, out-of-fold scores of a stratified group k-fold logistic regression
+     on the scan embeddings (ctray.evaluate.probe), AUROC averaged over the findings;
+   - zero-shot (TotalFM stage 2, CA-GCL): per finding, the logit margin between the phantoms'
+     report-worded prompts (a text tower trained for minutes on phantoms knows no other language),
+     AUROC averaged over templates and findings.
+   Pretrained minus random init, with a paired bootstrap over patients (95%): "learns" when the
+   interval lies above 0, else said to be inside its CI.
+4. Ablations (--ablations, separate runs): TotalFM stage 2 without stage 1 (its vision tower from
+   random init) against with it; CA-GCL local loss only (global_weight 0) against local + global,
+   with the text-embedding similarity (collapse) of each.
+
+Output: <workdir>/bench-learn.md and .json (the table, settings and seconds per stage), named in the
+final line. Not in CI: the default size takes about 20 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from ctray.evaluate.paired import Comparison, Scored, grouped_split, paired_macro_auroc
+
+log = logging.getLogger("ctray")
+
+GROUP_PATTERN = r"^(.+)_[a-z]_\d+$"
+"""Patient of a phantom written with reconstructions (CT-RATE's names: train_<patient>_a_<k>)."""
+
+
+@dataclass(frozen=True)
+class Size:
+    patients: int
+    """Phantom patients, `reconstructions` scans each, split into training and held-out."""
+    reconstructions: int
+    held_out: float
+    """Share of the patients held out."""
+    steps: int
+    """Pretraining steps of every run (TotalFM stage 1 and stage 2 each)."""
+    scans_per_batch: int
+
+
+SIZES = {
+    "small": Size(patients=40, reconstructions=2, held_out=0.5, steps=150, scans_per_batch=8),
+    "medium": Size(patients=120, reconstructions=2, held_out=0.4, steps=600, scans_per_batch=8),
+    "large": Size(patients=600, reconstructions=2, held_out=0.3, steps=3000, scans_per_batch=16),
+}
+"""small: the default, about 20 minutes on this 2-core CPU machine; medium and large for a GPU node."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    title: str
+    job: str
+    """Local job under jobs/."""
+    zero_shot: bool
+    overrides: tuple[str, ...] = ()
+
+
+RECIPES = {
+    "ctfm": Recipe("CT-FM intra-sample SimCLR", "ctfm-local.yaml", False),
+    "totalfm_mae": Recipe("TotalFM stage 1 (organ VideoMAE)", "totalfm-mae-local.yaml", False),
+    "totalfm_clip": Recipe("TotalFM stage 2 (organ-wise CLIP)", "totalfm-clip-local.yaml", True),
+    "cagcl": Recipe("CA-GCL", "cagcl-local.yaml", True),
+}
+
+
+def bench_learn(size_name: str, recipes: list[str], ablations: bool, workdir: str, seed: int, resamples: int) -> dict:
+    size = SIZES[size_name]
+    started = time.time()
+    seconds: dict[str, float] = {}
+    os.makedirs(workdir, exist_ok=True)
+    t = time.time()
+    train_shards, test_shards = _shard_sets(workdir, size, seed)
+    seconds["phantoms and ingest"] = time.time() - t
+    rows: list[dict[str, Any]] = []
+    stage1 = None
+    for name in recipes:
+        recipe = RECIPES[name]
+        extra = list(recipe.overrides)
+        if name == "totalfm_clip":
+            if stage1 is None:  # stage 2 starts from stage 1: train it (unreported) when not asked for
+                stage1 = _pretrain(workdir, "totalfm_mae", RECIPES["totalfm_mae"], size, train_shards, seed, [])
+            extra.append(f"objective.init_from={stage1}")
+        t = time.time()
+        run = _pretrain(workdir, name, recipe, size, train_shards, seed, extra)
+        if name == "totalfm_mae":
+            stage1 = run
+        random_run = _random_export(workdir, name, recipe, size, train_shards, seed, extra)
+        rows += _compare(workdir, name, recipe, run, random_run, test_shards, seed, resamples)
+        seconds[name] = time.time() - t
+    if ablations:
+        t = time.time()
+        rows += _ablations(workdir, recipes, size, train_shards, test_shards, seed, resamples, stage1)
+        seconds["ablations"] = time.time() - t
+    seconds["total"] = time.time() - started
+    result = {
+        "size": size_name,
+        **asdict(size),
+        "seed": seed,
+        "resamples": resamples,
+        "rows": rows,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    md, js = os.path.join(workdir, "bench-learn.md"), os.path.join(workdir, "bench-learn.json")
+    with open(md, "w") as f:
+        f.write(markdown(result))
+    with open(js, "w") as f:
+        json.dump(result, f, indent=1)
+    print(markdown(result), flush=True)
+    print(f"bench learn done in {seconds['total']:.0f}s: table {md}, figures {js}", flush=True)
+    return result
+
+
+def _shard_sets(workdir: str, size: Size, seed: int) -> tuple[str, str]:
+    """Phantoms split by patient into training and held-out folders, each ingested (reused when
+    already there)."""
+    from ctray.config import load_config
+    from ctray.data.phantoms import write_dataset
+    from ctray.ingest.config import IngestConfig
+    from ctray.ingest.job import run_ingest
+    from ctray.quickstart import job_yaml
+
+    data = os.path.join(workdir, "phantoms")
+    out = {}
+    for side in ("train", "held_out"):
+        out[side] = os.path.join(workdir, f"shards-{side}")
+    if all(os.path.exists(os.path.join(p, "manifest.json")) for p in out.values()):
+        return out["train"], out["held_out"]
+    n = size.patients * size.reconstructions
+    log.info("bench learn: %d phantoms of %d patients -> %s", n, size.patients, data)
+    phantoms = write_dataset(data, n, seed=seed, reconstructions=size.reconstructions)
+    ids = [p.scan_id for p in phantoms]
+    patients = [i.rsplit("_", 2)[0] for i in ids]
+    held = grouped_split(patients, size.held_out, seed)
+    reports = [json.loads(line) for line in open(os.path.join(data, "reports.jsonl"))]
+    for side, keep in (("train", ~held), ("held_out", held)):
+        folder = os.path.join(data, side)
+        for sub in ("scans", "masks"):
+            os.makedirs(os.path.join(folder, sub), exist_ok=True)
+            for i, k in zip(ids, keep, strict=True):
+                if k:
+                    shutil.copy(os.path.join(data, sub, i + ".nii.gz"), os.path.join(folder, sub, i + ".nii.gz"))
+        with open(os.path.join(folder, "reports.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r, k in zip(reports, keep, strict=True) if k)
+        cfg = load_config(
+            IngestConfig,
+            job_yaml("ingest-local.yaml"),
+            [
+                f"input.scans={folder}/scans",
+                f"input.masks={folder}/masks",
+                f"input.reports={folder}/reports.jsonl",
+                f"output.uri={out[side]}",
+                f"groups.pattern='{GROUP_PATTERN}'",
+            ],
+        )
+        run_ingest(cfg)
+    return out["train"], out["held_out"]
+
+
+def _job(workdir: str, name: str, recipe: Recipe, size: Size, shards: str, seed: int, extra: list[str]) -> Any:
+    from ctray.config import load_config
+    from ctray.data.phantoms import report_prompts
+    from ctray.quickstart import job_yaml
+    from ctray.train.config import PretrainConfig
+
+    cfg = load_config(
+        PretrainConfig,
+        job_yaml(recipe.job),
+        [
+            f"data.shards={shards}",
+            f"run.storage={workdir}/runs",
+            f"run.name={name}",
+            f"train.seed={seed}",
+            f"train.max_steps={size.steps}",
+            f"train.log_every={max(1, size.steps // 10)}",
+            f"train.checkpoint_every={size.steps}",
+            f"data.scans_per_batch={size.scans_per_batch}",
+            "eval.every=0",
+            *extra,
+        ],
+    )
+    if recipe.zero_shot:
+        cfg.objective.zero_shot.finding_prompts = report_prompts()
+    return cfg
+
+
+def _pretrain(workdir: str, name: str, recipe: Recipe, size: Size, shards: str, seed: int, extra: list[str]) -> str:
+    from ctray.train.trainer import run_pretrain
+
+    log.info("bench learn: pretraining %s for %d steps", recipe.title, size.steps)
+    run_pretrain(_job(workdir, name, recipe, size, shards, seed, extra))
+    return os.path.join(workdir, "runs", name)
+
+
+def _random_export(
+    workdir: str, name: str, recipe: Recipe, size: Size, shards: str, seed: int, extra: list[str]
+) -> str:
+    """The recipe's model as its run initialises it (same seed, same tokenizer corpus), exported at
+    step 0 into runs/<name>-random-init/export. TotalFM stage 2 at random init has no stage 1."""
+    import torch
+
+    from ctray.export import ExportRun, write_export
+    from ctray.objectives import get_objective
+
+    extra = [e for e in extra if not e.startswith("objective.init_from=")]
+    cfg = _job(workdir, f"{name}-random-init", recipe, size, shards, seed, extra)
+    if name == "totalfm_clip":
+        cfg.objective.init_from = None
+    run = cfg.run_folder()
+    if run.exists("export/export.json"):
+        return run.uri
+    spec = get_objective(cfg.objective.name)
+    assets = spec.prepare(cfg.objective, cfg.data.shards, run)
+    torch.manual_seed(cfg.train.seed)  # as the trainer does before building the task
+    task = spec.task(cfg.objective, assets)
+    write_export(task, cfg.objective, assets, lambda n, data: run.write(f"export/{n}", data), ExportRun(0, None))
+    return run.uri
+
+
+def _compare(
+    workdir: str, name: str, recipe: Recipe, run: str, random_run: str, test_shards: str, seed: int, resamples: int
+) -> list[dict[str, Any]]:
+    """The protocols' rows for one recipe: pretrained (A) against random init (B)."""
+    a = _scored(workdir, f"{name}", run, test_shards, recipe.zero_shot)
+    b = _scored(workdir, f"{name}-random-init", random_run, test_shards, recipe.zero_shot)
+    group_of = a.pop("groups")
+    b.pop("groups")
+    rows = []
+    for protocol in a:
+        c = paired_macro_auroc(a[protocol], b[protocol], group_of, resamples, seed)
+        rows.append(_row(recipe.title, protocol, "pretrained", "random init", c))
+        log.info("bench learn: %s", _line(rows[-1]))
+    return rows
+
+
+def _scored(workdir: str, name: str, run: str, shards: str, zero_shot: bool) -> dict[str, Any]:
+    """The held-out scans embedded by the run's export -> {"linear probe": items, "zero-shot": items,
+    "groups": scan id -> group}."""
+    from ctray.config import StorageConfig
+    from ctray.embed import run_embed
+    from ctray.evaluate.embeddings import load_embeddings
+
+    out = os.path.join(workdir, "embeddings", name)
+    run_embed(os.path.join(run, "export"), shards, out)
+    emb = load_embeddings(out, StorageConfig())
+    scored: dict[str, Any] = {"linear probe": probe_items(emb, seed=0)}
+    if zero_shot:
+        scored["zero-shot"] = zero_shot_items(emb)
+    scored["groups"] = dict(zip(emb.scan_ids, emb.groups, strict=True))
+    return scored
+
+
+def probe_items(emb: Any, seed: int) -> list[Scored]:
+    """Each finding's out-of-fold linear-probe scores on the scan embeddings (scans whose fold was
+    skipped, with one class, left out)."""
+    from ctray.evaluate.config import ProbeConfig
+    from ctray.evaluate.probe import cross_validate, probe_tasks
+
+    cfg = ProbeConfig()
+    ids = np.asarray(emb.scan_ids)
+    items = []
+    for task in (t for t in probe_tasks(emb) if t.family == "finding"):
+        folds = min(cfg.folds, task.minority)
+        if folds < 2:
+            continue
+        scores = cross_validate(task, "linear", cfg, folds, 1.0, seed).out_of_fold
+        ok_rows = (emb.finding_labels[:, emb.findings.index(task.name)] >= 0) & emb.embedded
+        ok = np.isfinite(scores)
+        items.append(Scored(task.name, ids[ok_rows][ok], task.y[ok], scores[ok][None]))
+    return items
+
+
+def zero_shot_items(emb: Any) -> list[Scored]:
+    """Each finding's zero-shot logit margins (one row per template) with the export's text tower
+    and the phantoms' report-worded prompts."""
+    import torch
+
+    from ctray.data.phantoms import report_prompts
+    from ctray.evaluate.config import ZeroShotConfig
+    from ctray.evaluate.zeroshot import AnatomyScans, Prompts, zero_shot_scores
+    from ctray.export import load_encoder
+
+    tower = load_encoder(emb.export)
+    zs = ZeroShotConfig(finding_prompts=report_prompts())
+    zs.findings = {**zs.findings, **emb.finding_anatomies}
+    scans = AnatomyScans(
+        torch.from_numpy(emb.anatomy_embedding),
+        emb.region,
+        emb.finding_labels,
+        emb.findings,
+        emb.abnormal,
+        emb.anatomies,
+    )
+    prompts = Prompts(lambda t: tower.embed_texts(t).detach().float().cpu(), 1.0 / float(tower.temperature))
+    ids = np.asarray(emb.scan_ids)
+    return [
+        Scored(it.item, ids[it.scans], it.labels, it.margins)
+        for it in zero_shot_scores(scans, prompts, zs)
+        if it.task == "finding"
+    ]
+
+
+def _ablations(
+    workdir: str,
+    recipes: list[str],
+    size: Size,
+    train_shards: str,
+    test_shards: str,
+    seed: int,
+    resamples: int,
+    stage1: str | None,
+) -> list[dict[str, Any]]:
+    """TotalFM stage 2 with vs without stage 1; CA-GCL local + global vs local only (with each
+    run's text-embedding similarity: a collapsed text tower embeds every report alike)."""
+    rows = []
+    if "totalfm_clip" in recipes and stage1 is not None:
+        recipe = RECIPES["totalfm_clip"]
+        alone = _pretrain(
+            workdir, "totalfm_clip-no-stage1", recipe, size, train_shards, seed, ["objective.init_from=null"]
+        )
+        a = _scored(workdir, "totalfm_clip", os.path.join(workdir, "runs", "totalfm_clip"), test_shards, True)
+        b = _scored(workdir, "totalfm_clip-no-stage1", alone, test_shards, True)
+        for protocol in ("linear probe", "zero-shot"):
+            c = paired_macro_auroc(a[protocol], b[protocol], a["groups"], resamples, seed)
+            rows.append(_row(recipe.title, protocol, "with stage 1", "without stage 1", c))
+    if "cagcl" in recipes:
+        recipe = RECIPES["cagcl"]
+        local = _pretrain(workdir, "cagcl-local-only", recipe, size, train_shards, seed, ["objective.global_weight=0"])
+        a = _scored(workdir, "cagcl", os.path.join(workdir, "runs", "cagcl"), test_shards, True)
+        b = _scored(workdir, "cagcl-local-only", local, test_shards, True)
+        for protocol in ("linear probe", "zero-shot"):
+            c = paired_macro_auroc(a[protocol], b[protocol], a["groups"], resamples, seed)
+            row = _row(recipe.title, protocol, "local + global", "local only", c)
+            runs = {"a": "cagcl", "b": "cagcl-local-only"}
+            row["text_cos_std"] = {k: _text_spread(os.path.join(workdir, "runs", r)) for k, r in runs.items()}
+            rows.append(row)
+    return rows
+
+
+def _text_spread(run: str) -> float:
+    """The last logged std of cosine similarities between different anatomies' report texts (the
+    loop's collapse measure; near 0 when the text tower embeds every text alike)."""
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        values = [m["text_cos_std"] for m in map(json.loads, f) if "text_cos_std" in m]
+    return float(values[-1]) if values else float("nan")
+
+
+def _row(recipe: str, protocol: str, a: str, b: str, c: Comparison) -> dict[str, Any]:
+    verdict = {"A > B": f"{a} > {b}", "A < B": f"{a} < {b}"}.get(c.verdict, "inside its CI")
+    return {
+        "recipe": recipe,
+        "protocol": protocol,
+        "a": a,
+        "b": b,
+        "a_auroc": c.a,
+        "a_ci": c.a_ci,
+        "b_auroc": c.b,
+        "b_ci": c.b_ci,
+        "difference": c.difference,
+        "difference_ci": c.difference_ci,
+        "items": c.items,
+        "scans": c.scans,
+        "groups": c.groups,
+        "verdict": verdict,
+    }
+
+
+def _ci(value: float, ci: tuple[float, float]) -> str:
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (
+        f"{row['recipe']}, {row['protocol']}: {row['a']} {_ci(row['a_auroc'], row['a_ci'])}, {row['b']} "
+        f"{_ci(row['b_auroc'], row['b_ci'])}, difference {_ci(row['difference'], row['difference_ci'])}: "
+        f"{row['verdict']}"
+    )
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The table, with the command and settings that made it."""
+    lines = [
+        "| recipe | protocol | A | B | macro AUROC A [95% CI] | macro AUROC B [95% CI] | A - B [95% CI] | findings "
+        "| verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['recipe']} | {r['protocol']} | {r['a']} | {r['b']} | {_ci(r['a_auroc'], r['a_ci'])} | "
+            f"{_ci(r['b_auroc'], r['b_ci'])} | {_ci(r['difference'], r['difference_ci'])} | {r['items']} | "
+            f"{r['verdict']} |"
+        )
+    s = result
+    lines += [
+        "",
+        f"`ctray bench learn --size {s['size']} --seed {s['seed']}`: {s['patients']} phantom patients x "
+        f"{s['reconstructions']} scans, {s['held_out']:.0%} of the patients held out; {s['steps']} steps per run at "
+        f"{s['scans_per_batch']} scans per batch; paired bootstrap over held-out patients ({s['resamples']} "
+        f"resamples). Seconds: {', '.join(f'{k} {v:.0f}' for k, v in s['seconds'].items())}.",
+    ]
+    return "\n".join(lines) + "\n"
