@@ -256,11 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         "purge",
         help="remove scans from an ingest output: shards, manifest, LLM cache, id map",
         description="Rewrites the shards holding the scans without them and re-commits them, removes their LLM "
-        "cache entries, quarantine mentions and id map entries, and records the ids in purged.json so that no "
-        "later ingest takes them again. It reaches what `ctray embed`, `ctray eval` and runs recorded in the shard "
-        "set: embeddings are rewritten without the scans, evaluation reports deleted or kept (--evaluations), "
-        "runs whose tokenizer saw their reports named. With pseudonymised ids, an original id works too when the "
-        "key is set. Example: ctray purge s3://bucket/shards --scan-id CT0042 --scan-id CT0107",
+        "cache entries, quarantine mentions and id map entries, and records their ids and content hashes in "
+        "purged.json so that no later ingest takes them again (nor a copy of their files under another name). "
+        "It reaches what `ctray embed`, `ctray eval` and runs recorded in the shard set: embeddings are rewritten "
+        "without the scans, evaluation reports deleted or kept (--evaluations), runs whose tokenizer saw their "
+        "reports named. With pseudonymised ids, an original id works too when the key is set. "
+        "Example: ctray purge s3://bucket/shards --scan-id CT0042 --scan-id CT0107",
     )
     pu.add_argument("output", help="ingest output (folder or s3:// / gs:// URI)")
     pu.add_argument("--scan-id", action="append", required=True, help="a scan id to remove (repeat for several)")

@@ -245,8 +245,9 @@ class PrivacyConfig(Section):
 
     pseudonymize_ids: bool = False
     """Replace scan ids (file and folder names: often accession numbers, MRNs or names) by a keyed
-    hash (HMAC-SHA256 with the key in `id_key_env`) in rows, records, the manifest and logs. The
-    map back to the original ids is written to `id_map` only."""
+    hash (HMAC-SHA256 with the key in `id_key_env`) in rows, records, the manifest and logs, and key
+    the rows' `content_hash` too (a plain sha256 would link a row to its PACS file without the key).
+    The map back to the original ids is written to `id_map` only."""
     id_key_env: str = "CTRAY_ID_KEY"
     """Environment variable of the driver holding the pseudonymisation key. Keep the key: the same
     key gives the same ids, so a resumed or extended ingest matches its earlier rows."""

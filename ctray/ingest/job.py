@@ -7,7 +7,8 @@ Layout of the output (local folder or s3:// / gs:// prefix):
     _lease.json                    the running ingest's lease (ctray.ingest.lease)
     _lease.json.lock               local folders: locked while the lease changes hands
     _probe/, _cache/llm/           DICOM folder probes and LLM answers, reused by later runs
-    purged.json                    scan ids removed by `ctray purge`; never ingested again
+    purged.json                    scans removed by `ctray purge`, by id and content hash (Purged);
+                                   never ingested again, under that id or another
     key-check.json                 the pseudonymisation key's check value (ctray.ingest.privacy)
     manifest.json                  config (redacted), counts, shards, and every input: written,
                                    quarantined (reason), skipped (reason)
@@ -33,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +49,7 @@ from ctray.ingest.llm import Secret
 from ctray.ingest.privacy import Names, check_key
 from ctray.ingest.records import Records, build_manifest, clean, read_records, rewrite_without
 from ctray.ingest.shards import preprocess_fingerprint, shard_name, write_shard
-from ctray.ingest.shardset import MANIFEST, CommitRecord, Quarantined, Skipped
+from ctray.ingest.shardset import INGEST_CONFIG, MANIFEST, CommitRecord, Quarantined, Skipped
 from ctray.redact import redacted
 from ctray.runtime import ensure_ray, ensure_schedulable
 from ctray.storage import filesystem, join, publish_bytes, read_bytes, resolve_uri
@@ -86,12 +88,43 @@ def config_yaml(cfg: IngestConfig) -> str:
     return yaml.safe_dump(redacted(cfg.model_dump(mode="json")), sort_keys=False)
 
 
-def read_purged(uri: str, storage: StorageConfig) -> list[str]:
+@dataclass(frozen=True)
+class Purged:
+    """purged.json: the scans `ctray purge` removed, which no later ingest writes again."""
+
+    scan_ids: tuple[str, ...] = ()
+    """Their ids (pseudonyms with privacy.pseudonymize_ids), sorted: plan() skips these inputs."""
+    content_hashes: tuple[str, ...] = ()
+    """Their content hashes (the rows' content_hash: keyed with privacy.pseudonymize_ids), sorted:
+    the shard writers quarantine an input with one of these, whatever its name (a copy of a purged
+    file under another path)."""
+
+    @classmethod
+    def from_json(cls, d: list | dict) -> Purged:
+        """From purged.json's JSON: an object as to_json writes it, or a list of ids (as ctray wrote
+        it before content hashes were recorded)."""
+        if isinstance(d, list):
+            return cls(tuple(sorted(d)))
+        return cls(tuple(sorted(d["scan_ids"])), tuple(sorted(d["content_hashes"])))
+
+    def to_json(self) -> str:
+        """purged.json's text (what from_json reads back)."""
+        return json.dumps({"scan_ids": list(self.scan_ids), "content_hashes": list(self.content_hashes)})
+
+    def adding(self, scan_ids: Iterable[str], content_hashes: Iterable[str]) -> Purged:
+        """This record with `scan_ids` and `content_hashes` added (a purge's)."""
+        return Purged(
+            tuple(sorted({*self.scan_ids, *scan_ids})), tuple(sorted({*self.content_hashes, *content_hashes}))
+        )
+
+
+def read_purged(uri: str, storage: StorageConfig) -> Purged:
+    """The output's purged.json (nothing purged where there is none)."""
     fs, root = filesystem(uri, storage)
     try:
-        return json.loads(read_bytes(fs, join(root, PURGED), storage))
+        return Purged.from_json(json.loads(read_bytes(fs, join(root, PURGED), storage)))
     except FileNotFoundError:
-        return []
+        return Purged()
 
 
 def run_ingest(cfg: IngestConfig) -> IngestResult:
@@ -131,12 +164,12 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
             ]
         reports = attach(inventory, discover_masks(cfg), table)
         purged = read_purged(out_uri, cfg.storage)
-        todo = plan(cfg, inventory, records, set(purged))
+        todo = plan(cfg, inventory, records, set(purged.scan_ids))
         drop_changed(cfg, records, todo, lease)
         killers: list[dict] = []
         try:
             if todo:
-                killers = run_writers(cfg, todo, reports, api_key, lease)
+                killers = run_writers(cfg, todo, reports, api_key, names.content_key(), purged, lease)
         finally:  # whatever happened, the manifest describes every committed shard (if storage is up)
             try:
                 records = read_records(out_uri, cfg.storage)
@@ -149,12 +182,12 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
                     [Quarantined.from_json(q) for q in inventory.quarantined + killers],
                     [Skipped.from_json(s) for s in inventory.skipped],
                     (),  # a shard that kept dying is split, its killer quarantined: none fails whole
-                    purged,
+                    list(purged.scan_ids),
                     inventory.ungrouped,
                 )
                 lease.ensure("writing the manifest")
                 publish_bytes(manifest.to_json().encode(), fs_out, join(root, MANIFEST), cfg.storage)
-                publish_bytes(config_yaml(cfg).encode(), fs_out, join(root, "ingest-config.yaml"), cfg.storage)
+                publish_bytes(config_yaml(cfg).encode(), fs_out, join(root, INGEST_CONFIG), cfg.storage)
                 id_map = names.write_map()
             except StorageError as e:
                 log.error("manifest not written (%s); committed shards are intact and the next run rebuilds it", e)
@@ -216,15 +249,22 @@ _WORK_KEYS = ("scan_id", "group", "kind", "uri", "files", "label", "stamp", "mas
 
 
 def run_writers(
-    cfg: IngestConfig, todo: list[dict], reports: dict[str, dict], api_key: Secret, lease: Lease
+    cfg: IngestConfig,
+    todo: list[dict],
+    reports: dict[str, dict],
+    api_key: Secret,
+    content_key: Secret,
+    purged: Purged,
+    lease: Lease,
 ) -> list[dict]:
     """Submit one task per shard (up to `concurrency` at once), log progress, return the quarantine
     entries of the scans that killed their writer.
 
     Work items hold references only; each shard's reports travel through the object store, the
-    API key too. A shard whose worker died is retried by Ray (`task_retries`), then split into
-    one-scan shards queued like the others; a one-scan shard whose worker died quarantines its scan
-    while the others go on. Storage down, a refused LLM key or a lost lease stop the job."""
+    API key, the content-hash key (Names.content_key) and the purged scans' content hashes too. A
+    shard whose worker died is retried by Ray (`task_retries`), then split into one-scan shards
+    queued like the others; a one-scan shard whose worker died quarantines its scan while the others
+    go on. Storage down, a refused LLM key or a lost lease stop the job."""
     import ray
 
     ensure_ray(cfg.ray)
@@ -239,6 +279,8 @@ def run_writers(
     items = [_item(work[i : i + per], lease.token) for i in range(0, len(work), per)]
     cfg_json = cfg.model_dump_json()
     key_ref = ray.put(api_key)
+    content_key_ref = ray.put(content_key)
+    purged_ref = ray.put(frozenset(purged.content_hashes))
     queue = list(reversed(items))
     pending: dict[Any, dict[str, Any]] = {}
     killers: list[dict] = []
@@ -248,7 +290,8 @@ def run_writers(
             while queue and (cfg.concurrency is None or len(pending) < cfg.concurrency):
                 item = queue.pop()
                 shard_reports = {s["scan_id"]: reports[s["scan_id"]] for s in item["scans"] if s["scan_id"] in reports}
-                pending[task.remote(cfg_json, item, ray.put(shard_reports), key_ref)] = item
+                refs = (ray.put(shard_reports), key_ref, content_key_ref, purged_ref)
+                pending[task.remote(cfg_json, item, *refs)] = item
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=10)
             lease.check()
             for ref in ready:

@@ -2,9 +2,17 @@
 
 Purging a scan (a patient withdrew consent, a scan should not have been exported) rewrites its
 shard without it and re-commits it, removes its LLM cache entry, its quarantine mentions and its
-id map entry, records its id in purged.json (so no later ingest takes it again) and rewrites the
-manifest. It holds the output's lease like an ingest, so it never races one, and checks that the
-lease is still its own before each write (Lease.ensure).
+id map entry, records its id and content hash in purged.json (so no later ingest takes it again,
+under its id or, a copy of its file, under another) and rewrites the manifest. The content hash is
+read from the commit records: keyed where ids are pseudonymised (ctray.ingest.privacy), so
+purged.json links no pseudonym to the PACS files either. It holds the output's lease like an
+ingest, so it never races one, and checks that the lease is still its own before each write
+(Lease.ensure).
+
+It then reaches what was made of the shards it rewrote, as recorded under `_derived/`
+(ctray.ingest.derived): embeddings folders lose the scans' rows, evaluation reports are deleted or
+kept as the user says (it stops before changing anything while that is unsaid), and the runs whose
+tokenizer saw the scans' reports are named.
 """
 
 from __future__ import annotations
@@ -88,9 +96,11 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str], evaluations: st
             lease.ensure("removing LLM cache entries")
         for key in cache_keys:
             remove(fs, cache_path(join(root, CACHE_DIR), key), storage)
-        purged = sorted(set(read_purged(uri, storage)) | set(ids))
+        # A scan purged from the quarantine only was never hashed in a record: its id alone is kept.
+        hashes = [committed[sid][0].content_hash for sid in ids if sid in committed]
+        purged = read_purged(uri, storage).adding(ids, hashes)
         lease.ensure(f"writing {PURGED}")
-        publish_bytes(json.dumps(purged).encode(), fs, join(root, PURGED), storage)
+        publish_bytes(purged.to_json().encode(), fs, join(root, PURGED), storage)
         gone = set(ids)
         records = read_records(uri, storage)
         live = []
@@ -110,7 +120,7 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str], evaluations: st
             shard_set.quarantine,
             shard_set.skipped,
             [f for f in shard_set.failed if not gone & set(f.scan_ids)],
-            purged,
+            list(purged.scan_ids),
             shard_set.ungrouped,
         )
         lease.ensure("writing the manifest")

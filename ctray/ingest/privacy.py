@@ -11,6 +11,11 @@ HMAC of a constant under the key, which tells nothing of the key), and an ingest
 another key stops in one line. Another key would give every scan a second pseudonym: every input
 written again beside its first copy, and purged scans (recorded by pseudonym) back in the shards.
 
+Content hashes (the rows' `content_hash`, which commit records and purged.json repeat) are keyed
+too: a plain sha256 of the source files would let whoever holds the PACS files link a row to its
+file, and so to its original id, without the key. The shard writers hash with a key derived from
+the pseudonymisation key (`Names.content_key`), so the key itself never leaves the driver.
+
 Group keys (ingest's `groups:`: a patient or study) are hashed with the same key, `g` + hash, and
 are not in the id map: a DICOM group is a PatientID or StudyInstanceUID, which the map would then
 hold in a new place, and a pattern's group is part of a source id the map already holds.
@@ -29,6 +34,8 @@ from collections.abc import Callable
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
 from ctray.ingest.config import IngestConfig
+from ctray.ingest.llm import Secret
+from ctray.ingest.schema import KEYED_HASH_PREFIX
 from ctray.storage import filesystem, join, publish_bytes, read_bytes
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,13 @@ class Names:
     def key_check(self) -> str:
         """The key's check value: an HMAC of a constant, the same for the same key."""
         return self._hash("ctray key check value", 16)
+
+    def content_key(self) -> Secret:
+        """The key of the content hashes (hex; None: plain sha256, ids are not pseudonymised): an
+        HMAC of a constant under the id key, which the writer tasks get instead of the id key."""
+        if not self.pseudonymize:
+            return Secret(None)
+        return Secret(hmac.new(self._key, b"ctray content hash", hashlib.sha256).hexdigest())
 
     def _hash(self, text: str, n: int = 24) -> str:
         return hmac.new(self._key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:n]
@@ -96,6 +110,14 @@ class Names:
         if not self.pseudonymize:
             return None
         return update_id_map(self.cfg, lambda entries: {**entries, **self.mapping})
+
+
+def content_hash(digest: bytes, key: Secret) -> str:
+    """A scan's stored content hash from the sha256 `digest` of its source bytes: the hex digest,
+    or under `key` (Names.content_key) "hmac-sha256:" + the HMAC-SHA256 of the digest."""
+    if key.value is None:
+        return digest.hex()
+    return KEYED_HASH_PREFIX + hmac.new(bytes.fromhex(key.value), digest, hashlib.sha256).hexdigest()
 
 
 def check_key(names: Names, uri: str, storage: StorageConfig, committed: bool) -> None:

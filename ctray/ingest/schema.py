@@ -9,7 +9,16 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 3  # 2: report_cache_key and stamp; source may be null (privacy settings). 3: group
+SCHEMA_VERSION = 4
+SCHEMA_CHANGES = {
+    2: "report_cache_key and stamp; source may be null (privacy settings)",
+    3: "the group column",
+    4: "content_hash keyed when pseudonymising; SeriesInstanceUIDs never in ids when pseudonymising",
+}
+"""What each version changed, for the message refusing an older shard set."""
+KEYED_HASH_PREFIX = "hmac-sha256:"
+"""How a keyed content_hash begins (privacy.pseudonymize_ids): HMAC-SHA256 of the source digest
+under a key derived from the pseudonymisation key; without the prefix, the plain sha256."""
 
 _BOX = pa.struct([("anatomy", pa.string()), ("box", pa.list_(pa.int32())), ("voxels", pa.int64())])
 _TEXT = pa.struct([("anatomy", pa.string()), ("sentences", pa.list_(pa.string()))])
@@ -35,7 +44,8 @@ SHARD_SCHEMA = pa.schema(
             "source", pa.string()
         ),  # URI of the scan (file or series folder); null unless privacy.keep_source_paths
         pa.field("mask_source", pa.string()),
-        pa.field("content_hash", pa.string(), nullable=False),  # sha256 of the source bytes
+        # sha256 of the source bytes (hex); pseudonymised: "hmac-sha256:" + HMAC under the pseudonymisation key
+        pa.field("content_hash", pa.string(), nullable=False),
         pa.field("stamp", pa.string(), nullable=False),  # listing stamp of the inputs: a changed one is re-ingested
     ],
     metadata={"ctray.schema_version": str(SCHEMA_VERSION)},

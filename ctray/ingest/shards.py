@@ -2,16 +2,17 @@
 
 A shard is published only when complete (storage.publish_file), then a small commit record
 (_commits/<shard>.json, a ctray.ingest.shardset.CommitRecord) names its scans (with each input's
-stamp and content hash), the shard's sha256 and size, its quarantined inputs and its parser
-outcomes. Readers and resumed runs trust commit records only, so a crash at any point loses at
-most the shard in flight. A commit record may supersede earlier ones (a shard rewritten without a
-changed or purged scan): the superseded records and their shards are ignored, then removed by the
-next ingest.
+stamp and content hash: sha256, or keyed where ids are pseudonymised, ctray.ingest.privacy), the
+shard's sha256 and size, its quarantined inputs and its parser outcomes. Readers and resumed runs
+trust commit records only, so a crash at any point loses at most the shard in flight. A commit
+record may supersede earlier ones (a shard rewritten without a changed or purged scan): the
+superseded records and their shards are ignored, then removed by the next ingest.
 
 What leaves a task is PHI-free by construction: work items carry references (URIs and ids),
-reports arrive through the object store, and every error is reduced here to ctray's one-line
-reason (the input's label, the check, measured figures; for a bug, the exception type and code
-location, never its message, which could quote a report or a header value).
+reports arrive through the object store (and so do the content-hash key and the content hashes of
+purged scans, whose copies under another name the writer quarantines), and every error is reduced
+here to ctray's one-line reason (the input's label, the check, measured figures; for a bug, the
+exception type and code location, never its message, which could quote a report or a header value).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ctray.ingest.dicom import load_series
 from ctray.ingest.lease import LeaseHeld, lease_is_ours
 from ctray.ingest.llm import CACHE_DIR, PROMPT_VERSION, LLMEndpointError, Parsed, Secret
 from ctray.ingest.preprocess import anatomy_boxes, preprocess
+from ctray.ingest.privacy import content_hash
 from ctray.ingest.reports import RuleParser
 from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA
 from ctray.ingest.shardset import SHARDS_DIR, CommitRecord, CommittedScan, QuarantinedScan, ShardStats
@@ -137,7 +139,10 @@ class ShardWriter:
             return self.llm(text)
         return Parsed(self.rules(text), "rules", None)
 
-    def write(self, item: dict, reports: dict[str, dict]) -> CommitRecord:
+    def write(self, item: dict, reports: dict[str, dict], content_key: Secret, purged: frozenset[str]) -> CommitRecord:
+        """Write the shard of work item `item` and commit it. `content_key`: the key of the content
+        hashes (Names.content_key); `purged`: the content hashes of purged scans, whose copies are
+        quarantined."""
         scans, name = item["scans"], item["shard"]
         started = time.time()
         quarantine: list[QuarantinedScan] = []
@@ -152,7 +157,7 @@ class ShardWriter:
                 scan_tmp = os.path.join(tmp, f"scan{k}")  # one folder per scan: a scan and its mask never share a path
                 os.makedirs(scan_tmp)
                 try:
-                    row = self._row(scan, reports.get(scan["scan_id"]), scan_tmp)
+                    row = self._row(scan, reports.get(scan["scan_id"]), scan_tmp, content_key, purged)
                 except BadInput as e:
                     quarantine.append(QuarantinedScan(scan["scan_id"], scan["label"], str(e), scan["stamp"]))
                     log.warning("quarantined %s", e)
@@ -221,7 +226,7 @@ class ShardWriter:
         except FileNotFoundError:
             raise BadInput(f"{label}: file vanished before it could be read") from None
 
-    def _row(self, scan: dict, report: dict | None, tmp: str) -> dict:
+    def _row(self, scan: dict, report: dict | None, tmp: str, content_key: Secret, purged: frozenset[str]) -> dict:
         cfg = self.cfg
         label = scan["label"]
         report_text = None
@@ -232,17 +237,25 @@ class ShardWriter:
                 raise BadInput(f"{label}: {report['problem']}")
             report_text = report["text"]
         max_voxels = cfg.preprocess.max_voxels
+        locals_: list[str] = []  # the input's files, here
         if scan["kind"] == "dicom":
             digest = hashlib.sha256()
-            locals_ = []
             for i, f in enumerate(scan["files"]):
                 local, d = self._fetch(f, os.path.join(tmp, "series", str(i)), label)
                 digest.update(d.digest())
                 locals_.append(local)
-            raw = load_series(locals_, label, cfg.input.dicom)
         else:
             local, digest = self._fetch(scan["uri"], os.path.join(tmp, "scan"), label)
-            raw = load_nifti(local, label, max_voxels, quote_errors=not cfg.privacy.pseudonymize_ids)
+            locals_.append(local)
+        stored_hash = content_hash(digest.digest(), content_key)
+        # Checked before anything is read or parsed: a purged scan's report must not reach the LLM
+        # (and its cache) again because its file came back under another name.
+        if stored_hash in purged:
+            raise BadInput(f"{label}: same content as a scan removed by `ctray purge`; not ingested again")
+        if scan["kind"] == "dicom":
+            raw = load_series(locals_, label, cfg.input.dicom)
+        else:
+            raw = load_nifti(locals_[0], label, max_voxels, quote_errors=not cfg.privacy.pseudonymize_ids)
 
         mask: RawVolume | None = None
         if scan.get("mask_uri"):
@@ -275,7 +288,7 @@ class ShardWriter:
             "labels": [{"name": k, "value": v} for k, v in sorted(labels.items())],
             "source": scan["uri"] if keep_paths else None,
             "mask_source": (scan.get("mask_uri") or "TotalSegmentator") if mask is not None and keep_paths else None,
-            "content_hash": digest.hexdigest(),
+            "content_hash": stored_hash,
             "stamp": scan["stamp"],
         }
 
@@ -297,11 +310,18 @@ def writer_for(cfg_json: str, api_key: Secret) -> ShardWriter:
     return _WRITERS[key]
 
 
-def write_shard(cfg_json: str, item: dict, reports: dict[str, dict], api_key: Secret) -> CommitRecord:
-    """The Ray task: one shard, its commit record returned. Errors leave as ctray's one-line
-    errors without a chained cause (a cause's message could quote an input)."""
+def write_shard(
+    cfg_json: str,
+    item: dict,
+    reports: dict[str, dict],
+    api_key: Secret,
+    content_key: Secret,
+    purged: frozenset[str],
+) -> CommitRecord:
+    """The Ray task: one shard, its commit record returned (ShardWriter.write). Errors leave as
+    ctray's one-line errors without a chained cause (a cause's message could quote an input)."""
     try:
-        return writer_for(cfg_json, api_key).write(item, reports)
+        return writer_for(cfg_json, api_key).write(item, reports, content_key, purged)
     except CtrayError as e:
         raise type(e)(str(e)) from None
     except Exception as e:  # a bug: reported by type and place, never by message

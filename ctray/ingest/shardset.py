@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import shlex
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -29,12 +30,14 @@ from ctray.anatomy import anatomy_label_ids
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError, first_line
 from ctray.ingest.config import IngestConfig, PreprocessConfig
-from ctray.ingest.schema import SCHEMA_VERSION
+from ctray.ingest.schema import SCHEMA_CHANGES, SCHEMA_VERSION
 from ctray.redact import redacted
-from ctray.storage import arrow_filesystem, filesystem, read_bytes
+from ctray.storage import arrow_filesystem, filesystem, is_remote, read_bytes, resolve_uri
 
 MANIFEST = "manifest.json"
 """The manifest's name in the shard set's folder."""
+INGEST_CONFIG = "ingest-config.yaml"
+"""The ingest's config as `ctray ingest` reads it (redacted), in the shard set's folder."""
 SHARDS_DIR = "shards"
 """The folder of the Parquet shards (part-<id>.parquet) in the shard set's folder."""
 COMMITS_DIR = "_commits"
@@ -223,7 +226,10 @@ class CommittedScan:
     """The input's stamp when it was written (ctray.ingest.discover.attach): a later ingest that
     finds another stamp rewrites the shard without it and writes it again."""
     content_hash: str
-    """sha256 of the input's bytes (of a DICOM series: of its files' sha256s, in order)."""
+    """sha256 of the input's bytes (of a DICOM series: of its files' sha256s, in order), hex; with
+    privacy.pseudonymize_ids "hmac-sha256:" + the HMAC-SHA256 of that digest under a key derived from
+    the pseudonymisation key (ctray.ingest.privacy.content_hash), which links no row to its file
+    without the key. `ctray purge` records it in purged.json."""
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CommittedScan:
@@ -416,6 +422,25 @@ class Counts:
     last run's discovery counted them; 0 without a grouping."""
 
 
+def _other_schema(uri: str, version: Any, writer: Any) -> str:
+    """The one line refusing a shard set of schema `version`: for an older one, what changed since
+    and the command that writes it again in this ctray's format."""
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        return (
+            f"{uri} holds shards of schema v{version}; this ctray reads v{SCHEMA_VERSION}: read it with the ctray that"
+            f" wrote it ({writer}) or a later one"
+        )
+    since = version if isinstance(version, int) else 0
+    changed = "; ".join(f"v{v}: {what}" for v, what in sorted(SCHEMA_CHANGES.items()) if v > since)
+    # `ctray ingest` reads its config from a local file only; an absolute path works from anywhere.
+    config = posixpath.join(uri if is_remote(uri) else resolve_uri(uri), INGEST_CONFIG)
+    config = f"<a local copy of {config}>" if is_remote(uri) else shlex.quote(config)
+    return (
+        f"{uri} holds shards of schema v{version}; this ctray reads v{SCHEMA_VERSION} ({changed}): re-ingest with"
+        f" `ctray ingest {config} output.uri=<a new folder>`"
+    )
+
+
 @dataclass(frozen=True)
 class ShardSet:
     """A shard set: the committed shards ingest wrote under `uri`, as manifest.json lists them."""
@@ -449,7 +474,8 @@ class ShardSet:
     """Shards the last run could not write, in manifests of an ingest that did not yet split them
     (their scans' worker deaths are quarantined now); re-running ingest retries them."""
     purged: tuple[str, ...]
-    """Scan ids removed by `ctray purge` (never ingested again), sorted."""
+    """Scan ids removed by `ctray purge` (never ingested again), sorted. purged.json holds their
+    content hashes too (ctray.ingest.job.Purged)."""
     llm_fallbacks: dict[str, int]
     """Reports the LLM parser failed on, by reason (the rules parser split them instead)."""
     ungrouped: int
@@ -535,10 +561,7 @@ class ShardSet:
         if not isinstance(d, dict):
             raise ConfigError(f"{where} is not a ctray manifest (a JSON {type(d).__name__}, not an object)")
         if d.get("schema_version") != SCHEMA_VERSION:
-            raise ConfigError(
-                f"{uri} holds shards of schema v{d.get('schema_version')}; this ctray reads v{SCHEMA_VERSION}:"
-                " ingest again"
-            )
+            raise ConfigError(_other_schema(uri, d.get("schema_version"), d.get("ctray_version")))
         try:
             ingest = IngestConfig.model_validate(d["config"])
         except ValidationError as e:

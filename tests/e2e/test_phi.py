@@ -1,8 +1,11 @@
-"""No patient data outside the shards: canary strings in reports, in DICOM identifying tags and in
-file names (the scan ids) are run through the real `ctray ingest` command, each run with its own
+"""No patient data outside the shards: canary strings in reports, in DICOM identifying tags, in
+file names (the scan ids) and a canary SeriesInstanceUID (a folder's second series, whose scan id
+would end in it) are run through the real `ctray ingest` command, each run with its own
 local Ray whose session folder the test owns, and are searched for in everything the run left:
 its stderr and stdout, every file of Ray's session logs (the shard writers run in other
-processes), the manifest and the commit records; with pseudonymised ids, the original ids too
+processes), the manifest, the commit records and every other file of the output but the shards
+(compressed; their rows are checked by tests/integration/test_dicom.py); with pseudonymised ids,
+the original ids too
 (also as the group keys of `groups:`, from the file names and the DICOM PatientID).
 The runs join one Ray head whose temp folder the tests own (conftest.py's ray_head), so each run's check
 also searches the logs the earlier runs left.
@@ -29,6 +32,7 @@ from helpers import CTRAY_CLI, PHANTOM_SPACING, REPO, RayHead, Relay, ctray_cli
 REPORT_CANARY = "CANARY-RPT-91f3"
 TAG_CANARY = "CANARY-TAG-4c0d"
 ID_CANARY = "CANARY-MRN-77a2"
+UID_CANARY = "1.2.826.0.1.3680043.8.498.7777123456"
 KEY = "k" * 32
 
 
@@ -48,6 +52,11 @@ def _dataset(root: Path, header: bool = True, corrupt: bool = False) -> Path:
     for path in series:  # names and ids in the identifying tags
         ds = pydicom.dcmread(path)
         ds.PatientName = f"{TAG_CANARY}^Jane"
+        ds.save_as(path)
+    second = write_ct_series(str(scans / f"{ID_CANARY}-dicom"), p.hu, p.affine, "x", file_name="b{k:04d}.dcm")
+    for path in second:  # the folder's second series: its scan id would be <folder>/<uid>
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = UID_CANARY
         ds.save_as(path)
     lines.append(f'{ID_CANARY}-dicom,"{REPORT_CANARY} follow-up. The lungs are clear."')
     crash = write_ct_series(str(scans / f"{ID_CANARY}-crash"), p.hu[:3], p.affine, "x")
@@ -90,7 +99,10 @@ def _leaks(canaries: list[str], texts: dict[str, str], ray_head: RayHead, output
 
 
 def _records(out: Path) -> list[Path]:
-    return [out / "manifest.json", *sorted((out / "_commits").glob("*.json"))]
+    """Every file of the output but the shards (whose compressed bytes would hide a canary)."""
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix != ".parquet")
+    assert {out / "manifest.json", out / "ingest-config.yaml"} <= set(files)
+    return files
 
 
 def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, ray_head):
@@ -115,18 +127,24 @@ def test_canaries_with_pseudonymised_ids_and_a_crashing_scan(tmp_path, ray_head)
     )
     stdout, stderr = done.stdout, done.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"]["written"] == 6 and all(w["scan_id"].startswith("s") for w in manifest["written"])
+    assert manifest["counts"]["written"] == 7 and all(w["scan_id"].startswith("s") for w in manifest["written"])
     reasons = " ".join(q["reason"] for q in manifest["quarantine"]) + " ".join(s["reason"] for s in manifest["skipped"])
     assert "unreadable DICOM header (ValueError)" in reasons  # the crash, reduced to its type
     unreadable = [q["reason"] for q in manifest["quarantine"] if "not a readable NIfTI file (" in q["reason"]]
     assert len(unreadable) == 4 and all(r.startswith("scan s") for r in unreadable), unreadable  # by type only
     assert "lacks a usable ImageOrientationPatient, ImagePositionPatient or PixelSpacing" in reasons
     assert (
-        _leaks([REPORT_CANARY, TAG_CANARY, ID_CANARY], {"stdout": stdout, "stderr": stderr}, ray_head, _records(out))
+        _leaks(
+            [REPORT_CANARY, TAG_CANARY, ID_CANARY, UID_CANARY],
+            {"stdout": stdout, "stderr": stderr},
+            ray_head,
+            _records(out),
+        )
         == []
     )
     probe_cache = [p for p in Path(str(out) + ".id_map.jsonl.probe").iterdir()]
     assert probe_cache and not [p for p in probe_cache if TAG_CANARY in p.read_text()]  # groups cached as hashes
+    assert [p for p in probe_cache if UID_CANARY in p.read_text()]  # the UID reached ctray, and stayed here
     id_map = [json.loads(line) for line in Path(str(out) + ".id_map.jsonl").read_text().splitlines()]
     assert {e["source_id"] for e in id_map if e["source_id"]} >= {
         f"{ID_CANARY}-{i}" for i in range(4)
@@ -175,7 +193,7 @@ def test_canaries_when_storage_goes_down_mid_job(tmp_path, s3_endpoint, ray_head
     fs.get("phi-out/run/", str(local) + "/", recursive=True)
     records = [p for p in local.rglob("*.json")]
     assert any("_commits" in str(p) for p in records), "nothing was committed before the cut"
-    canaries = [REPORT_CANARY, TAG_CANARY, ID_CANARY]
+    canaries = [REPORT_CANARY, TAG_CANARY, ID_CANARY, UID_CANARY]
     assert _leaks(canaries, {"stdout": stdout, "stderr": stderr}, ray_head, records) == []
 
 

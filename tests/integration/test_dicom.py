@@ -223,3 +223,45 @@ def test_groups_from_patient_and_study_tags(ray_local, tmp_path, monkeypatch, ca
     run_ingest(ingest_cfg(scans, study, *settings, "groups.dicom=study"))
     study_groups = {sid: row["group"] for sid, row in _rows(study).items()}
     assert study_groups == dict.fromkeys(groups, str(first.StudyInstanceUID))
+
+
+SERIES_CANARY = "1.2.826.0.1.3680043.8.498.4242424242"
+SCOUT_CANARY = "1.2.826.0.1.3680043.8.498.4343434343"
+
+
+def test_series_uids_stay_out_of_a_pseudonymised_output(ray_local, tmp_path, monkeypatch, caplog):
+    """A folder holding two axial series and a localizer: unpseudonymised, the series' scan ids are
+    `<folder>/<SeriesInstanceUID>`. Pseudonymised, the canary UIDs reach no row, commit record,
+    manifest, other file of the output (no _probe/ there) or log line, only the id map and the probe
+    cache beside it, which are meant to hold the originals."""
+    scans = tmp_path / "scans"
+    _edit(PATIENT / "CT5N", scans / "both", lambda i, ds: None)
+
+    def second_series(i, ds):
+        ds.SeriesInstanceUID = SERIES_CANARY
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], ds.ImagePositionPatient[2] + 100]
+
+    _edit(PATIENT / "CT5N", tmp_path / "second", second_series)
+    _edit(PATIENT / "CT2N", tmp_path / "scout", lambda i, ds: setattr(ds, "SeriesInstanceUID", SCOUT_CANARY))
+    for p in [*(tmp_path / "second").iterdir(), *(tmp_path / "scout").iterdir()]:
+        p.rename(scans / "both" / (p.parent.name + p.name))
+
+    monkeypatch.setenv("CTRAY_ID_KEY", "k" * 32)
+    out = tmp_path / "out"
+    cfg = ingest_cfg(scans, out, "preprocess.spacing=[2.5,2,2]", "lease.settle_s=0", "privacy.pseudonymize_ids=true")
+    with caplog.at_level(logging.INFO, logger="ctray"):
+        result = run_ingest(cfg)
+    assert (result.scans, result.skipped) == (2, 1)
+    names, rows = Names(cfg), _rows(out)
+    first = str(pydicom.dcmread(next((PATIENT / "CT5N").iterdir())).SeriesInstanceUID)
+    assert set(rows) == {names.scan_id(f"both/{uid}", "") for uid in (first, SERIES_CANARY)}  # ids of the UIDs
+    canaries = (SERIES_CANARY, SCOUT_CANARY)
+    strings = [{k: v for k, v in r.items() if k not in ("volume", "label_map")} for r in rows.values()]
+    places = {"shard rows": json.dumps(strings, default=str), "logs": caplog.text}
+    files = [p for p in out.rglob("*") if p.is_file() and p.suffix != ".parquet"]  # shards: their rows, above
+    assert {p.name for p in files} >= {"manifest.json", "ingest-config.yaml", "key-check.json"}
+    assert not (out / "_probe").exists() and len([p for p in files if p.parent.name == "_commits"]) == 1
+    places.update({str(p): p.read_text() for p in files})
+    assert [f"{c} in {where}" for where, text in places.items() for c in canaries if c in text] == []
+    kept = Path(str(out) + ".id_map.jsonl").read_text()  # where the originals belong
+    assert SERIES_CANARY in kept and SCOUT_CANARY in kept

@@ -1,14 +1,17 @@
 """Safe resumed ingest: a crash's leftovers, changed inputs, `ctray verify` and `ctray purge`, on a
 real local Ray. The output's lease against a second `ctray ingest` process: e2e/test_ingest_cli.py."""
 
+import hashlib
+import hmac
 import json
 import shutil
 from pathlib import Path
 
 from ctray.config import StorageConfig
 from ctray.data.phantoms import make_phantom, write_dataset, write_nifti
-from ctray.ingest.job import run_ingest
+from ctray.ingest.job import Purged, read_purged, run_ingest
 from ctray.ingest.maintain import purge
+from ctray.ingest.privacy import Names
 from ctray.ingest.records import verify
 
 from helpers import PHANTOM_SHAPE, PHANTOM_SPACING, ingest_cfg, shard_rows
@@ -57,9 +60,19 @@ def test_leftovers_of_a_crash_changed_inputs_and_verify(ray_local, tmp_path):
     assert any(f"{shards[1].name}: committed but missing" in p for p in problems), problems
 
 
+def _sha256(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
 def test_purge_removes_a_scan_everywhere(ray_local, tmp_path):
     data, out, cfg = _ingested(tmp_path, 4, seed=2)
+    hashes = {r["scan_id"]: r["content_hash"] for r in _rows(out)}
+    assert hashes == {sid: _sha256(data / "scans" / f"{sid}.nii.gz").hex() for sid in hashes}  # not pseudonymised
     purge(str(out), StorageConfig(), ["phantom0001"])
+    assert json.loads((out / "purged.json").read_text()) == {
+        "scan_ids": ["phantom0001"],
+        "content_hashes": [hashes["phantom0001"]],
+    }
     assert sorted(r["scan_id"] for r in _rows(out)) == ["phantom0000", "phantom0002", "phantom0003"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert "phantom0001" not in {w["scan_id"] for w in manifest["written"]} and manifest["purged"] == ["phantom0001"]
@@ -70,6 +83,54 @@ def test_purge_removes_a_scan_everywhere(ray_local, tmp_path):
     assert [s["reason"] for s in skipped if "phantom0001" in s["input"]] == [
         f"{data}/scans/phantom0001.nii.gz: removed by `ctray purge`; not ingested again"
     ]
+    # purged.json as ctray wrote it before content hashes: a list of ids, still read
+    (out / "purged.json").write_text('["phantom0001"]')
+    assert read_purged(str(out), StorageConfig()) == Purged(("phantom0001",))
+
+
+def test_a_purged_scan_copied_under_another_name_is_not_ingested_again(ray_local, tmp_path, monkeypatch):
+    """Pseudonymised, content hashes are HMACs under a key derived from the id key (a plain sha256
+    of the PACS files would link rows to them without the key). A purge records the scan's content
+    hash: its file copied under a new name (so a new id) is quarantined by the writer, in one line
+    naming it by pseudonym only."""
+    key = "key-A-0123456789abcdef"
+    monkeypatch.setenv("CTRAY_ID_KEY", key)
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_dataset(str(data), 3, seed=5, shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING)
+    cfg = ingest_cfg(data / "scans", out, "privacy.pseudonymize_ids=true")
+    assert run_ingest(cfg).scans == 3
+    names = Names(cfg)
+    content_key = names.content_key()
+    assert key not in repr(content_key) and content_key.value not in repr(content_key) + str(content_key)
+    derived = hmac.new(key.encode(), b"ctray content hash", hashlib.sha256).digest()
+    assert content_key.value == derived.hex()  # the id key itself never travels to the writers
+    hashes = {r["scan_id"]: r["content_hash"] for r in _rows(out)}
+    for i in range(3):
+        sha = _sha256(data / "scans" / f"phantom000{i}.nii.gz")
+        stored = hashes[names.scan_id(f"phantom000{i}", "")]
+        assert stored != sha.hex() and sha.hex() not in stored
+        assert stored == "hmac-sha256:" + hmac.new(derived, sha, hashlib.sha256).hexdigest()
+
+    purge(str(out), StorageConfig(), ["phantom0001"])
+    purged_id = names.scan_id("phantom0001", "")
+    assert read_purged(str(out), StorageConfig()) == Purged((purged_id,), (hashes[purged_id],))
+    shutil.copy(data / "scans" / "phantom0001.nii.gz", data / "scans" / "renamed-copy.nii.gz")
+    result = run_ingest(cfg)
+    assert (result.scans, result.quarantined, result.skipped) == (2, 1, 1)
+    assert sorted(r["scan_id"] for r in _rows(out)) == sorted(set(hashes) - {purged_id})
+    text = (out / "manifest.json").read_text()
+    manifest = json.loads(text)
+    copy = names.scan_id("renamed-copy", "")
+    assert manifest["quarantine"] == [
+        {
+            "scan_id": copy,
+            "input": f"scan {copy}",
+            "reason": f"scan {copy}: same content as a scan removed by `ctray purge`; not ingested again",
+        }
+    ]
+    assert [s["input"] for s in manifest["skipped"]] == [f"scan {purged_id}"]
+    assert manifest["counts"]["inputs"] == 4 and manifest["counts"]["written"] == 2
+    assert "renamed" not in text and "phantom" not in text
 
 
 def test_an_unreadable_commit_record_stops_ingest_and_purge_and_verify_deletes_nothing(ray_local, tmp_path):

@@ -7,6 +7,7 @@ read_records reading them typed."""
 import dataclasses
 import json
 import logging
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -17,10 +18,12 @@ from conftest import ingest_cfg
 
 import ctray
 from ctray.anatomy import anatomy_label_ids
-from ctray.config import StorageConfig
+from ctray.cli import build_parser
+from ctray.config import StorageConfig, load_config
+from ctray.config_show import command_config
 from ctray.errors import ConfigError
 from ctray.ingest.job import run_ingest
-from ctray.ingest.records import build_manifest, read_records
+from ctray.ingest.records import build_manifest, read_records, verify
 from ctray.ingest.schema import SCHEMA_VERSION
 from ctray.ingest.shards import preprocess_fingerprint
 from ctray.ingest.shardset import (
@@ -160,10 +163,29 @@ def test_a_manifest_that_is_not_json_is_one_line(tmp_path):
 
 
 def test_shards_of_another_schema_version_are_refused(ingested, tmp_path):
-    _, out = ingested
-    uri = _copy_manifest(out, tmp_path / "old", lambda m: m.update(schema_version=SCHEMA_VERSION - 1))
+    """A v3 shard set (its manifest says so) is refused in one line saying what changed and the
+    command that writes it again, which `ctray ingest` parses into that set's config with a new
+    output; `ctray verify` reports the same line. A newer set names the ctray that wrote it."""
+    cfg, out = ingested
+    uri = _copy_manifest(out, tmp_path / "old", lambda m: m.update(schema_version=3))
+    shutil.copy(out / "ingest-config.yaml", tmp_path / "old" / "ingest-config.yaml")
+    message = _one_line_error(uri)
+    assert message == (
+        f"{uri} holds shards of schema v3; this ctray reads v4 (v4: content_hash keyed when pseudonymising;"
+        " SeriesInstanceUIDs never in ids when pseudonymising): re-ingest with"
+        f" `ctray ingest {uri}/ingest-config.yaml output.uri=<a new folder>`"
+    )
+    assert verify(uri, STORAGE) == [message]
+    command = message.split("`")[1].replace("<a new folder>", str(tmp_path / "new"))
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    again = load_config(command_config(args.command), args.config, args.overrides)
+    assert again.output.uri == str(tmp_path / "new")
+    assert again.model_dump(exclude={"output"}) == cfg.model_dump(exclude={"output"})
+
+    uri = _copy_manifest(out, tmp_path / "newer", lambda m: m.update(schema_version=SCHEMA_VERSION + 1))
     assert _one_line_error(uri) == (
-        f"{uri} holds shards of schema v{SCHEMA_VERSION - 1}; this ctray reads v{SCHEMA_VERSION}: ingest again"
+        f"{uri} holds shards of schema v{SCHEMA_VERSION + 1}; this ctray reads v{SCHEMA_VERSION}: read it with the"
+        f" ctray that wrote it ({ctray.__version__}) or a later one"
     )
 
 
