@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from ctray.config import StorageConfig
 from ctray.console import quiet_dataset, verbose
 from ctray.errors import ConfigError
-from ctray.ingest.derived import record_derived
+from ctray.ingest.derived import part_name, record_derived
 from ctray.redact import redact_text
 
 if TYPE_CHECKING:
@@ -143,12 +143,6 @@ def _rows(arrays: list[np.ndarray]) -> np.ndarray:
     for i, a in enumerate(arrays):
         out[i] = a[0]
     return out
-
-
-def part_name(shard: str, sha256: str) -> str:
-    """The embeddings part of a shard: its name and the start of its content hash, so that a shard
-    rewritten under the same name (another input, a purge) is embedded anew."""
-    return f"part-{shard.removeprefix('part-')}-{sha256[:12]}.parquet"
 
 
 def _column(values: np.ndarray) -> pa.Array:

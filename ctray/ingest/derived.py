@@ -90,6 +90,12 @@ def forget_derived(shards_uri: str, storage: StorageConfig, derived: Derived) ->
     remove(fs, _path(root, derived.kind, derived.uri), storage)
 
 
+def part_name(shard: str, sha256: str) -> str:
+    """The embeddings part of a shard (ctray.embed): its name and the start of its content hash, so
+    that a shard rewritten under the same name (another input, a purge) is embedded anew."""
+    return f"part-{shard.removeprefix('part-')}-{sha256[:12]}.parquet"
+
+
 def shard_of_part(part: str) -> str:
     """The shard an embeddings part was made from: part-<id>-<sha12>.parquet -> part-<id>."""
     return posixpath.basename(part).removesuffix(".parquet").rsplit("-", 1)[0]

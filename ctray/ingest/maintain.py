@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
 from ctray.ingest.config import IngestConfig
-from ctray.ingest.derived import Derived, forget_derived, read_derived, record_derived, shard_of_part
+from ctray.ingest.derived import Derived, forget_derived, part_name, read_derived, record_derived, shard_of_part
 from ctray.ingest.job import PURGED, read_purged, resolve
 from ctray.ingest.lease import Lease
 from ctray.ingest.llm import CACHE_DIR, cache_path
@@ -214,8 +214,6 @@ def _purge_embeddings(embeddings: str, storage: StorageConfig, new_of: dict[str,
     """Rewrite the parts of the rewritten shards without the purged scans, each under its new
     shard's part name (a scan embeds alike in any shard: ctray.embed), so that the folder stays
     whole and the next `ctray embed` has nothing to redo; returns the rows removed."""
-    from ctray.embed import part_name
-
     fs, root = filesystem(embeddings, storage)
     removed = 0
     for path in list_files(fs, root, storage, ".parquet"):
