@@ -292,31 +292,16 @@ def probe_items(emb: Any, seed: int) -> list[Scored]:
 def zero_shot_items(emb: Any) -> list[Scored]:
     """Each finding's zero-shot logit margins (one row per template) with the export's text tower
     and the phantoms' report-worded prompts."""
-    import torch
-
     from ctray.data.phantoms import report_prompts
     from ctray.evaluate.config import ZeroShotConfig
-    from ctray.evaluate.zeroshot import AnatomyScans, Prompts, zero_shot_scores
+    from ctray.evaluate.run import embeddings_zero_shot
     from ctray.export import load_encoder
 
-    tower = load_encoder(emb.export)
     zs = ZeroShotConfig(finding_prompts=report_prompts())
     zs.findings = {**zs.findings, **emb.finding_anatomies}
-    scans = AnatomyScans(
-        torch.from_numpy(emb.anatomy_embedding),
-        emb.region,
-        emb.finding_labels,
-        emb.findings,
-        emb.abnormal,
-        emb.anatomies,
-    )
-    prompts = Prompts(lambda t: tower.embed_texts(t).detach().float().cpu(), 1.0 / float(tower.temperature))
+    items = embeddings_zero_shot(emb, zs, load_encoder(emb.export))
     ids = np.asarray(emb.scan_ids)
-    return [
-        Scored(it.item, ids[it.scans], it.labels, it.margins)
-        for it in zero_shot_scores(scans, prompts, zs)
-        if it.task == "finding"
-    ]
+    return [Scored(it.item, ids[it.scans], it.labels, it.margins) for it in items if it.task == "finding"]
 
 
 def _ablations(

@@ -16,7 +16,7 @@ import torch
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
 from ctray.evaluate.bootstrap import group_resample_weights, mean_intervals, nanmean, zero_shot_intervals
-from ctray.evaluate.config import EvalReportConfig
+from ctray.evaluate.config import EvalReportConfig, ZeroShotConfig
 from ctray.evaluate.embeddings import Embeddings, load_embeddings, require_labels
 from ctray.evaluate.plots import label_efficiency, roc_curves, similarity_histogram, tsne_map
 from ctray.evaluate.probe import KINDS, SCORES, ProbeRow, ProbeTask, probe_tasks, run_probes
@@ -185,17 +185,8 @@ def zero_shot_part(emb: Embeddings, cfg: EvalReportConfig, tower: TextTower) -> 
         )
     zs = cfg.zero_shot.model_copy(update={"findings": {**cfg.zero_shot.findings, **emb.finding_anatomies}})
     log.info("eval: zero-shot over %d templates, %d bootstrap resamples", len(zs.templates), cfg.bootstrap)
-    scans = AnatomyScans(
-        torch.from_numpy(emb.anatomy_embedding),
-        emb.region,
-        emb.finding_labels,
-        emb.findings,
-        emb.abnormal,
-        emb.anatomies,
-    )
-    prompts = Prompts(lambda t: tower.embed_texts(t).detach().float().cpu(), 1.0 / float(tower.temperature))
     items, protocol = apply_protocol(
-        zero_shot_scores(scans, prompts, zs), cfg.threshold, emb.group_index, cfg.validation_fraction, cfg.seed
+        embeddings_zero_shot(emb, zs, tower), cfg.threshold, emb.group_index, cfg.validation_fraction, cfg.seed
     )
     rows = template_rows(items)
     metrics = template_summary(rows)
@@ -228,6 +219,22 @@ def zero_shot_part(emb: Embeddings, cfg: EvalReportConfig, tower: TextTower) -> 
             "protocol": protocol,
         },
     )
+
+
+def embeddings_zero_shot(emb: Embeddings, zs: ZeroShotConfig, tower: TextTower) -> list[ItemScores]:
+    """The zero-shot items of an embeddings folder (anatomy embeddings) scored with the tower's
+    prompts, before any threshold protocol."""
+    assert emb.anatomy_embedding is not None and emb.region is not None and emb.abnormal is not None
+    scans = AnatomyScans(
+        torch.from_numpy(emb.anatomy_embedding),
+        emb.region,
+        emb.finding_labels,
+        emb.findings,
+        emb.abnormal,
+        emb.anatomies,
+    )
+    prompts = Prompts(lambda t: tower.embed_texts(t).detach().float().cpu(), 1.0 / float(tower.temperature))
+    return zero_shot_scores(scans, prompts, zs)
 
 
 def _item_metrics(items: list[ItemScores], intervals: dict) -> list[dict]:
