@@ -6,18 +6,23 @@ or open_clip's zero-shot tables, at a size a laptop runs).
    and labelled), `reconstructions` scans per patient; a grouped split (ctray.evaluate.paired) puts
    each patient's scans in the training or the held-out folder; each folder is ingested (groups:
    the patient).
-2. Each recipe's local job pretrains on the training shards for the size's steps (TotalFM stage 2
-   from its stage 1), and its export embeds the held-out shards. The same architecture at its
+2. Each recipe's local job pretrains on the training shards (ingested at 3x2x2 mm) for the size's
+   steps (TotalFM stage 2 from its stage 1), and its export embeds the held-out shards. The same architecture at its
    initialisation (the run's own seed, before any step; the tokenizer trained on the same reports)
    is exported and embeds them too.
 3. Protocols, each on the held-out scans only:
    - linear probe: per finding, out-of-fold scores of a stratified group k-fold logistic regression
-     on the scan embeddings (ctray.evaluate.probe), AUROC averaged over the findings;
+     (ctray.evaluate.probe) on the embedding the recipe gives it (the organ-wise recipes: the
+     finding's anatomy embedding, as zero-shot scores it; CT-FM: the scan embedding), AUROC
+     averaged over the findings;
    - zero-shot (TotalFM stage 2, CA-GCL): per finding, the logit margin between the phantoms'
      report-worded prompts (a text tower trained for minutes on phantoms knows no other language),
      AUROC averaged over templates and findings.
-   Pretrained minus random init, with a paired bootstrap over patients (95%): "learns" when the
-   interval lies above 0, else said to be inside its CI.
+   Pretrained minus random init, with a paired bootstrap over patients (95%): "pretrained > random
+   init" when the interval lies above 0, else said to be inside its CI; and whether A's own
+   interval lies above chance (0.5). A random text tower's zero-shot AUROC is a coin flip shared by
+   every finding (its prompts' direction is random: ~0.3 or ~0.7 on these phantoms), so a zero-shot
+   difference needs the chance column beside it.
 4. Ablations (--ablations, separate runs): TotalFM stage 2 without stage 1 (its vision tower from
    random init) against with it; CA-GCL local loss only (global_weight 0) against local + global,
    with the text-embedding similarity (collapse) of each.
@@ -53,21 +58,28 @@ class Size:
     reconstructions: int
     held_out: float
     """Share of the patients held out."""
-    steps: int
-    """Pretraining steps of every run (TotalFM stage 1 and stage 2 each)."""
+    steps: dict[str, int]
+    """Pretraining steps per recipe (TotalFM stage 2 and the ablations as their recipe)."""
     scans_per_batch: int
 
 
 SIZES = {
-    "small": Size(patients=40, reconstructions=2, held_out=0.5, steps=150, scans_per_batch=8),
-    "medium": Size(patients=120, reconstructions=2, held_out=0.4, steps=600, scans_per_batch=8),
-    "large": Size(patients=600, reconstructions=2, held_out=0.3, steps=3000, scans_per_batch=16),
+    "small": Size(40, 2, 0.5, {"ctfm": 200, "totalfm_mae": 400, "totalfm_clip": 400, "cagcl": 400}, 8),
+    "medium": Size(120, 2, 0.4, {"ctfm": 800, "totalfm_mae": 1600, "totalfm_clip": 1600, "cagcl": 1600}, 8),
+    "large": Size(600, 2, 0.3, {"ctfm": 4000, "totalfm_mae": 8000, "totalfm_clip": 8000, "cagcl": 8000}, 16),
 }
 """small: the default, about 20 minutes on this 2-core CPU machine; medium and large for a GPU node."""
+
+SPACING = "[3.0, 2.0, 2.0]"
+"""Ingest spacing (mm): the phantoms' 2.5 mm in-plane resampled to 2 mm instead of the local ingest
+job's 1 mm, a quarter of the voxels to sample and embed; the planted lesions stay several voxels
+wide."""
 
 
 @dataclass(frozen=True)
 class Recipe:
+    key: str
+    """Its name in Size.steps and --recipes."""
     title: str
     job: str
     """Local job under jobs/."""
@@ -76,10 +88,10 @@ class Recipe:
 
 
 RECIPES = {
-    "ctfm": Recipe("CT-FM intra-sample SimCLR", "ctfm-local.yaml", False),
-    "totalfm_mae": Recipe("TotalFM stage 1 (organ VideoMAE)", "totalfm-mae-local.yaml", False),
-    "totalfm_clip": Recipe("TotalFM stage 2 (organ-wise CLIP)", "totalfm-clip-local.yaml", True),
-    "cagcl": Recipe("CA-GCL", "cagcl-local.yaml", True),
+    "ctfm": Recipe("ctfm", "CT-FM intra-sample SimCLR", "ctfm-local.yaml", False),
+    "totalfm_mae": Recipe("totalfm_mae", "TotalFM stage 1 (organ VideoMAE)", "totalfm-mae-local.yaml", False),
+    "totalfm_clip": Recipe("totalfm_clip", "TotalFM stage 2 (organ-wise CLIP)", "totalfm-clip-local.yaml", True),
+    "cagcl": Recipe("cagcl", "CA-GCL", "cagcl-local.yaml", True),
 }
 
 
@@ -170,6 +182,7 @@ def _shard_sets(workdir: str, size: Size, seed: int) -> tuple[str, str]:
                 f"input.reports={folder}/reports.jsonl",
                 f"output.uri={out[side]}",
                 f"groups.pattern='{GROUP_PATTERN}'",
+                f"preprocess.spacing={SPACING}",
             ],
         )
         run_ingest(cfg)
@@ -190,9 +203,9 @@ def _job(workdir: str, name: str, recipe: Recipe, size: Size, shards: str, seed:
             f"run.storage={workdir}/runs",
             f"run.name={name}",
             f"train.seed={seed}",
-            f"train.max_steps={size.steps}",
-            f"train.log_every={max(1, size.steps // 10)}",
-            f"train.checkpoint_every={size.steps}",
+            f"train.max_steps={size.steps[recipe.key]}",
+            f"train.log_every={max(1, size.steps[recipe.key] // 10)}",
+            f"train.checkpoint_every={size.steps[recipe.key]}",
             f"data.scans_per_batch={size.scans_per_batch}",
             "eval.every=0",
             *extra,
@@ -206,7 +219,7 @@ def _job(workdir: str, name: str, recipe: Recipe, size: Size, shards: str, seed:
 def _pretrain(workdir: str, name: str, recipe: Recipe, size: Size, shards: str, seed: int, extra: list[str]) -> str:
     from ctray.train.trainer import run_pretrain
 
-    log.info("bench learn: pretraining %s for %d steps", recipe.title, size.steps)
+    log.info("bench learn: pretraining %s for %d steps", recipe.title, size.steps[recipe.key])
     run_pretrain(_job(workdir, name, recipe, size, shards, seed, extra))
     return os.path.join(workdir, "runs", name)
 
@@ -270,22 +283,31 @@ def _scored(workdir: str, name: str, run: str, shards: str, zero_shot: bool) -> 
 
 
 def probe_items(emb: Any, seed: int) -> list[Scored]:
-    """Each finding's out-of-fold linear-probe scores on the scan embeddings (scans whose fold was
-    skipped, with one class, left out)."""
+    """Each finding's out-of-fold linear-probe scores (scans of a skipped fold left out), on the
+    embedding its recipe gives the finding: the anatomy embedding of the finding's anatomy for the
+    organ-wise recipes (as zero-shot scores it; the scans that show the anatomy), else the scan
+    embedding."""
     from ctray.evaluate.config import ProbeConfig
-    from ctray.evaluate.probe import cross_validate, probe_tasks
+    from ctray.evaluate.probe import ProbeTask, cross_validate
 
     cfg = ProbeConfig()
     ids = np.asarray(emb.scan_ids)
     items = []
-    for task in (t for t in probe_tasks(emb) if t.family == "finding"):
+    for c, finding in enumerate(emb.findings):
+        ok = (emb.finding_labels[:, c] >= 0) & emb.embedded
+        x = emb.embedding
+        anatomy = emb.finding_anatomies.get(finding)
+        if emb.anatomy_embedding is not None and anatomy in emb.anatomies:
+            j = emb.anatomies.index(anatomy)
+            ok &= emb.region[:, j]
+            x = emb.anatomy_embedding[:, j]
+        task = ProbeTask("finding", finding, x[ok], emb.finding_labels[ok, c].astype(int), emb.group_index[ok])
         folds = min(cfg.folds, task.minority)
         if folds < 2:
             continue
         scores = cross_validate(task, "linear", cfg, folds, 1.0, seed).out_of_fold
-        ok_rows = (emb.finding_labels[:, emb.findings.index(task.name)] >= 0) & emb.embedded
-        ok = np.isfinite(scores)
-        items.append(Scored(task.name, ids[ok_rows][ok], task.y[ok], scores[ok][None]))
+        done = np.isfinite(scores)
+        items.append(Scored(finding, ids[ok][done], task.y[done], scores[done][None]))
     return items
 
 
@@ -385,20 +407,21 @@ def markdown(result: dict[str, Any]) -> str:
     """The table, with the command and settings that made it."""
     lines = [
         "| recipe | protocol | A | B | macro AUROC A [95% CI] | macro AUROC B [95% CI] | A - B [95% CI] | findings "
-        "| verdict |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| verdict | A above chance |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['recipe']} | {r['protocol']} | {r['a']} | {r['b']} | {_ci(r['a_auroc'], r['a_ci'])} | "
             f"{_ci(r['b_auroc'], r['b_ci'])} | {_ci(r['difference'], r['difference_ci'])} | {r['items']} | "
-            f"{r['verdict']} |"
+            f"{r['verdict']} | {'yes' if r['a_ci'][0] > 0.5 else 'no'} |"
         )
     s = result
     lines += [
         "",
         f"`ctray bench learn --size {s['size']} --seed {s['seed']}`: {s['patients']} phantom patients x "
-        f"{s['reconstructions']} scans, {s['held_out']:.0%} of the patients held out; {s['steps']} steps per run at "
+        f"{s['reconstructions']} scans, {s['held_out']:.0%} of the patients held out; steps per run "
+        f"{', '.join(f'{k} {v}' for k, v in s['steps'].items())} at "
         f"{s['scans_per_batch']} scans per batch; paired bootstrap over held-out patients ({s['resamples']} "
         f"resamples). Seconds: {', '.join(f'{k} {v:.0f}' for k, v in s['seconds'].items())}.",
     ]
