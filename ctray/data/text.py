@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import json
 import logging
 import posixpath
 import re
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ctray.config import StorageConfig
-from ctray.errors import ConfigError
+from ctray.errors import ConfigError, StorageError
 from ctray.storage import arrow_filesystem, filesystem, publish_bytes, read_bytes
 
 if TYPE_CHECKING:
@@ -174,19 +175,53 @@ def prepare_tokenizer(text: TextConfig, shards: str, run_dir: str, storage: Stor
 
         tokenizer_json = AutoTokenizer.from_pretrained(text.model).backend_tokenizer.to_str()
     else:
-        reports, patients = report_sentences(shards, storage)
-        log.info(
-            "training a WordPiece tokenizer (vocab %d, words of >= %d patients) on the sentences of %d reports "
-            "of %d patients (the shards' groups) in %s",
-            text.vocab_size,
-            text.tokenizer_min_patients,
-            len(reports),
-            len(set(patients)),
-            shards,
-        )
-        tokenizer_json = train_wordpiece(reports, text.vocab_size, text.tokenizer_min_patients, patients)
+        tokenizer_json = shard_set_tokenizer(text, shards, storage)
         _record_tokenizer(shards, storage, run_dir)
     publish_bytes(tokenizer_json.encode(), fs, path, storage)
+    return tokenizer_json
+
+
+def shard_set_tokenizer(text: TextConfig, shards: str, storage: StorageConfig) -> str:
+    """The WordPiece tokenizer of the shards' report sentences at these settings: trained once per
+    shard set and kept in it (`_tokenizers/<key>.json`, the key a hash of the settings and the
+    shards' names), so every run on the shards gets the same bytes without training again. Training
+    is a pure function of the sentences and the settings (train_wordpiece), so the cache changes no
+    result; a shard set this process cannot write to trains per run. A purge drops the folder."""
+    from ctray.ingest.derived import SHARED_TOKENIZERS
+    from ctray.ingest.shardset import ShardSet
+
+    names = sorted(s.shard for s in ShardSet.open(shards, storage).shards)
+    settings = {"vocab": text.vocab_size, "min_patients": text.tokenizer_min_patients, "shards": names}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    fs, root = filesystem(shards, storage)
+    path = posixpath.join(root, SHARED_TOKENIZERS, key + ".json")
+    try:
+        tokenizer_json = read_bytes(fs, path, storage).decode()
+        log.info(
+            "using the shard set's tokenizer %s (vocab %d)",
+            posixpath.join(shards, SHARED_TOKENIZERS, key),
+            text.vocab_size,
+        )
+        return tokenizer_json
+    except FileNotFoundError:
+        pass
+    reports, patients = report_sentences(shards, storage)
+    log.info(
+        "training a WordPiece tokenizer (vocab %d, words of >= %d patients) on the sentences of %d reports "
+        "of %d patients (the shards' groups) in %s",
+        text.vocab_size,
+        text.tokenizer_min_patients,
+        len(reports),
+        len(set(patients)),
+        shards,
+    )
+    tokenizer_json = train_wordpiece(reports, text.vocab_size, text.tokenizer_min_patients, patients)
+    try:
+        publish_bytes(tokenizer_json.encode(), fs, path, storage)
+    except (StorageError, OSError) as e:
+        log.warning(
+            "%s: could not keep the tokenizer in the shard set (%s): each run trains its own", shards, type(e).__name__
+        )
     return tokenizer_json
 
 

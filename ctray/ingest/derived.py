@@ -29,6 +29,9 @@ from ctray.storage import filesystem, join, list_files, publish_bytes, read_many
 log = logging.getLogger(__name__)
 
 DERIVED_DIR = "_derived"
+SHARED_TOKENIZERS = "_tokenizers"
+"""Folder of a shard set holding the tokenizers trained on its reports, one per settings
+(ctray.data.text.shard_set_tokenizer): a cache, dropped by a purge."""
 Kind = Literal["embeddings", "evaluation", "tokenizer"]
 
 

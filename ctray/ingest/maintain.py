@@ -11,8 +11,8 @@ ingest, so it never races one, and checks that the lease is still its own before
 
 It then reaches what was made of the shards it rewrote, as recorded under `_derived/`
 (ctray.ingest.derived): embeddings folders lose the scans' rows, evaluation reports are deleted or
-kept as the user says (it stops before changing anything while that is unsaid), and the runs whose
-tokenizer saw the scans' reports are named.
+kept as the user says (it stops before changing anything while that is unsaid), the runs whose
+tokenizer saw the scans' reports are named, and the tokenizers kept in the shard set are dropped.
 """
 
 from __future__ import annotations
@@ -29,7 +29,15 @@ import pyarrow.parquet as pq
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError
 from ctray.ingest.config import IngestConfig
-from ctray.ingest.derived import Derived, forget_derived, part_name, read_derived, record_derived, shard_of_part
+from ctray.ingest.derived import (
+    SHARED_TOKENIZERS,
+    Derived,
+    forget_derived,
+    part_name,
+    read_derived,
+    record_derived,
+    shard_of_part,
+)
 from ctray.ingest.job import PURGED, read_purged, resolve
 from ctray.ingest.lease import Lease
 from ctray.ingest.llm import CACHE_DIR, cache_path
@@ -92,6 +100,11 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str], evaluations: st
             keys = table.column("report_cache_key").to_pylist()
             cache_keys += [k for s, k in zip(scan_ids, keys, strict=False) if s in drop and k]
             new_of[record.shard] = rewrite_without(uri, storage, record, drop, "purged", lease)
+        shared_tokenizers = list_files(fs, join(root, SHARED_TOKENIZERS), storage, ".json") if rewrites else []
+        if shared_tokenizers:  # trained on the purged reports too; a later run trains anew without them
+            lease.ensure("dropping the shard set's tokenizers")
+        for path in shared_tokenizers:
+            remove(fs, path, storage)
         if cache_keys:
             lease.ensure("removing LLM cache entries")
         for key in cache_keys:

@@ -88,9 +88,10 @@ def reference(run: Path, shards: Path, scan_id: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_embed_ctfm_equals_a_single_process_run_resumes_by_shard_and_follows_a_purge(labelled_shards, tmp_path):
+def test_embed_ctfm_equals_a_single_process_run_resumes_by_shard_and_follows_a_purge(labelled_shards, tmp_path, caplog):
     labelled_shards = Path(shutil.copytree(labelled_shards, tmp_path / "shards"))  # purged below
-    shutil.rmtree(labelled_shards / "_derived", ignore_errors=True)  # the other tests' outputs of the original
+    for made in ("_derived", "_tokenizers"):  # what the other tests made of the original
+        shutil.rmtree(labelled_shards / made, ignore_errors=True)
     run = exported("ctfm_simclr", "ctfm-local.yaml", labelled_shards, tmp_path)
     out = tmp_path / "emb"
     result = run_embed(str(run), str(labelled_shards), str(out), patches=True)
@@ -128,13 +129,22 @@ def test_embed_ctfm_equals_a_single_process_run_resumes_by_shard_and_follows_a_p
     # run whose tokenizer saw the scan's report is named.
     run_eval(EvalReportConfig(embeddings=str(out), bootstrap=20))
     tokenizer_run = tmp_path / "tokenizer-run"
-    prepare_tokenizer(TextConfig(tokenizer_min_patients=1), str(labelled_shards), str(tokenizer_run), StorageConfig())
+    text = TextConfig(tokenizer_min_patients=1)
+    prepare_tokenizer(text, str(labelled_shards), str(tokenizer_run), StorageConfig())
+    # Trained once per shard set and settings, kept in it: another run gets the same bytes untrained.
+    (shared,) = (labelled_shards / "_tokenizers").glob("*.json")
+    with caplog.at_level(logging.INFO, logger="ctray"):
+        prepare_tokenizer(text, str(labelled_shards), str(tmp_path / "second-run"), StorageConfig())
+    assert "using the shard set's tokenizer" in caplog.text and "training a WordPiece" not in caplog.text
+    assert (tmp_path / "second-run" / "tokenizer.json").read_bytes() == shared.read_bytes()
     with pytest.raises(ConfigError, match=r"purge stopped: 1 evaluation report\(s\) were computed with these scans"):
         purge(str(labelled_shards), StorageConfig(), [first])
     assert first in table(out).column("scan_id").to_pylist() and ShardSet.open(str(labelled_shards), StorageConfig())
     done = purge(str(labelled_shards), StorageConfig(), [first], evaluations="delete")
     assert done["evaluations"] == [str(out / "report")] and not (out / "report").exists()
-    assert done["embeddings"] == [str(out)] and done["tokenizers"] == [str(tokenizer_run)]
+    assert done["embeddings"] == [str(out)]
+    assert done["tokenizers"] == sorted([str(tokenizer_run), str(tmp_path / "second-run")])
+    assert not list((labelled_shards / "_tokenizers").glob("*.json"))  # trained on the purged report too
     t = table(out)
     ids = t.column("scan_id").to_pylist()
     assert first not in ids and len(ids) == len(set(ids)) == 5 and len(list(out.glob("part-*.parquet"))) == 3
