@@ -129,6 +129,7 @@ def bench_learn(size_name: str, recipes: list[str], ablations: bool, workdir: st
         **asdict(size),
         "seed": seed,
         "resamples": resamples,
+        "ablations": ablations,
         "rows": rows,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
@@ -416,10 +417,18 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_ci(r['b_auroc'], r['b_ci'])} | {_ci(r['difference'], r['difference_ci'])} | {r['items']} | "
             f"{r['verdict']} | {'yes' if r['a_ci'][0] > 0.5 else 'no'} |"
         )
+    spreads = {(r["recipe"], r["a"], r["b"]): r["text_cos_std"] for r in result["rows"] if "text_cos_std" in r}
+    for (recipe, a, b), spread in spreads.items():
+        lines += [
+            "",
+            f"{recipe} text-embedding spread (std of the cosine between different anatomies' report texts; near 0: "
+            f"collapsed): {a} {spread['a']:.3f}, {b} {spread['b']:.3f}.",
+        ]
     s = result
+    command = f"ctray bench learn --size {s['size']} --seed {s['seed']}{' --ablations' if s.get('ablations') else ''}"
     lines += [
         "",
-        f"`ctray bench learn --size {s['size']} --seed {s['seed']}`: {s['patients']} phantom patients x "
+        f"`{command}`: {s['patients']} phantom patients x "
         f"{s['reconstructions']} scans, {s['held_out']:.0%} of the patients held out; steps per run "
         f"{', '.join(f'{k} {v}' for k, v in s['steps'].items())} at "
         f"{s['scans_per_batch']} scans per batch; paired bootstrap over held-out patients ({s['resamples']} "
