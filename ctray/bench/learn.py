@@ -193,6 +193,7 @@ def _shard_sets(workdir: str, size: Size, seed: int) -> tuple[str, str]:
 def _job(workdir: str, name: str, recipe: Recipe, size: Size, shards: str, seed: int, extra: list[str]) -> Any:
     from ctray.config import load_config
     from ctray.data.phantoms import report_prompts
+    from ctray.objectives.contrast import ContrastConfig
     from ctray.quickstart import job_yaml
     from ctray.train.config import PretrainConfig
 
@@ -212,7 +213,7 @@ def _job(workdir: str, name: str, recipe: Recipe, size: Size, shards: str, seed:
             *extra,
         ],
     )
-    if recipe.zero_shot:
+    if isinstance(cfg.objective, ContrastConfig):  # the phantoms' report wording (see zero_shot_items)
         cfg.objective.zero_shot.finding_prompts = report_prompts()
     return cfg
 
