@@ -255,8 +255,8 @@ def _compare(
     workdir: str, name: str, recipe: Recipe, run: str, random_run: str, test_shards: str, seed: int, resamples: int
 ) -> list[dict[str, Any]]:
     """The protocols' rows for one recipe: pretrained (A) against random init (B)."""
-    a = _scored(workdir, f"{name}", run, test_shards, recipe.zero_shot)
-    b = _scored(workdir, f"{name}-random-init", random_run, test_shards, recipe.zero_shot)
+    a = _scored(workdir, f"{name}", run, test_shards, recipe.zero_shot, seed)
+    b = _scored(workdir, f"{name}-random-init", random_run, test_shards, recipe.zero_shot, seed)
     group_of = a.pop("groups")
     b.pop("groups")
     rows = []
@@ -267,7 +267,7 @@ def _compare(
     return rows
 
 
-def _scored(workdir: str, name: str, run: str, shards: str, zero_shot: bool) -> dict[str, Any]:
+def _scored(workdir: str, name: str, run: str, shards: str, zero_shot: bool, seed: int) -> dict[str, Any]:
     """The held-out scans embedded by the run's export -> {"linear probe": items, "zero-shot": items,
     "groups": scan id -> group}."""
     from ctray.config import StorageConfig
@@ -275,9 +275,9 @@ def _scored(workdir: str, name: str, run: str, shards: str, zero_shot: bool) -> 
     from ctray.evaluate.embeddings import load_embeddings
 
     out = os.path.join(workdir, "embeddings", name)
-    run_embed(os.path.join(run, "export"), shards, out)
+    run_embed(os.path.join(run, "export"), shards, out, seed=seed)
     emb = load_embeddings(out, StorageConfig())
-    scored: dict[str, Any] = {"linear probe": probe_items(emb, seed=0)}
+    scored: dict[str, Any] = {"linear probe": probe_items(emb, seed)}
     if zero_shot:
         scored["zero-shot"] = zero_shot_items(emb)
     scored["groups"] = dict(zip(emb.scan_ids, emb.groups, strict=True))
@@ -346,16 +346,16 @@ def _ablations(
         alone = _pretrain(
             workdir, "totalfm_clip-no-stage1", recipe, size, train_shards, seed, ["objective.init_from=null"]
         )
-        a = _scored(workdir, "totalfm_clip", os.path.join(workdir, "runs", "totalfm_clip"), test_shards, True)
-        b = _scored(workdir, "totalfm_clip-no-stage1", alone, test_shards, True)
+        a = _scored(workdir, "totalfm_clip", os.path.join(workdir, "runs", "totalfm_clip"), test_shards, True, seed)
+        b = _scored(workdir, "totalfm_clip-no-stage1", alone, test_shards, True, seed)
         for protocol in ("linear probe", "zero-shot"):
             c = paired_macro_auroc(a[protocol], b[protocol], a["groups"], resamples, seed)
             rows.append(_row(recipe.title, protocol, "with stage 1", "without stage 1", c))
     if "cagcl" in recipes:
         recipe = RECIPES["cagcl"]
         local = _pretrain(workdir, "cagcl-local-only", recipe, size, train_shards, seed, ["objective.global_weight=0"])
-        a = _scored(workdir, "cagcl", os.path.join(workdir, "runs", "cagcl"), test_shards, True)
-        b = _scored(workdir, "cagcl-local-only", local, test_shards, True)
+        a = _scored(workdir, "cagcl", os.path.join(workdir, "runs", "cagcl"), test_shards, True, seed)
+        b = _scored(workdir, "cagcl-local-only", local, test_shards, True, seed)
         for protocol in ("linear probe", "zero-shot"):
             c = paired_macro_auroc(a[protocol], b[protocol], a["groups"], resamples, seed)
             row = _row(recipe.title, protocol, "local + global", "local only", c)
