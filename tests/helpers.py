@@ -222,6 +222,20 @@ def trained_like(task: Any) -> Any:
     return task.eval()
 
 
+def s3_shard_rows(fs: Any, root: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The manifest of the shard set at `root` (bucket/prefix) on an s3fs filesystem, read fresh,
+    and every row of its shards."""
+    import pyarrow.parquet as pq
+
+    fs.invalidate_cache()
+    manifest = json.loads(fs.cat_file(f"{root}/manifest.json"))
+    rows: list[dict[str, Any]] = []
+    for shard in manifest["shards"]:
+        with fs.open(f"{root}/{shard['path']}", "rb") as f:
+            rows += pq.read_table(f).to_pylist()
+    return manifest, rows
+
+
 def export_to(folder: Path, task: Any, cfg: Any, assets: Any, step: int = 7, trained_on: Any = None) -> list[str]:
     """`task` exported to the local `folder` as a run at `step` would (trained on `trained_on`, a
     ctray.export.TrainedOn, or synthetic data)."""

@@ -9,7 +9,6 @@ import math
 import re
 import time
 
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 
@@ -22,7 +21,7 @@ from ctray.ingest.job import run_ingest
 from ctray.train.config import PretrainConfig
 from ctray.train.trainer import run_pretrain
 
-from helpers import REPO, ingest_cfg
+from helpers import REPO, ingest_cfg, s3_shard_rows
 
 SCANS = ["train_1", "train_5", "train_9", "train_12"]
 """CT-RATE report rows the one real CT stands in for; Arterial wall calcification 0, 1, 1, 1."""
@@ -74,12 +73,7 @@ def test_real_ct_and_ct_rate_reports_through_s3(ray_local, shared_data, s3_endpo
     )
     timings["ingest"] = time.perf_counter() - t0
     assert (result.scans, result.quarantined) == (4, 0)
-    fs.invalidate_cache()
-    manifest = json.loads(fs.cat_file("ct-real/shards/manifest.json"))
-    rows = []
-    for shard in manifest["shards"]:
-        with fs.open(f"ct-real/shards/{shard['path']}", "rb") as f:
-            rows += pq.read_table(f).to_pylist()
+    manifest, rows = s3_shard_rows(fs, "ct-real/shards")
     assert sorted(r["scan_id"] for r in rows) == sorted(SCANS)
     for row in rows:
         boxes = {b["anatomy"]: b for b in row["anatomy_boxes"]}

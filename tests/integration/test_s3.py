@@ -14,7 +14,7 @@ from ctray.ingest.job import run_ingest
 from ctray.ingest.records import verify
 from ctray.ingest.schema import label_map_of
 
-from helpers import PHANTOM_SPACING, Relay, free_port, ingest_cfg
+from helpers import PHANTOM_SPACING, Relay, free_port, ingest_cfg, s3_shard_rows
 
 
 @pytest.mark.slow
@@ -35,12 +35,7 @@ def test_phantoms_from_and_to_s3(ray_local, phantom_dir, s3_endpoint):
     result = run_ingest(cfg)
     assert (result.scans, result.quarantined) == (6, 0)
     assert result.manifest_uri == "s3://ct-out/run1/manifest.json"
-    fs.invalidate_cache()
-    manifest = json.loads(fs.cat_file("ct-out/run1/manifest.json"))
-    rows = []
-    for shard in manifest["shards"]:
-        with fs.open(f"ct-out/run1/{shard['path']}", "rb") as f:
-            rows += pq.read_table(f).to_pylist()
+    _, rows = s3_shard_rows(fs, "ct-out/run1")
     assert sorted(r["scan_id"] for r in rows) == [f"phantom{i:04d}" for i in range(6)]
     assert all(r["source"].startswith("s3://ct-in/phantoms/scans/") for r in rows)
     assert all(r["label_map"] is not None and r["anatomy_texts"] for r in rows)
