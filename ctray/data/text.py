@@ -175,22 +175,25 @@ def prepare_tokenizer(text: TextConfig, shards: str, run_dir: str, storage: Stor
 
         tokenizer_json = AutoTokenizer.from_pretrained(text.model).backend_tokenizer.to_str()
     else:
-        tokenizer_json = shard_set_tokenizer(text, shards, storage)
-        _record_tokenizer(shards, storage, run_dir)
+        from ctray.ingest.derived import record_derived
+        from ctray.ingest.shardset import ShardSet
+
+        names = sorted(s.shard for s in ShardSet.open(shards, storage).shards)
+        tokenizer_json = shard_set_tokenizer(text, shards, names, storage)
+        # The run saw these shards' reports: `ctray purge` of one of them names it (ctray.ingest.derived).
+        record_derived(shards, storage, "tokenizer", run_dir, names)
     publish_bytes(tokenizer_json.encode(), fs, path, storage)
     return tokenizer_json
 
 
-def shard_set_tokenizer(text: TextConfig, shards: str, storage: StorageConfig) -> str:
+def shard_set_tokenizer(text: TextConfig, shards: str, names: list[str], storage: StorageConfig) -> str:
     """The WordPiece tokenizer of the shards' report sentences at these settings: trained once per
     shard set and kept in it (`_tokenizers/<key>.json`, the key a hash of the settings and the
-    shards' names), so every run on the shards gets the same bytes without training again. Training
+    shards' `names`), so every run on the shards gets the same bytes without training again. Training
     is a pure function of the sentences and the settings (train_wordpiece), so the cache changes no
     result; a shard set this process cannot write to trains per run. A purge drops the folder."""
     from ctray.ingest.derived import SHARED_TOKENIZERS
-    from ctray.ingest.shardset import ShardSet
 
-    names = sorted(s.shard for s in ShardSet.open(shards, storage).shards)
     settings = {"vocab": text.vocab_size, "min_patients": text.tokenizer_min_patients, "shards": names}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     fs, root = filesystem(shards, storage)
@@ -223,15 +226,6 @@ def shard_set_tokenizer(text: TextConfig, shards: str, storage: StorageConfig) -
             "%s: could not keep the tokenizer in the shard set (%s): each run trains its own", shards, type(e).__name__
         )
     return tokenizer_json
-
-
-def _record_tokenizer(shards: str, storage: StorageConfig, run_dir: str) -> None:
-    """Record in the shard set that this run's tokenizer saw its reports, so that `ctray purge`
-    names the run (ctray.ingest.derived)."""
-    from ctray.ingest.derived import record_derived
-    from ctray.ingest.shardset import ShardSet
-
-    record_derived(shards, storage, "tokenizer", run_dir, [s.shard for s in ShardSet.open(shards, storage).shards])
 
 
 def report_sentences(shards: str, storage: StorageConfig) -> tuple[list[list[str]], list[str]]:
