@@ -77,6 +77,16 @@ wide."""
 
 
 @dataclass(frozen=True)
+class Scores:
+    """One model's items on the held-out scans, by protocol, and each scan's group."""
+
+    protocols: dict[str, list[Scored]]
+    """"linear probe" (and "zero-shot" for the text-tower recipes) -> the findings' items."""
+    groups: dict[str, str]
+    """Scan id -> its patient."""
+
+
+@dataclass(frozen=True)
 class Recipe:
     key: str
     """Its name in Size.steps and --recipes."""
@@ -104,6 +114,7 @@ def bench_learn(size_name: str, recipes: list[str], ablations: bool, workdir: st
     train_shards, test_shards = _shard_sets(workdir, size, seed)
     seconds["phantoms and ingest"] = time.time() - t
     rows: list[dict[str, Any]] = []
+    scores: dict[str, Scores] = {}  # by run name: the ablations compare against the recipes' runs
     stage1 = None
     for name in recipes:
         recipe = RECIPES[name]
@@ -117,11 +128,13 @@ def bench_learn(size_name: str, recipes: list[str], ablations: bool, workdir: st
         if name == "totalfm_mae":
             stage1 = run
         random_run = _random_export(workdir, name, recipe, size, train_shards, seed, extra)
-        rows += _compare(workdir, name, recipe, run, random_run, test_shards, seed, resamples)
+        scores[name] = _scored(workdir, name, run, test_shards, recipe.zero_shot, seed)
+        random_scores = _scored(workdir, f"{name}-random-init", random_run, test_shards, recipe.zero_shot, seed)
+        rows += _comparisons(recipe.title, ("pretrained", "random init"), scores[name], random_scores, seed, resamples)
         seconds[name] = time.time() - t
     if ablations:
         t = time.time()
-        rows += _ablations(workdir, recipes, size, train_shards, test_shards, seed, resamples, stage1)
+        rows += _ablations(workdir, scores, size, train_shards, test_shards, seed, resamples, stage1)
         seconds["ablations"] = time.time() - t
     seconds["total"] = time.time() - started
     result = {
@@ -153,9 +166,7 @@ def _shard_sets(workdir: str, size: Size, seed: int) -> tuple[str, str]:
     from ctray.quickstart import job_yaml
 
     data = os.path.join(workdir, "phantoms")
-    out = {}
-    for side in ("train", "held_out"):
-        out[side] = os.path.join(workdir, f"shards-{side}")
+    out = {side: os.path.join(workdir, f"shards-{side}") for side in ("train", "held_out")}
     if all(os.path.exists(os.path.join(p, "manifest.json")) for p in out.values()):
         return out["train"], out["held_out"]
     n = size.patients * size.reconstructions
@@ -164,7 +175,8 @@ def _shard_sets(workdir: str, size: Size, seed: int) -> tuple[str, str]:
     ids = [p.scan_id for p in phantoms]
     patients = [i.rsplit("_", 2)[0] for i in ids]
     held = grouped_split(patients, size.held_out, seed)
-    reports = [json.loads(line) for line in open(os.path.join(data, "reports.jsonl"))]
+    with open(os.path.join(data, "reports.jsonl")) as f:
+        reports = [json.loads(line) for line in f]
     for side, keep in (("train", ~held), ("held_out", held)):
         folder = os.path.join(data, side)
         for sub in ("scans", "masks"):
@@ -251,25 +263,21 @@ def _random_export(
     return run.uri
 
 
-def _compare(
-    workdir: str, name: str, recipe: Recipe, run: str, random_run: str, test_shards: str, seed: int, resamples: int
+def _comparisons(
+    title: str, labels: tuple[str, str], a: Scores, b: Scores, seed: int, resamples: int
 ) -> list[dict[str, Any]]:
-    """The protocols' rows for one recipe: pretrained (A) against random init (B)."""
-    a = _scored(workdir, f"{name}", run, test_shards, recipe.zero_shot, seed)
-    b = _scored(workdir, f"{name}-random-init", random_run, test_shards, recipe.zero_shot, seed)
-    group_of = a.pop("groups")
-    b.pop("groups")
+    """One row per protocol of model A (labels[0]) against model B (labels[1]), logged."""
     rows = []
-    for protocol in a:
-        c = paired_macro_auroc(a[protocol], b[protocol], group_of, resamples, seed)
-        rows.append(_row(recipe.title, protocol, "pretrained", "random init", c))
+    for protocol, items in a.protocols.items():
+        c = paired_macro_auroc(items, b.protocols[protocol], a.groups, resamples, seed)
+        rows.append(_row(title, protocol, *labels, c))
         log.info("bench learn: %s", _line(rows[-1]))
     return rows
 
 
-def _scored(workdir: str, name: str, run: str, shards: str, zero_shot: bool, seed: int) -> dict[str, Any]:
-    """The held-out scans embedded by the run's export -> {"linear probe": items, "zero-shot": items,
-    "groups": scan id -> group}."""
+def _scored(workdir: str, name: str, run: str, shards: str, zero_shot: bool, seed: int) -> Scores:
+    """The held-out scans embedded by the run's export (into embeddings/<name>), scored by each
+    protocol."""
     from ctray.config import StorageConfig
     from ctray.embed import run_embed
     from ctray.evaluate.embeddings import load_embeddings
@@ -277,11 +285,10 @@ def _scored(workdir: str, name: str, run: str, shards: str, zero_shot: bool, see
     out = os.path.join(workdir, "embeddings", name)
     run_embed(os.path.join(run, "export"), shards, out, seed=seed)
     emb = load_embeddings(out, StorageConfig())
-    scored: dict[str, Any] = {"linear probe": probe_items(emb, seed)}
+    protocols = {"linear probe": probe_items(emb, seed)}
     if zero_shot:
-        scored["zero-shot"] = zero_shot_items(emb)
-    scored["groups"] = dict(zip(emb.scan_ids, emb.groups, strict=True))
-    return scored
+        protocols["zero-shot"] = zero_shot_items(emb)
+    return Scores(protocols, dict(zip(emb.scan_ids, emb.groups, strict=True)))
 
 
 def probe_items(emb: Any, seed: int) -> list[Scored]:
@@ -330,7 +337,7 @@ def zero_shot_items(emb: Any) -> list[Scored]:
 
 def _ablations(
     workdir: str,
-    recipes: list[str],
+    scores: dict[str, Scores],
     size: Size,
     train_shards: str,
     test_shards: str,
@@ -339,29 +346,26 @@ def _ablations(
     stage1: str | None,
 ) -> list[dict[str, Any]]:
     """TotalFM stage 2 with vs without stage 1; CA-GCL local + global vs local only (with each
-    run's text-embedding similarity: a collapsed text tower embeds every report alike)."""
+    run's text-embedding similarity: a collapsed text tower embeds every report alike). Each against
+    the recipe's own run, scored before (`scores`, by run name)."""
     rows = []
-    if "totalfm_clip" in recipes and stage1 is not None:
+    if "totalfm_clip" in scores and stage1 is not None:
         recipe = RECIPES["totalfm_clip"]
         alone = _pretrain(
             workdir, "totalfm_clip-no-stage1", recipe, size, train_shards, seed, ["objective.init_from=null"]
         )
-        a = _scored(workdir, "totalfm_clip", os.path.join(workdir, "runs", "totalfm_clip"), test_shards, True, seed)
         b = _scored(workdir, "totalfm_clip-no-stage1", alone, test_shards, True, seed)
-        for protocol in ("linear probe", "zero-shot"):
-            c = paired_macro_auroc(a[protocol], b[protocol], a["groups"], resamples, seed)
-            rows.append(_row(recipe.title, protocol, "with stage 1", "without stage 1", c))
-    if "cagcl" in recipes:
+        labels = ("with stage 1", "without stage 1")
+        rows += _comparisons(recipe.title, labels, scores["totalfm_clip"], b, seed, resamples)
+    if "cagcl" in scores:
         recipe = RECIPES["cagcl"]
         local = _pretrain(workdir, "cagcl-local-only", recipe, size, train_shards, seed, ["objective.global_weight=0"])
-        a = _scored(workdir, "cagcl", os.path.join(workdir, "runs", "cagcl"), test_shards, True, seed)
         b = _scored(workdir, "cagcl-local-only", local, test_shards, True, seed)
-        for protocol in ("linear probe", "zero-shot"):
-            c = paired_macro_auroc(a[protocol], b[protocol], a["groups"], resamples, seed)
-            row = _row(recipe.title, protocol, "local + global", "local only", c)
-            runs = {"a": "cagcl", "b": "cagcl-local-only"}
-            row["text_cos_std"] = {k: _text_spread(os.path.join(workdir, "runs", r)) for k, r in runs.items()}
-            rows.append(row)
+        spread = {
+            k: _text_spread(os.path.join(workdir, "runs", r)) for k, r in (("a", "cagcl"), ("b", "cagcl-local-only"))
+        }
+        for row in _comparisons(recipe.title, ("local + global", "local only"), scores["cagcl"], b, seed, resamples):
+            rows.append({**row, "text_cos_std": spread})
     return rows
 
 
