@@ -68,22 +68,21 @@ def require_whole_contrastive_batch(cfg: PretrainConfig) -> None:
         )
 
 
-def _trained_on(cfg: PretrainConfig) -> TrainedOn:
+def _trained_on(cfg: PretrainConfig, shard_set: ShardSet) -> TrainedOn:
     """The training shard set as the export records it."""
-    shard_set = ShardSet.open(cfg.data.shards, cfg.storage)
     preprocess = shard_set.ingest.preprocess.model_dump(mode="json")
     return TrainedOn(redact_text(cfg.data.shards), shard_set.fingerprint, len(shard_set.scans()), preprocess)
 
 
-def anatomies_per_scan(cfg: PretrainConfig) -> float:
+def anatomies_per_scan(cfg: PretrainConfig, shard_set: ShardSet | None) -> float:
     """The mean number of the recipe's counted anatomies present per training scan, from the
-    shards' figures (each shard's scans with a stored box of each anatomy); synthetic phantoms have
-    every one. Logged: it scales the peak lr."""
+    figures of `shard_set` (each shard's scans with a stored box of each anatomy); synthetic
+    phantoms (no shard set) have every one. Logged: it scales the peak lr."""
     counted = cfg.objective.counted_anatomies()
-    if cfg.data.synthetic:
+    if shard_set is None:
         per_scan = float(len(counted))
     else:
-        shards = ShardSet.open(cfg.data.shards, cfg.storage).shards
+        shards = shard_set.shards
         rows = sum(s.stats.rows for s in shards)
         if not rows:
             raise ConfigError(f"{cfg.data.shards}: no scans to count anatomies in (optim.lr_views_per_scan)")
@@ -93,7 +92,7 @@ def anatomies_per_scan(cfg: PretrainConfig) -> float:
         per_scan,
         len(counted),
         ", ".join(counted),
-        "the synthetic phantoms" if cfg.data.synthetic else cfg.data.shards,
+        "the synthetic phantoms" if shard_set is None else cfg.data.shards,
     )
     return per_scan
 
@@ -164,12 +163,13 @@ def run_pretrain(cfg: PretrainConfig, callbacks: list[Any] | None = None) -> Pre
     ensure_schedulable(cfg.scaling.worker_bundle(), "training worker", cfg.ray.schedule_timeout_s)
 
     run = cfg.run_folder()
-    trained_on = None if cfg.data.synthetic else _trained_on(cfg)
+    shard_set = None if cfg.data.synthetic else ShardSet.open(cfg.data.shards, cfg.storage)
+    trained_on = None if shard_set is None else _trained_on(cfg, shard_set)
     scans = 0 if trained_on is None else trained_on.scans
     if cfg.train.epochs is not None:
         cfg.train.max_steps, cfg.train.epochs = steps_for_epochs(cfg, scans), None
     if cfg.optim.lr_views_per_scan == "anatomies":
-        cfg.optim.lr_views_per_scan = anatomies_per_scan(cfg)
+        cfg.optim.lr_views_per_scan = anatomies_per_scan(cfg, shard_set)
     done = finished(run, cfg.train.steps)
     if done is not None:
         log.info("pretrain %s already reached step %d; export %s", run.uri, done.step, done.export)

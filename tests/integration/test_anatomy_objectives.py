@@ -61,6 +61,7 @@ def test_totalfm_lr_counts_the_organ_volumes_the_scans_have(clinical_shards, tmp
     (one volume each), counted here row by row; a recipe whose views are not anatomies refuses it."""
     import pyarrow.parquet as pq
 
+    from ctray.ingest.shardset import ShardSet
     from ctray.train.trainer import anatomies_per_scan
 
     scaled = ["optim.lr_base_batch=256", "optim.lr_views_per_scan=anatomies"]
@@ -74,7 +75,8 @@ def test_totalfm_lr_counts_the_organ_volumes_the_scans_have(clinical_shards, tmp
         for r in pq.read_table(p, columns=["anatomy_boxes"]).to_pylist()
     ]
     naive = sum(len({b["anatomy"] for b in r["anatomy_boxes"]} & organs) for r in rows) / len(rows)
-    assert anatomies_per_scan(cfg) == pytest.approx(naive) and 0 < naive <= 3
+    assert anatomies_per_scan(cfg, ShardSet.open(str(clinical_shards), cfg.storage)) == pytest.approx(naive)
+    assert 0 < naive <= 3
     with pytest.raises(ConfigError, match="ctfm_simclr counts no anatomies per scan"):
         job("ctfm-local.yaml", clinical_shards, tmp_path, *scaled)
 
