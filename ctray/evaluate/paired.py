@@ -91,8 +91,7 @@ def paired_macro_auroc(
         raise ValueError("no item scored by both models with both classes present")
     scan_ids = sorted({s for x, y in pairs for s in (*x.scan_ids, *y.scan_ids)})
     index = {s: i for i, s in enumerate(scan_ids)}
-    group_names = sorted({group_of[s] for s in scan_ids})
-    group_index = np.array([group_names.index(group_of[s]) for s in scan_ids])
+    group_names, group_index = np.unique([group_of[s] for s in scan_ids], return_inverse=True)
     ones = np.ones((1, len(scan_ids)), dtype=np.int64)
     weights = group_resample_weights(group_index, resamples, seed)
     a_items, b_items = [x for x, _ in pairs], [y for _, y in pairs]
