@@ -105,9 +105,10 @@ class EmbedActor:
             out.pop("patch_embedding", None)
         if "anatomy_embedding" not in out or not self.encoder.has_text:
             out.pop("text_embedding", None)
-        for key in ANATOMY_COLUMNS:
-            if key in batch and "anatomy_embedding" in out and (key != "present" or "text_embedding" in out):
-                out[key] = batch[key].astype(np.int8 if key == "abnormal" else bool)
+        for key in ANATOMY_COLUMNS:  # the task's (decided on the device: CA-GCL), else the sampler's
+            value = out.pop(key, batch.get(key))
+            if value is not None and "anatomy_embedding" in out and (key != "present" or "text_embedding" in out):
+                out[key] = value.astype(np.int8 if key == "abnormal" else bool)
         if "anatomy_embedding" in out and "abnormal" not in out:  # a sampler without labels (TotalFM stage 1)
             out["abnormal"] = np.full(out["anatomy_embedding"].shape[:2], -1, dtype=np.int8)
         return {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in out.items()}

@@ -60,7 +60,8 @@ LOCAL_JOBS = {
 
 def tiny_task(name: str, *overrides: str):
     """The objective's task as its local job builds it, without shards: a tokenizer trained on one
-    sentence, every anatomy on label 1, no stage-1 hand-off."""
+    sentence, the default anatomy groups' label ids (the synthetic batches'), no stage-1 hand-off."""
+    from ctray.anatomy import CLASS_IDS, DEFAULT_ANATOMIES
     from ctray.data.text import train_wordpiece
     from ctray.objectives import get_objective
     from ctray.objectives.config import Assets
@@ -68,10 +69,8 @@ def tiny_task(name: str, *overrides: str):
 
     extra = ["objective.init_from=null"] if name == "totalfm_clip" else []
     cfg = load_config(PretrainConfig, REPO / "jobs" / LOCAL_JOBS[name], [*extra, *overrides])
-    assets = Assets(
-        tokenizer_json=train_wordpiece([["the liver is normal"]] * 6, 64, 1),
-        anatomy_labels={a: [1] for a in getattr(cfg.objective, "anatomies", [])},
-    )
+    groups = {a: [CLASS_IDS[c] for c in DEFAULT_ANATOMIES[a]] for a in getattr(cfg.objective, "anatomies", [])}
+    assets = Assets(tokenizer_json=train_wordpiece([["the liver is normal"]] * 6, 64, 1), anatomy_labels=groups)
     return get_objective(name).task(cfg.objective, assets), cfg, assets
 
 

@@ -35,25 +35,34 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     ing.add_argument("--workdir", default=None, help="where to write the phantom (default: a temp folder)")
     da = sub.add_parser(
         "data",
-        help="CPU time per view from shards vs CT-FM's per-step MONAI chain",
-        description="CPU ms per view delivered from shards by the training pipeline (Ray Data on a local Ray of "
-        "its own; CPU of this process and its descendants, not of other processes), vs CT-FM's MONAI chain on "
-        "the same scan on one core, and the view augmentation on one core; warm-up excluded, --repeats runs of "
-        "about --seconds each (ctray's and MONAI's alternating), median and spread of each and of the ratio "
-        "over paired runs.",
+        help="CPU per scan of an objective's data feed by stage, cores per GPU at its target (CT-FM: vs MONAI)",
+        description="CPU ms per scan of the training data feed at the objective's paper sampler settings, by stage "
+        "(read + decompress, sample, on one core) and through the whole pipeline (Ray Data on a local Ray of its "
+        "own; CPU of this process and its descendants, not of other processes), per shard codec; the cores per "
+        "GPU that makes at the GPU target and the bytes per second per 8-GPU node from storage. CT-FM also against "
+        "its MONAI chain on the same scan on one core. Warm-up excluded, --repeats runs of about --seconds each, "
+        "median and spread.",
+    )
+    da.add_argument(
+        "--objective",
+        default="ctfm_simclr",
+        choices=objective_names(),
+        help="objective whose paper job's sampler feeds (default ctfm_simclr)",
     )
     add_geometry_arguments(da, (300, 512, 512), (1.0, 0.7, 0.7), "phantom ")
-    da.add_argument("--patches", type=int, default=15, help="patches per scan (default 15, CT-FM's released code)")
     da.add_argument(
-        "--patch-size", type=int, nargs=3, default=[32, 128, 128], metavar=("Z", "Y", "X"), help="default 32 128 128"
+        "--codecs",
+        nargs="+",
+        default=["lz4"],
+        choices=["lz4", "zstd", "none"],
+        help="shard codecs of the volume and label map to compare (ingest's output.bulk_codec; default lz4)",
     )
     da.add_argument("--scans", type=int, default=16, help="rows in the benchmark shards (default 16)")
     da.add_argument(
         "--seconds",
         type=float,
         default=20.0,
-        help="wall seconds of each timed run of each pipeline (default 20): passes over the rows for ctray,"
-        " scans for MONAI",
+        help="wall seconds of each timed run (default 20): passes over the rows for ctray, scans for MONAI",
     )
     da.add_argument("--repeats", type=int, default=3, help="timed runs of each pipeline after warm-up (default 3)")
     da.add_argument("--workdir", default=None, help="where to keep the phantom and shards (default: a temp folder)")
@@ -143,14 +152,14 @@ def run_bench(what: str, args: argparse.Namespace) -> dict:
         from ctray.bench.data import bench_data
 
         return bench_data(
+            args.objective,
             tuple(args.shape),
             tuple(args.spacing),
-            args.patches,
-            tuple(args.patch_size),
             args.scans,
             args.seconds,
             args.repeats,
             args.workdir,
+            args.codecs,
         )
     if what == "scale":
         from ctray.bench.scale import bench_scale

@@ -17,18 +17,26 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def clinical_phantom(workdir: str, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> str:
-    """A phantom written as RAS .nii.gz like a scanner export (cached in `workdir`)."""
+    """A phantom written as RAS .nii.gz like a scanner export, its label map beside it (.mask.nii.gz)
+    and its report (.json), cached in `workdir`; returns the scan's path."""
+    import json
+
     from ctray.data.phantoms import make_phantom, write_nifti
 
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, f"phantom_{'x'.join(map(str, shape))}_{'x'.join(map(str, spacing))}.nii.gz")
-    if not os.path.exists(path):
+    parts = (path, path.replace(".nii.gz", ".mask.nii.gz"), path.replace(".nii.gz", ".json"))
+    if not all(os.path.exists(p) for p in parts):
         print(
             f"writing a {shape[2]}x{shape[1]}x{shape[0]} phantom at {spacing[2]}x{spacing[1]}x{spacing[0]} mm"
             f" (x, y, z) to {path} ...",
             flush=True,
         )
         p = make_phantom("bench", 0, shape, spacing)
+        write_nifti(parts[1] + ".tmp.nii.gz", p.labels, p.affine, "RAS")
+        os.replace(parts[1] + ".tmp.nii.gz", parts[1])
+        with open(parts[2], "w") as f:
+            json.dump({"report": p.report}, f)
         write_nifti(path + ".tmp.nii.gz", p.hu, p.affine, "RAS")
         os.replace(path + ".tmp.nii.gz", path)
     return path

@@ -1,24 +1,25 @@
-"""`ctray bench data`: CPU time per view delivered from shards, vs CT-FM's per-step MONAI chain,
-on the same clinical-size volume, in one run.
+"""`ctray bench data --objective X`: the CPU each scan costs the training data feed, by stage, at
+the paper's sampler settings, the cores per GPU that makes at the GPU target, and the bytes per
+second from storage; for CT-FM also against its per-step MONAI chain on the same scan.
 
-ctray: the scan is ingested once (not timed: it is paid once per data set, see `bench ingest`),
-copied to `scans` rows, and the training pipeline (`training_datasets`: shard row groups ->
-PatchSampler map tasks -> streaming split -> iter_torch_batches) on a local Ray started by this
-process delivers CT-FM batches of M patches per scan; each patch becomes two views. CPU time is
-that of this process and its descendants (the consuming driver, Ray's workers, its split
-coordinator, raylet, GCS and helpers: common.TreeCpu), not the machine's, so other processes'
-CPU does not land in it (though sharing the cores and caches with them slows ours: the line
-printed last says how busy they kept the cores). Untimed runs start Ray's workers, fill the page
-cache and size the dataset so that one execution of it (a timed run) takes about `seconds` of wall
-time; `repeats` timed runs follow, each followed by one of MONAI's, so that run i of each sees the
-same machine and the ratio's spread is taken over these pairs.
-The views themselves are made from the patches on the training device (GPU); on a CPU-only
-machine that work lands on the CPU as well, so it is measured and printed separately.
+The inputs: one clinical-size phantom with its label map and report, copied to `scans` rows and
+ingested once per shard codec (not timed: paid once per data set, see `bench ingest`). Stages (read,
+sample) on one core: bench/feed.py. The whole pipeline (`training_datasets`: shard row groups ->
+the objective's sampler in Ray Data map tasks -> streaming split -> iter_torch_batches) on a local
+Ray started by this process: its CPU time is that of this process and its descendants (the
+consuming driver, Ray's workers, its split coordinator, raylet, GCS and helpers: common.TreeCpu),
+not the machine's, so other processes' CPU does not land in it (though sharing the cores and caches
+with them slows ours: the last line says how busy they kept the cores). Untimed runs start Ray's
+workers, fill the page cache and size the dataset so that one execution of it (a timed run) takes
+about `seconds` of wall time; `repeats` timed runs follow (for CT-FM each followed by one of
+MONAI's, so that run i of each sees the same machine and the ratio's spread is taken over pairs).
+The work the recipes do on the device (CT-FM's views, CA-GCL's window and token masks) is not in
+these figures; on a CPU-only machine it lands on the CPU: CT-FM's is printed separately.
 
-CT-FM: LoadImage, Orientation SPL, Spacing 3x1x1, intensity window, crop foreground, pad, M random
-patches, then per patch two views of random resized crop + flip + histogram shift + Gaussian
-smoothing, in one process with one thread (what each of CT-FM's loader workers does per step):
-an untimed scan, then `repeats` runs of as many scans as fill `seconds` each (common.OneCore).
+CT-FM's MONAI chain: LoadImage, Orientation SPL, Spacing 3x1x1, intensity window, crop foreground,
+pad, M random patches, then per patch two views of random resized crop + flip + histogram shift +
+Gaussian smoothing, in one process with one thread (what each of CT-FM's loader workers does per
+step): an untimed scan, then `repeats` runs of as many scans as fill `seconds` each (common.OneCore).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ctray.bench.common import ROLES, OneCore, OtherLoad, TreeCpu, clinical_phantom, one_core, spread, summary
+from ctray.bench.feed import dump, feed_line, feed_sampler, stage_figures
 
 if TYPE_CHECKING:
     import ray.data
@@ -106,16 +108,15 @@ def _device_views(m: int, patch: tuple[int, int, int], scans: int) -> Callable[[
 
 
 class _CtrayPipeline:
-    """The training pipeline over the shards, warmed up and sized on construction; each run() is
-    one timed execution: views, wall seconds, CPU seconds by process group (TreeCpu) and how many
-    processes exited."""
+    """The training pipeline over the shards with `sampler`, warmed up and sized on construction;
+    each run() is one timed execution: scans, wall seconds, CPU seconds by process group (TreeCpu)
+    and how many processes exited."""
 
-    def __init__(self, shards: str, m: int, patch: tuple[int, int, int], scans: int, seconds: float):
+    def __init__(self, shards: str, sampler: Any, scans: int, seconds: float):
         import ray
 
         from ctray.config import StorageConfig
         from ctray.data.pipeline import StreamPlan, training_datasets
-        from ctray.objectives.ctfm.sampler import PatchSampler
 
         self.meter = TreeCpu()
         if not self.meter.has_ray():
@@ -123,7 +124,6 @@ class _CtrayPipeline:
         ray.data.DataContext.get_current().enable_progress_bars = False
 
         def dataset(passes: int) -> ray.data.DataIterator:
-            sampler = PatchSampler(m, patch)
             return training_datasets(shards, StorageConfig(), sampler, StreamPlan(seed=0, steps=passes * scans))[
                 "train_0"
             ]
@@ -142,123 +142,161 @@ class _CtrayPipeline:
         self._run(self.datasets[-1])
 
     def _run(self, it: ray.data.DataIterator) -> dict[str, Any]:
-        before, t0, views = self.meter.snapshot(), time.perf_counter(), 0
+        before, t0, scans = self.meter.snapshot(), time.perf_counter(), 0
         for batch in it.iter_torch_batches(batch_size=2, prefetch_batches=2):
-            views += 2 * batch["patches"].shape[0] * batch["patches"].shape[1]
+            scans += len(next(iter(batch.values())))
         wall = time.perf_counter() - t0
         cpu, gone = self.meter.delta(before, self.meter.snapshot())
-        return {"views": views, "wall_s": wall, "cpu_s": cpu, "exited": gone}
+        return {"scans": scans, "wall_s": wall, "cpu_s": cpu, "exited": gone}
 
     def run(self) -> dict[str, Any]:
         return self._run(self.datasets[-1])
 
 
+def _inputs(root: str, shape: tuple[int, int, int], spacing: tuple[float, float, float], scans: int) -> str:
+    """`scans` copies (links) of one clinical-size phantom, its label map and its report, as ingest
+    inputs in <root>/bench-data-inputs-<scans>; returns the scan file's path."""
+    path = clinical_phantom(root, shape, spacing)
+    inputs = os.path.join(root, f"bench-data-inputs-{scans}")
+    with open(path.replace(".nii.gz", ".json")) as f:
+        report = json.load(f)["report"]
+    for sub, src in (("scans", path), ("masks", path.replace(".nii.gz", ".mask.nii.gz"))):
+        os.makedirs(os.path.join(inputs, sub), exist_ok=True)
+        for i in range(scans):
+            link = os.path.join(inputs, sub, f"copy{i:03d}.nii.gz")
+            if not os.path.exists(link):
+                os.symlink(os.path.abspath(src), link)
+    with open(os.path.join(inputs, "reports.jsonl"), "w") as f:
+        for i in range(scans):
+            f.write(json.dumps({"scan_id": f"copy{i:03d}", "report": report}) + "\n")
+    return inputs
+
+
+def _shards(root: str, inputs: str, scans: int, codec: str) -> str:
+    """The inputs ingested (once) with `codec` for the volume and label map."""
+    from ctray.config import load_config
+    from ctray.ingest.config import IngestConfig
+    from ctray.ingest.job import run_ingest
+
+    shards = os.path.join(root, f"bench-data-shards-{scans}-{codec}")
+    print(f"ingesting {scans} copies of the scan with bulk_codec {codec} (not timed; resumed) ...", flush=True)
+    overrides = [f"input.{k}={inputs}/{k}" for k in ("scans", "masks")]
+    overrides += [f"input.reports={inputs}/reports.jsonl", f"output.uri={shards}", "output.scans_per_shard=4"]
+    result = run_ingest(load_config(IngestConfig, None, [*overrides, f"output.bulk_codec={codec}"]))
+    if result.quarantined:
+        raise RuntimeError(f"ingest quarantined {result.quarantined} of the benchmark's scans: see {shards}")
+    return shards
+
+
 def bench_data(
+    objective: str,
     shape: tuple[int, int, int],
     spacing: tuple[float, float, float],
-    m: int,
-    patch: tuple[int, int, int],
     scans: int,
     seconds: float,
     repeats: int,
     workdir: str | None,
+    codecs: Sequence[str] = ("lz4",),
 ) -> dict:
     import ray
 
-    from ctray.config import load_config
-    from ctray.ingest.config import IngestConfig
-    from ctray.ingest.job import run_ingest
+    from ctray.objectives import get_objective
 
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="ctray-bench-")
         workdir = tmp.name
     root = workdir
-    path = clinical_phantom(root, shape, spacing)
-    scan_dir = os.path.join(root, "bench-data-scans")
-    os.makedirs(scan_dir, exist_ok=True)
-    for i in range(scans):
-        link = os.path.join(scan_dir, f"copy{i:03d}.nii.gz")
-        if not os.path.exists(link):
-            os.symlink(os.path.abspath(path), link)
-    shards = os.path.join(root, f"bench-data-shards-{scans}")
+    rate = get_objective(objective).bench.feed_views_per_s
+    inputs = _inputs(root, shape, spacing, scans)
     if not ray.is_initialized():  # a Ray of our own, whose processes are our descendants
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    print(f"ingesting {scans} copies of the scan (once, not timed) ...", flush=True)
-    run_ingest(
-        load_config(IngestConfig, None, [f"input.scans={scan_dir}", f"output.uri={shards}", "output.scans_per_shard=4"])
-    )
-
-    # ctray's and MONAI's timed runs alternate, so that run i of each sees the same machine.
-    monai_proc = OneCore(partial(_monai_ctfm_chain, path, m, patch))  # after its untimed warm-up scan
-    pipeline = _CtrayPipeline(shards, m, patch, scans, seconds)
-    runs, monai_calls, other = [], [], OtherLoad()
-    for _ in range(repeats):
-        runs.append(pipeline.run())
-        monai_calls.append(monai_proc.run(seconds))
-    other_cores = other.cores()
-    del pipeline
-    monai = summary(monai_calls, monai_proc.close())
-    runs_ms = [1000 * sum(r["cpu_s"].values()) / r["views"] for r in runs]
-    ctray_ms = statistics.median(runs_ms)
-    by_role = {k: statistics.median(1000 * r["cpu_s"][k] / r["views"] for r in runs) for k in ROLES}
-    exited = sum(r["exited"] for r in runs)
-    print(
-        f"  ctray  shards -> Ray Data -> iterator: {repeats} runs of {runs[0]['views']} views"
-        f" ({statistics.median(r['wall_s'] for r in runs):.1f} s wall each), CPU of this process tree:"
-        f" {ctray_ms:.2f} ms/view (median; runs {' '.join(f'{v:.2f}' for v in runs_ms)}, spread"
-        f" {100 * spread(runs_ms):.0f}%)\n"
-        f"         by process, ms/view: {', '.join(f'{k} {v:.2f}' for k, v in by_role.items())}"
-        + (f"; {exited} processes exited during the runs (counted once reaped)" if exited else ""),
-        flush=True,
-    )
-
-    monai_runs = [1000 * c / monai["result"] for c in monai["cpu_s_runs"]]
-    monai_ms = statistics.median(monai_runs)
-    print(
-        f"  CT-FM  MONAI per-step chain, 1 core: {repeats} runs of {monai['calls_per_run']} scans x"
-        f" {monai['result']} views: {monai_ms:.1f} ms CPU/view (median;"
-        f" runs {' '.join(f'{v:.1f}' for v in monai_runs)}, spread {100 * spread(monai_runs):.0f}%)",
-        flush=True,
-    )
-    dev = one_core(partial(_device_views, m, patch, 2), repeats, seconds)
-    device_ms = 1000 * dev["cpu_s"] / dev["result"]
-    print(
-        "  ctray  view augmentation, batched torch on one CPU core (runs on the GPU in training):"
-        f" {device_ms:.2f} ms/view (median of {repeats} runs, spread {100 * dev['cpu_spread']:.0f}%)",
-        flush=True,
-    )
-    ratio = monai_ms / ctray_ms
-    ratios = [mo / ct for mo, ct in zip(monai_runs, runs_ms, strict=True)]  # run i of each, back to back
-    ratio_cpu_only = monai_ms / (ctray_ms + device_ms)
-    print(
-        f"CPU time per view: ctray {ctray_ms:.2f} ms vs CT-FM {monai_ms:.1f} ms -> {ratio:.0f}x less "
-        f"(spread {100 * spread(ratios):.0f}% over {repeats} paired runs; target >= 50x); "
-        f"with the augmentation also on CPU: {ratio_cpu_only:.1f}x; other processes kept {other_cores:.1f} of"
-        f" {os.cpu_count()} cores busy during the timed runs"
-    )
-    figures = {
-        "bench": "data",
-        "shape_zyx": list(shape),
-        "spacing_zyx": list(spacing),
-        "patches_per_scan": m,
-        "patch_size": list(patch),
-        "ctray_cpu_ms_per_view": round(ctray_ms, 3),
-        "ctray_cpu_ms_per_view_runs": [round(r, 3) for r in runs_ms],
-        "ctray_cpu_ms_per_view_by_process": {k: round(v, 3) for k, v in by_role.items()},
-        "ctray_views_per_run": runs[0]["views"],
-        "ctray_wall_s_runs": [round(r["wall_s"], 2) for r in runs],
-        "ctray_processes_exited": exited,
-        "augment_cpu_ms_per_view": round(device_ms, 3),
-        "ctfm_monai_cpu_ms_per_view": round(monai_ms, 2),
-        "ctfm_monai_cpu_ms_per_view_runs": [round(r, 2) for r in monai_runs],
-        "ratio": round(ratio, 1),
-        "ratio_spread": round(spread(ratios), 3),
-        "ratio_with_cpu_augmentation": round(ratio_cpu_only, 2),
-        "other_load_cores": round(other_cores, 2),
-    }
-    print(json.dumps(figures))
+    figures: dict[str, Any] = {"bench": "data", "objective": objective, "shape_zyx": list(shape)}
+    figures["spacing_zyx"], figures["codecs"] = list(spacing), {}
+    other = OtherLoad()
+    for codec in codecs:
+        shards = _shards(root, inputs, scans, codec)
+        sampler = feed_sampler(objective, shards, root)  # first here: a cache it needs is cut on this Ray
+        stages = stage_figures(objective, shards, root, repeats, seconds)
+        pipeline = _CtrayPipeline(shards, sampler, scans, seconds)
+        runs = [pipeline.run() for _ in range(repeats)]
+        if objective == "ctfm_simclr" and codec == codecs[0]:
+            figures["ctfm_monai"] = _against_monai(root, shape, spacing, sampler, runs, pipeline, repeats, seconds)
+        del pipeline
+        runs_ms = [1000 * sum(r["cpu_s"].values()) / r["scans"] for r in runs]
+        by_role = {k: statistics.median(1000 * r["cpu_s"][k] / r["scans"] for r in runs) for k in ROLES}
+        exited = sum(r["exited"] for r in runs)
+        print(
+            f"  {objective} [{codec}] shards -> Ray Data -> iterator: {repeats} runs of {runs[0]['scans']} scans"
+            f" ({statistics.median(r['wall_s'] for r in runs):.1f} s wall each): CPU of this process tree"
+            f" {statistics.median(runs_ms):.1f} ms/scan (runs {' '.join(f'{v:.1f}' for v in runs_ms)}, spread"
+            f" {100 * spread(runs_ms):.0f}%); by process, ms/scan: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in by_role.items())
+            + (f"; {exited} processes exited during the runs (counted once reaped)" if exited else ""),
+            flush=True,
+        )
+        line = feed_line(objective, codec, stages, statistics.median(runs_ms), rate)
+        line["pipeline_ms_per_scan_runs"] = [round(v, 2) for v in runs_ms]
+        line["pipeline_ms_per_scan_spread"] = round(spread(runs_ms), 3)
+        line["pipeline_ms_per_scan_by_process"] = {k: round(v, 2) for k, v in by_role.items()}
+        figures["codecs"][codec] = line
+    figures["other_load_cores"] = round(other.cores(), 2)
+    print(f"other processes kept {figures['other_load_cores']:.1f} of {os.cpu_count()} cores busy during the runs")
+    dump(figures)
     ray.shutdown()
     if tmp is not None:
         tmp.cleanup()
     return figures
+
+
+def _against_monai(
+    root: str,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    sampler: Any,
+    runs: list[dict[str, Any]],
+    pipeline: _CtrayPipeline,
+    repeats: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """CT-FM: CPU per view of `runs` (ctray's pipeline) against MONAI's per-step chain on the same
+    scan, run i of each back to back (the pipeline runs again, alternating), and the view
+    augmentation that training runs on the GPU, on one CPU core."""
+    m, patch = sampler.m, tuple(sampler.size)
+    path = clinical_phantom(root, shape, spacing)
+    monai_proc = OneCore(partial(_monai_ctfm_chain, path, m, patch))  # after its untimed warm-up scan
+    paired, monai_calls = [], []
+    for _ in range(repeats):
+        paired.append(pipeline.run())
+        monai_calls.append(monai_proc.run(seconds))
+    monai = summary(monai_calls, monai_proc.close())
+    views = 2 * m
+    runs_ms = [1000 * sum(r["cpu_s"].values()) / (r["scans"] * views) for r in paired]
+    ctray_ms = statistics.median(runs_ms)
+    monai_runs = [1000 * c / monai["result"] for c in monai["cpu_s_runs"]]
+    monai_ms = statistics.median(monai_runs)
+    dev = one_core(partial(_device_views, m, patch, 2), repeats, seconds)
+    device_ms = 1000 * dev["cpu_s"] / dev["result"]
+    ratios = [mo / ct for mo, ct in zip(monai_runs, runs_ms, strict=True)]  # run i of each, back to back
+    print(
+        f"  CT-FM  MONAI per-step chain, 1 core: {repeats} runs of {monai['calls_per_run']} scans x"
+        f" {monai['result']} views: {monai_ms:.1f} ms CPU/view (median; runs "
+        + " ".join(f"{v:.1f}" for v in monai_runs)
+        + f", spread {100 * spread(monai_runs):.0f}%)\n"
+        "  ctray  view augmentation, batched torch on one CPU core (runs on the GPU in training):"
+        f" {device_ms:.2f} ms/view (median of {repeats} runs, spread {100 * dev['cpu_spread']:.0f}%)\n"
+        f"CPU time per view: ctray {ctray_ms:.2f} ms vs CT-FM {monai_ms:.1f} ms -> {monai_ms / ctray_ms:.0f}x less"
+        f" (spread {100 * spread(ratios):.0f}% over {repeats} paired runs; target >= 50x); with the augmentation"
+        f" also on CPU: {monai_ms / (ctray_ms + device_ms):.1f}x",
+        flush=True,
+    )
+    return {
+        "ctray_cpu_ms_per_view": round(ctray_ms, 3),
+        "ctray_cpu_ms_per_view_runs": [round(r, 3) for r in runs_ms],
+        "augment_cpu_ms_per_view": round(device_ms, 3),
+        "monai_cpu_ms_per_view": round(monai_ms, 2),
+        "monai_cpu_ms_per_view_runs": [round(r, 2) for r in monai_runs],
+        "ratio": round(monai_ms / ctray_ms, 1),
+        "ratio_spread": round(spread(ratios), 3),
+        "ratio_with_cpu_augmentation": round(monai_ms / (ctray_ms + device_ms), 2),
+    }

@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ctray.ingest.schema import volume_of
-
 if TYPE_CHECKING:
     from ctray.data.text import TextEncoding
 
@@ -35,25 +33,51 @@ class Sampler(Protocol):
         ...
 
 
-def volumes(batch: Any) -> list[np.ndarray]:
-    """The int16 volumes of a batch of shard rows, without copying them.
+@runtime_checkable
+class ReadsBeside(Sampler, Protocol):
+    """A sampler that also reads columns from a file beside each shard, row group for row group
+    (a cache cut from the shard: TotalFM's organ volumes)."""
 
-    A pyarrow batch (map_batches batch_format="pyarrow") is read straight from the Arrow data
-    buffer: the numpy batch format would first copy every volume into a Python bytes object,
-    which costs more than sampling the patches. A dict of columns (tests, numpy format) works too.
-    """
+    side_columns: tuple[str, ...]
+
+    def side_file(self, shard: str) -> str | None:
+        """The file beside the shard at path `shard` (the same filesystem), or None: read the shard only."""
+        ...
+
+
+def _binary_arrays(batch: Any, column: str, dtype: type) -> list[np.ndarray | None]:
+    """The arrays of a large_binary column of a pyarrow batch (None where null), shaped by the
+    batch's `shape` column, read straight from the Arrow data buffer: the numpy batch format (or
+    `to_pylist`) would first copy every one into a Python bytes object, which costs more than
+    sampling from it. A dict of columns (tests, numpy format) works too."""
     if isinstance(batch, dict):
-        return [volume_of({"volume": v, "shape": s}) for v, s in zip(batch["volume"], batch["shape"], strict=False)]
-    col = batch.column("volume").combine_chunks()
+        return [
+            None if v is None else np.frombuffer(v, dtype=dtype).reshape(tuple(s))
+            for v, s in zip(batch[column], batch["shape"], strict=False)
+        ]
+    col = batch.column(column)
+    # A row group read whole is one chunk: combine_chunks would copy it all the same
+    col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     offsets = np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + len(col) + 1]
-    data = col.buffers()[2]
+    data, valid = col.buffers()[2], col.is_valid().to_numpy(zero_copy_only=False)
+    size = np.dtype(dtype).itemsize
     shapes = batch.column("shape").to_pylist()
     return [
-        np.frombuffer(
-            data, dtype=np.int16, count=(int(offsets[i + 1]) - int(offsets[i])) // 2, offset=int(offsets[i])
-        ).reshape(shapes[i])
+        np.frombuffer(data, dtype, int(offsets[i + 1] - offsets[i]) // size, int(offsets[i])).reshape(shapes[i])
+        if valid[i]
+        else None
         for i in range(len(col))
     ]
+
+
+def volumes(batch: Any) -> list[np.ndarray]:
+    """The int16 HU volumes of a batch of shard rows, without copying them (`_binary_arrays`)."""
+    return [v for v in _binary_arrays(batch, "volume", np.int16) if v is not None]
+
+
+def label_maps(batch: Any) -> list[np.ndarray | None]:
+    """The uint8 label maps of a batch of shard rows (None: the scan had no mask), without copying them."""
+    return _binary_arrays(batch, "label_map", np.uint8)
 
 
 def window01(vol: np.ndarray, lo: float, hi: float) -> np.ndarray:

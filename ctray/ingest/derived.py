@@ -32,7 +32,26 @@ DERIVED_DIR = "_derived"
 SHARED_TOKENIZERS = "_tokenizers"
 """Folder of a shard set holding the tokenizers trained on its reports, one per settings
 (ctray.data.text.shard_set_tokenizer): a cache, dropped by a purge."""
+PER_SHARD = "_per_shard"
+"""Folder of a shard set holding caches cut from each shard, one file per shard named as the shard
+(<kind>/<key>/<shard>.parquet: TotalFM's organ volumes): a purge removes the files of the shards it
+rewrites (they hold the purged scans' pixels); a later run cuts the rewritten shard anew."""
 Kind = Literal["embeddings", "evaluation", "tokenizer"]
+
+
+def per_shard_folder(root: str, kind: str, key: str) -> str:
+    """Where the per-shard cache `kind` made with settings `key` keeps its files (PER_SHARD)."""
+    return join(root, PER_SHARD, kind, key)
+
+
+def drop_per_shard(uri: str, storage: StorageConfig, shards: set[str]) -> int:
+    """Remove every per-shard cache file cut from `shards`; returns how many."""
+    fs, root = filesystem(uri, storage)
+    files = list_files(fs, join(root, PER_SHARD), storage, ".parquet")
+    gone = [p for p in files if posixpath.basename(p).removesuffix(".parquet") in shards]
+    for path in gone:
+        remove(fs, path, storage)
+    return len(gone)
 
 
 @dataclass(frozen=True)

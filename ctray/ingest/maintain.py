@@ -32,6 +32,7 @@ from ctray.ingest.config import IngestConfig
 from ctray.ingest.derived import (
     SHARED_TOKENIZERS,
     Derived,
+    drop_per_shard,
     forget_derived,
     part_name,
     read_derived,
@@ -100,6 +101,9 @@ def purge(uri: str, storage: StorageConfig, scan_ids: list[str], evaluations: st
             keys = table.column("report_cache_key").to_pylist()
             cache_keys += [k for s, k in zip(scan_ids, keys, strict=False) if s in drop and k]
             new_of[record.shard] = rewrite_without(uri, storage, record, drop, "purged", lease)
+        if rewrites:  # the organ volumes cut from the rewritten shards hold the purged scans' pixels
+            lease.ensure("dropping the rewritten shards' organ caches")
+            drop_per_shard(uri, storage, {record.shard for record, _ in rewrites})
         shared_tokenizers = list_files(fs, join(root, SHARED_TOKENIZERS), storage, ".json") if rewrites else []
         if shared_tokenizers:  # trained on the purged reports too; a later run trains anew without them
             lease.ensure("dropping the shard set's tokenizers")

@@ -25,7 +25,7 @@ from ctray.config import StorageConfig
 from ctray.errors import ConfigError, first_line
 from ctray.ingest.config import IngestConfig
 from ctray.ingest.lease import Lease
-from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA
+from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA, writer_options
 from ctray.ingest.shards import file_sha256, publish_record
 from ctray.ingest.shardset import (
     COMMITS_DIR,
@@ -153,7 +153,7 @@ def rewrite_without(
             local = os.path.join(tmp, name + ".parquet")
             with fs.open(join(root, record.path), "rb") as f:
                 src = pq.ParquetFile(f)
-                with pq.ParquetWriter(local, SHARD_SCHEMA, compression="zstd", use_dictionary=False) as out:
+                with pq.ParquetWriter(local, SHARD_SCHEMA, **writer_options()) as out:
                     for i in range(src.num_row_groups):
                         table = src.read_row_group(i)
                         if table.column("scan_id")[0].as_py() not in drop:

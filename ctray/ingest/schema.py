@@ -1,13 +1,18 @@
 """The shard format shared by ingest (writer) and the training data pipeline (reader).
 
-One Parquet row per scan, one row group per row (so readers stream scan by scan), zstd.
+One Parquet row per scan, one row group per row (so readers stream scan by scan); the volume and
+label map in their own codec (`writer_options`), the rest zstd.
 Bump SCHEMA_VERSION on any incompatible change; readers check it against manifest.json.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Literal
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 4
 SCHEMA_CHANGES = {
@@ -62,3 +67,26 @@ def label_map_of(row: dict) -> np.ndarray | None:
     if row.get("label_map") is None:
         return None
     return np.frombuffer(row["label_map"], dtype=np.uint8).reshape(tuple(row["shape"]))
+
+
+BULK_COLUMNS = ("volume", "label_map")
+"""The columns that are nearly all of a shard's bytes, and of a reader's CPU when compressed."""
+BulkCodec = Literal["lz4", "zstd", "none"]
+
+
+@functools.cache
+def _leaf_paths() -> tuple[str, ...]:
+    """The schema's Parquet leaf columns ("anatomy_boxes.list.element.box.list.element", ...):
+    per-column codecs are set per leaf, and a leaf left out is written uncompressed."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(SHARD_SCHEMA.empty_table(), sink)
+    schema = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
+    return tuple(schema.column(i).path for i in range(len(schema)))
+
+
+def writer_options(bulk_codec: BulkCodec = "lz4", level: int = 3) -> dict[str, Any]:
+    """ParquetWriter keywords for shards: the volume and label map in `bulk_codec`, every other
+    column zstd at `level` (small, and read once per scan). Any codec reads back alike."""
+    codecs = {path: bulk_codec if path in BULK_COLUMNS else "zstd" for path in _leaf_paths()}
+    levels = {path: level for path, codec in codecs.items() if codec == "zstd"}
+    return {"compression": codecs, "compression_level": levels, "use_dictionary": False}

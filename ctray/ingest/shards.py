@@ -44,7 +44,7 @@ from ctray.ingest.llm import CACHE_DIR, PROMPT_VERSION, LLMEndpointError, Parsed
 from ctray.ingest.preprocess import anatomy_boxes, preprocess
 from ctray.ingest.privacy import content_hash
 from ctray.ingest.reports import RuleParser
-from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA
+from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA, writer_options
 from ctray.ingest.shardset import SHARDS_DIR, CommitRecord, CommittedScan, QuarantinedScan, ShardStats
 from ctray.ingest.volume import RawVolume, load_nifti
 from ctray.storage import filesystem, is_remote, join, publish_bytes, publish_file, resolve_uri, with_retries
@@ -172,12 +172,9 @@ class ShardWriter:
                 finally:
                     shutil.rmtree(scan_tmp, ignore_errors=True)
                 if writer is None:
+                    out = self.cfg.output
                     writer = pq.ParquetWriter(
-                        local,
-                        SHARD_SCHEMA,
-                        compression="zstd",
-                        compression_level=self.cfg.output.compression_level,
-                        use_dictionary=False,
+                        local, SHARD_SCHEMA, **writer_options(out.bulk_codec, out.compression_level)
                     )
                 writer.write_table(pa.Table.from_pylist([row], schema=SHARD_SCHEMA))
                 stats.add(row)

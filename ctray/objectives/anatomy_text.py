@@ -62,6 +62,12 @@ class AnatomyTextTask(Task):
     def clamped_parameters(self) -> list[tuple[nn.Parameter, float, float]]:
         return [(self.temperature.tau, *self.temperature.bounds)]
 
+    def on_device(self, batch: Batch, evaluation: bool) -> Batch:
+        """The sampler's batch, on the device -> the keys the methods below read (present, region,
+        ...): the device's share of the sampling (CA-GCL's token masks). `evaluation`: embedding
+        and evaluation batches (the embed sampler's), not training ones."""
+        return batch
+
     def embed_anatomies(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """-> (S, A, embed_dim) L2-normalised anatomy image embeddings (rows outside `region` arbitrary)."""
         raise NotImplementedError
@@ -88,8 +94,11 @@ class AnatomyTextTask(Task):
     def embed(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Anatomy embeddings where the anatomy is in the image (`region`), their scan mean, and the
         embeddings of the report's anatomy texts where it has one (`present`, zeros elsewhere)."""
+        batch = self.on_device(batch, evaluation=True)
         out = anatomy_embeddings(self.embed_anatomies(batch), batch["region"])
-        return {**out, "text_embedding": self.embed_reports(batch).float()}
+        texts = self.embed_reports(batch).float()
+        # region and present as on_device decided them: what `ctray embed` writes beside the embeddings
+        return {**out, "text_embedding": texts, "region": batch["region"].bool(), "present": batch["present"].bool()}
 
     def text_parts(self) -> dict[str, ExportPart]:
         """The text tower: BERT as a transformers folder (with the tokenizer) and its projection."""
@@ -111,6 +120,7 @@ class AnatomyTextTask(Task):
         training batches, from the sampler with a fixed seed)."""
         vs, regions, findings, abnormal, texts, text_anatomy = [], [], [], [], [], []
         for batch in batches:
+            batch = self.on_device(batch, evaluation=True)
             vs.append(self.embed_anatomies(batch).float())
             r = self.embed_reports(batch)
             present = batch["present"].bool()

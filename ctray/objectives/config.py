@@ -43,8 +43,12 @@ class Assets(Section):
     """A checked stage-1 export's VideoMAE folder to start the vision encoder from (TotalFM stage 2)."""
     storage: StorageConfig | None = None
     """The storage settings `init_from` is read with (a StorageConfig as JSON)."""
+    organ_cache: str | None = None
+    """The training shard set's organ cache folder (TotalFM, OrganInput.cache): the training
+    sampler reads the organ volumes from it."""
 
     def for_export(self) -> Assets:
         """The part export.json keeps: the sampler's settings. The tokenizer is saved in the text
-        part's folder; the stage-1 hand-off and storage settings belong to the training run."""
-        return self.model_copy(update={"tokenizer_json": None, "init_from": None, "storage": None})
+        part's folder; the stage-1 hand-off, the storage settings and the training shards' organ
+        cache belong to the training run."""
+        return self.model_copy(update={"tokenizer_json": None, "init_from": None, "storage": None, "organ_cache": None})

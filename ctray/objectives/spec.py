@@ -150,6 +150,11 @@ class BenchProfile:
     """Overrides of that job that build the paper-size model and batch (GPU runs)."""
     target: str = "no target"
     """The throughput target on one GPU, printed beside the figures."""
+    paper_job: str = ""
+    """The paper's jobs/ YAML: `ctray bench data` samples with its settings (input sizes, organs,
+    crops), its text tower's tokenizer trained on the shards instead of a hub download."""
+    feed_views_per_s: float = 0.0
+    """Views per second one GPU takes at the target: `ctray bench data` sizes the CPU feed to it."""
 
 
 class Objective(Protocol, Generic[C_contra]):

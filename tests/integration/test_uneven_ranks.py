@@ -19,7 +19,7 @@ import pytest
 SCANS = 4  # the whole batch; rank r holds scans [2r, 2r + 2)
 CASES = {
     # name: the objective, the rank-1 batch fields set to 0, the engines (stage, precision)
-    "cagcl-no-text": ("cagcl", ("present",), [(0, "fp32"), (2, "bf16"), (3, "bf16")]),
+    "cagcl-no-text": ("cagcl", ("has_text",), [(0, "fp32"), (2, "bf16"), (3, "bf16")]),
     "totalfm_clip-no-organ": ("totalfm_clip", ("present", "region"), [(0, "fp32")]),
     "totalfm_mae-no-organ": ("totalfm_mae", ("present", "region"), [(0, "fp32")]),
 }

@@ -18,6 +18,7 @@ from ctray.data.text import TextEncoding, clinical_aware, train_wordpiece
 from ctray.evaluate.zeroshot import auroc, classification_metrics, logit_margins
 from ctray.objectives.cagcl.config import CAGCLConfig
 from ctray.objectives.cagcl.sampler import AnatomyScanSampler
+from ctray.objectives.cagcl.task import anatomy_lut, device_batch
 from ctray.objectives.cagcl.vit import AnatomyQueryPooling, ViT3D
 from ctray.objectives.losses import (
     AnatomyLocalLoss,
@@ -254,9 +255,9 @@ def test_samplers_against_direct_computation():
     ids = {"liver": [5], "lung": [10, 11]}
     window = (-1000.0, 1000.0)
 
-    def sampler(size: tuple[int, int, int], evaluation: bool = False, **settings: Any) -> AnatomyScanSampler:
+    def sampler(size: tuple[int, int, int], evaluation: bool = False, **settings: Any) -> OnDevice:
         cfg = CAGCLConfig(anatomies=["liver", "lung"], input_size=size, patch=(4, 8, 8), window_hu=window, **settings)
-        return AnatomyScanSampler(cfg, ids, texts, evaluation)
+        return OnDevice(cfg, ids, texts, evaluation)
 
     scan = sampler((12, 32, 32), flip_prob=0.0)(row, np.random.default_rng(0))
     # fVLM's cut: the liver's box + (5, 20, 20) voxels is z 0..11 of the 12 slices, padded by one
@@ -315,6 +316,109 @@ def test_samplers_against_direct_computation():
     assert all(kept(row, np.random.default_rng(k))["present"][0, 0] == 1 for k in range(5))
     with pytest.raises(ValueError, match="multiple of the patch"):
         sampler((10, 32, 32))
+
+
+class OnDevice:
+    """CA-GCL's sampler followed by its device side (task.device_batch, here on the CPU): the batch
+    the model sees, as numpy (the scan as float16, as the sampler windowed it before)."""
+
+    def __init__(self, cfg: CAGCLConfig, ids: dict[str, list[int]], texts: AnatomyTexts, evaluation: bool):
+        self.cfg, self.evaluation = cfg, evaluation
+        self.cpu = AnatomyScanSampler(cfg, ids, texts, evaluation)
+        self.lut = anatomy_lut(ids, cfg.anatomies)
+
+    def region(self, *args: Any) -> Any:
+        return self.cpu.region(*args)
+
+    def __call__(self, row: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        out = self.cpu(row, rng)
+        batch = device_batch({k: torch.as_tensor(v) for k, v in out.items()}, self.cfg, self.lut, self.evaluation)
+        return {**out, **{k: v.numpy() for k, v in batch.items()}, "scan": batch["scan"].half().numpy()}
+
+
+def plain_cagcl_sample(cfg: CAGCLConfig, ids: dict[str, list[int]], row: dict, rng, evaluation: bool) -> dict:
+    """The CA-GCL sampler as it was before its device side (ctray 04da4a0, numpy only): np.pad, crop,
+    np.flip, window01 and a per-anatomy np.isin pass on the CPU; the same draws in the same order."""
+    size, patch, margin = cfg.input_size, cfg.patch, cfg.crop_margin
+    grid = [s // p for s, p in zip(size, patch, strict=True)]
+    vol = np.frombuffer(row["volume"][0], dtype=np.int16).reshape(row["shape"][0])
+    lab = np.frombuffer(row["label_map"][0], dtype=np.uint8).reshape(vol.shape)
+    boxes = {b["anatomy"]: b["box"] for b in row["anatomy_boxes"][0]}
+    mine = [boxes[a] for a in (cfg.crop_anatomies or cfg.anatomies) if a in boxes]
+    lo = [max(0, min(b[k] for b in mine) - margin[k]) for k in range(3)]
+    hi = [min(vol.shape[k], max(b[k + 3] for b in mine) + margin[k]) for k in range(3)]
+    cut_region = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    padded = [max(s, n.stop - n.start) for s, n in zip(size, cut_region, strict=True)]
+    draw = [int(rng.integers(0, n - s + 1)) for n, s in zip(padded, size, strict=True)] if not evaluation else None
+    starts = draw or [(n - s) // 2 for n, s in zip(padded, size, strict=True)]
+    flips = tuple(k for k in range(3) if rng.random() < cfg.flip_prob)
+
+    def fit(v, fill):
+        short = [max(0, s - n) for s, n in zip(size, v.shape, strict=True)]
+        v = np.pad(v, [(d // 2, d - d // 2) for d in short], constant_values=fill)
+        (z, y, x), (d, h, w) = starts, size
+        return np.flip(v[z : z + d, y : y + h, x : x + w], flips)
+
+    labels = fit(lab[cut_region], 0)
+    tokens = np.zeros((len(cfg.anatomies), int(np.prod(grid))), dtype=np.uint8)
+    for j, a in enumerate(cfg.anatomies):
+        hit = np.isin(labels, ids[a])
+        faces = (hit[0], hit[-1], hit[:, 0], hit[:, -1], hit[:, :, 0], hit[:, :, -1])
+        cut = (
+            cfg.presence == "in_scan"
+            and a in boxes
+            and (min(boxes[a][:3]) == 0 or any(e >= n for e, n in zip(boxes[a][3:], vol.shape, strict=True)))
+        )
+        incomplete = cut or any(f.any() for f in faces)
+        if hit.sum() < cfg.min_voxels or (incomplete and not evaluation):
+            continue
+        pz, py, px = patch
+        tokens[j] = hit.reshape(grid[0], pz, grid[1], py, grid[2], px).any(axis=(1, 3, 5)).reshape(-1)
+    return {"scan": window01(fit(vol[cut_region], cfg.window_hu[0]), *cfg.window_hu), "anatomy_tokens": tokens}
+
+
+def test_cagcl_device_side_equals_the_plain_numpy_sampler():
+    """The crop straight into the batch, the window and token masks on the device equal the plain
+    numpy path they replace, value for value, on the same seeds: padded and cut crops, flips, both
+    presence rules, min_voxels, training and evaluation, on a phantom's real label map."""
+    from ctray.data.phantoms import make_phantom
+
+    p = make_phantom("p", 3, (40, 96, 96), (3.0, 2.5, 2.5))
+    groups = {"lung": [10, 11, 12, 13, 14], "heart": [51, 61], "aorta": [52], "liver": [5], "bone": list(range(25, 51))}
+    boxes = []
+    for a, lab_ids in groups.items():
+        where = np.argwhere(np.isin(p.labels, lab_ids))
+        if len(where):
+            boxes.append({"anatomy": a, "box": [*where.min(0).tolist(), *(where.max(0) + 1).tolist()]})
+    row = {
+        "volume": [p.hu.astype(np.int16).tobytes()],
+        "shape": [list(p.hu.shape)],
+        "label_map": [p.labels.astype(np.uint8).tobytes()],
+        "anatomy_boxes": [boxes],
+        "anatomy_texts": [[]],
+        "labels": [[]],
+    }
+    tok = TextEncoding(train_wordpiece([["The liver is normal."]], 60, min_patients=1), 8)
+    anatomies = list(groups)
+    texts = AnatomyTexts(anatomies, {}, tok, "one")
+    settings = [
+        {"input_size": (16, 64, 64), "crop_anatomies": ["lung", "heart"]},  # cut from a larger region
+        {"input_size": (48, 64, 128), "crop_anatomies": ["liver"]},  # padded on every axis
+        {"input_size": (32, 96, 64), "presence": "in_scan", "min_voxels": 50},
+    ]
+    seen_tokens = 0
+    for k, extra in enumerate(settings):
+        cfg = CAGCLConfig(anatomies=anatomies, patch=(8, 16, 16), flip_prob=0.5, window_hu=(-1150.0, 350.0), **extra)
+        for evaluation in (False, True):
+            fast = OnDevice(cfg, groups, texts, evaluation)
+            for seed in range(4):
+                got = fast(row, np.random.default_rng(seed))
+                ref = plain_cagcl_sample(cfg, groups, row, np.random.default_rng(seed), evaluation)
+                assert np.array_equal(got["scan"][0], ref["scan"]), (k, evaluation, seed)
+                assert np.array_equal(got["anatomy_tokens"][0].astype(np.uint8), ref["anatomy_tokens"]), (k, seed)
+                assert np.array_equal(got["region"][0], ref["anatomy_tokens"].any(1)), (k, evaluation, seed)
+                seen_tokens += int(ref["anatomy_tokens"].sum())
+    assert seen_tokens > 0  # the comparison saw anatomies that count
 
 
 def scan_present(sampler, row) -> list[list[int]]:
@@ -472,11 +576,11 @@ def test_cagcl_reports_how_often_each_anatomy_formed_a_pair_and_warns_of_rare_sc
 
     task, cfg, _ = tiny_task("cagcl")
     batch = synthetic_batch(cfg.objective, 4, torch.device("cpu"))
-    batch["present"][:, 0] = torch.tensor([1, 0, 0, 0], dtype=batch["present"].dtype)  # the first anatomy: 1 of 4
+    batch["has_text"][:, 0] = torch.tensor([1, 0, 0, 0], dtype=batch["has_text"].dtype)  # the first anatomy: 1 of 4
     out = task(batch)
     first = task.anatomies[0]
     assert out[f"anatomy_pairs.{first}"].item() == pytest.approx(0.25)
-    want = batch["present"].float().mean(0)
+    want = task.on_device(batch, evaluation=False)["present"].float().mean(0)
     assert [out[f"anatomy_pairs.{a}"].item() for a in task.anatomies] == pytest.approx(want.tolist())
     scored = set(cfg.objective.zero_shot.findings.values())
     rare = {a: 0.05 for a in task.anatomies}

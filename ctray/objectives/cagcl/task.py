@@ -5,30 +5,87 @@ lambda x the cross-anatomy global loss (eq. 2-4, ctray.objectives.losses)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from ctray.anatomy import CLASS_IDS, DEFAULT_ANATOMIES
 from ctray.objectives.anatomy_text import AnatomyTextTask, synthetic_text_fields
 from ctray.objectives.cagcl.config import CAGCLConfig
 from ctray.objectives.cagcl.vit import AnatomyQueryPooling, ViT3D
 from ctray.objectives.cagcl.vit_init import init_vit3d
+from ctray.objectives.ctfm.augment import window
 from ctray.objectives.losses import CrossAnatomyGlobalLoss
 from ctray.objectives.spec import Assets, Batch, ExportPart
 
 
 def synthetic_batch(cfg: CAGCLConfig, scans: int, device: torch.device) -> Batch:
-    """Random scans, token masks covering ~20% of the grid per anatomy, and random text fields."""
+    """Random HU scans, and label maps in which each anatomy (or none) holds a random 1/(A+1) of the
+    token grid, none on the input's faces (so every anatomy is complete), with random text fields:
+    the sampler's keys."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    a = len(cfg.anatomies)
-    tokens = math.prod(s // p for s, p in zip(cfg.input_size, cfg.patch, strict=False))
+    grid = [s // p for s, p in zip(cfg.input_size, cfg.patch, strict=False)]
+    ids = torch.tensor([0] + [synthetic_label_id(cfg, a) for a in cfg.anatomies], dtype=torch.uint8)
+    labels = ids[torch.randint(0, len(ids), (scans, *grid), generator=gen)]
+    for axis, p in enumerate(cfg.patch):
+        labels = labels.repeat_interleave(p, dim=axis + 1)
+    labels[:, [0, -1]] = 0
+    labels[:, :, [0, -1]] = 0
+    labels[:, :, :, [0, -1]] = 0
     batch = {
-        "scan": torch.rand((scans, *cfg.input_size), generator=gen).half(),
-        "anatomy_tokens": (torch.rand((scans, a, tokens), generator=gen) < 0.2).to(torch.uint8),
-        **synthetic_text_fields(cfg, scans, a, gen),
+        "scan": torch.randint(-1024, 2048, (scans, *cfg.input_size), generator=gen, dtype=torch.int16),
+        "labels": labels,
+        "anatomy_cut": torch.zeros((scans, len(cfg.anatomies)), dtype=torch.uint8),
+        **synthetic_text_fields(cfg, scans, len(cfg.anatomies), gen),
     }
+    batch["has_text"] = batch.pop("present")
+    del batch["region"]
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def synthetic_label_id(cfg: CAGCLConfig, anatomy: str) -> int:
+    """One label id of `anatomy`: the config's, else its default TotalSegmentator group's."""
+    ids = cfg.anatomy_labels.get(anatomy) or [CLASS_IDS[c] for c in DEFAULT_ANATOMIES[anatomy]]
+    return int(ids[0])
+
+
+def anatomy_lut(anatomy_ids: dict[str, list[int]], anatomies: list[str]) -> torch.Tensor:
+    """(256, A) uint8: 1 where label id i belongs to anatomy j (a label may serve several)."""
+    lut = torch.zeros((256, len(anatomies)), dtype=torch.uint8)
+    for j, a in enumerate(anatomies):
+        lut[list(anatomy_ids[a]), j] = 1
+    return lut
+
+
+def anatomy_masks(
+    labels: torch.Tensor,
+    lut: torch.Tensor,
+    patch: tuple[int, int, int],
+    min_voxels: int,
+    cut: torch.Tensor,
+    evaluation: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which anatomies count and the tokens their queries attend to, on the device.
+
+    labels (S, D, H, W) uint8 label ids of the crop; lut (256, A) (`anatomy_lut`); cut (S, A) the
+    stored box touches the scan's border (presence "in_scan"). -> tokens (S, A, N) bool, each
+    counting anatomy's voxels max-pooled to the ViT's patch grid (N tokens, z-major); region (S, A)
+    bool. An anatomy counts with at least `min_voxels` voxels in the crop and, in training (the
+    paper's complete anatomical structures N_j, fVLM's "remove incomplete organs caused by random
+    crop"), none on the crop's faces and not `cut`. Fixed shapes and no host sync: one gather of
+    the lut (S x voxels x A bytes) and max/sum reductions.
+    """
+    s, d, h, w = labels.shape
+    pz, py, px = patch
+    hit = lut[labels.int()]  # (S, D, H, W, A)
+    voxels = hit.flatten(1, 3).sum(1)
+    tokens = hit.view(s, d // pz, pz, h // py, py, w // px, px, -1).amax(dim=(2, 4, 6))
+    region = voxels >= min_voxels
+    if not evaluation:
+        faces = [hit[:, k] for k in (0, -1)] + [hit[:, :, k] for k in (0, -1)] + [hit[:, :, :, k] for k in (0, -1)]
+        on_face = torch.stack([f.flatten(1, 2).amax(1) for f in faces]).amax(0)
+        region &= (on_face == 0) & (cut == 0)
+    return tokens.flatten(1, 3).transpose(1, 2).bool() & region.unsqueeze(-1), region
 
 
 def vit3d(cfg: CAGCLConfig) -> ViT3D:
@@ -38,8 +95,22 @@ def vit3d(cfg: CAGCLConfig) -> ViT3D:
     )
 
 
+def device_batch(batch: Batch, cfg: CAGCLConfig, lut: torch.Tensor, evaluation: bool) -> Batch:
+    """The sampler's batch -> the windowed scan (float32 in [0, 1]), "anatomy_tokens", "region"
+    (the anatomies that count: `anatomy_masks`) and "present" (region and a text: the pairs)."""
+    tokens, region = anatomy_masks(batch["labels"], lut, cfg.patch, cfg.min_voxels, batch["anatomy_cut"], evaluation)
+    return {
+        **batch,
+        "scan": window(batch["scan"], *cfg.window_hu),
+        "anatomy_tokens": tokens,
+        "region": region.to(torch.uint8),
+        "present": (region & batch["has_text"].bool()).to(torch.uint8),
+    }
+
+
 class CAGCLTask(AnatomyTextTask):
-    """Batch {"scan": (S, D, H, W) float16, "anatomy_tokens": (S, A, N) + text fields} -> eq. (5)."""
+    """Batch (AnatomyScanSampler) {"scan": (S, D, H, W) int16 HU, "labels": (S, D, H, W) uint8,
+    "anatomy_cut": (S, A), "has_text": (S, A) + text fields} -> eq. (5)."""
 
     def __init__(self, cfg: CAGCLConfig, assets: Assets):
         super().__init__(cfg, assets)
@@ -53,6 +124,9 @@ class CAGCLTask(AnatomyTextTask):
             len(cfg.anatomies), cfg.width, cfg.pool_heads, cfg.embed_dim, dropout=cfg.pool_dropout
         )
         self.global_loss = CrossAnatomyGlobalLoss()
+        if assets.anatomy_labels is None:
+            raise ValueError("the assets hold no anatomy label ids: the objective's prepare() did not run")
+        self.register_buffer("lut", anatomy_lut(assets.anatomy_labels, self.anatomies), persistent=False)
         self.generator = torch.Generator(device="cpu")
 
     def begin_step(self, step: int, seed: int) -> None:
@@ -60,11 +134,15 @@ class CAGCLTask(AnatomyTextTask):
         # gathered batch), new at every micro-step, and where they were after a resume.
         self.generator.manual_seed(seed)
 
+    def on_device(self, batch: Batch, evaluation: bool) -> Batch:
+        return device_batch(batch, self.cfg, self.lut, evaluation)
+
     def embed_anatomies(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         x = batch["scan"].unsqueeze(1).to(self.compute_dtype())
-        return self.pool(self.vit.features(x), batch["anatomy_tokens"].bool())
+        return self.pool(self.vit.features(x), batch["anatomy_tokens"])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = self.on_device(batch, evaluation=False)
         g = self.gathered(self.embed_anatomies(batch), self.embed_reports(batch), batch)
         scale = self.temperature()
         local = self.local_losses(g, scale).sum()

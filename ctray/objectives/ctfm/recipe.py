@@ -36,6 +36,8 @@ class CTFMSimCLR:
             "data.scans_per_batch=4",
         ),
         "target on one H100: >= 330 views/s",
+        paper_job="ctfm.yaml",
+        feed_views_per_s=330.0,
     )
 
     def prepare(self, cfg: RecipeConfig, shards: str, run: RunFolder) -> Assets:

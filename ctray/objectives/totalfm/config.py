@@ -24,6 +24,10 @@ class OrganInput(Section):
     """Margin around the organ's bounding box, on every side."""
     window_hu: tuple[float, float] = (-1000.0, 1000.0)
     """HU range mapped to 0..1 (a wide window: lung nodules and soft-tissue lesions both stay visible)."""
+    cache: bool = True
+    """Cut the organ volumes once, into the shard set's _organs/ folder (organ_cache: the run's
+    driver needs write access to the shard set), and train from them; false: cut them from the
+    scan at every draw (the same values, ~4x the data feed's CPU)."""
 
 
 class VideoMAESize(Section):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ctray.objectives.contrast import BERT_B, anatomy_texts
-from ctray.objectives.spec import Assets, Batch, BenchProfile, Objective, RecipeConfig, SweepSpace
+from ctray.objectives.spec import Assets, Batch, BenchProfile, Objective, SweepSpace
 from ctray.objectives.totalfm.clip import TotalFMCLIPTask, clip_assets, synthetic_clip_batch
 from ctray.objectives.totalfm.config import TotalFMCLIPConfig, TotalFMMAEConfig
 from ctray.objectives.totalfm.mae import TotalFMMAETask, synthetic_batch
@@ -27,9 +27,21 @@ VIDEOMAE_B = (
 """Overrides of the local jobs that build VideoMAE-B on 16x160x160 organ volumes (bench step on a GPU)."""
 
 
-def organ_sampler(cfg: TotalFMMAEConfig | TotalFMCLIPConfig, assets: Assets) -> OrganSampler:
+def organ_sampler(cfg: TotalFMMAEConfig | TotalFMCLIPConfig, assets: Assets, training: bool = True) -> OrganSampler:
+    """Training: from the organ cache where prepare() cut one; embedding and evaluation (any shard
+    set): cut at every draw."""
     texts = anatomy_texts(cfg, cfg.organs.anatomies, assets, "one") if isinstance(cfg, TotalFMCLIPConfig) else None
-    return OrganSampler(cfg.organs, texts)
+    return OrganSampler(cfg.organs, texts, cached=training and assets.organ_cache is not None)
+
+
+def organ_cache(cfg: TotalFMMAEConfig | TotalFMCLIPConfig, shards: str, run: RunFolder) -> str | None:
+    """Driver side: the training shards' organ cache (cut now where missing), or None without one."""
+    if not cfg.organs.cache:
+        return None
+    from ctray.ingest.shardset import ShardSet
+    from ctray.objectives.totalfm.organ_cache import ensure_organ_cache
+
+    return ensure_organ_cache(ShardSet.open(shards, run.storage), cfg.organs)
 
 
 class TotalFMMAE:
@@ -53,13 +65,18 @@ class TotalFMMAE:
             "data.scans_per_batch=16",
         ),
         "target on one H100: >= 1,400 views/s (2x transformers' VideoMAE-B probe, 677)",
+        paper_job="totalfm-mae.yaml",
+        feed_views_per_s=1400.0,
     )
 
-    def prepare(self, cfg: RecipeConfig, shards: str, run: RunFolder) -> Assets:
-        return Assets()
+    def prepare(self, cfg: TotalFMMAEConfig, shards: str, run: RunFolder) -> Assets:
+        return Assets(organ_cache=organ_cache(cfg, shards, run))
 
     def sampler(self, cfg: TotalFMMAEConfig, assets: Assets) -> OrganSampler:
         return organ_sampler(cfg, assets)
+
+    def embed_sampler(self, cfg: TotalFMMAEConfig, assets: Assets) -> OrganSampler:
+        return organ_sampler(cfg, assets, training=False)
 
     def task(self, cfg: TotalFMMAEConfig, assets: Assets) -> TotalFMMAETask:
         return TotalFMMAETask(cfg, assets)
@@ -79,13 +96,18 @@ class TotalFMCLIP:
     bench = BenchProfile(
         "totalfm-clip-local.yaml",
         ("objective.init_from=null", *VIDEOMAE_B, *BERT_B, "objective.embed_dim=256", "data.scans_per_batch=8"),
+        paper_job="totalfm-clip.yaml",
+        feed_views_per_s=1400.0,  # stage 1's organ volumes/s: the same encoder, and a text tower besides
     )
 
     def prepare(self, cfg: TotalFMCLIPConfig, shards: str, run: RunFolder) -> Assets:
-        return clip_assets(cfg, shards, run)
+        return clip_assets(cfg, shards, run).model_copy(update={"organ_cache": organ_cache(cfg, shards, run)})
 
     def sampler(self, cfg: TotalFMCLIPConfig, assets: Assets) -> OrganSampler:
         return organ_sampler(cfg, assets)
+
+    def embed_sampler(self, cfg: TotalFMCLIPConfig, assets: Assets) -> OrganSampler:
+        return organ_sampler(cfg, assets, training=False)
 
     def task(self, cfg: TotalFMCLIPConfig, assets: Assets) -> TotalFMCLIPTask:
         return TotalFMCLIPTask(cfg, assets)
