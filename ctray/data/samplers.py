@@ -33,6 +33,12 @@ class Sampler(Protocol):
         ...
 
 
+def output_bytes(*arrays: tuple[tuple[int, ...], Any]) -> int:
+    """Bytes of arrays of these (shape, dtype): a sampler's `draw_bytes`, the size of its output
+    for one scan, which sizes the Ray Data tasks that run it (ctray.data.pipeline.draws_per_block)."""
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in arrays)
+
+
 @runtime_checkable
 class ReadsBeside(Sampler, Protocol):
     """A sampler that also reads columns from a file beside each shard, row group for row group

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ctray.data.samplers import AnatomyTexts, label_maps, small_columns, volumes
+from ctray.data.samplers import AnatomyTexts, label_maps, output_bytes, small_columns, volumes
 from ctray.objectives.cagcl.config import CAGCLConfig
 from ctray.resample import resample_linear, resample_nearest, size_maps
 
@@ -52,6 +52,7 @@ class AnatomyScanSampler:
         self.in_scan = cfg.presence == "in_scan"
         self.crop_anatomies = list(cfg.crop_anatomies or cfg.anatomies)
         self.columns = ("volume", "shape", "label_map", "anatomy_boxes", *texts.columns)
+        self.draw_bytes = output_bytes((self.size, np.int16), (self.size, np.uint8))
 
     def region(self, shape: tuple[int, ...], boxes: dict[str, list[int]]) -> tuple[slice, slice, slice]:
         """The crop anatomies' bounding box plus the margin, within the scan (the whole scan without boxes)."""

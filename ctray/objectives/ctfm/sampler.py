@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ctray.data.samplers import volumes
+from ctray.data.samplers import output_bytes, volumes
 
 
 class PatchSampler:
@@ -22,6 +22,7 @@ class PatchSampler:
         self.m = patches_per_scan
         self.size = tuple(patch_size)
         self.pad = pad
+        self.draw_bytes = output_bytes(((self.m, *self.size), np.int16))
 
     def sample(self, vol: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
         """M patches of `vol`: int16 (M, d, h, w), written into `out` if given."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ctray.data.samplers import AnatomyTexts, small_columns, volumes, window01
+from ctray.data.samplers import AnatomyTexts, output_bytes, small_columns, volumes, window01
 from ctray.ingest.derived import per_shard_folder
 from ctray.objectives.totalfm.config import OrganInput
 from ctray.objectives.totalfm.organ_cache import CACHE_COLUMNS, ORGAN_CACHE, cache_key, organ_arrays
@@ -41,6 +41,7 @@ class OrganSampler:
         text_columns = texts.columns if texts else ()
         self.columns = text_columns if cached else self.cut_columns + text_columns
         self.side_columns = CACHE_COLUMNS
+        self.draw_bytes = output_bytes(((len(self.anatomies), *self.size), np.float16))
 
     def side_file(self, shard: str) -> str | None:
         """The organ cache file of the shard at path `shard` (ShardRowReader reads `side_columns`
