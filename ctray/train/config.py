@@ -41,7 +41,7 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    """torch's AdamW with linear warmup + cosine. On GPU it is torch's fused AdamW (`fused=True`: a
+    """torch AdamW with linear warmup + cosine. On GPU it is torch's fused AdamW (`fused=True`: a
     kernel shipped in torch, nothing compiled), not DeepSpeed's FusedAdam or CPUAdam, which
     DeepSpeed compiles when a run starts (ctray.train.engine)."""
 
