@@ -8,7 +8,10 @@ On CPU a tensor's data is on the host, so nothing there waits for a device. What
 GPU is counted instead, at the two levels a read can happen: ATen ops that need a device value on
 the host (`_local_scalar_dense` behind `.item()`, `float(t)`, `if t:`; `nonzero`, `masked_select`,
 `unique`, boolean indexing, `repeat_interleave` without an output size, `equal`, `bincount`) and
-the Python methods that copy a tensor's data out (`tolist`, `numpy`, `cpu`)."""
+the Python calls that copy data out (`tolist`, `numpy`, `cpu`) or in (`torch.tensor(data,
+device=...)`). A host tensor copied to the device by `.to()` inside the step is invisible on CPU
+(the VideoMAE position tables were one: `test_videomae_position_tables_move_with_the_model`); the
+GPU test with torch's own sync check sees those too."""
 
 from __future__ import annotations
 
@@ -48,6 +51,10 @@ INDEXING = (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_)
 COPYING_OUT = {"tolist", "numpy", "cpu"}
 """Tensor methods that copy data to the host (on CPU tensors, unseen by ATen)."""
 
+FROM_HOST_DATA = {"tensor", "as_tensor"}
+"""Factories that, given a device, copy host data to it: blocking on a GPU (`torch.tensor(x,
+device="cuda")` waits for its copy). Without a device they make a host tensor, which is fine."""
+
 
 def _where() -> str:
     """The innermost frames in ctray, transformers or this file that led here."""
@@ -73,8 +80,11 @@ class HostSyncs:
 
         class Methods(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
-                if getattr(func, "__name__", "") in COPYING_OUT:
-                    outer.syncs.append((f"Tensor.{func.__name__}", _where()))
+                name = getattr(func, "__name__", "")
+                if name in COPYING_OUT:
+                    outer.syncs.append((f"Tensor.{name}", _where()))
+                elif name in FROM_HOST_DATA and (kwargs or {}).get("device") is not None:
+                    outer.syncs.append((f"torch.{name}(..., device=)", _where()))
                 return func(*args, **(kwargs or {}))
 
         self.modes = [Methods(), Ops()]
@@ -115,14 +125,17 @@ def test_the_counter_sees_every_kind_of_read():
         x.detach().numpy()
         torch.repeat_interleave(torch.tensor([1, 2]))
         x.detach().unique()
+        torch.tensor([1.0, 2.0], device=x.device)
     kinds = [what for what, _ in h.syncs]
     assert kinds.count("aten._local_scalar_dense.default") == 3
     assert {"aten.nonzero.default", "aten.index.Tensor", "Tensor.tolist", "Tensor.numpy"} <= set(kinds)
     assert "aten.repeat_interleave.Tensor" in kinds and any("unique" in k for k in kinds)
+    assert "torch.tensor(..., device=)" in kinds
     with HostSyncs() as h:  # and what needs no read is not
         z = x * 2 + x.sum()
         z.index_select(0, torch.tensor([0, 2])).sum().backward()
         torch.where(x > 0, x, 0.0).argsort()
+        torch.tensor(3.0)  # a host scalar
     assert h.syncs == []
 
 
@@ -221,6 +234,18 @@ def test_videomae_loss_by_indices_equals_transformers_boolean_masks_on_the_same_
     theirs.backward()
     assert torch.equal(ours, theirs)
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, mae.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["totalfm_mae", "totalfm_clip"])
+def test_videomae_position_tables_move_with_the_model(name):
+    """transformers keeps them as plain attributes, left on the CPU by `.to(device)` (each forward
+    then copied them to the GPU, blocking): as buffers they follow the model, outside its state dict."""
+    task, _, _ = tiny_task(name)
+    state = set(task.state_dict())
+    task.to(torch.float64)
+    tables = [(n, b) for n, b in task.named_buffers() if n.endswith("position_embeddings")]
+    assert len(tables) == (2 if name == "totalfm_mae" else 1)  # stage 1: the encoder's and the decoder's
+    assert all(b.dtype == torch.float64 for _, b in tables) and not state & {n for n, _ in tables}
 
 
 @pytest.mark.parametrize("name", ["totalfm_mae", "totalfm_clip"])

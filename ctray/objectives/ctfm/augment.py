@@ -73,10 +73,11 @@ def draw_resized_crop_flip(
     ceil(s * size) per axis (math.ceil in MONAI's get_max_roi_size, here in float64 too), corner
     uniform in 0..size - roi (get_random_patch's randint(0, size - roi + 1)); then RandFlip's coin."""
     s = torch.empty(n, dtype=torch.float64, device=device).uniform_(scale[0], scale[1], generator=gen)
-    full = torch.tensor(size, dtype=torch.float64, device=device)
-    # capped at the patch as MONAI's get_valid_patch_size does, should a config allow s > 1
-    sizes = torch.minimum(torch.ceil(s[:, None] * full).long(), full.long())
-    room = (full.long() - sizes + 1).double()
+    # Per axis with the size as a Python number: a tensor made from `size` on a GPU would be a
+    # blocking host-to-device copy. Capped at the patch as MONAI's get_valid_patch_size does, should
+    # a config allow s > 1.
+    sizes = torch.stack([torch.ceil(s * d).clamp(max=d) for d in size], 1).long()
+    room = torch.stack([d - sizes[:, i] + 1 for i, d in enumerate(size)], 1).double()
     u = torch.rand(n, 3, dtype=torch.float64, device=device, generator=gen)
     starts = (u * room).floor().long()
     flips = torch.rand(n, device=device, generator=gen) < flip_prob

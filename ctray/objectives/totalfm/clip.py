@@ -19,7 +19,7 @@ from ctray.objectives.anatomy_text import AnatomyTextTask, synthetic_text_fields
 from ctray.objectives.slots import encode_at, slots_of
 from ctray.objectives.spec import Assets, Batch, ExportPart, layer_norm_part, linear_part
 from ctray.objectives.totalfm.config import TotalFMCLIPConfig, export_config
-from ctray.objectives.totalfm.mae import synthetic_batch
+from ctray.objectives.totalfm.mae import position_tables_as_buffers, synthetic_batch
 
 if TYPE_CHECKING:
     from ctray.run_folder import RunFolder
@@ -112,7 +112,7 @@ class TotalFMCLIPTask(AnatomyTextTask):
 
         self.cfg = cfg
         self.anatomies = list(cfg.organs.anatomies)
-        self.vision = VideoMAEModel(cfg.model.videomae_config(cfg.organs))
+        self.vision = position_tables_as_buffers(VideoMAEModel(cfg.model.videomae_config(cfg.organs)))
         if assets.init_from:
             self._load_stage1(assets.init_from, assets.storage or StorageConfig())
         self.vision_norm = nn.LayerNorm(cfg.model.hidden_size)

@@ -35,6 +35,19 @@ def synthetic_batch(organs: OrganInput, scans: int, device: torch.device) -> Bat
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def position_tables_as_buffers(model: nn.Module) -> nn.Module:
+    """transformers' VideoMAE keeps its fixed sin-cos position tables as plain tensor attributes,
+    which `.to(device)` leaves on the CPU, so every forward copies them to the GPU and waits for the
+    copy. Re-registered as non-persistent buffers they move with the model and stay out of its state
+    dict (checkpoints and exports are unchanged). Returns `model`."""
+    for module in model.modules():
+        table = module.__dict__.get("position_embeddings")
+        if isinstance(table, torch.Tensor):
+            del module.position_embeddings
+            module.register_buffer("position_embeddings", table, persistent=False)
+    return model
+
+
 class TubeMask(NamedTuple):
     """VideoMAE tube masking of N volumes as token indices, each row ascending (the order boolean
     masking keeps)."""
@@ -117,7 +130,7 @@ class TotalFMMAETask(Task):
         from transformers import VideoMAEForPreTraining
 
         self.cfg = cfg
-        self.mae = VideoMAEForPreTraining(cfg.model.videomae_config(cfg.organs))
+        self.mae = position_tables_as_buffers(VideoMAEForPreTraining(cfg.model.videomae_config(cfg.organs)))
 
     def host_fields(self, batch: Batch) -> Batch:
         """ "present_slots": the present organs' slots (`slots_of`), so the number of volumes is a shape."""
