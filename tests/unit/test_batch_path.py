@@ -338,6 +338,19 @@ def test_zero_1_and_2_overlap_the_reduction_in_buckets_and_adamw_fuses_on_cuda_o
         assert adamw(task.cuda(), cfg).defaults["fused"]
 
 
+def test_cuda_settings_benchmark_convolutions_and_allow_tf32():
+    from ctray.train.engine import cuda_settings
+
+    flags = (torch.backends.cudnn, "benchmark"), (torch.backends.cuda.matmul, "allow_tf32")
+    before = [getattr(o, k) for o, k in flags]
+    try:
+        cuda_settings()
+        assert all(getattr(o, k) is True for o, k in flags)
+    finally:
+        for (o, k), v in zip(flags, before, strict=True):
+            setattr(o, k, v)
+
+
 # --- FLOPs, TFLOP/s, MFU, memory ----------------------------------------------------------------
 
 
