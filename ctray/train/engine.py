@@ -47,7 +47,7 @@ def deepspeed_config(cfg: PretrainConfig, use_gpu: bool) -> dict[str, Any]:
     sending the gradients of Linear/Conv layers in bf16, its default under autocast.
 
     ZeRO 1-2 reduce the gradients in buckets while the backward still runs (`overlap_comm`; ZeRO 1
-    does so on the micro-step that ends an accumulation), each bucket on its own stream once it
+    does so on the micro-step that ends an accumulation), each bucket on a side stream once it
     holds `reduce_bucket_size` elements: DeepSpeed's default of 5e8 elements holds every ctray
     model whole, so the reduction would start only after the backward. ZeRO 3 overlaps by default."""
     ds = cfg.deepspeed
@@ -118,8 +118,9 @@ def skip_shm_collectives() -> None:
 def cuda_settings() -> None:
     """The CUDA backends' settings for training (call once per worker process, on GPU workers):
     cuDNN benchmarks the convolution algorithms for each new input shape and keeps the fastest (the
-    shapes repeat every step: CT-FM's patches, CA-GCL's crops; TotalFM's organ count per batch takes
-    a few dozen values), and fp32 matmuls run on TF32 tensor cores. Under bf16 autocast the model's
+    shapes repeat every step: CT-FM's patches, CA-GCL's crops; TotalFM's number of organ volumes
+    varies by batch, and each new count is benchmarked once), and fp32 matmuls run on TF32 tensor
+    cores. Under bf16 autocast the model's
     matmuls are bf16 already: TF32 is for what stays fp32, the losses' similarity matrices and
     projections (ctray computes logits in fp32), and for whole runs in deepspeed.precision=fp32."""
     torch.backends.cudnn.benchmark = True

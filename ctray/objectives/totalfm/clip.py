@@ -141,7 +141,7 @@ class TotalFMCLIPTask(AnatomyTextTask):
         return self.embed_organs(batch["organs"], slots_of(batch["region"].bool()))
 
     def host_fields(self, batch: Batch) -> Batch:
-        """ "present_slots": the present organs' slots (`slots_of`), so the number of volumes is a shape."""
+        """The present organs' slots (`slots_of`) as "present_slots": the number of volumes is then a shape."""
         return {"present_slots": slots_of(batch["present"].bool())}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -133,7 +133,7 @@ class TotalFMMAETask(Task):
         self.mae = position_tables_as_buffers(VideoMAEForPreTraining(cfg.model.videomae_config(cfg.organs)))
 
     def host_fields(self, batch: Batch) -> Batch:
-        """ "present_slots": the present organs' slots (`slots_of`), so the number of volumes is a shape."""
+        """The present organs' slots (`slots_of`) as "present_slots": the number of volumes is then a shape."""
         return {"present_slots": slots_of(batch["present"].bool())}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
