@@ -35,6 +35,15 @@ def mean_across_workers(value: float, device: torch.device) -> float:
     return float(t.item()) / world_size()
 
 
+def max_across_workers(value: float, device: torch.device) -> float:
+    """The largest of a scalar over workers (for logging only; no autograd)."""
+    if not is_dist():
+        return float(value)
+    t = torch.tensor([float(value)], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every worker along dim 0, keeping gradients flowing to each worker's
     own slice (torch.distributed.nn.all_gather), so that a loss over the gathered batch equals

@@ -84,8 +84,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "step",
         help="views/s and TFLOP/s of the training step, synthetic input vs streaming from shards",
         description="Runs the real trainer twice (in-memory input, then shards through Ray Data) and "
-        "prints views/s (median and spread of the logging windows after the first), TFLOP/s and the data-stall "
-        "fraction. Without --config, per --objective: on a "
+        "prints views/s (median and spread of the logging windows after the first), TFLOP/s, on a GPU MFU and "
+        "peak memory, and the data-stall fraction (override data.pin_memory=false: pageable batches). "
+        "Without --config, per --objective: on a "
         "GPU the paper-size model of the recipe's bench profile (CT-FM's SegResEncoder at 32x128x128, "
         "VideoMAE-B at 16x160x160 organ volumes, CA-GCL's ViT-B at 112x256x352), on a CPU its local job. A view "
         "is a patch view (CT-FM), an organ volume (TotalFM) or a scan (CA-GCL).",

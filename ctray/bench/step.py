@@ -2,9 +2,13 @@
 real trainer (Ray Train + DeepSpeed), synthetic in-memory input vs streaming from shards, in one
 run; prints the data-stall fraction.
 
-FLOPs per view are counted once with torch's FlopCounterMode over the task's forward + backward on
-a one-scan synthetic batch (device augmentation and the text tower included), so the figure does
-not depend on the hardware. Each run logs 6 windows of steps/6 steps; the first (start-up: Ray
+FLOPs per view are counted once per run with torch's FlopCounterMode over the task's forward +
+backward on a one-scan synthetic batch (device augmentation and the text tower included), so the
+figure does not depend on the hardware: ctray.train.metrics.flops_per_view, the count each training
+run makes for its reports' TFLOP/s and MFU and logs with its workers; the bench reads it back from
+metrics.jsonl, with the windows' MFU (median) and the run's peak GPU memory.
+
+Each run logs 6 windows of steps/6 steps; the first (start-up: Ray
 Train, DeepSpeed, Ray Data's first blocks) is left out and the other 5 are repeated measurements of
 the steady state: median and spread of each mode's views/s, and of streaming/synthetic over
 paired windows (window i of one against window i of the other). views/s is wall-clock: other load
@@ -19,40 +23,30 @@ import os
 import statistics
 import tempfile
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ctray.bench.common import OtherLoad, spread
 
-if TYPE_CHECKING:
-    from ctray.objectives.spec import Assets, Objective, RecipeConfig
-
-
-def flops_per_view(spec: Objective[Any], objective_cfg: RecipeConfig, assets: Assets, device: torch.device) -> float:
-    """Forward + backward FLOPs of the task on a one-scan synthetic batch, per view."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    task = spec.task(objective_cfg, assets).to(device)
-    batch = spec.synthetic_batch(objective_cfg, 1, device)
-    with FlopCounterMode(display=False) as counter:
-        out = task(batch)
-        out["loss"].backward()
-    return counter.get_total_flops() / float(out["views"])
-
 
 def _steady(log: list[dict], log_every: int) -> dict:
     """Median and spread over the logging windows after the first (start-up): each window is one
-    repeated measurement of the same steady state (a shorter last window is left out too)."""
+    repeated measurement of the same steady state (a shorter last window is left out too). MFU is
+    None where the run had no peak to divide by (CPU, an unlisted GPU); peak memory is the run's."""
     windows = [m for m in log if "loss" in m and m["step"] % log_every == 0][1:]
     if len(windows) < 3:
         raise RuntimeError("fewer than 3 steady-state windows: raise --steps or lower train.log_every")
     rates = [m["views_per_s"] for m in windows]
+    mfu = [m["mfu"] for m in windows if m.get("mfu") is not None]
+    memory = [m["peak_memory_gib"] for m in windows if m.get("peak_memory_gib") is not None]
     return {
         "views_per_s": statistics.median(rates),
         "views_per_s_spread": spread(rates),
         "views_per_s_windows": rates,
         "data_wait_fraction": statistics.median(m["data_wait_fraction"] for m in windows),
+        "mfu": statistics.median(mfu) if mfu else None,
+        "peak_memory_gib": max(memory) if memory else None,
         "windows": len(windows),
     }
 
@@ -127,15 +121,9 @@ def bench_step(
         f"train.checkpoint_every={steps}",
         "eval.enabled=false",
     ]
-    base = load_config(PretrainConfig, config, [*overrides, *common, "run.name=bench-step-flops"])
-    spec = get_objective(base.objective.name)
-    fpv = flops_per_view(
-        spec,
-        base.objective,
-        spec.prepare(base.objective, base.data.shards, base.run_folder()),
-        torch.device("cuda" if gpu else "cpu"),
-    )
+    base = load_config(PretrainConfig, config, [*overrides, *common])
     results = {}
+    fpv = 0.0
     for mode in modes:
         cfg = load_config(
             PretrainConfig,
@@ -147,7 +135,9 @@ def bench_step(
         other_cores = other.cores() if other.tree.has_ray() else None  # Ray's own processes are not "other"
         run_dir = os.path.join(root, "bench-step-runs", cfg.run.name)
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            results[mode] = r = _steady([json.loads(line) for line in f], log_every)
+            log = [json.loads(line) for line in f]
+        results[mode] = r = _steady(log, log_every)
+        fpv = next(m["gflop_per_view"] for m in log if m.get("event") == "workers") * 1e9  # the run's own count
         r["tflops"] = r["views_per_s"] * fpv / 1e12
         r["other_load_cores"] = other_cores
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
@@ -160,6 +150,8 @@ def bench_step(
             f"  {mode:9s} {r['views_per_s']:9.1f} views/s (median of {r['windows']} windows of {log_every} steps,"
             f" spread {100 * r['views_per_s_spread']:.0f}%)  {r['tflops']:8.3f} TFLOP/s"
             f"  data-stall {100 * r['data_wait_fraction']:5.1f}%"
+            + (f"  MFU {100 * mfu:.1f}%" if (mfu := r["mfu"]) is not None else "")
+            + (f"  peak {memory:.1f} GiB" if (memory := r["peak_memory_gib"]) is not None else "")
             + (f"  other processes kept {load:.1f} cores busy" if (load := r["other_load_cores"]) is not None else "")
         )
     figures = {

@@ -15,15 +15,31 @@ def at_slots(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def slots_of(mask: torch.Tensor) -> torch.Tensor:
+    """(S, A) mask -> the indices of its True slots in the flattened S x A slots, in mask order.
+    On a host batch (Task.host_fields) it costs the step nothing; on the device its length must be
+    read back (a device-to-host sync)."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
+def encode_at(
+    slots: torch.Tensor, shape: tuple[int, ...], encode: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """`slots` (N,) indices into the flattened S x A slots of `shape` (S, A) -> (S, A, D):
+    `encode(slots)` in place, zeros elsewhere. The first slot is encoded as well and added with
+    weight 0, so the encoder runs and every one of its parameters gets a gradient whatever the batch
+    holds: a rank whose batch has no report text or no organ would otherwise skip the backward of the
+    gathers and DeepSpeed's gradient reduction, and the other ranks would wait for it forever. No
+    size here depends on a device value: with `slots` from the host (Task.host_fields) it needs
+    no sync."""
+    out = encode(torch.cat([slots, slots.new_zeros(1)]))
+    flat = out.new_zeros((shape[0] * shape[1], out.shape[-1])).index_copy(0, slots, out[:-1])
+    return flat.view(shape[0], shape[1], -1) + 0.0 * out[-1:].sum()
+
+
 def encode_slots(mask: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """(S, A) bool mask -> (S, A, D): `encode(slots)` of the True slots (indices into the flattened
-    S x A slots) in place, zeros elsewhere. The first slot is encoded as well and added with weight
-    0, so the encoder runs and every one of its parameters gets a gradient whatever the mask holds:
-    a rank whose batch has no report text or no organ would otherwise skip the backward of the
-    gathers and DeepSpeed's gradient reduction, and the other ranks would wait for it forever."""
-    slots = torch.cat([mask.flatten().nonzero().squeeze(1), mask.new_zeros(1, dtype=torch.long)])
-    out = encode(slots)
-    return at_slots(mask, out[:-1]) + 0.0 * out[-1:].sum()
+    """(S, A) bool mask -> (S, A, D): `encode_at` the mask's True slots (found on the mask's device)."""
+    return encode_at(slots_of(mask), mask.shape, encode)
 
 
 def anatomy_embeddings(v: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -79,7 +79,23 @@ C_contra = TypeVar("C_contra", bound=RecipeConfig, contravariant=True)
 
 class Task(nn.Module):
     """A recipe's device side. forward(batch) -> {"loss": scalar, "views": a CPU scalar (views or
-    volumes in the batch, for throughput), other scalars to log}."""
+    volumes in the batch, for throughput), other scalars to log}.
+
+    The training step should ask the device for no value (`.item()`, `float(t)`, `.nonzero()`,
+    boolean indexing, a Python `if` on a tensor): each such read waits for every kernel queued
+    before it, so the host cannot queue the next work ahead, the next batch's copy stops overlapping
+    the step, and CUDA graphs and a whole-graph torch.compile are ruled out
+    (tests/unit/test_batch_path.py counts them). A size that depends on the batch's values belongs
+    in `host_fields`."""
+
+    def host_fields(self, batch: Batch) -> Batch:
+        """Tensors the step needs whose SIZE depends on the batch's values (e.g. the indices of the
+        present organs), computed from the host batch before it is copied to the device (the
+        training loop's DevicePrefetcher and its synthetic batch): their sizes then reach the step
+        as shapes, where a size counted on the device would have to be read back. forward() takes
+        the batch with them, and derives them on the device when they are absent (a batch from
+        elsewhere: evaluation, tests). None by default."""
+        return {}
 
     def export_parts(self) -> dict[str, ExportPart]:
         """Part name -> module, exported at the end of training (ctray.export): a transformers

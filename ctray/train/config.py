@@ -21,7 +21,13 @@ class DataConfig(Section):
     scans_per_batch: int = 16
     """Scans per optimizer micro-step across all workers (CT-FM: 16); split evenly over workers."""
     prefetch_batches: int = 2
-    """Batches each worker's iterator prepares ahead (iter_torch_batches)."""
+    """Batches each worker's iterator prepares ahead on the host (iter_torch_batches); one more is
+    copied to the GPU while the step before it runs (ctray.train.loop.DevicePrefetcher)."""
+    pin_memory: bool = True
+    """GPU workers: Ray Data pins each batch in page-locked host memory (in its collate threads),
+    so its copy to the GPU runs on a side stream while the previous step computes. False: pageable
+    batches, whose copy the host stages and waits for (to measure what pinning buys: `ctray bench
+    step ... data.pin_memory=false`). No effect on CPU workers."""
     sampler_concurrency: int | None = None
     """CPU sampler tasks running at once (None: Ray Data decides from free CPUs)."""
     shuffle_buffer_scans: int = 0
@@ -35,7 +41,9 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    """torch AdamW (DeepSpeed's fused/CPU Adam would compile ops) with linear warmup + cosine."""
+    """torch AdamW with linear warmup + cosine. On GPU it is torch's fused AdamW (`fused=True`: a
+    kernel shipped in torch, nothing compiled), not DeepSpeed's FusedAdam or CPUAdam, which
+    DeepSpeed compiles when a run starts (ctray.train.engine)."""
 
     lr: float = 1e-4
     """Peak learning rate (CT-FM 1e-4)."""
@@ -166,6 +174,16 @@ class DeepSpeedConfig(Section):
     """dtype of the gradient all-reduce / reduce-scatter (DeepSpeed's communication_data_type):
     fp32 by default; bf16 halves the traffic between nodes at the cost of rounding each gradient
     before it is averaged."""
+    overlap_comm: bool = True
+    """ZeRO 1-2: reduce each gradient bucket while the backward goes on (ZeRO 3 always does)."""
+    reduce_bucket_size: int = Field(25_000_000, gt=0)
+    """ZeRO 1-2: gradient elements per reduction bucket. 2.5e7 (100 MB in fp32, 4x PyTorch DDP's
+    25 MiB) cuts CT-FM's 78M parameters into ~3 buckets, VideoMAE-B's 93M into ~4 and CA-GCL's
+    towers into ~8, so the reduction starts early in the backward; DeepSpeed's default 5e8 holds
+    each whole, which leaves nothing to overlap."""
+    allgather_bucket_size: int = Field(25_000_000, gt=0)
+    """ZeRO 1-2: parameter elements per all-gather of the updated partitions after each optimizer
+    step (DeepSpeed's default 5e8 gathers a ctray model in one go, through a buffer of its size)."""
 
 
 Logger = Literal["tensorboard", "mlflow", "wandb"]

@@ -5,9 +5,10 @@ DeepSpeed compiles C++/CUDA ops with torch's JIT extension loader into
 `$TORCH_EXTENSIONS_DIR/<python>_<device>/<op>/` (default `~/.cache/torch_extensions`), guarded
 by a `lock` file; a process killed mid-build leaves that file behind and every later build of the
 op on the machine waits on it forever (torch's FileBaton has no timeout). ctray asks for nothing
-compiled: torch's AdamW, not DeepSpeed's FusedAdam/CPUAdam, and not the CPU backend's
-shared-memory collective op (below). The stale-lock check covers whatever DeepSpeed may still
-build on another version or accelerator.
+compiled: torch's AdamW (on CUDA with `fused=True`, torch's own fused kernel, shipped in the torch
+wheel), not DeepSpeed's FusedAdam/CPUAdam, which DeepSpeed builds at start, and not the CPU
+backend's shared-memory collective op (below). The stale-lock check covers whatever DeepSpeed may
+still build on another version or accelerator.
 """
 
 from __future__ import annotations
@@ -43,19 +44,32 @@ def deepspeed_config(cfg: PretrainConfig, use_gpu: bool) -> dict[str, Any]:
     parameters are the fp32 master: ZeRO 0-3 step them as in fp32 training, gradients accumulate and
     travel in fp32 (`grad_comm_dtype`), BatchNorm keeps fp32 weights and statistics, and only the
     matmuls and convolutions run in bf16. `lower_precision_safe_modules: []` keeps DeepSpeed from
-    sending the gradients of Linear/Conv layers in bf16, its default under autocast."""
+    sending the gradients of Linear/Conv layers in bf16, its default under autocast.
+
+    ZeRO 1-2 reduce the gradients in buckets while the backward still runs (`overlap_comm`; ZeRO 1
+    does so on the micro-step that ends an accumulation), each bucket on a side stream once it
+    holds `reduce_bucket_size` elements: DeepSpeed's default of 5e8 elements holds every ctray
+    model whole, so the reduction would start only after the backward. ZeRO 3 overlaps by default."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage in (1, 2):
+        zero |= {
+            "overlap_comm": ds.overlap_comm,
+            "reduce_bucket_size": ds.reduce_bucket_size,
+            "allgather_bucket_size": ds.allgather_bucket_size,
+        }
     return {
         "train_micro_batch_size_per_gpu": cfg.scans_per_worker,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": zero,
         "torch_autocast": {
             "enabled": mixed_precision(cfg, use_gpu),
             "dtype": "bfloat16",
             "lower_precision_safe_modules": [],
         },
         "communication_data_type": cfg.deepspeed.grad_comm_dtype,
-        # torch's AdamW: ZeRO calls every optimizer but its own "untested"; it needs no compiled op.
+        # torch's AdamW: ZeRO calls every optimizer but its own "untested"; it compiles nothing.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # ctray logs its own metrics
         "wall_clock_breakdown": False,
@@ -101,14 +115,39 @@ def skip_shm_collectives() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def cuda_settings() -> None:
+    """The CUDA backends' settings for training (call once per worker process, on GPU workers):
+    cuDNN benchmarks the convolution algorithms for each new input shape and keeps the fastest (the
+    shapes repeat every step: CT-FM's patches, CA-GCL's crops; TotalFM's number of organ volumes
+    varies by batch, and each new count is benchmarked once), and fp32 matmuls run on TF32 tensor
+    cores. Under bf16 autocast the model's
+    matmuls are bf16 already: TF32 is for what stays fp32, the losses' similarity matrices and
+    projections (ctray computes logits in fp32), and for whole runs in deepspeed.precision=fp32."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def adamw(task: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
+    """torch's AdamW over the task's parameter groups; fused (one kernel for the whole update,
+    torch's own: nothing compiled) when every parameter is on CUDA, torch's default (foreach)
+    elsewhere."""
+    groups = [g for g in param_groups(task, cfg.optim.weight_decay) if g["params"]]
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=cfg.optim.betas, fused=fused or None)
+
+
 def build_engine(cfg: PretrainConfig, task: torch.nn.Module, use_gpu: bool) -> tuple[Any, Any]:
     """The DeepSpeed engine around `task` with torch AdamW and the warmup-cosine schedule (the
-    caller has checked the build locks: `check_build_locks`)."""
+    caller has checked the build locks: `check_build_locks`). On GPU the task moves to this
+    process's device first (DeepSpeed would move it anyway), so that the optimizer sees CUDA
+    parameters and fuses its update."""
     import deepspeed
 
     skip_shm_collectives()
-    groups = [g for g in param_groups(task, cfg.optim.weight_decay) if g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=cfg.optim.betas)
+    if use_gpu:
+        task.to(torch.device("cuda", torch.cuda.current_device()))
+    opt = adamw(task, cfg)
     factor = warmup_cosine(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     engine, _, _, sched = deepspeed.initialize(

@@ -10,6 +10,11 @@ returns its scalars, an evaluating task its own summary line.
 On (re)start each rank loads the latest checkpoint Ray Train hands it and continues from its step;
 every draw and augmentation is seeded from (train.seed, step), so a resumed run continues as an
 uninterrupted one would.
+
+The batch path to a GPU: Ray Data collates each batch on the host and pins it there (its collate
+threads, data.pin_memory), and `DevicePrefetcher` copies the next batch on a side stream while the
+current step runs; the step itself asks the device for no value (Task), so the host queues its
+kernels and the next copy well ahead of the GPU.
 """
 
 from __future__ import annotations
@@ -30,19 +35,21 @@ from ctray.console import quiet_worker
 from ctray.data.pipeline import stream_seed
 from ctray.export import ExportRun, TrainedOn, write_export
 from ctray.objectives import get_objective
-from ctray.objectives.spec import Assets, Batch, Evaluates, Objective
+from ctray.objectives.spec import Assets, Batch, Evaluates, Objective, Task
 from ctray.train.config import PretrainConfig
 from ctray.train.engine import (
     build_engine,
     check_build_locks,
+    cuda_settings,
     gathered,
     load_checkpoint,
+    mixed_precision,
     param_checksum,
     report_checkpoint,
 )
 from ctray.train.evaluation import InTrainingEvaluation
 from ctray.train.loggers import MetricLoggers, open_loggers
-from ctray.train.metrics import Cadence, MetricsWindow
+from ctray.train.metrics import Cadence, MetricsWindow, flops_per_view, peak_flops
 from ctray.train.optim import clamp_
 
 log = logging.getLogger(__name__)
@@ -114,10 +121,19 @@ class Worker:
         check_build_locks()  # before the model: a stale lock fails the worker in seconds, not minutes
         self.cfg, self.inputs = cfg, inputs
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":
+            cuda_settings()
         self.objective = get_objective(cfg.objective.name)
         self.run = cfg.run_folder()
         torch.manual_seed(cfg.train.seed)  # identical init on every rank
         self.task = self.objective.task(cfg.objective, inputs.assets)
+        # Once per run, before the task is changed for training (SyncBatchNorm, compile): the model
+        # FLOPs of a view, for each report's TFLOP/s and MFU (ctray.train.metrics). It costs one
+        # step on a one-scan batch: 0.03-0.07 s for the local TotalFM and CA-GCL jobs on CPU, 2 s
+        # for CT-FM's (measured on 2 busy cores), well under a second at paper size on a GPU.
+        mixed = mixed_precision(cfg, cfg.scaling.use_gpu)
+        one_scan = self.objective.synthetic_batch(cfg.objective, 1, torch.device("cpu"))
+        fpv = flops_per_view(self.task, device_batch(self.task, one_scan, self.device), autocast=mixed)
         sync_bn = cfg.train.sync_batchnorm
         if sync_bn or (sync_bn is None and cfg.scaling.use_gpu and dist.world_size() > 1):
             self.task = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.task)
@@ -126,8 +142,10 @@ class Worker:
         self.engine, self.sched = build_engine(cfg, self.task, cfg.scaling.use_gpu)
         self.evaluation = self._evaluation()
         self.cadence = Cadence(cfg.train, cfg.eval.every if self.evaluation is not None else -1)
-        self.batches = _batches(cfg, self.objective, self.device, inputs.streams)
-        self.window = MetricsWindow()
+        self.batches = _batches(cfg, self.objective, self.task, self.device, inputs.streams)
+        self.window = MetricsWindow(fpv, peak_flops(self.device, bf16=mixed))
+        if self.device.type == "cuda":  # the reported peak is training's, not the FLOP count's
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.last_evaluation: dict[str, float] | None = None
         self.advised: set[str] = set()
         self.loggers = MetricLoggers([])  # rank 0's are opened by restore(), at the step it resumes from
@@ -164,7 +182,9 @@ class Worker:
         nodes = dist.gather_object(ray.get_runtime_context().get_node_id())
         if dist.rank() == 0:
             log.info("%d worker(s) on %d node(s)", dist.world_size(), len(set(nodes)))
-        self.loggers.event(step, event="workers", nodes=nodes)
+        # With the FLOPs behind each report's TFLOP/s and MFU (`ctray bench step` reads them here).
+        gflop = None if self.window.flops_per_view is None else self.window.flops_per_view / 1e9
+        self.loggers.event(step, event="workers", nodes=nodes, gflop_per_view=gflop)
         if checkpoint is not None:
             checksum = param_checksum(self.engine.module, self.cfg.deepspeed.zero_stage)  # collective under ZeRO-3
             self.loggers.event(step, event="resume", checkpoint=checkpoint.path, param_checksum=checksum)
@@ -187,12 +207,12 @@ class Worker:
             seen += 1
             wait = time.perf_counter() - t_end
             self.seed_step(step, step * self.cfg.optim.grad_accum + accumulated)
-            out = engine({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+            out = engine(batch)
             engine.backward(out["loss"])
             boundary = engine.is_gradient_accumulation_boundary()  # asked before step() counts this micro-step
             engine.step()
             now = time.perf_counter()
-            self.window.add(out, wait, now - t_end, dist.world_size())
+            self.window.add(out, wait, now - t_end)
             t_end, accumulated = now, accumulated + 1
             if not boundary:
                 continue
@@ -279,19 +299,76 @@ class Worker:
         os.kill(os.getpid(), 9)
 
 
+def device_batch(task: Task, host: Batch, device: torch.device) -> Batch:
+    """A host batch with the task's host fields (Task.host_fields), on `device`."""
+    return {k: v.to(device) for k, v in {**host, **task.host_fields(host)}.items()}
+
+
+class DevicePrefetcher:
+    """Host batches -> device batches, one ahead: each batch's host fields (Task.host_fields) are
+    added and its copy to the GPU is queued on a side stream before the batch before it is handed
+    to the step, so the copy runs while that step computes. Ray Data's own transfer
+    (iter_torch_batches(device=...)) copies on the default stream, between one step's kernels and
+    the next, which then waits for it. With pinned host tensors (`pin`; Ray Data pins its batches
+    in its collate threads, data.pin_memory) the copy is asynchronous; pageable ones the host stages
+    and waits for. The step's stream waits for its batch's copy, and each tensor is recorded on that
+    stream so that the caching allocator does not hand its memory to the next copy while the step
+    still reads it. On a CPU device: the same order, no streams, tensors as they are."""
+
+    def __init__(self, batches: Iterable[Batch], task: Task, device: torch.device, pin: bool = False):
+        self.batches, self.task, self.device = batches, task, device
+        self.pin = pin and device.type == "cuda"
+
+    def __iter__(self) -> Iterator[Batch]:
+        source = iter(self.batches)
+        copies = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        ahead = self._copy(next(source, None), copies)
+        while ahead is not None:
+            batch = ahead
+            if copies is not None:
+                step = torch.cuda.current_stream(self.device)
+                step.wait_stream(copies)  # before the next copy is queued: the step waits for its own batch only
+                for t in batch.values():
+                    t.record_stream(step)
+            ahead = self._copy(next(source, None), copies)
+            yield batch
+
+    def _copy(self, host: Batch | None, copies: torch.cuda.Stream | None) -> Batch | None:
+        if host is None:
+            return None
+        host = {**host, **self.task.host_fields(host)}
+        if copies is None:
+            return {k: v.to(self.device) for k, v in host.items()}
+        with torch.cuda.stream(copies):
+            return {k: self._pinned(v).to(self.device, non_blocking=True) for k, v in host.items()}
+
+    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if self.pin and not t.is_pinned() else t
+
+
 def _batches(
-    cfg: PretrainConfig, objective: Objective[Any], device: torch.device, streams: dict[str, Any]
+    cfg: PretrainConfig, objective: Objective[Any], task: Task, device: torch.device, streams: dict[str, Any]
 ) -> Callable[[], Iterable[Batch]]:
-    """This worker's batches: its Ray Data stream (training_datasets), or one synthetic batch forever."""
+    """This worker's device batches: its Ray Data stream (training_datasets) through a
+    DevicePrefetcher, or one synthetic batch forever."""
     if cfg.data.synthetic:
-        fixed = objective.synthetic_batch(cfg.objective, cfg.scans_per_worker, device)
+        host = objective.synthetic_batch(cfg.objective, cfg.scans_per_worker, torch.device("cpu"))
+        fixed = device_batch(task, host, device)
         return lambda: itertools.repeat(fixed)
     stream = streams[f"train_{dist.rank()}"]
-    return lambda: stream.iter_torch_batches(
-        batch_size=cfg.scans_per_worker,
-        prefetch_batches=cfg.data.prefetch_batches,
-        drop_last=True,
-        local_shuffle_buffer_size=cfg.data.shuffle_buffer_scans or None,
-        # Seeded, but from the start of this attempt's stream: a resumed run shuffles its buffer anew.
-        local_shuffle_seed=stream_seed(cfg.train.seed, "shuffle", dist.rank()),
+    pin = cfg.data.pin_memory and device.type == "cuda"
+    return lambda: DevicePrefetcher(
+        stream.iter_torch_batches(
+            batch_size=cfg.scans_per_worker,
+            prefetch_batches=cfg.data.prefetch_batches,
+            device="cpu",  # to the GPU by the DevicePrefetcher, on its side stream
+            pin_memory=pin,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer_scans or None,
+            # Seeded, but from the start of this attempt's stream: a resumed run shuffles its buffer anew.
+            local_shuffle_seed=stream_seed(cfg.train.seed, "shuffle", dist.rank()),
+        ),
+        task,
+        device,
+        pin,
     )

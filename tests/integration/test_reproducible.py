@@ -81,6 +81,13 @@ def test_same_seed_same_losses_and_a_killed_run_resumes_the_same_trajectory(runs
     assert export and all(t.dtype.is_floating_point for t in export.values())
     assert [loss for _, loss, _ in resumed] == pytest.approx([loss for _, loss, _ in straight], rel=1e-6, abs=1e-7)
     assert [e for _, _, e in resumed] == [e for _, _, e in straight] and straight[-1][2] > 1  # epochs continue
+    # Each report's TFLOP/s: its views/s (both workers') x the FLOPs per view the workers counted once,
+    # per worker; on CPU no MFU (no peak to divide by) and no GPU memory.
+    (workers, *_) = read_metrics(runs / "straight", "workers")
+    assert workers["gflop_per_view"] > 0
+    for m in read_metrics(runs / "straight", "steps"):
+        assert m["tflops_per_worker"] == pytest.approx(m["views_per_s"] * workers["gflop_per_view"] / 2 / 1e3)
+        assert m["mfu"] is None and m["peak_memory_gib"] is None
 
 
 @pytest.mark.slow
@@ -104,7 +111,8 @@ def test_the_tracked_run_reached_mlflow_and_wandb_without_its_secrets(runs, mlfl
     history = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 11))
     assert {m.step: m.value for m in history} == pytest.approx(losses)
-    assert {"lr", "views_per_s", "data_wait_fraction", "epoch"} <= set(run.data.metrics)
+    assert {"lr", "views_per_s", "data_wait_fraction", "epoch", "tflops_per_worker"} <= set(run.data.metrics)
+    assert "mfu" not in run.data.metrics  # None on CPU: not a metric
     # The config as dotted params and config.yaml; the export as artifacts.
     params = run.data.params
     assert params["optim.lr"] == "0.002" and params["train.max_steps"] == "10"

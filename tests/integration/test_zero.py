@@ -54,6 +54,10 @@ def test_zero_checkpoints_load_back_and_the_temperature_stays_bounded(tmp_path):
         assert r["lr_loaded"] == pytest.approx(r["lr_saved"]) and r["lr_saved"] != pytest.approx(r["lr_fresh"])
         # autocast keeps the parameters (the optimizer's master) and BatchNorm's statistics in fp32
         assert r["dtypes"] == ["torch.float32"], case
+        # ZeRO 1-2 reduce in 2.5e7-element buckets during the backward (ctray.train.engine), as DeepSpeed
+        # took it (ZeRO 3 overlaps by its own default)
+        if case[0] in "12":
+            assert r["comm"] == [True, 25_000_000, 25_000_000], case
         # ZeRO shards the state, not the model: both ranks see the same parameters
         for k in ("saved", "loaded", "after"):
             assert other[k] == pytest.approx(r[k], rel=1e-12), (case, k)
@@ -119,10 +123,12 @@ def _checkpoints(cfg, objective, out: Path, case: str) -> dict:
     batch = objective.synthetic_batch(cfg.objective, cfg.scans_per_worker, torch.device("cpu"))
     ckpt = str(out / f"zero{case}")  # shared by both ranks, as a run's storage is
     engine, sched = _engine(cfg, objective.task(cfg.objective, Assets()), cfg.train.seed)
+    settings = ("overlap_comm", "reduce_bucket_size", "allgather_bucket_size")
+    comm = [getattr(engine.optimizer, k, None) for k in settings]  # DeepSpeed's ZeRO 1-2 optimizer
     for i in range(2):
         _step(engine, batch, 100 + i)
     engine.save_checkpoint(ckpt, tag=TAG)
-    r = {"saved": param_checksum(engine.module, stage), "steps_saved": engine.global_steps}
+    r = {"saved": param_checksum(engine.module, stage), "steps_saved": engine.global_steps, "comm": comm}
     r["lr_saved"] = sched.get_last_lr()[0]
     _step(engine, batch, 102)
     r["continued"] = param_checksum(engine.module, stage)

@@ -170,7 +170,7 @@ def test_gaussian_smooth_matches_monai(sigma):
     view's kernels are zero-padded to the batch's longest (tail 6 at sigma 1.5: 13 taps, longer
     than the first axis)."""
     x = torch.rand(2, 1, 8, 15, 17, generator=torch.Generator().manual_seed(0)) * 3 - 1
-    got = gaussian_smooth_with(x, torch.tensor([sigma, (1.5, 0.25, 1.0)]))
+    got = gaussian_smooth_with(x, torch.tensor([sigma, (1.5, 0.25, 1.0)]), 1.5)
     for i, s in enumerate((sigma, (1.5, 0.25, 1.0))):
         want = torch.as_tensor(GaussianSmooth(sigma=s, approx="erf")(x[i]))
         assert torch.allclose(got[i], want, rtol=0, atol=1e-5)
@@ -178,7 +178,7 @@ def test_gaussian_smooth_matches_monai(sigma):
 
 def test_gaussian_kernels_match_monai_and_wrapper():
     sigmas = torch.tensor([0.25, 0.3, 0.37, 0.62, 1.0, 1.37, 1.5])
-    k = gaussian_kernels(sigmas)
+    k = gaussian_kernels(sigmas, 1.5)
     assert k.shape == (7, 13)
     for row, s in zip(k, sigmas, strict=True):
         want = gaussian_1d(s, truncated=4.0, approx="erf")
@@ -191,7 +191,7 @@ def test_gaussian_kernels_match_monai_and_wrapper():
     d = draw_gaussian_smooth(6, 0.5, (0.25, 1.5))
     assert ((d.sigmas >= 0.25) & (d.sigmas <= 1.5)).all() and d.drawn.any()
     assert torch.equal(got[~d.drawn], x[~d.drawn])
-    assert torch.allclose(got[d.drawn], gaussian_smooth_with(x[d.drawn], d.sigmas[d.drawn]), atol=1e-6)
+    assert torch.allclose(got[d.drawn], gaussian_smooth_with(x[d.drawn], d.sigmas[d.drawn], 1.5), atol=1e-6)
     assert torch.equal(gaussian_smooth(x, 0.0, (0.25, 1.5)), x)
 
 
@@ -234,3 +234,73 @@ def test_sliding_patches_cover_the_scan_and_pad_like_training():
     for _, y, x in origins:
         covered[y : y + 4, x : x + 4] = True
     assert covered.all()
+
+
+# --- the augmentation as it was before it stopped asking the device for values -----------------
+# A verbatim copy (but for names) of ctray/objectives/ctfm/augment.py's coin-flipped transforms at
+# commit 04da4a0, which picked the drawn views with .nonzero() and sized the smoothing kernels with
+# .item(): the reference the host-sync-free version must reproduce on the same seed.
+
+
+def _old_on_drawn(x, drawn, fn):
+    picked = drawn.nonzero().squeeze(1)
+    if picked.numel() == 0:
+        return x
+    if picked.numel() == x.shape[0]:
+        return fn(x, picked)
+    return x.index_copy(0, picked, fn(x.index_select(0, picked), picked))
+
+
+def _old_gaussian_kernels(sigmas):
+    sigma = sigmas.float()
+    tails = ((sigma.double() * 4.0).clamp(min=0.5) + 0.5).floor()
+    t_max = int(tails.max().item())
+    taps = torch.arange(-t_max, t_max + 1, dtype=torch.float32, device=sigma.device)
+    t = (0.70710678 / sigma.abs())[:, None]
+    k = (0.5 * ((t * (taps + 0.5)).erf() - (t * (taps - 0.5)).erf())).clamp(min=0)
+    return torch.where(taps.abs().double() <= tails[:, None], k, 0.0)
+
+
+def _old_gaussian_smooth_with(x, sigmas):
+    n, c = x.shape[:2]
+    groups = n * c
+    out = x.reshape(1, groups, *x.shape[2:])
+    for axis in range(3):
+        k = _old_gaussian_kernels(sigmas[:, axis]).to(x.dtype).repeat_interleave(c, 0)
+        shape = [groups, 1, 1, 1, 1]
+        shape[2 + axis] = k.shape[1]
+        pad = [0, 0, 0]
+        pad[axis] = (k.shape[1] - 1) // 2
+        out = torch.nn.functional.conv3d(out, k.view(shape), padding=pad, groups=groups)
+    return out.reshape(x.shape)
+
+
+def _old_views(cfg: CTFMConfig, patches: torch.Tensor) -> torch.Tensor:
+    s, m = patches.shape[:2]
+    x = window(patches, *cfg.window_hu).reshape(s * m, 1, *patches.shape[2:])
+    x = torch.cat([x, x])
+    x = resized_crop_flip(x, cfg.crop_scale, cfg.flip_prob)
+    h = draw_histogram_shift(x.shape[0], cfg.histogram_shift_prob, cfg.histogram_control_points, x.device)
+    x = _old_on_drawn(x, h.drawn, lambda v, idx: histogram_shift_with(v, h.reference, h.floating[idx]))
+    g = draw_gaussian_smooth(x.shape[0], cfg.smooth_prob, cfg.smooth_sigma, x.device)
+    x = _old_on_drawn(x, g.drawn, lambda v, idx: _old_gaussian_smooth_with(v, g.sigmas[idx]))
+    return x.reshape(2, s, m, *x.shape[1:]).transpose(0, 1).reshape(s * 2 * m, *x.shape[1:])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_views_equal_the_version_that_picked_the_drawn_views_on_the_host(seed):
+    """Same seed, same views, to the bit: the random parameters are drawn as before (same calls,
+    same order); a transform run on every view and kept where drawn gives the drawn views what
+    picking them first gave; and the smoothing kernels, now as long as the config's largest sigma
+    needs (13 taps at 1.5) where the old ones were as long as the batch's largest draw, add only
+    zero taps, whose products are exact zeros."""
+    cfg = CTFMConfig(patches_per_scan=5, patch_size=(8, 32, 32))
+    task = CTFMTask(cfg)
+    patches = torch.randint(
+        -1024, 2048, (3, 5, 8, 32, 32), dtype=torch.int16, generator=torch.Generator().manual_seed(seed)
+    )
+    torch.manual_seed(seed)
+    got = task.views(patches)
+    torch.manual_seed(seed)
+    want = _old_views(cfg, patches)
+    assert got.shape == (30, 1, 8, 32, 32) and torch.equal(got, want)

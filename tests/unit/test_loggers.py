@@ -33,11 +33,19 @@ def test_cadence_decides_log_eval_and_checkpoint_independently():
 def test_metrics_window_counts_training_time_only_and_starts_afresh():
     window = MetricsWindow()
     for loss in (1.0, 3.0):
-        window.add({"loss": torch.tensor(loss), "views": torch.tensor(4.0)}, wait_s=0.5, step_s=2.0, world=2)
+        window.add({"loss": torch.tensor(loss), "views": torch.tensor(8.0)}, wait_s=0.5, step_s=2.0)
     out = window.report(torch.device("cpu"))
-    # 16 views over 4 s of micro-steps (however long the reports between them took); 1 s of it waiting
-    assert out == {"loss": 2.0, "views_per_s": 4.0, "data_wait_fraction": 0.25}
-    window.add({"loss": torch.tensor(5.0), "views": torch.tensor(1.0)}, wait_s=0.0, step_s=1.0, world=1)
+    # 16 views over 4 s of micro-steps (however long the reports between them took); 1 s of it waiting;
+    # no FLOPs counted and no GPU: no TFLOP/s, MFU or memory
+    assert out == {
+        "loss": 2.0,
+        "views_per_s": 4.0,
+        "data_wait_fraction": 0.25,
+        "tflops_per_worker": None,
+        "mfu": None,
+        "peak_memory_gib": None,
+    }
+    window.add({"loss": torch.tensor(5.0), "views": torch.tensor(1.0)}, wait_s=0.0, step_s=1.0)
     assert window.report(torch.device("cpu"))["loss"] == 5.0
 
 

@@ -15,6 +15,12 @@ equals MONAI's on that view with the same parameters, to float rounding:
   `gaussian_smooth_with`.
 
 Views are (N, C, D, H, W) tensors; axis 0 of the parameters below is D (MONAI's first spatial axis).
+
+No transform asks the device for a value (no `.item()`, `.nonzero()`, boolean indexing): every
+shape is known on the host, so the training step never waits for the GPU and can be captured or
+compiled whole. The coin-flipped transforms therefore run on every view and keep the result only
+where the coin says so (`_on_drawn`), and the smoothing kernels have the length of the largest
+sigma the config allows, not of the largest drawn.
 """
 
 from __future__ import annotations
@@ -31,16 +37,12 @@ def window(hu: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return ((hu.float() - lo) / (hi - lo)).clamp_(0.0, 1.0)
 
 
-def _on_drawn(
-    x: torch.Tensor, drawn: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """fn(views, their indices) on the drawn views only; the others pass through unchanged."""
-    picked = drawn.nonzero().squeeze(1)
-    if picked.numel() == 0:
-        return x
-    if picked.numel() == x.shape[0]:
-        return fn(x, picked)
-    return x.index_copy(0, picked, fn(x.index_select(0, picked), picked))
+def _on_drawn(x: torch.Tensor, drawn: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """fn(x) where `drawn` (N,), x unchanged elsewhere. fn runs on every view (fn acts on each view
+    alone, so a drawn view's result is the same as on the drawn views only): picking the drawn views
+    first would need their count on the host, a wait for the device every step. At p = 0.5 that is
+    twice the work of the picked views, which for these transforms is small against the encoder's."""
+    return torch.where(drawn.view(-1, *([1] * (x.ndim - 1))), fn(x), x)
 
 
 # --- random resized crop + flip ---------------------------------------------------------------
@@ -71,10 +73,11 @@ def draw_resized_crop_flip(
     ceil(s * size) per axis (math.ceil in MONAI's get_max_roi_size, here in float64 too), corner
     uniform in 0..size - roi (get_random_patch's randint(0, size - roi + 1)); then RandFlip's coin."""
     s = torch.empty(n, dtype=torch.float64, device=device).uniform_(scale[0], scale[1], generator=gen)
-    full = torch.tensor(size, dtype=torch.float64, device=device)
-    # capped at the patch as MONAI's get_valid_patch_size does, should a config allow s > 1
-    sizes = torch.minimum(torch.ceil(s[:, None] * full).long(), full.long())
-    room = (full.long() - sizes + 1).double()
+    # Per axis with the size as a Python number: a tensor made from `size` on a GPU would be a
+    # blocking host-to-device copy. Capped at the patch as MONAI's get_valid_patch_size does, should
+    # a config allow s > 1.
+    sizes = torch.stack([torch.ceil(s * d).clamp(max=d) for d in size], 1).long()
+    room = torch.stack([d - sizes[:, i] + 1 for i, d in enumerate(size)], 1).double()
     u = torch.rand(n, 3, dtype=torch.float64, device=device, generator=gen)
     starts = (u * room).floor().long()
     flips = torch.rand(n, device=device, generator=gen) < flip_prob
@@ -193,7 +196,7 @@ def histogram_shift(
 ) -> torch.Tensor:
     """x: (N, ...) -> same shape: MONAI RandHistogramShift(num_control_points, prob) per view."""
     d = draw_histogram_shift(x.shape[0], prob, control_points, x.device, gen)
-    return _on_drawn(x, d.drawn, lambda v, idx: histogram_shift_with(v, d.reference, d.floating[idx]))
+    return _on_drawn(x, d.drawn, lambda v: histogram_shift_with(v, d.reference, d.floating))
 
 
 # --- Gaussian smoothing ------------------------------------------------------------------------
@@ -222,29 +225,36 @@ def draw_gaussian_smooth(
     return SmoothDraw(drawn, sigmas)
 
 
-def gaussian_kernels(sigmas: torch.Tensor) -> torch.Tensor:
-    """sigmas: (N,) -> (N, 2T + 1) float32: MONAI gaussian_1d(sigma, truncated=4.0, approx="erf")
-    per view (tail = int(max(4 sigma, 0.5) + 0.5), taps 0.5 (erf(t (x + 0.5)) - erf(t (x - 0.5)))
-    with t = 0.70710678 / sigma, clamped at 0, not renormalised), centred and zero-padded to the
-    longest tail T. Zero taps at both ends under zero padding equal MONAI's shorter kernel."""
+def gaussian_tail(sigma: float) -> int:
+    """Taps on each side of the centre of MONAI's gaussian_1d(sigma, truncated=4.0)."""
+    return int(max(4.0 * sigma, 0.5) + 0.5)
+
+
+def gaussian_kernels(sigmas: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """sigmas: (N,), each <= max_sigma -> (N, 2T + 1) float32: MONAI gaussian_1d(sigma,
+    truncated=4.0, approx="erf") per view (tail = int(max(4 sigma, 0.5) + 0.5), taps 0.5 (erf(t (x
+    + 0.5)) - erf(t (x - 0.5))) with t = 0.70710678 / sigma, clamped at 0, not renormalised),
+    centred and zero-padded to the tail T of `max_sigma` (a length known on the host, whatever was
+    drawn). Zero taps at both ends under zero padding equal MONAI's shorter kernel."""
     sigma = sigmas.float()
     tails = ((sigma.double() * 4.0).clamp(min=0.5) + 0.5).floor()
-    t_max = int(tails.max().item())
+    t_max = gaussian_tail(max_sigma)
     taps = torch.arange(-t_max, t_max + 1, dtype=torch.float32, device=sigma.device)
     t = (0.70710678 / sigma.abs())[:, None]
     k = (0.5 * ((t * (taps + 0.5)).erf() - (t * (taps - 0.5)).erf())).clamp(min=0)
     return torch.where(taps.abs().double() <= tails[:, None], k, 0.0)
 
 
-def gaussian_smooth_with(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """x: (N, C, D, H, W); sigmas: (N, 3) per-view sigma per axis. -> x's shape: MONAI
-    GaussianSmooth(sigma, approx="erf") per view (separable_filtering with zero padding), as one
-    grouped convolution per axis with the views' channels as groups."""
+def gaussian_smooth_with(x: torch.Tensor, sigmas: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """x: (N, C, D, H, W); sigmas: (N, 3) per-view sigma per axis, each <= max_sigma. -> x's shape:
+    MONAI GaussianSmooth(sigma, approx="erf") per view (separable_filtering with zero padding), as
+    one grouped convolution per axis with the views' channels as groups (kernels of max_sigma's
+    length: `gaussian_kernels`)."""
     n, c = x.shape[:2]
     groups = n * c
     out = x.reshape(1, groups, *x.shape[2:])
     for axis in range(3):
-        k = gaussian_kernels(sigmas[:, axis]).to(x.dtype).repeat_interleave(c, 0)
+        k = gaussian_kernels(sigmas[:, axis], max_sigma).to(x.dtype).repeat_interleave(c, 0)
         shape = [groups, 1, 1, 1, 1]
         shape[2 + axis] = k.shape[1]
         pad = [0, 0, 0]
@@ -258,4 +268,4 @@ def gaussian_smooth(
 ) -> torch.Tensor:
     """x: (N, C, D, H, W) -> same shape: MONAI RandGaussianSmooth(prob, sigma_{x,y,z}=sigma, approx="erf")."""
     d = draw_gaussian_smooth(x.shape[0], prob, sigma, x.device, gen)
-    return _on_drawn(x, d.drawn, lambda v, idx: gaussian_smooth_with(v, d.sigmas[idx]))
+    return _on_drawn(x, d.drawn, lambda v: gaussian_smooth_with(v, d.sigmas, sigma[1]))

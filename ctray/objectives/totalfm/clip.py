@@ -16,10 +16,10 @@ from ctray.config import StorageConfig
 from ctray.errors import ConfigError
 from ctray.models.pretrained import META, load_pretrained_into
 from ctray.objectives.anatomy_text import AnatomyTextTask, synthetic_text_fields, text_assets
-from ctray.objectives.slots import encode_slots
+from ctray.objectives.slots import encode_at, slots_of
 from ctray.objectives.spec import Assets, Batch, ExportPart, layer_norm_part, linear_part
 from ctray.objectives.totalfm.config import TotalFMCLIPConfig, export_config
-from ctray.objectives.totalfm.mae import synthetic_batch
+from ctray.objectives.totalfm.mae import position_tables_as_buffers, synthetic_batch
 
 if TYPE_CHECKING:
     from ctray.run_folder import RunFolder
@@ -112,7 +112,7 @@ class TotalFMCLIPTask(AnatomyTextTask):
 
         self.cfg = cfg
         self.anatomies = list(cfg.organs.anatomies)
-        self.vision = VideoMAEModel(cfg.model.videomae_config(cfg.organs))
+        self.vision = position_tables_as_buffers(VideoMAEModel(cfg.model.videomae_config(cfg.organs)))
         if assets.init_from:
             self._load_stage1(assets.init_from, assets.storage or StorageConfig())
         self.vision_norm = nn.LayerNorm(cfg.model.hidden_size)
@@ -130,23 +130,30 @@ class TotalFMCLIPTask(AnatomyTextTask):
         tokens = self.vision(pixel_values=x).last_hidden_state
         return F.normalize(self.vision_proj(self.vision_norm(tokens.mean(1))).float(), dim=-1)
 
-    def embed_organs(self, organs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(S, A, T, H, W) organ volumes -> (S, A, embed_dim), only the `mask` slots encoded (and one
-        more, weighted 0: `encode_slots`)."""
+    def embed_organs(self, organs: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(S, A, T, H, W) organ volumes -> (S, A, embed_dim), only the slots numbered in `slots`
+        (`slots_of`) encoded (and one more, weighted 0: `encode_at`)."""
         videos = organs.flatten(0, 1).unsqueeze(2)  # (S * A, T, 1, H, W): each organ a 1-channel video
-        return encode_slots(mask.bool(), lambda slots: self.embed_volumes(videos[slots].to(self.compute_dtype())))
+        encode = lambda idx: self.embed_volumes(videos.index_select(0, idx).to(self.compute_dtype()))  # noqa: E731
+        return encode_at(slots, organs.shape[:2], encode)
 
     def embed_anatomies(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.embed_organs(batch["organs"], batch["region"])
+        return self.embed_organs(batch["organs"], slots_of(batch["region"].bool()))
+
+    def host_fields(self, batch: Batch) -> Batch:
+        """The present organs' slots (`slots_of`) as "present_slots": the number of volumes is then a shape."""
+        return {"present_slots": slots_of(batch["present"].bool())}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         present = batch["present"].bool()
-        g = self.gathered(self.embed_organs(batch["organs"], present), self.embed_reports(batch), batch)
+        slots = batch["present_slots"] if "present_slots" in batch else slots_of(present)
+        g = self.gathered(self.embed_organs(batch["organs"], slots), self.embed_reports(batch), batch)
         scale = self.temperature()
         per_organ = self.local_losses(g, scale)
         organs_with_pairs = (g["present"].bool().sum(0) >= 2).sum().clamp(min=1)
         loss = per_organ.sum() / (2 * organs_with_pairs)
-        return {"loss": loss, "temperature": 1 / scale.detach(), "views": torch.tensor(float(present.sum()))}
+        views = torch.tensor(float(len(slots)))  # a host number: the slots' count is their shape
+        return {"loss": loss, "temperature": 1 / scale.detach(), "views": views}
 
     def export_parts(self) -> dict[str, ExportPart]:
         return {
