@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 import ctray
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError, first_line
-from ctray.ingest.config import IngestConfig
+from ctray.ingest.config import IngestConfig, OutputConfig
 from ctray.ingest.lease import Lease
 from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA
-from ctray.ingest.shards import file_sha256, publish_record
+from ctray.ingest.shards import file_sha256, open_shard, publish_record
 from ctray.ingest.shardset import (
     COMMITS_DIR,
     SHARDS_DIR,
@@ -153,7 +153,8 @@ def rewrite_without(
             local = os.path.join(tmp, name + ".parquet")
             with fs.open(join(root, record.path), "rb") as f:
                 src = pq.ParquetFile(f)
-                with pq.ParquetWriter(local, SHARD_SCHEMA, compression="zstd", use_dictionary=False) as out:
+                # At the default level: the shard set does not record the level it was written at.
+                with open_shard(local, OutputConfig.model_fields["compression_level"].default) as out:
                     for i in range(src.num_row_groups):
                         table = src.read_row_group(i)
                         if table.column("scan_id")[0].as_py() not in drop:
