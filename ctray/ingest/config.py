@@ -336,11 +336,11 @@ class OutputConfig(Section):
     """Scans per Parquet file; one Ray task writes one shard."""
     compression_level: int = Field(2, ge=1, le=22)
     """zstd level of the Parquet column chunks. Measured on one core, a row at 3x1x1 mm (volume
-    bytes / file bytes; CPU per write): level 1 1.71x, 2 1.95x, 3 2.00x on a real CT (the
-    TotalSegmentator example) and on `ctray bench ingest`'s 512x512x300 phantom, whose 16 MiB row
-    takes 0.06, 0.08 and 0.12 s to write. Level 2 keeps 97% of level 3's ratio at two thirds of its
-    CPU; level 1 saves 0.025 s more per scan, written once, for 14% more bytes, read every epoch
-    (decompression costs the same at all three: 0.025 s). `ctray bench ingest` prints the three."""
+    bytes / file bytes): level 1 1.71x, 2 1.95x, 3 2.00x, alike on a real CT (the TotalSegmentator
+    example) and on `ctray bench ingest`'s 512x512x300 phantom, whose 16 MiB row takes 0.08, 0.11
+    and 0.15 s of CPU to write (built, written, hashed) and 0.03 s to read back at each level.
+    Level 2 keeps 97% of level 3's ratio at 70% of its CPU; level 1 would save 0.03 s more per scan,
+    spent once, for 14% more bytes, which every epoch reads. `ctray bench ingest` prints the three."""
 
 
 class IngestConfig(Section):
@@ -377,7 +377,7 @@ class IngestConfig(Section):
     def writer_memory(self) -> int:
         """Bytes one shard writer reserves: the process (numpy, nibabel, pyarrow, a Ray worker:
         ~0.75 GiB) and the largest scan max_voxels lets in, 5 B per voxel (8 B with masks).
-        `ctray bench ingest` measures ctray's peak at 1.17x the raw int16 volume (2.3 B per voxel,
+        `ctray bench ingest` measures ctray's peak at 1.1x the raw int16 volume (2.2 B per voxel,
         a 300x512x512 scan without a mask: the resampling goes slice by slice); the allowance covers
         float32 files (4 B per voxel as stored), the resampled volume (at most max_voxels, refused
         before it is allocated, and in practice fewer voxels than the input: CT is finer in-plane
