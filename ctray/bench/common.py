@@ -11,7 +11,7 @@ import statistics
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NamedTuple
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -50,6 +50,15 @@ def _proc_kib(field: str) -> int:
     raise KeyError(field)
 
 
+class Staged(NamedTuple):
+    """What a timed closure returns to have the CPU seconds of its stages reported besides its own
+    (OneCore: per call, the mean over a run)."""
+
+    result: object
+    cpu_s: dict[str, float]
+    """CPU seconds of each named stage of this call (time.process_time differences)."""
+
+
 def _worker(factory: Callable[[], Callable[[], object]], conn: Connection) -> None:
     """OneCore's process: build the closure, call it once (warm-up), then answer each `seconds`
     sent with one timed run, and None with the peak memory since the warm-up."""
@@ -69,12 +78,19 @@ def _worker(factory: Callable[[], Callable[[], object]], conn: Connection) -> No
     conn.send("ready")
     while (seconds := conn.recv()) is not None:
         r0, t0, n = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), 0
+        stages: dict[str, float] = {}
         while n == 0 or time.perf_counter() - t0 < seconds:
             out = run()
             n += 1
+            if isinstance(out, Staged):
+                for stage, cpu_s in out.cpu_s.items():
+                    stages[stage] = stages.get(stage, 0.0) + cpu_s
+                out = out.result
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-        conn.send({"cpu_s": cpu / n, "wall_s": (time.perf_counter() - t0) / n, "calls": n, "result": out})
+        per_call = {stage: total / n for stage, total in stages.items()}
+        wall = (time.perf_counter() - t0) / n
+        conn.send({"cpu_s": cpu / n, "wall_s": wall, "calls": n, "stages_cpu_s": per_call, "result": out})
     conn.send((_proc_kib("VmHWM") - rss0) * 1024)
 
 
@@ -91,7 +107,8 @@ class OneCore:
     made one untimed warm-up call. Each `run(seconds)` calls the closure until `seconds` of wall
     time have passed (at least once), so that a run is long enough to be a steady state, and
     returns per call the CPU seconds (the process's own, user + system, all its threads: other
-    processes do not count) and wall seconds, the calls made, and the closure's last return value.
+    processes do not count) and wall seconds, the calls made, the closure's last return value and,
+    where the closure returns a Staged, the mean CPU seconds per call of each of its stages.
     Runs can be interleaved with another pipeline's, so that both see the same machine.
     `close()` returns the peak memory above the resident size after the warm-up."""
 
@@ -130,8 +147,9 @@ class OneCore:
 
 def one_core(factory: Callable[[], Callable[[], object]], repeats: int, seconds: float = 0.0) -> dict:
     """`repeats` runs of OneCore(factory), one after another: per call, the median wall and CPU
-    seconds, every run's CPU seconds and their spread, the calls in each run, the peak memory
-    above the resident size after the warm-up, and the closure's last return value."""
+    seconds, every run's CPU seconds and their spread, the median CPU seconds of each stage (of a
+    closure that returns a Staged), the calls in each run, the peak memory above the resident size
+    after the warm-up, and the closure's last return value."""
     proc = OneCore(factory)
     return summary([proc.run(seconds) for _ in range(repeats)], proc.close())
 
@@ -144,6 +162,9 @@ def summary(runs: list[dict[str, Any]], peak_extra_bytes: int) -> dict:
         "cpu_s": statistics.median(cpus),
         "cpu_s_runs": cpus,
         "cpu_spread": spread(cpus),
+        "stages_cpu_s": {
+            stage: statistics.median(r["stages_cpu_s"][stage] for r in runs) for stage in runs[0]["stages_cpu_s"]
+        },
         "calls_per_run": [r["calls"] for r in runs],
         "peak_extra_bytes": peak_extra_bytes,
         "result": runs[-1]["result"],

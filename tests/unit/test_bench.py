@@ -13,7 +13,17 @@ from functools import partial
 import pytest
 
 from ctray.bench import add_bench_arguments, run_bench
-from ctray.bench.common import ROLES, OneCore, OtherLoad, TreeCpu, _machine_busy_s, one_core, role_of, spread
+from ctray.bench.common import (
+    ROLES,
+    OneCore,
+    OtherLoad,
+    Staged,
+    TreeCpu,
+    _machine_busy_s,
+    one_core,
+    role_of,
+    spread,
+)
 
 TICKS_S = 0.1
 """What /proc's clock ticks (10 ms) can cost the CPU figures compared here: /proc truncates each
@@ -134,6 +144,22 @@ def test_one_core_runs_after_a_warm_up_and_reports_per_call():
     # the peak above the resident size after the warm-up: each call's 64 MiB (the warm-up's is freed)
     peak = proc.close()
     assert size - 2**22 <= peak <= 2 * size, peak
+
+
+def _staged(n: int) -> Staged:
+    """A timed closure with one stage (its burn) inside more work (as much again, unstaged)."""
+    _burn(n)
+    t0 = time.process_time()
+    _burn(n)
+    return Staged("done", {"burn": time.process_time() - t0})
+
+
+def test_one_core_reports_the_stages_of_a_staged_closure_per_call():
+    r = one_core(partial(partial, _staged, BURN // 20), repeats=2)
+    assert r["result"] == "done" and set(r["stages_cpu_s"]) == {"burn"}
+    # a part of each call's CPU time: more than nothing, less than the whole call
+    assert 0 < r["stages_cpu_s"]["burn"] < r["cpu_s"], r
+    assert one_core(partial(partial, sum, [1]), repeats=1)["stages_cpu_s"] == {}
 
 
 def test_bench_arguments_reach_the_benchmarks(monkeypatch):
