@@ -257,7 +257,7 @@ coordinator, the object store's bookkeeping) whatever it carries, and what a tas
 the object store until the ordered stream reaches it. Measured through the whole pipeline on 2
 cores (`ctray bench data`), CPU per draw at 4, 8, 16 and 32 draws per task: 12.2, 7.7, 4.1 and
 2.8 ms for a sampler returning nothing; 23.3, 16.8, 14.8 and 17.1 ms for 10 MB per draw; CA-GCL's
-30 MB draws: 64.5 ms at 4, 85.6 at 2."""
+30 MB draws: 64.5 and 76.8 ms at 4 (two runs), 85.6 at 2."""
 MAX_DRAWS_PER_BLOCK = 32
 
 
