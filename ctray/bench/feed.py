@@ -82,9 +82,11 @@ def views_per_scan(out: dict[str, np.ndarray]) -> float:
 
 def _stage_closure(objective: str, shards: str, root: str) -> Any:
     """OneCore factory: one call reads and samples every row of `shards` once; returns the CPU
-    seconds of each stage, the scans, the views per scan and the bytes read."""
+    seconds per scan of each stage (common.Staged), with the views per scan and the stored bytes
+    per scan it read."""
     import pyarrow.fs as pafs
 
+    from ctray.bench.common import Staged
     from ctray.config import StorageConfig
     from ctray.data.pipeline import RowGroups
     from ctray.ingest.shardset import ShardSet
@@ -93,7 +95,7 @@ def _stage_closure(objective: str, shards: str, root: str) -> Any:
     rows = ShardSet.open(shards, StorageConfig()).scans()
     files = RowGroups(pafs.LocalFileSystem(), keep=len(rows) * 2)
 
-    def run() -> dict[str, float]:
+    def run() -> Staged:
         read = sample = views = 0.0
         stored = 0
         for k, row in enumerate(rows):
@@ -111,7 +113,9 @@ def _stage_closure(objective: str, shards: str, root: str) -> Any:
                     if meta.column(i).path_in_schema.split(".")[0] in cols
                 )
         n = len(rows)
-        return {"read_s": read / n, "sample_s": sample / n, "views_per_scan": views / n, "stored_bytes": stored / n}
+        return Staged(
+            {"views_per_scan": views / n, "stored_bytes": stored / n}, {"read": read / n, "sample": sample / n}
+        )
 
     return run
 
@@ -125,14 +129,14 @@ def stage_figures(objective: str, shards: str, root: str, repeats: int, seconds:
     proc = OneCore(partial(_stage_closure, objective, shards, root))
     runs = [proc.run(seconds) for _ in range(repeats)]
     proc.close()
-    results = [r["result"] for r in runs]  # each run's last pass over the rows
     out: dict[str, Any] = {}
-    for stage in ("read", "sample"):
-        ms = [1000 * r[f"{stage}_s"] for r in results]
+    for stage in ("read", "sample"):  # each run's mean over its passes
+        ms = [1000 * r["stages_cpu_s"][stage] for r in runs]
         out[f"{stage}_ms_per_scan"] = float(np.median(ms))
         out[f"{stage}_ms_per_scan_spread"] = spread(ms)
-    out["views_per_scan"] = results[-1]["views_per_scan"]
-    out["stored_mb_per_scan"] = results[-1]["stored_bytes"] / 1e6
+    last = runs[-1]["result"]  # the same rows every pass (OneCore unwraps the Staged)
+    out["views_per_scan"] = last["views_per_scan"]
+    out["stored_mb_per_scan"] = last["stored_bytes"] / 1e6
     return out
 
 

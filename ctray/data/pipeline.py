@@ -129,10 +129,9 @@ class RowGroups:
 
     def sources(self, sampler: Sampler, path: str) -> list[tuple[str, tuple[str, ...]]]:
         """The files a draw of `sampler` reads for the shard at `path`, and their columns."""
-        side = sampler.side_file(path) if isinstance(sampler, ReadsBeside) else None
-        if side is None or not isinstance(sampler, ReadsBeside):
-            return [(path, tuple(sampler.columns))]
-        return [(side, sampler.side_columns)] + ([(path, tuple(sampler.columns))] if sampler.columns else [])
+        if isinstance(sampler, ReadsBeside) and (side := sampler.side_file(path)) is not None:
+            return [(side, sampler.side_columns)] + ([(path, tuple(sampler.columns))] if sampler.columns else [])
+        return [(path, tuple(sampler.columns))]
 
     def sampler_input(self, sampler: Sampler, path: str, row_group: int) -> Any:
         """The row group of the scan at (`path`, `row_group`) as `sampler` reads it: its columns,

@@ -81,9 +81,9 @@ def _cut_shard(src: str, dst: str, organs: OrganInput, storage: StorageConfig) -
     from ctray.objectives.totalfm.sampler import OrganSampler
     from ctray.storage import arrow_filesystem, filesystem, publish_file
 
-    afs, path = arrow_filesystem(src, storage)
+    afs, src_path = arrow_filesystem(src, storage)
     sampler = OrganSampler(organs)
-    source = pq.ParquetFile(path, filesystem=afs)
+    source = pq.ParquetFile(src_path, filesystem=afs)
     with tempfile.TemporaryDirectory(prefix="ctray-organs-") as tmp:
         local = os.path.join(tmp, "cache.parquet")
         with pq.ParquetWriter(local, CACHE_SCHEMA, compression="lz4", use_dictionary=False) as out:
@@ -96,8 +96,8 @@ def _cut_shard(src: str, dst: str, organs: OrganInput, storage: StorageConfig) -
                     "organ_boxes": cut["region"].astype(np.uint8).tobytes(),
                 }
                 out.write_table(pa.Table.from_pylist([row], schema=CACHE_SCHEMA))
-        fs, _ = filesystem(dst, storage)
-        publish_file(local, fs, dst, storage)
+        fs, dst_path = filesystem(dst, storage)
+        publish_file(local, fs, dst_path, storage)
     return source.num_row_groups
 
 
@@ -109,10 +109,13 @@ def ensure_organ_cache(shard_set: ShardSet, organs: OrganInput) -> str:
     from ctray.ingest.derived import per_shard_folder
     from ctray.storage import filesystem, join, list_files
 
+    key = cache_key(organs)
     fs, root = filesystem(shard_set.uri, shard_set.storage)
-    uri = per_shard_folder(shard_set.uri, ORGAN_CACHE, cache_key(organs))
-    have = {posixpath.basename(p) for p in list_files(fs, per_shard_folder(root, ORGAN_CACHE, cache_key(organs)),
-                                                       shard_set.storage, ".parquet")}  # fmt: skip
+    uri = per_shard_folder(shard_set.uri, ORGAN_CACHE, key)
+    have = {
+        posixpath.basename(p)
+        for p in list_files(fs, per_shard_folder(root, ORGAN_CACHE, key), shard_set.storage, ".parquet")
+    }
     todo = [s for s in shard_set.shards if cache_file(s) not in have]
     if not todo:
         return uri

@@ -27,7 +27,8 @@ class OrganSampler:
 
     `cached`: the organ volumes come from the shard set's organ cache (organ_cache: cut once by the
     driver, the same values), read beside each shard (`side_file`), instead of from the scan at
-    every draw; a shard without one (another shard set) is cut as before.
+    every draw; the cache must hold every shard read (the recipe's prepare() makes sure it does for
+    the training shards; embedding and evaluation, on any shard set, cut).
     """
 
     def __init__(self, organs: OrganInput, texts: AnatomyTexts | None = None, cached: bool = False):
@@ -48,8 +49,8 @@ class OrganSampler:
         of the same row group from it), or None when not cached."""
         if self.key is None:
             return None
-        root, name = posixpath.split(posixpath.dirname(shard))[0], posixpath.basename(shard)
-        return per_shard_folder(root, ORGAN_CACHE, self.key) + "/" + name
+        root = posixpath.dirname(posixpath.dirname(shard))  # <shard set>/shards/<name>
+        return posixpath.join(per_shard_folder(root, ORGAN_CACHE, self.key), posixpath.basename(shard))
 
     def organ(self, vol: np.ndarray, box: list[int], spacing: list[float]) -> np.ndarray:
         lo = [max(0, b - round(self.margin_mm / sp)) for b, sp in zip(box[:3], spacing, strict=False)]
@@ -71,8 +72,7 @@ class OrganSampler:
 
     def __call__(self, batch: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
         rows = small_columns(batch, self.columns)
-        cached = "organs" in (batch if isinstance(batch, dict) else batch.column_names)
-        if cached:
+        if self.key is not None:
             cuts = [organ_arrays(batch, i, len(self.anatomies), self.size) for i in range(len(rows))]
         else:
             cutting = small_columns(batch, self.cut_columns)
