@@ -221,14 +221,15 @@ def ingest_overrides(scans: Path, out: Path) -> list[str]:
 
 
 def big_scans(root: Path, n: int) -> Path:
-    """A folder of `n` copies (links) of one 96x320x320 phantom, a few seconds of an ingest writer's
+    """A folder of `n` copies (links) of one 144x384x384 phantom, a few seconds of an ingest writer's
     work each on this machine's cores: queued at once, they are demand for several nodes, which
-    both autoscalers launch together."""
+    both autoscalers launch together. (At 96x320x320 ingest with ISA-L's inflate could finish all
+    eight on the first node before v1 launched a second.)"""
     from ctray.data.phantoms import make_phantom, write_nifti
 
     scans = root / "scans"
     scans.mkdir()
-    p = make_phantom("big", 21, shape=(96, 320, 320), spacing=(2.5, 0.9, 0.9))
+    p = make_phantom("big", 21, shape=(144, 384, 384), spacing=(2.5, 0.9, 0.9))
     write_nifti(str(root / "big.nii.gz"), p.hu, p.affine)
     for i in range(n):
         (scans / f"scan{i:02d}.nii.gz").symlink_to(root / "big.nii.gz")
