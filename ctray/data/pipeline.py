@@ -176,9 +176,28 @@ class ShardRowReader:
             path, row_group = self.order.location(draw)
             table = self._files.sampler_input(self.sampler, path, row_group)
             outputs.append(self.sampler(table, np.random.default_rng(stream_seed(self.seed, "sample", draw))))
-        if len(outputs) == 1:  # batch_size=1, as training_datasets maps: np.concatenate would only copy
+        if len(outputs) == 1:  # np.concatenate would only copy
             return outputs[0]
         return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+
+
+class BlockReader:
+    """map_batches UDF: {"id": block numbers} -> ShardRowReader's output for the stream rows of
+    those blocks (block b: rows b * per_block up to the stream's `length`), as one batch.
+
+    One batch per block, so that each block Ray Data stores is one Arrow chunk: a block of one
+    chunk per draw (map_batches with batch_size=1) made the consuming iterator combine the chunks
+    of every batch it cut, a copy of every batch in the training process (measured, 30 MB draws:
+    6.4 ms per draw of the trainer's CPU, 1.3 ms with one chunk per block). Blocks hold whole
+    rank batches (per_block a multiple of the scans per rank per micro-step), so no batch the
+    iterator cuts spans two blocks, which it would copy too."""
+
+    def __init__(self, reader: ShardRowReader, per_block: int, length: int):
+        self.reader, self.per_block, self.length = reader, per_block, length
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [np.arange(b * self.per_block, min((b + 1) * self.per_block, self.length)) for b in batch["id"]]
+        return self.reader({"id": np.concatenate(rows)})
 
 
 @dataclass(frozen=True)
@@ -232,25 +251,31 @@ def rank_dataset(
     import ray
 
     draws = RankDraws(plan.start, rank, plan.per_rank, plan.per_rank * plan.ranks)
-    # Small blocks: ray.data.range splits into a handful of blocks whatever its length, so each
-    # map task would sample a quarter of the run in a row, and with preserve_order the later
-    # tasks' scans wait in the object store (measured: 5 GB, then spilling, at 20,000 draws).
     length = plan.steps * plan.per_rank
-    blocks = min(math.ceil(length / draws_per_block(sampler)), MAX_BLOCKS)
-    ds = ray.data.range(length, override_num_blocks=max(1, blocks)).map_batches(
-        ShardRowReader(uri, storage, sampler, order, plan.seed, draws),
-        batch_size=1,
+    per_block = block_draws(sampler, plan.per_rank, length)
+    blocks = max(1, math.ceil(length / per_block))
+    # One row per block (BlockReader expands it into its draws): ray.data.range(length) splits
+    # into a handful of blocks whatever its length, so each map task would sample a quarter of the
+    # run in a row, and with preserve_order the later tasks' scans wait in the object store
+    # (measured: 5 GB, then spilling, at 20,000 draws).
+    reader = ShardRowReader(uri, storage, sampler, order, plan.seed, draws)
+    ds = ray.data.range(blocks, override_num_blocks=blocks).map_batches(
+        BlockReader(reader, per_block, length),
+        batch_size=None,
         batch_format="numpy",
         num_cpus=1,
         compute=None if plan.concurrency is None else ray.data.TaskPoolStrategy(size=plan.concurrency),
     )
+    size = getattr(sampler, "draw_bytes", None)
+    if size:  # a block Ray Data split would be cut across a rank batch again (BlockReader)
+        ds.context.target_max_block_size = max(ds.context.target_max_block_size or 0, 2 * per_block * int(size))
     ds.context.execution_options.preserve_order = True
     quiet_dataset(ds, plan.verbose)
     return ds
 
 
 TASK_BYTES = 128 * 2**20
-"""About what one Ray Data map task samples in a row (draws_per_block): one block of Ray Data's
+"""About what one Ray Data map task samples in a row (block_draws): one block of Ray Data's
 default target size. Each task costs Ray Data tens of ms of CPU (scheduling, the split
 coordinator, the object store's bookkeeping) whatever it carries, and what a task samples waits in
 the object store until the ordered stream reaches it. Measured through the whole pipeline on 2
@@ -258,17 +283,18 @@ cores (`ctray bench data`), CPU per draw at 4, 8, 16 and 32 draws per task: 12.2
 2.8 ms for a sampler returning nothing; 23.3, 16.8, 14.8 and 17.1 ms for 10 MB per draw; CA-GCL's
 30 MB draws: 64.5 and 76.8 ms at 4 (two runs), 85.6 at 2."""
 MAX_DRAWS_PER_BLOCK = 32
-
-
-def draws_per_block(sampler: Sampler) -> int:
-    """Draws per map task: TASK_BYTES of the sampler's output (its `draw_bytes`, where it says),
-    at least 1 and at most MAX_DRAWS_PER_BLOCK; 16 for a sampler that does not say."""
-    size = getattr(sampler, "draw_bytes", None)
-    return 16 if not size else max(1, min(MAX_DRAWS_PER_BLOCK, TASK_BYTES // int(size)))
-
-
 MAX_BLOCKS = 100_000
-"""Beyond this many read tasks planning costs more than it saves: longer runs take more draws per block."""
+"""Beyond this many map tasks planning costs more than it saves: longer runs take more draws per block."""
+
+
+def block_draws(sampler: Sampler, per_rank: int = 1, length: int = 0) -> int:
+    """Draws per map task (and per block): TASK_BYTES of the sampler's output (its `draw_bytes`,
+    where it says; 16 draws where it does not), at most MAX_DRAWS_PER_BLOCK, as many as keep a
+    stream of `length` draws within MAX_BLOCKS; in whole rank batches of `per_rank` (at least one)."""
+    size = getattr(sampler, "draw_bytes", None)
+    draws = 16 if not size else max(1, min(MAX_DRAWS_PER_BLOCK, TASK_BYTES // int(size)))
+    draws = max(draws, math.ceil(length / MAX_BLOCKS))
+    return max(1, draws // per_rank) * per_rank
 
 
 def place_data_actors_here() -> None:

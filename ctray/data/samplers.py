@@ -35,7 +35,7 @@ class Sampler(Protocol):
 
 def output_bytes(*arrays: tuple[tuple[int, ...], Any]) -> int:
     """Bytes of arrays of these (shape, dtype): a sampler's `draw_bytes`, the size of its output
-    for one scan, which sizes the Ray Data tasks that run it (ctray.data.pipeline.draws_per_block)."""
+    for one scan, which sizes the Ray Data tasks that run it (ctray.data.pipeline.block_draws)."""
     return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in arrays)
 
 
@@ -51,28 +51,34 @@ class ReadsBeside(Sampler, Protocol):
         ...
 
 
-def _binary_arrays(batch: Any, column: str, dtype: type) -> list[np.ndarray | None]:
-    """The arrays of a large_binary column of a pyarrow batch (None where null), shaped by the
-    batch's `shape` column, read straight from the Arrow data buffer: the numpy batch format (or
-    `to_pylist`) would first copy every one into a Python bytes object, which costs more than
-    sampling from it. A dict of columns (tests, numpy format) works too."""
+def binary_column(batch: Any, column: str, dtype: type) -> list[np.ndarray | None]:
+    """The values of a binary or large_binary column of a pyarrow batch as flat arrays of `dtype`
+    (None where null), read straight from the Arrow data buffer: the numpy batch format,
+    `to_pylist` and even a value's scalar (`column[i].as_buffer()`: 1 ms per 10 MB value) first
+    copy it, which costs more than sampling from it. A dict of columns (tests) works too."""
     if isinstance(batch, dict):
-        return [
-            None if v is None else np.frombuffer(v, dtype=dtype).reshape(tuple(s))
-            for v, s in zip(batch[column], batch["shape"], strict=False)
-        ]
+        return [None if v is None else np.frombuffer(v, dtype=dtype) for v in batch[column]]
+    import pyarrow as pa
+
     col = batch.column(column)
     # A row group read whole is one chunk: combine_chunks would copy it all the same
     col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + len(col) + 1]
+    width = np.int64 if pa.types.is_large_binary(col.type) else np.int32
+    offsets = np.frombuffer(col.buffers()[1], dtype=width)[col.offset : col.offset + len(col) + 1]
     data, valid = col.buffers()[2], col.is_valid().to_numpy(zero_copy_only=False)
     size = np.dtype(dtype).itemsize
-    shapes = batch.column("shape").to_pylist()
     return [
-        np.frombuffer(data, dtype, int(offsets[i + 1] - offsets[i]) // size, int(offsets[i])).reshape(shapes[i])
-        if valid[i]
-        else None
+        np.frombuffer(data, dtype, int(offsets[i + 1] - offsets[i]) // size, int(offsets[i])) if valid[i] else None
         for i in range(len(col))
+    ]
+
+
+def _binary_arrays(batch: Any, column: str, dtype: type) -> list[np.ndarray | None]:
+    """binary_column's arrays shaped by the batch's `shape` column (a scan's volume or label map)."""
+    shapes = batch["shape"] if isinstance(batch, dict) else batch.column("shape").to_pylist()
+    return [
+        None if v is None else v.reshape(tuple(s))
+        for v, s in zip(binary_column(batch, column, dtype), shapes, strict=False)
     ]
 
 

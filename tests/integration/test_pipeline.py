@@ -9,7 +9,15 @@ import warnings
 import numpy as np
 
 from ctray.config import StorageConfig
-from ctray.data.pipeline import RankDraws, ScanOrder, ShardRowReader, StreamPlan, rank_dataset
+from ctray.data.pipeline import (
+    TASK_BYTES,
+    RankDraws,
+    ScanOrder,
+    ShardRowReader,
+    StreamPlan,
+    block_draws,
+    rank_dataset,
+)
 from ctray.ingest.shardset import ShardSet
 from ctray.objectives import get_objective
 
@@ -91,3 +99,35 @@ def test_a_ranks_dataset_runs_in_order_and_leaves_the_console_to_ctray(train_sha
     reader = ShardRowReader(str(train_shards), StorageConfig(), sampler, order, 0, RankDraws(0, 1, 1, 2))
     expected = reader({"id": np.arange(3)})["patches"]
     assert np.array_equal(np.stack([row["patches"] for row in rows]), expected)
+
+
+def test_each_block_holds_whole_rank_batches_in_one_chunk(train_shards):
+    """A rank's stream stores whole rank batches per block, one Arrow chunk each, so the
+    training iterator cuts its batches without copying them (BlockReader); the draws are those
+    ShardRowReader samples, in order."""
+    import ray
+
+    cfg = pretrain_cfg(train_shards, "unused", "unused")
+    sampler = get_objective("ctfm_simclr").sampler(cfg.objective, {})
+    sampler.draw_bytes = TASK_BYTES // 3  # 3 draws per task, rounded to whole batches of 2
+    order = ScanOrder(ShardSet.open(str(train_shards), StorageConfig()).scans(), 0)
+    plan = StreamPlan(seed=0, steps=3, ranks=2, per_rank=2, concurrency=1)
+    assert block_draws(sampler, plan.per_rank, 6) == 2
+    ds = rank_dataset(str(train_shards), StorageConfig(), sampler, plan, order, 0).materialize()
+    blocks = [ray.get(ref) for bundle in ds.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    assert [b.num_rows for b in blocks] == [2, 2, 2]
+    assert all(b.column("patches").num_chunks == 1 for b in blocks)
+    reader = ShardRowReader(str(train_shards), StorageConfig(), sampler, order, 0, RankDraws(0, 0, 2, 4))
+    expected = reader({"id": np.arange(6)})["patches"]
+    assert np.array_equal(np.stack([row["patches"] for row in ds.take_all()]), expected)
+
+
+def test_block_draws_takes_whole_rank_batches_within_the_task_and_block_limits():
+    class Big:
+        draw_bytes = TASK_BYTES // 4
+
+    assert block_draws(Big()) == 4
+    assert block_draws(Big(), per_rank=3) == 3  # 4 draws round to one batch of 3
+    assert block_draws(Big(), per_rank=6) == 6  # never less than one batch
+    assert block_draws(object()) == 16  # a sampler that does not say its size
+    assert block_draws(Big(), length=10**6) == 10  # at most MAX_BLOCKS blocks

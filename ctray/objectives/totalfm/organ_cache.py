@@ -30,6 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ctray.data.samplers import binary_column
+
 if TYPE_CHECKING:
     from ctray.config import StorageConfig
     from ctray.ingest.shardset import Shard, ShardSet
@@ -134,14 +136,13 @@ def ensure_organ_cache(shard_set: ShardSet, organs: OrganInput) -> str:
     return uri
 
 
-def organ_arrays(batch: Any, i: int, anatomies: int, size: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """Row i's cached organ volumes ("organs", (A, T, H, W) float16, a view of the batch's buffer)
-    and which organs have a box ("region", (A,) bool), from a pyarrow batch or a dict of columns."""
-    if isinstance(batch, dict):
-        organs, boxes = batch["organs"][i], batch["organ_boxes"][i]
-    else:
-        organs, boxes = (batch.column(c)[i].as_buffer() for c in CACHE_COLUMNS)
-    return {
-        "organs": np.frombuffer(organs, dtype=np.float16).reshape(anatomies, *size),
-        "region": np.frombuffer(boxes, dtype=np.uint8).astype(bool),
-    }
+def organ_arrays(batch: Any, anatomies: int, size: tuple[int, int, int]) -> list[dict[str, np.ndarray]]:
+    """Each row's cached organ volumes ("organs", (A, T, H, W) float16, a view of the batch's
+    buffer) and which organs have a box ("region", (A,) bool), from a pyarrow batch or a dict of columns."""
+    organs, boxes = binary_column(batch, "organs", np.float16), binary_column(batch, "organ_boxes", np.uint8)
+    rows = []
+    for o, b in zip(organs, boxes, strict=True):
+        if o is None or b is None:  # the cache's columns are not nullable: not a file this module wrote
+            raise ValueError("an organ cache row without its organ volumes: rerun without objective.organs.cache")
+        rows.append({"organs": o.reshape(anatomies, *size), "region": b.astype(bool)})
+    return rows

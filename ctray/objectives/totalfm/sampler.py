@@ -73,7 +73,7 @@ class OrganSampler:
     def __call__(self, batch: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
         rows = small_columns(batch, self.columns)
         if self.key is not None:
-            cuts = [organ_arrays(batch, i, len(self.anatomies), self.size) for i in range(len(rows))]
+            cuts = organ_arrays(batch, len(self.anatomies), self.size)
         else:
             cutting = small_columns(batch, self.cut_columns)
             cuts = [self.cut(vol, row) for vol, row in zip(volumes(batch), cutting, strict=True)]
