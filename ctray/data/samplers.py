@@ -9,6 +9,7 @@ its first scan.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -33,10 +34,31 @@ class Sampler(Protocol):
         ...
 
 
-def output_bytes(*arrays: tuple[tuple[int, ...], Any]) -> int:
-    """Bytes of arrays of these (shape, dtype): a sampler's `draw_bytes`, the size of its output
-    for one scan, which sizes the Ray Data tasks that run it (ctray.data.pipeline.block_draws)."""
-    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in arrays)
+Bulk = Mapping[str, tuple[tuple[int, ...], Any]]
+"""A sampler's big per-scan arrays: name -> (shape of one scan's array, dtype)."""
+
+
+def output_bytes(bulk: Bulk) -> int:
+    """Bytes of one scan's `bulk` arrays: a sampler's `draw_bytes`, the size of its output for one
+    scan, which sizes the Ray Data tasks that run it (ctray.data.pipeline.block_draws)."""
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in bulk.values())
+
+
+@runtime_checkable
+class WritesInto(Sampler, Protocol):
+    """A sampler that writes its big arrays (`bulk`) into arrays it is handed: the rows of the
+    block a Ray Data task returns (ctray.data.pipeline.ShardRowReader), so that no draw's arrays
+    are copied again into the block, nor newly allocated memory first touched (measured on
+    CA-GCL's 30 MB draws: gathering them cost as much CPU as sampling them)."""
+
+    bulk: Bulk
+
+    def __call__(
+        self, batch: Any, rng: np.random.Generator, out: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """With `out` (for each name of `bulk`, an array of shape (rows, *shape)), its arrays are
+        written there and returned as they are; without, allocated."""
+        ...
 
 
 @runtime_checkable

@@ -11,7 +11,8 @@ import pytest
 
 from ctray.config import StorageConfig, load_config
 from ctray.data.phantoms import write_dataset
-from ctray.data.pipeline import RowGroups
+from ctray.data.pipeline import RowGroups, ScanOrder, ShardRowReader, stream_seed
+from ctray.data.samplers import WritesInto
 from ctray.ingest.derived import PER_SHARD
 from ctray.ingest.job import run_ingest
 from ctray.ingest.maintain import purge
@@ -110,3 +111,43 @@ def test_shards_keep_volume_and_label_map_in_the_bulk_codec(organ_shards, tmp_pa
         for c in ("lz4", "none")
     ]
     assert tables[0].equals(tables[1]) and tables[0].num_rows == 5
+
+
+@pytest.mark.parametrize(
+    "name, job",
+    [("ctfm_simclr", "ctfm-local.yaml"), ("totalfm_clip", "totalfm-clip-local.yaml"), ("cagcl", "cagcl-local.yaml")],
+)
+def test_blocks_written_in_place_equal_each_draw_sampled_alone(organ_shards, tmp_path, name, job):
+    """A Ray Data task's block: the samplers write their big arrays straight into the block's rows
+    (WritesInto), in arrays the process reuses once nothing holds them (BlockBuffers); the block
+    equals each draw sampled alone into arrays of its own, value for value, and a block still held
+    is never written over."""
+    spec = get_objective(name)
+    overrides = [f"data.shards={organ_shards}", f"run.storage={tmp_path}", "run.name=run"]
+    if name == "totalfm_clip":
+        overrides.append("objective.init_from=null")
+    cfg = load_config(PretrainConfig, REPO / "jobs" / job, overrides)
+    sampler = spec.sampler(cfg.objective, spec.prepare(cfg.objective, cfg.data.shards, cfg.run_folder()))
+    assert isinstance(sampler, WritesInto)
+    order = ScanOrder(ShardSet.open(str(organ_shards), StorageConfig()).scans(), seed=3)
+    reader = ShardRowReader(str(organ_shards), StorageConfig(), sampler, order, seed=3)
+    files = RowGroups(pafs.LocalFileSystem())
+    alone = []
+    for draw in range(4):
+        path, row_group = order.location(draw)
+        rng = np.random.default_rng(stream_seed(3, "sample", draw))
+        alone.append(sampler(files.sampler_input(sampler, path, row_group), rng))
+    want = {k: np.concatenate([a[k] for a in alone]) for k in alone[0]}
+
+    held = reader({"id": np.arange(4)})
+    kept = {k: v.copy() for k, v in held.items()}
+    again = reader({"id": np.arange(4, 8)})  # another block while the first is held: other arrays
+    assert held.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(held[k], want[k]) and np.array_equal(held[k], kept[k]), k
+    assert not any(np.shares_memory(held[k], again[k]) for k in sampler.bulk)
+    used = {held[k].ctypes.data for k in sampler.bulk} | {again[k].ctypes.data for k in sampler.bulk}
+    del held, again
+    reused = reader({"id": np.arange(4)})  # nothing holds those arrays now: this block reuses them
+    assert all(reused[k].ctypes.data in used for k in sampler.bulk)
+    assert all(np.array_equal(reused[k], want[k]) for k in want)

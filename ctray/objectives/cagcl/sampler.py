@@ -52,7 +52,8 @@ class AnatomyScanSampler:
         self.in_scan = cfg.presence == "in_scan"
         self.crop_anatomies = list(cfg.crop_anatomies or cfg.anatomies)
         self.columns = ("volume", "shape", "label_map", "anatomy_boxes", *texts.columns)
-        self.draw_bytes = output_bytes((self.size, np.int16), (self.size, np.uint8))
+        self.bulk = {"scan": (self.size, np.int16), "labels": (self.size, np.uint8)}
+        self.draw_bytes = output_bytes(self.bulk)
 
     def region(self, shape: tuple[int, ...], boxes: dict[str, list[int]]) -> tuple[slice, slice, slice]:
         """The crop anatomies' bounding box plus the margin, within the scan (the whole scan without boxes)."""
@@ -106,11 +107,13 @@ class AnatomyScanSampler:
             view[before] = fill
             view[after] = fill
 
-    def __call__(self, batch: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def __call__(
+        self, batch: Any, rng: np.random.Generator, out: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         rows = small_columns(batch, self.columns)
         n = len(rows)
-        scans = np.empty((n, *self.size), dtype=np.int16)
-        labels = np.zeros((n, *self.size), dtype=np.uint8)
+        scans = np.empty((n, *self.size), dtype=np.int16) if out is None else out["scan"]
+        labels = np.empty((n, *self.size), dtype=np.uint8) if out is None else out["labels"]
         cut = np.zeros((n, len(self.anatomies)), dtype=np.uint8)
         for i, (vol, lab, row) in enumerate(zip(volumes(batch), label_maps(batch), rows, strict=True)):
             boxes = {b["anatomy"]: b["box"] for b in row["anatomy_boxes"] or []}
@@ -125,7 +128,9 @@ class AnatomyScanSampler:
             flips = tuple(k for k in range(3) if rng.random() < self.flip_prob)
             pad = self.beyond(vol.shape, cut_region) if self.resize and boxes else None
             self.fit(scans[i], vol[cut_region], int(self.window[0]), starts, flips, pad=pad)
-            if lab is not None:
+            if lab is None:
+                labels[i] = 0
+            else:  # fit writes every voxel of the crop
                 self.fit(labels[i], lab[cut_region], 0, starts, flips, nearest=True, pad=pad)
                 if self.in_scan:
                     cut[i] = [a in boxes and touches_border(boxes[a], vol.shape) for a in self.anatomies]

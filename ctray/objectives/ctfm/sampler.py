@@ -22,7 +22,8 @@ class PatchSampler:
         self.m = patches_per_scan
         self.size = tuple(patch_size)
         self.pad = pad
-        self.draw_bytes = output_bytes(((self.m, *self.size), np.int16))
+        self.bulk = {"patches": ((self.m, *self.size), np.int16)}
+        self.draw_bytes = output_bytes(self.bulk)
 
     def sample(self, vol: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
         """M patches of `vol`: int16 (M, d, h, w), written into `out` if given."""
@@ -38,9 +39,11 @@ class PatchSampler:
             out[i] = vol[z : z + d, y : y + h, x : x + w]
         return out
 
-    def __call__(self, batch: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def __call__(
+        self, batch: Any, rng: np.random.Generator, out: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         vols = volumes(batch)
-        out = np.empty((len(vols), self.m, *self.size), dtype=np.int16)
+        patches = np.empty((len(vols), self.m, *self.size), dtype=np.int16) if out is None else out["patches"]
         for row, vol in enumerate(vols):  # straight into the batch: np.stack would copy every patch again
-            self.sample(vol, rng, out[row])
-        return {"patches": out}
+            self.sample(vol, rng, patches[row])
+        return {"patches": patches}

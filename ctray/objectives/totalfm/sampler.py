@@ -42,7 +42,8 @@ class OrganSampler:
         text_columns = texts.columns if texts else ()
         self.columns = text_columns if cached else self.cut_columns + text_columns
         self.side_columns = CACHE_COLUMNS
-        self.draw_bytes = output_bytes(((len(self.anatomies), *self.size), np.float16))
+        self.bulk = {"organs": ((len(self.anatomies), *self.size), np.float16)}
+        self.draw_bytes = output_bytes(self.bulk)
 
     def side_file(self, shard: str) -> str | None:
         """The organ cache file of the shard at path `shard` (ShardRowReader reads `side_columns`
@@ -70,20 +71,27 @@ class OrganSampler:
                 region[j] = True
         return {"organs": organs, "region": region}
 
-    def __call__(self, batch: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def __call__(
+        self, batch: Any, rng: np.random.Generator, out: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         rows = small_columns(batch, self.columns)
         if self.key is not None:
             cuts = organ_arrays(batch, len(self.anatomies), self.size)
         else:
             cutting = small_columns(batch, self.cut_columns)
             cuts = [self.cut(vol, row) for vol, row in zip(volumes(batch), cutting, strict=True)]
-        organs = np.stack([c["organs"] for c in cuts]) if len(cuts) > 1 else cuts[0]["organs"][None]
+        if out is not None:
+            organs = out["organs"]
+            for i, c in enumerate(cuts):
+                organs[i] = c["organs"]
+        else:
+            organs = np.stack([c["organs"] for c in cuts]) if len(cuts) > 1 else cuts[0]["organs"][None]
         region = np.stack([c["region"] for c in cuts])
-        out: dict[str, np.ndarray] = {
+        fields: dict[str, np.ndarray] = {
             "organs": organs,
             "present": region.astype(np.uint8),
             "region": region.astype(np.uint8),
         }
         if self.texts is not None:
-            out.update(self.texts(rows, region, rng))
-        return out
+            fields.update(self.texts(rows, region, rng))
+        return fields
