@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from ctray.config import StorageConfig
 from ctray.console import quiet_dataset, verbose
+from ctray.data.node_cache import NodeCache
 from ctray.data.samplers import ReadsBeside, WritesInto
 from ctray.ingest.shardset import ScanRow, ShardSet
 from ctray.storage import arrow_filesystem
@@ -114,16 +115,20 @@ class RowGroups:
     (at least 2 GETs on object storage: at 512 GPUs, more GETs per second than S3 serves per
     prefix, were every draw to reopen its shard). The `keep` most recently read stay open."""
 
-    def __init__(self, fs: pafs.FileSystem, keep: int = 32):
-        self.fs, self.keep = fs, keep
+    def __init__(self, fs: pafs.FileSystem, keep: int = 32, cache: NodeCache | None = None):
+        self.fs, self.keep, self.cache = fs, keep, cache
         self.files: dict[str, pq.ParquetFile] = {}
 
     def file(self, path: str) -> pq.ParquetFile:
-        f = self.files.pop(path, None) or pq.ParquetFile(path, filesystem=self.fs)
+        f = self.files.pop(path, None) or self._open(path)
         self.files[path] = f  # most recent last
         while len(self.files) > self.keep:
             del self.files[next(iter(self.files))]
         return f
+
+    def _open(self, path: str) -> pq.ParquetFile:
+        local = self.cache.local(self.fs, path) if self.cache is not None else None
+        return pq.ParquetFile(local) if local is not None else pq.ParquetFile(path, filesystem=self.fs)
 
     def read(self, path: str, row_group: int, columns: list[str]) -> Any:
         return self.file(path).read_row_group(row_group, columns=columns)
@@ -160,9 +165,10 @@ class ShardRowReader:
         order: ScanOrder,
         seed: int,
         draws: RankDraws = RankDraws(),
+        cache: NodeCache | None = None,
     ):
         self.uri, self.storage, self.sampler = uri, storage, sampler
-        self.order, self.seed, self.draws = order, seed, draws
+        self.order, self.seed, self.draws, self.cache = order, seed, draws, cache
         self._files: RowGroups | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -170,7 +176,7 @@ class ShardRowReader:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._files is None:  # built in the task process: filesystems do not travel well
-            self._files = RowGroups(arrow_filesystem(self.uri, self.storage)[0])
+            self._files = RowGroups(arrow_filesystem(self.uri, self.storage)[0], cache=self.cache)
         ids = batch["id"]
         writes = self.sampler if isinstance(self.sampler, WritesInto) else None
         bulk = writes.bulk if writes is not None else {}
@@ -259,6 +265,10 @@ class StreamPlan:
     """Ray Data map tasks sampling at once per stream (None: Ray Data decides)."""
     verbose: bool = False
     """Ray Data's own console lines (progress bars, each stream's execution plan): `ctray -v`."""
+    node_cache: str | None = None
+    """A folder on each node's disk keeping the shards it reads (data.node_cache); None: off."""
+    node_cache_bytes: int = 100 * 10**9
+    """Most bytes of shards one node's cache keeps."""
 
 
 def training_datasets(
@@ -273,15 +283,23 @@ def training_datasets(
     Each stream is a one-way streaming_split: its dataset runs in a coordinator actor on this
     (the driver's) node, as Ray Train's own split does, not in the training process, where its
     scheduling thread would share the GIL with the training loop."""
-    order = ScanOrder(ShardSet.open(uri, storage).scans(), plan.seed)
-    return {
-        f"train_{rank}": rank_dataset(uri, storage, sampler, plan, order, rank).streaming_split(1, equal=False)[0]
-        for rank in range(plan.ranks)
-    }
+    shard_set = ShardSet.open(uri, storage)
+    order = ScanOrder(shard_set.scans(), plan.seed)
+    cache = None
+    if plan.node_cache is not None:
+        cache = NodeCache(plan.node_cache, shard_set.digests(), plan.node_cache_bytes)
+    datasets = [rank_dataset(uri, storage, sampler, plan, order, rank, cache) for rank in range(plan.ranks)]
+    return {f"train_{rank}": ds.streaming_split(1, equal=False)[0] for rank, ds in enumerate(datasets)}
 
 
 def rank_dataset(
-    uri: str, storage: StorageConfig, sampler: Sampler, plan: StreamPlan, order: ScanOrder, rank: int
+    uri: str,
+    storage: StorageConfig,
+    sampler: Sampler,
+    plan: StreamPlan,
+    order: ScanOrder,
+    rank: int,
+    cache: NodeCache | None = None,
 ) -> ray.data.Dataset:
     """Rank `rank`'s stream (training_datasets) as a dataset: its draws of `order`, sampled, in order.
 
@@ -300,7 +318,7 @@ def rank_dataset(
     # into a handful of blocks whatever its length, so each map task would sample a quarter of the
     # run in a row, and with preserve_order the later tasks' scans wait in the object store
     # (measured: 5 GB, then spilling, at 20,000 draws).
-    reader = ShardRowReader(uri, storage, sampler, order, plan.seed, draws)
+    reader = ShardRowReader(uri, storage, sampler, order, plan.seed, draws, cache)
     ds = ray.data.range(blocks, override_num_blocks=blocks).map_batches(
         BlockReader(reader, per_block, length),
         batch_size=None,

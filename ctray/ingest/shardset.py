@@ -537,6 +537,11 @@ class ShardSet:
         _, root = arrow_filesystem(self.uri, self.storage)
         return [posixpath.join(root, s.path) for s in self.shards if s.stats.rows]
 
+    def digests(self) -> dict[str, str]:
+        """Each shard's sha256, by its path in the arrow filesystem (as scans() names it)."""
+        _, root = arrow_filesystem(self.uri, self.storage)
+        return {posixpath.join(root, s.path): s.sha256 for s in self.shards}
+
     @classmethod
     def open(cls, uri: str, storage: StorageConfig) -> ShardSet:
         """Read `uri`'s manifest.json (once). A ConfigError of one line when there is none, it is

@@ -35,9 +35,25 @@ class DataConfig(Section):
     train.seed too); 0 disables. Two runs with one seed are equal, but a resumed run refills the
     buffer, so its batches after the resume differ from an uninterrupted run's (it warns); with 0,
     resumed and uninterrupted runs log the same losses (tests/integration/test_reproducible.py)."""
+    node_cache: str | None = None
+    """A folder on each node's local disk (an NVMe mount, say) where the node keeps a copy of each
+    shard it reads, fetched from the shard set's storage once and checked against the manifest's
+    sha256 (ctray.data.node_cache): later passes and runs on the node read the copy. Each node's
+    copies go in a subfolder named by its Ray label `ctray.io/cache-node`, else its host name.
+    None (default): every draw reads its scan from storage."""
+    node_cache_gb: float = Field(100.0, gt=0)
+    """Most GB of shard copies one node keeps; beyond, the least recently read go."""
     synthetic: bool = False
     """Train on one in-memory batch of the objective's shape instead of the shards (to measure the
     step alone, `ctray bench step`); `shards` is then not read."""
+
+    @field_validator("node_cache")
+    @classmethod
+    def _local_folder(cls, v: str | None) -> str | None:
+        # Each node resolves it on its own disk: a relative path would land in Ray's session folder.
+        if v is not None and ("://" in v or not (v.startswith("/") or v.startswith("~"))):
+            raise ValueError(f"node_cache must be an absolute local folder (or start with ~), not {v!r}")
+        return v
 
 
 class OptimConfig(Section):

@@ -327,6 +327,8 @@ def _trainer(
             start=start * cfg.scans_per_step,
             concurrency=cfg.data.sampler_concurrency,
             verbose=verbose(),
+            node_cache=cfg.data.node_cache,
+            node_cache_bytes=int(cfg.data.node_cache_gb * 1e9),
         )
         streams = training_datasets(cfg.data.shards, cfg.storage, sampler, plan)
     afs, storage_path = arrow_filesystem(cfg.run.storage, cfg.storage)

@@ -1,0 +1,129 @@
+"""A node-local shard cache (data.node_cache): each node fetches a shard from the shard set's
+storage once, into a folder on its own disk, and its Ray Data tasks read the local copy from then
+on, in every pass and every run on that node.
+
+Without it every draw reads its scan's row group from storage (object storage: a GET or two per
+draw); a multi-pass run reads the whole shard set from storage once per pass. With it a node
+fetches each shard it samples from once: from the second pass on it reads nothing from storage.
+
+Files are named by the shard's sha256 from the manifest (shards are immutable, and a purge writes
+a new shard): a copy never goes stale, and a restarted node (the same disk, the same key) finds its
+copies. Each fetch is checked against that digest before it is published (rename), under a lock
+per file, so tasks of one node fetch a shard once between them. The folder holds at most
+`max_bytes`; beyond, the least recently read copies go.
+
+The node's key (its subfolder) is its Ray label `ctray.io/cache-node` where it has one, else the
+machine's host name: nodes of Ray's fake multi-node cluster share one disk and one host name, so
+its tests label their nodes. Side files beside the shards (TotalFM's organ cache) are read from
+storage as before.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import pyarrow.fs as pafs
+
+NODE_LABEL = "ctray.io/cache-node"
+"""The Ray node label that names a node's cache subfolder (`ray start --labels`)."""
+FETCH_LOG = "fetched.jsonl"
+"""Per node: one line per shard fetched from storage ({"sha256", "bytes"}): what `ctray bench data`
+counts, and what shows that a node fetched a shard once."""
+CHUNK = 8 * 2**20
+
+
+def node_key() -> str:
+    """This node's cache subfolder: its `ctray.io/cache-node` label, else the host name."""
+    import ray
+
+    label = ray.get_runtime_context().get_node_labels().get(NODE_LABEL) if ray.is_initialized() else None
+    return str(label) if label else socket.gethostname()
+
+
+@dataclass(frozen=True)
+class NodeCache:
+    """Where a node keeps its shard copies, and which shards it may keep (their digests)."""
+
+    folder: str
+    """A folder on each node's local disk (data.node_cache)."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """sha256 of each shard, by its path in the shard set's filesystem (ShardSet.digests)."""
+    max_bytes: int = 100 * 10**9
+    """Most bytes of shard copies one node keeps (data.node_cache_gb)."""
+
+    def root(self) -> str:
+        return os.path.join(os.path.expanduser(self.folder), node_key())
+
+    def local(self, fs: pafs.FileSystem, path: str) -> str | None:
+        """The local copy of the shard at `path` in `fs`, fetched first if this node lacks it; None
+        for a file that is not a shard of the set (a side file): read it from `fs`."""
+        digest = self.digests.get(path)
+        if digest is None:
+            return None
+        root = self.root()
+        local = os.path.join(root, f"{digest}.parquet")
+        if os.path.exists(local):
+            os.utime(local)  # most recently read: evicted last
+            return local
+        os.makedirs(root, exist_ok=True)
+        with open(local + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another task of this node may be fetching it
+            if not os.path.exists(local):
+                self._fetch(fs, path, local, digest)
+        return local
+
+    def _fetch(self, fs: pafs.FileSystem, path: str, local: str, digest: str) -> None:
+        root = os.path.dirname(local)
+        tmp = f"{local}.{os.getpid()}.tmp"
+        sha, size = hashlib.sha256(), 0
+        try:
+            with fs.open_input_stream(path) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    sha.update(chunk)
+                    dst.write(chunk)
+                    size += len(chunk)
+            if sha.hexdigest() != digest:
+                raise OSError(f"{path}: its bytes do not match the manifest's sha256; run `ctray verify`")
+            self._make_room(root, size)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        with open(os.path.join(root, FETCH_LOG), "a") as log:
+            log.write(json.dumps({"sha256": digest, "bytes": size, "time": time.time()}) + "\n")
+
+    def _make_room(self, root: str, incoming: int) -> None:
+        """Remove the least recently read copies until `incoming` more bytes fit in max_bytes."""
+        copies = []
+        for entry in os.scandir(root):
+            if entry.name.endswith(".parquet"):
+                st = entry.stat()
+                copies.append((st.st_mtime, st.st_size, entry.path))
+        total = sum(size for _, size, _ in copies) + incoming
+        for _, size, path in sorted(copies):
+            if total <= self.max_bytes:
+                break
+            try:
+                os.remove(path)
+            except FileNotFoundError:  # another task removed it
+                pass
+            total -= size
+
+
+def fetched(folder: str) -> dict[str, list[dict[str, float]]]:
+    """Each node's fetches so far ({node key: [{"sha256", "bytes", "time"}, ...]}), from the fetch logs."""
+    out: dict[str, list[dict[str, float]]] = {}
+    if not os.path.isdir(folder):
+        return out
+    for key in sorted(os.listdir(folder)):
+        log = os.path.join(folder, key, FETCH_LOG)
+        if os.path.exists(log):
+            with open(log) as f:
+                out[key] = [json.loads(line) for line in f if line.strip()]
+    return out
