@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -112,7 +113,7 @@ class _CtrayPipeline:
     each run() is one timed execution: scans, wall seconds, CPU seconds by process group (TreeCpu)
     and how many processes exited."""
 
-    def __init__(self, shards: str, sampler: Any, scans: int, seconds: float):
+    def __init__(self, shards: str, sampler: Any, scans: int, seconds: float, node_cache: str | None = None):
         import ray
 
         from ctray.config import StorageConfig
@@ -124,9 +125,8 @@ class _CtrayPipeline:
         ray.data.DataContext.get_current().enable_progress_bars = False
 
         def dataset(passes: int) -> ray.data.DataIterator:
-            return training_datasets(shards, StorageConfig(), sampler, StreamPlan(seed=0, steps=passes * scans))[
-                "train_0"
-            ]
+            plan = StreamPlan(seed=0, steps=passes * scans, node_cache=node_cache)
+            return training_datasets(shards, StorageConfig(), sampler, plan)["train_0"]
 
         # Untimed warm-up and sizing. The first execution of each dataset also starts its
         # coordinator actor, so each is timed on its second execution: one pass and four passes over
@@ -239,6 +239,8 @@ def bench_data(
         line["pipeline_ms_per_scan_runs"] = [round(v, 2) for v in runs_ms]
         line["pipeline_ms_per_scan_spread"] = round(spread(runs_ms), 3)
         line["pipeline_ms_per_scan_by_process"] = {k: round(v, 2) for k, v in by_role.items()}
+        if codec == codecs[0]:
+            line["node_cache"] = _with_node_cache(root, shards, sampler, scans, seconds, repeats, stages)
         figures["codecs"][codec] = line
     figures["other_load_cores"] = round(other.cores(), 2)
     print(f"other processes kept {figures['other_load_cores']:.1f} of {os.cpu_count()} cores busy during the runs")
@@ -247,6 +249,41 @@ def bench_data(
     if tmp is not None:
         tmp.cleanup()
     return figures
+
+
+def _with_node_cache(
+    root: str, shards: str, sampler: Any, scans: int, seconds: float, repeats: int, stages: dict[str, Any]
+) -> dict[str, Any]:
+    """The pipeline again with data.node_cache on (a fresh folder): its CPU per scan, and the bytes
+    fetched from the shard set's storage per view, against reading each draw's columns from it."""
+    from ctray.data.node_cache import fetched
+
+    folder = tempfile.mkdtemp(prefix="node-cache-", dir=root)
+    pipeline = _CtrayPipeline(shards, sampler, scans, seconds, node_cache=folder)
+    warm = sum(f["bytes"] for node in fetched(folder).values() for f in node)
+    runs = [pipeline.run() for _ in range(repeats)]
+    del pipeline
+    runs_ms = [1000 * sum(r["cpu_s"].values()) / r["scans"] for r in runs]
+    views = sum(r["scans"] for r in runs) * stages["views_per_scan"]
+    timed = sum(f["bytes"] for node in fetched(folder).values() for f in node) - warm
+    shutil.rmtree(folder, ignore_errors=True)
+    without = 1e6 * stages["stored_mb_per_scan"] / stages["views_per_scan"]
+    out = {
+        "pipeline_ms_per_scan": round(statistics.median(runs_ms), 2),
+        "pipeline_ms_per_scan_runs": [round(v, 2) for v in runs_ms],
+        "fetched_bytes_per_view_timed": round(timed / views, 1),
+        "fetched_bytes_warm_up": warm,
+        "fetched_bytes_per_view_without": round(without),
+    }
+    print(
+        f"  with data.node_cache: whole pipeline {out['pipeline_ms_per_scan']:.1f} ms CPU/scan (runs "
+        + " ".join(f"{v:.1f}" for v in runs_ms)
+        + f"); fetched from storage: {warm / 1e6:.1f} MB while warming up (each shard once), then"
+        f" {timed / views:,.0f} bytes per view over {repeats} runs, against {without:,.0f} bytes per view"
+        " without it (each draw's columns)",
+        flush=True,
+    )
+    return out
 
 
 def _against_monai(

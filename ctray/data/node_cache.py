@@ -1,6 +1,7 @@
 """A node-local shard cache (data.node_cache): each node fetches a shard from the shard set's
 storage once, into a folder on its own disk, and its Ray Data tasks read the local copy from then
-on, in every pass and every run on that node.
+on, in every pass and every run on that node; so too the files cut from each shard beside the
+shard set (TotalFM's organ cache).
 
 Without it every draw reads its scan's row group from storage (object storage: a GET or two per
 draw); a multi-pass run reads the whole shard set from storage once per pass. With it a node
@@ -14,8 +15,7 @@ per file, so tasks of one node fetch a shard once between them. The folder holds
 
 The node's key (its subfolder) is its Ray label `ctray.io/cache-node` where it has one, else the
 machine's host name: nodes of Ray's fake multi-node cluster share one disk and one host name, so
-its tests label their nodes. Side files beside the shards (TotalFM's organ cache) are read from
-storage as before.
+its tests label their nodes.
 """
 
 from __future__ import annotations
@@ -24,17 +24,21 @@ import fcntl
 import hashlib
 import json
 import os
+import posixpath
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow.fs as pafs
+
+from ctray.ingest.derived import PER_SHARD
 
 NODE_LABEL = "ctray.io/cache-node"
 """The Ray node label that names a node's cache subfolder (`ray start --labels`)."""
 FETCH_LOG = "fetched.jsonl"
-"""Per node: one line per shard fetched from storage ({"sha256", "bytes"}): what `ctray bench data`
-counts, and what shows that a node fetched a shard once."""
+"""Per node: one line per file fetched from storage ({"file", "bytes", "time"}: the copy's name):
+what `ctray bench data` counts, and what shows that a node fetched a file once."""
 CHUNK = 8 * 2**20
 
 
@@ -61,13 +65,14 @@ class NodeCache:
         return os.path.join(os.path.expanduser(self.folder), node_key())
 
     def local(self, fs: pafs.FileSystem, path: str) -> str | None:
-        """The local copy of the shard at `path` in `fs`, fetched first if this node lacks it; None
-        for a file that is not a shard of the set (a side file): read it from `fs`."""
+        """The local copy of the shard (or of a file cut from a shard, under its PER_SHARD folder)
+        at `path` in `fs`, fetched first if this node lacks it; None for any other file: read it from `fs`."""
         digest = self.digests.get(path)
-        if digest is None:
+        name = digest or self._derived_name(path)
+        if name is None:
             return None
         root = self.root()
-        local = os.path.join(root, f"{digest}.parquet")
+        local = os.path.join(root, f"{name}.parquet")
         if os.path.exists(local):
             os.utime(local)  # most recently read: evicted last
             return local
@@ -75,10 +80,20 @@ class NodeCache:
         with open(local + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another task of this node may be fetching it
             if not os.path.exists(local):
-                self._fetch(fs, path, local, digest)
+                self._fetch(fs, path, local, digest)  # a derived file: no digest of its own to check
         return local
 
-    def _fetch(self, fs: pafs.FileSystem, path: str, local: str, digest: str) -> None:
+    def _derived_name(self, path: str) -> str | None:
+        """A file cut from a shard (<set>/_per_shard/<kind>/<key>/<shard name>) is named by its
+        path and the shard's digest: a purge rewrites a shard, and its files cut anew at the same
+        path must not be served from an old copy (they held the purged scan's pixels)."""
+        if f"/{PER_SHARD}/" not in path:
+            return None
+        shards = {posixpath.basename(p): d for p, d in self.digests.items()}
+        digest = shards.get(posixpath.basename(path))
+        return None if digest is None else hashlib.sha256(f"{path}|{digest}".encode()).hexdigest()
+
+    def _fetch(self, fs: pafs.FileSystem, path: str, local: str, digest: str | None) -> None:
         root = os.path.dirname(local)
         tmp = f"{local}.{os.getpid()}.tmp"
         sha, size = hashlib.sha256(), 0
@@ -88,7 +103,7 @@ class NodeCache:
                     sha.update(chunk)
                     dst.write(chunk)
                     size += len(chunk)
-            if sha.hexdigest() != digest:
+            if digest is not None and sha.hexdigest() != digest:
                 raise OSError(f"{path}: its bytes do not match the manifest's sha256; run `ctray verify`")
             self._make_room(root, size)
             os.replace(tmp, local)
@@ -96,7 +111,7 @@ class NodeCache:
             if os.path.exists(tmp):
                 os.remove(tmp)
         with open(os.path.join(root, FETCH_LOG), "a") as log:
-            log.write(json.dumps({"sha256": digest, "bytes": size, "time": time.time()}) + "\n")
+            log.write(json.dumps({"file": os.path.basename(local), "bytes": size, "time": time.time()}) + "\n")
 
     def _make_room(self, root: str, incoming: int) -> None:
         """Remove the least recently read copies until `incoming` more bytes fit in max_bytes."""
@@ -116,9 +131,9 @@ class NodeCache:
             total -= size
 
 
-def fetched(folder: str) -> dict[str, list[dict[str, float]]]:
-    """Each node's fetches so far ({node key: [{"sha256", "bytes", "time"}, ...]}), from the fetch logs."""
-    out: dict[str, list[dict[str, float]]] = {}
+def fetched(folder: str) -> dict[str, list[dict[str, Any]]]:
+    """Each node's fetches so far ({node key: [{"file", "bytes", "time"}, ...]}), from the fetch logs."""
+    out: dict[str, list[dict[str, Any]]] = {}
     if not os.path.isdir(folder):
         return out
     for key in sorted(os.listdir(folder)):

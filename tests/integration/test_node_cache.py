@@ -85,8 +85,8 @@ def test_each_node_fetches_each_shard_once_and_keeps_it_across_a_restart(train_s
     digests = ShardSet.open(shards, StorageConfig()).digests()
     logs = json.loads(Path(out + ".json").read_text())
     for key in ("a", "b"):  # two tasks at once on each node: every shard fetched, and once
-        got = [f["sha256"] for f in logs["before"][key]]
-        assert sorted(got) == sorted(set(digests.values())), key
+        got = [f["file"] for f in logs["before"][key]]
+        assert sorted(got) == sorted(f"{d}.parquet" for d in set(digests.values())), key
     assert logs["after"] == logs["before"]  # node "a" started again: it fetched nothing
     for key in ("a", "b"):  # the copies are the manifest's bytes
         for digest in digests.values():
@@ -111,8 +111,8 @@ def test_a_ranks_stream_reads_through_the_node_cache(train_shards, tmp_path):
     cache = NodeCache(str(tmp_path / "c"), ShardSet.open(shards, StorageConfig()).digests())
     rows = rank_dataset(shards, StorageConfig(), reader.sampler, plan, reader.order, 0, cache).take_all()
     (node,) = fetched(str(tmp_path / "c")).values()
-    got = [f["sha256"] for f in node]
-    assert len(got) == len(set(got)) >= 1 and set(got) <= set(cache.digests.values())
+    got = [f["file"] for f in node]
+    assert len(got) == len(set(got)) >= 1 and set(got) <= {f"{d}.parquet" for d in cache.digests.values()}
     want = _reader(shards, None)({"id": np.arange(2 * DRAWS)})["patches"]
     assert np.array_equal(np.stack([row["patches"] for row in rows]), want)
 
@@ -131,4 +131,22 @@ def test_the_node_cache_keeps_the_most_recently_read_copies_within_its_size(trai
     cache.local(local, paths[2])  # a third does not fit: the least recently read copy goes
     kept = {p.name for p in Path(cache.root()).glob("*.parquet")}
     assert kept == {f"{digests[p]}.parquet" for p in paths[1:3]}
-    assert cache.local(local, "/not/a/shard.parquet") is None  # a side file: read from storage
+    assert cache.local(local, str(tmp_path / "not-a-shard.parquet")) is None  # read from storage
+
+
+def test_a_file_cut_from_a_shard_is_cached_under_the_shards_digest(tmp_path):
+    """A file cut from a shard (TotalFM's organ cache) is cached too, named by its path and the
+    shard's digest: once a purge rewrites the shard, its file cut anew is fetched anew, not served
+    from the copy that held the purged scan."""
+    from pyarrow import fs as pafs
+
+    side = tmp_path / "set" / "_per_shard" / "organs" / "k1" / "part-a.parquet"
+    side.parent.mkdir(parents=True)
+    side.write_bytes(b"cut before the purge")
+    shard = str(tmp_path / "set" / "shards" / "part-a.parquet")
+    before = NodeCache(str(tmp_path / "c"), {shard: "1" * 64}).local(pafs.LocalFileSystem(), str(side))
+    side.write_bytes(b"cut after the purge")
+    after = NodeCache(str(tmp_path / "c"), {shard: "2" * 64}).local(pafs.LocalFileSystem(), str(side))
+    assert before is not None and after is not None and before != after
+    assert Path(after).read_bytes() == b"cut after the purge"
+    assert Path(before).read_bytes() == b"cut before the purge"
