@@ -80,6 +80,14 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         default=[25_000, 50_000, 100_000],
         help="scan counts (default 25000 50000 100000)",
     )
+    sc.add_argument(
+        "--ranks",
+        type=int,
+        default=512,
+        help="then plan this many training ranks' datasets over --plan-scans scans, without running them: the"
+        " driver's seconds and MiB and the bytes each rank's plan carries (default 512; 0: skip)",
+    )
+    sc.add_argument("--plan-scans", type=int, default=1_000_000, help="scans of that plan (default 1000000)")
     st = sub.add_parser(
         "step",
         help="views/s and TFLOP/s of the training step, synthetic input vs streaming from shards",
@@ -165,7 +173,7 @@ def run_bench(what: str, args: argparse.Namespace) -> dict:
     if what == "scale":
         from ctray.bench.scale import bench_scale
 
-        return bench_scale(args.points)
+        return bench_scale(args.points, args.ranks, args.plan_scans)
     if what == "step":
         from ctray.bench.step import bench_step
 

@@ -8,11 +8,18 @@ committed (the resume check of a finished ingest: the most driver work per run),
 in-memory filesystem, so that the figure is the driver's CPU and memory, not a network's. Each N
 runs in a fresh process, timed on its second pass (the first warms imports and Ray up); memory is
 that pass's peak above the process's size before it.
+
+`--ranks R --plan-scans N` plans a run of R training ranks over N scans, which cannot run here (512
+ranks): each rank's dataset over one scan order (ctray.data.pipeline.rank_datasets) on a synthetic
+shard set of N scans in N / 16 shards, without executing them. It prints the driver's seconds and
+peak MiB for the plan, and the bytes each rank's plan carries: its split coordinator holds them on
+the driver's node, and each of its map tasks receives them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -22,6 +29,7 @@ from ctray.bench.common import one_core
 if TYPE_CHECKING:
     from ctray.config import StorageConfig
     from ctray.ingest.config import IngestConfig
+    from ctray.ingest.shardset import ShardSet
 
 SCANS_PER_SHARD = 16
 
@@ -158,7 +166,96 @@ def _driver(n: int) -> Callable[[], dict]:
     return run
 
 
-def bench_scale(points: list[int]) -> dict:
+def _synthetic_shard_set(n: int) -> ShardSet:
+    """A shard set of `n` scans in n / SCANS_PER_SHARD shards as its manifest describes them (no files)."""
+    import dataclasses
+
+    from ctray.config import StorageConfig, load_config
+    from ctray.ingest.config import IngestConfig
+    from ctray.ingest.shardset import SHARDS_DIR, Shard, ShardSet, ShardStats
+
+    ingest = load_config(IngestConfig, None, ["input.scans=memory://scans", "output.uri=memory://plan"])
+    shards = tuple(
+        Shard(
+            f"{SHARDS_DIR}/part-{s:016x}.parquet",
+            f"part-{s:016x}",
+            min(SCANS_PER_SHARD, n - s),
+            f"{s:064x}",
+            1,
+            ShardStats(min(SCANS_PER_SHARD, n - s), 0, 1, None, None, 0, 0, {}),
+        )
+        for s in range(0, n, SCANS_PER_SHARD)
+    )
+    empty = {f.name: () for f in dataclasses.fields(ShardSet) if f.name in ("written", "quarantine", "skipped")}
+    return ShardSet(
+        uri="memory://plan",
+        storage=StorageConfig(),
+        schema_version=0,
+        ctray_version="",
+        created_at="",
+        fingerprint="",
+        ingest=ingest,
+        shards=shards,
+        failed=(),
+        purged=(),
+        llm_fallbacks={},
+        ungrouped=0,
+        **empty,
+    )
+
+
+def _planner(n: int, ranks: int) -> Callable[[], dict]:
+    """Set-up (untimed): the synthetic shard set and a local Ray. The timed run: every rank's dataset."""
+    import ray
+
+    from ctray.data.pipeline import ScanOrder, StreamPlan, block_draws, rank_datasets
+    from ctray.objectives.ctfm.sampler import PatchSampler
+
+    shard_set = _synthetic_shard_set(n)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    # CT-FM's paper run on 16 GPUs' worth of draws per rank: 100,000 micro-steps of 2 scans
+    plan = StreamPlan(seed=0, steps=100_000, ranks=ranks, per_rank=2, node_cache="/tmp/unused")
+    sampler = PatchSampler(4, (96, 96, 96))
+
+    def run() -> dict:
+        datasets = rank_datasets(shard_set, sampler, plan)
+        per_rank = len(ray.cloudpickle.dumps(datasets[-1]))
+        order = len(ray.cloudpickle.dumps(ScanOrder(shard_set.scans(), 0)))
+        length = plan.steps * plan.per_rank
+        blocks = math.ceil(length / block_draws(sampler, plan.per_rank, length))
+        return {"ranks": len(datasets), "per_rank_bytes": per_rank, "order_bytes": order, "blocks": blocks}
+
+    return run
+
+
+def bench_plan(scans: int, ranks: int) -> dict:
+    """The driver's plan of `ranks` ranks' datasets over `scans` scans (see the module's docstring)."""
+    r = one_core(partial(_planner, scans, ranks), repeats=1)
+    res = r["result"]
+    assert res["ranks"] == ranks, res
+    mib = 2**20
+    print(
+        f"plan of {ranks} ranks over {scans:,} scans ({scans // SCANS_PER_SHARD:,} shards): {r['wall_s']:.2f} s wall,"
+        f" {r['cpu_s']:.2f} s CPU, peak +{r['peak_extra_bytes'] / mib:.0f} MiB on the driver; each rank's plan"
+        f" {res['per_rank_bytes'] / 1024:.0f} KiB at {res['blocks']:,} blocks (Ray Data's metadata of each; {ranks} x ="
+        f" {ranks * res['per_rank_bytes'] / mib:.1f} MiB held by"
+        f" the split coordinators on the driver's node), the scan order {res['order_bytes'] / mib:.1f} MiB once in the"
+        f" object store (carried by each rank's plan: {ranks * res['order_bytes'] / 2**30:.1f} GiB)",
+        flush=True,
+    )
+    return {
+        "scans": scans,
+        "ranks": ranks,
+        "wall_s": round(r["wall_s"], 2),
+        "cpu_s": round(r["cpu_s"], 2),
+        "peak_mib": round(r["peak_extra_bytes"] / mib, 1),
+        "per_rank_plan_bytes": res["per_rank_bytes"],
+        "scan_order_bytes": res["order_bytes"],
+        "blocks_per_rank": res["blocks"],
+    }
+
+
+def bench_scale(points: list[int], ranks: int = 512, plan_scans: int = 1_000_000) -> dict:
     rows = []
     print(
         "driver work for a finished ingest of N scans (resume check, listing, reports, manifest) + pretrain's"
@@ -188,5 +285,7 @@ def bench_scale(points: list[int]) -> dict:
         f" (target < 2048 MiB); time per scan at {last['scans']} vs {first['scans']}: {growth:.2f}x (1.0 = linear)"
     )
     figures = {"bench": "scale", "points": rows, "time_per_scan_growth": round(growth, 3)}
+    if ranks:
+        figures["plan"] = bench_plan(plan_scans, ranks)
     print(json.dumps(figures))
     return figures

@@ -4,6 +4,7 @@ another seed changes them. (test_reproducible.py runs the trainer end to end wit
 Each rank's dataset keeps that order and leaves the console to ctray."""
 
 import dataclasses
+import os
 import warnings
 
 import numpy as np
@@ -131,3 +132,28 @@ def test_block_draws_takes_whole_rank_batches_within_the_task_and_block_limits()
     assert block_draws(Big(), per_rank=6) == 6  # never less than one batch
     assert block_draws(object()) == 16  # a sampler that does not say its size
     assert block_draws(Big(), length=10**6) == 10  # at most MAX_BLOCKS blocks
+
+
+def test_the_ranks_share_one_scan_order_in_the_object_store(train_shards):
+    """rank_datasets: every rank's plan carries a reference to the run's scan order (Shared), not
+    the order itself (a million scans' order is 11 MiB, held once per rank by its split
+    coordinator on the driver's node), and samples what the order by value samples."""
+    import ray
+
+    from ctray.data.pipeline import Shared, rank_datasets
+
+    cfg = pretrain_cfg(train_shards, "unused", "unused")
+    sampler = get_objective("ctfm_simclr").sampler(cfg.objective, {})
+    shard_set = ShardSet.open(str(train_shards), StorageConfig())
+    plan = StreamPlan(seed=0, steps=2, ranks=2, per_rank=2, concurrency=1)
+    datasets = rank_datasets(shard_set, sampler, plan)
+    names = {os.path.basename(p) for p in shard_set.digests()}
+    for ds in datasets:
+        pickled = ray.cloudpickle.dumps(ds)
+        assert not any(name.encode() in pickled for name in names)
+    order = ScanOrder(shard_set.scans(), 0)
+    shared = Shared(order)
+    assert shared.get() is shared.get() and shared.get().location(3) == order.location(3)
+    reader = ShardRowReader(str(train_shards), StorageConfig(), sampler, order, 0, RankDraws(0, 1, 2, 4))
+    rows = datasets[1].take_all()
+    assert np.array_equal(np.stack([row["patches"] for row in rows]), reader({"id": np.arange(4)})["patches"])
