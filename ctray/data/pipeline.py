@@ -332,8 +332,8 @@ def rank_datasets(shard_set: ShardSet, sampler: Sampler, plan: StreamPlan) -> li
     cache = None
     if plan.node_cache is not None:
         cache = Shared(NodeCache(plan.node_cache, shard_set.digests(), plan.node_cache_bytes))
-    uri, storage = shard_set.uri, shard_set.storage
-    return [rank_dataset(uri, storage, sampler, plan, order, rank, cache) for rank in range(plan.ranks)]
+    uri, storage, numbers = shard_set.uri, shard_set.storage, block_numbers(sampler, plan)
+    return [rank_dataset(uri, storage, sampler, plan, order, rank, cache, numbers) for rank in range(plan.ranks)]
 
 
 def rank_dataset(
@@ -344,8 +344,10 @@ def rank_dataset(
     order: ScanOrder | Shared[ScanOrder],
     rank: int,
     cache: NodeCache | Shared[NodeCache] | None = None,
+    numbers: ray.data.Dataset | None = None,
 ) -> ray.data.Dataset:
-    """Rank `rank`'s stream (training_datasets) as a dataset: its draws of `order`, sampled, in order.
+    """Rank `rank`'s stream (training_datasets) as a dataset: its draws of `order`, sampled, in
+    order. `numbers`: block_numbers(sampler, plan), built once for every rank.
 
     Ray Data's budget leaves out the training workers' CPUs and GPUs without a word from ctray: in
     the Ray ctray requires (2.60), Ray Train registers its workers with Ray Data's autoscaling
@@ -357,13 +359,8 @@ def rank_dataset(
     draws = RankDraws(plan.start, rank, plan.per_rank, plan.per_rank * plan.ranks)
     length = plan.steps * plan.per_rank
     per_block = block_draws(sampler, plan.per_rank, length)
-    blocks = max(1, math.ceil(length / per_block))
-    # One row per block (BlockReader expands it into its draws): ray.data.range(length) splits
-    # into a handful of blocks whatever its length, so each map task would sample a quarter of the
-    # run in a row, and with preserve_order the later tasks' scans wait in the object store
-    # (measured: 5 GB, then spilling, at 20,000 draws).
     reader = ShardRowReader(uri, storage, sampler, order, plan.seed, draws, cache)
-    ds = ray.data.range(blocks, override_num_blocks=blocks).map_batches(
+    ds = (numbers or block_numbers(sampler, plan)).map_batches(
         BlockReader(reader, per_block, length),
         batch_size=None,
         batch_format="numpy",
@@ -376,6 +373,20 @@ def rank_dataset(
     ds.context.execution_options.preserve_order = True
     quiet_dataset(ds, plan.verbose)
     return ds
+
+
+def block_numbers(sampler: Sampler, plan: StreamPlan) -> ray.data.Dataset:
+    """The block numbers of a rank's stream, one row and one block each (BlockReader expands each
+    into its draws): ray.data.range(draws) splits into a handful of blocks whatever its length, so
+    each map task would sample a quarter of the run in a row, and with preserve_order the later
+    tasks' scans wait in the object store (measured: 5 GB, then spilling, at 20,000 draws). Ray
+    Data builds metadata for each block when the dataset is made (46 bytes and 50 us a block:
+    `ctray bench scale`): rank_datasets makes it once for all ranks."""
+    import ray
+
+    length = plan.steps * plan.per_rank
+    blocks = max(1, math.ceil(length / block_draws(sampler, plan.per_rank, length)))
+    return ray.data.range(blocks, override_num_blocks=blocks)
 
 
 TASK_BYTES = 128 * 2**20
