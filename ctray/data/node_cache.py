@@ -21,6 +21,7 @@ its tests label their nodes.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -42,8 +43,10 @@ what `ctray bench data` counts, and what shows that a node fetched a file once."
 CHUNK = 8 * 2**20
 
 
+@functools.cache
 def node_key() -> str:
-    """This node's cache subfolder: its `ctray.io/cache-node` label, else the host name."""
+    """This node's cache subfolder: its `ctray.io/cache-node` label, else the host name. Asked
+    once per process (a process stays on its node): the labels come from the GCS."""
     import ray
 
     label = ray.get_runtime_context().get_node_labels().get(NODE_LABEL) if ray.is_initialized() else None
