@@ -243,9 +243,10 @@ class BlockBuffers:
     them (Ray Data copied the last block into the object store and dropped it; an evaluation batch
     that still shares one keeps it): a freshly allocated array costs a page fault per 4 KiB on its
     first write, which on CA-GCL's 120 MB blocks cost as much CPU as the copy itself. At most
-    `keep` arrays are kept, the most recently taken."""
+    `keep` arrays are kept, the most recently taken: a task process holds about one block's arrays
+    (CA-GCL's two, 120 MB) between its tasks."""
 
-    def __init__(self, keep: int = 4):
+    def __init__(self, keep: int = 2):
         self.keep = keep
         self.arrays: list[np.ndarray] = []
 
