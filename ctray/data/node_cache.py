@@ -9,9 +9,10 @@ fetches each shard it samples from once: from the second pass on it reads nothin
 
 Files are named by the shard's sha256 from the manifest (shards are immutable, and a purge writes
 a new shard): a copy never goes stale, and a restarted node (the same disk, the same key) finds its
-copies. Each fetch is checked against that digest before it is published (rename), under a lock
-per file, so tasks of one node fetch a shard once between them. The folder holds at most
-`max_bytes`; beyond, the least recently read copies go.
+copies. Each shard fetched is checked against that digest before it is published (rename), under
+a lock per file, so tasks of one node fetch a shard once between them. Beyond `max_bytes` the least
+recently read copies go when the next is published (a copy a task has open stays until it is
+closed, so the folder can briefly hold more).
 
 The node's key (its subfolder) is its Ray label `ctray.io/cache-node` where it has one, else the
 machine's host name: nodes of Ray's fake multi-node cluster share one disk and one host name, so
@@ -76,9 +77,11 @@ class NodeCache:
             return None
         root = self.root()
         local = os.path.join(root, f"{name}.parquet")
-        if os.path.exists(local):
+        try:
             os.utime(local)  # most recently read: evicted last
             return local
+        except FileNotFoundError:  # not fetched yet, or evicted by another process of the node
+            pass
         os.makedirs(root, exist_ok=True)
         with open(local + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another task of this node may be fetching it
@@ -86,14 +89,17 @@ class NodeCache:
                 self._fetch(fs, path, local, digest)  # a derived file: no digest of its own to check
         return local
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, str]:
+        return {posixpath.basename(p): d for p, d in self.digests.items()}
+
     def _derived_name(self, path: str) -> str | None:
         """A file cut from a shard (<set>/_per_shard/<kind>/<key>/<shard name>) is named by its
         path and the shard's digest: a purge rewrites a shard, and its files cut anew at the same
         path must not be served from an old copy (they held the purged scan's pixels)."""
         if f"/{PER_SHARD}/" not in path:
             return None
-        shards = {posixpath.basename(p): d for p, d in self.digests.items()}
-        digest = shards.get(posixpath.basename(path))
+        digest = self._by_name.get(posixpath.basename(path))
         return None if digest is None else hashlib.sha256(f"{path}|{digest}".encode()).hexdigest()
 
     def _fetch(self, fs: pafs.FileSystem, path: str, local: str, digest: str | None) -> None:
@@ -117,21 +123,34 @@ class NodeCache:
             log.write(json.dumps({"file": os.path.basename(local), "bytes": size, "time": time.time()}) + "\n")
 
     def _make_room(self, root: str, incoming: int) -> None:
-        """Remove the least recently read copies until `incoming` more bytes fit in max_bytes."""
-        copies = []
-        for entry in os.scandir(root):
-            if entry.name.endswith(".parquet"):
-                st = entry.stat()
-                copies.append((st.st_mtime, st.st_size, entry.path))
-        total = sum(size for _, size, _ in copies) + incoming
-        for _, size, path in sorted(copies):
-            if total <= self.max_bytes:
-                break
-            try:
-                os.remove(path)
-            except FileNotFoundError:  # another task removed it
-                pass
-            total -= size
+        """Remove the least recently read copies until `incoming` more bytes fit in max_bytes, and
+        the partial downloads of processes that died (an hour old), under the node's eviction lock.
+        (A copy a task has open stays readable, and on disk, until it is closed.)"""
+        with open(os.path.join(root, ".evict.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            copies = []
+            for entry in os.scandir(root):
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:  # a download published or abandoned meanwhile
+                    continue
+                if entry.name.endswith(".parquet"):
+                    copies.append((st.st_mtime, st.st_size, entry.path))
+                elif entry.name.endswith(".tmp") and st.st_mtime < time.time() - 3600:
+                    _remove(entry.path)
+            total = sum(size for _, size, _ in copies) + incoming
+            for _, size, path in sorted(copies):
+                if total <= self.max_bytes:
+                    break
+                _remove(path)
+                total -= size
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:  # another process removed it
+        pass
 
 
 def fetched(folder: str) -> dict[str, list[dict[str, Any]]]:

@@ -163,8 +163,17 @@ class RowGroups:
         return f
 
     def _open(self, path: str) -> pq.ParquetFile:
-        local = self.cache.local(self.fs, path) if self.cache is not None else None
-        return pq.ParquetFile(local) if local is not None else pq.ParquetFile(path, filesystem=self.fs)
+        if self.cache is None:
+            return pq.ParquetFile(path, filesystem=self.fs)
+        for _ in range(3):  # another process of the node may evict the copy before it is open
+            local = self.cache.local(self.fs, path)
+            if local is None:
+                return pq.ParquetFile(path, filesystem=self.fs)
+            try:
+                return pq.ParquetFile(local)  # open: an eviction no longer reaches it
+            except FileNotFoundError:
+                continue
+        return pq.ParquetFile(path, filesystem=self.fs)
 
     def read(self, path: str, row_group: int, columns: list[str]) -> Any:
         return self.file(path).read_row_group(row_group, columns=columns)
@@ -248,14 +257,20 @@ class BlockBuffers:
 
     def __init__(self, keep: int = 2):
         self.keep = keep
-        self.arrays: list[np.ndarray] = []
+        self.arrays: list[np.ndarray] = [np.empty(0)]
+        self.idle = self._count(0)  # what nothing else holding it counts, on this interpreter
+        self.arrays.clear()
+
+    def _count(self, k: int) -> int:
+        a = self.arrays[k]  # the same references in __init__ and take: the list's, `a`'s, the call's
+        return sys.getrefcount(a)
 
     def take(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         for k in range(len(self.arrays)):
             a = self.arrays[k]
-            # Referenced only by this list, `a` and getrefcount's argument: no view, no Arrow buffer
-            # and no tensor shares it any more.
-            if a.shape == shape and a.dtype == dtype and sys.getrefcount(a) == 3:
+            # Held only as idle arrays are (no view, Arrow buffer or tensor shares it any more);
+            # `a` counts once more here than in _count.
+            if a.shape == shape and a.dtype == dtype and self._count(k) == self.idle + 1:
                 self.arrays.append(self.arrays.pop(k))
                 return a
         a = np.empty(shape, dtype)
@@ -277,7 +292,8 @@ class BlockReader:
     of every batch it cut, a copy of every batch in the training process (measured, 30 MB draws:
     6.4 ms per draw of the trainer's CPU, 1.3 ms with one chunk per block). Blocks hold whole
     rank batches (per_block a multiple of the scans per rank per micro-step), so no batch the
-    iterator cuts spans two blocks, which it would copy too."""
+    iterator cuts spans two blocks, which it would copy too (with data.shuffle_buffer_scans the
+    iterator's shuffle buffer copies every batch whatever the blocks)."""
 
     def __init__(self, reader: ShardRowReader, per_block: int, length: int):
         self.reader, self.per_block, self.length = reader, per_block, length
@@ -409,8 +425,8 @@ def block_draws(sampler: Sampler, per_rank: int = 1, length: int = 0) -> int:
     stream of `length` draws within MAX_BLOCKS; in whole rank batches of `per_rank` (at least one)."""
     size = getattr(sampler, "draw_bytes", None)
     draws = 16 if not size else max(1, min(MAX_DRAWS_PER_BLOCK, TASK_BYTES // int(size)))
-    draws = max(draws, math.ceil(length / MAX_BLOCKS))
-    return max(1, draws // per_rank) * per_rank
+    batches = max(1, draws // per_rank, math.ceil(math.ceil(length / MAX_BLOCKS) / per_rank))
+    return batches * per_rank
 
 
 def place_data_actors_here() -> None:

@@ -132,13 +132,16 @@ def test_blocks_written_in_place_equal_each_draw_sampled_alone(organ_shards, tmp
     order = ScanOrder(ShardSet.open(str(organ_shards), StorageConfig()).scans(), seed=3)
     reader = ShardRowReader(str(organ_shards), StorageConfig(), sampler, order, seed=3)
     files = RowGroups(pafs.LocalFileSystem())
-    alone = []
-    for draw in range(4):
-        path, row_group = order.location(draw)
-        rng = np.random.default_rng(stream_seed(3, "sample", draw))
-        alone.append(sampler(files.sampler_input(sampler, path, row_group), rng))
-    want = {k: np.concatenate([a[k] for a in alone]) for k in alone[0]}
 
+    def alone(draws: range) -> dict[str, np.ndarray]:
+        outs = []
+        for draw in draws:
+            path, row_group = order.location(draw)
+            rng = np.random.default_rng(stream_seed(3, "sample", draw))
+            outs.append(sampler(files.sampler_input(sampler, path, row_group), rng))
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    want = alone(range(4))
     held = reader({"id": np.arange(4)})
     kept = {k: v.copy() for k, v in held.items()}
     again = reader({"id": np.arange(4, 8)})  # another block while the first is held: other arrays
@@ -148,6 +151,7 @@ def test_blocks_written_in_place_equal_each_draw_sampled_alone(organ_shards, tmp
     assert not any(np.shares_memory(held[k], again[k]) for k in sampler.bulk)
     used = {held[k].ctypes.data for k in sampler.bulk} | {again[k].ctypes.data for k in sampler.bulk}
     del held, again
-    reused = reader({"id": np.arange(4)})  # nothing holds those arrays now: this block reuses them
+    reused = reader({"id": np.arange(8, 12)})  # nothing holds those arrays now: other draws, written over them
     assert all(reused[k].ctypes.data in used for k in sampler.bulk)
+    want = alone(range(8, 12))
     assert all(np.array_equal(reused[k], want[k]) for k in want)

@@ -132,6 +132,7 @@ def test_block_draws_takes_whole_rank_batches_within_the_task_and_block_limits()
     assert block_draws(Big(), per_rank=6) == 6  # never less than one batch
     assert block_draws(object()) == 16  # a sampler that does not say its size
     assert block_draws(Big(), length=10**6) == 10  # at most MAX_BLOCKS blocks
+    assert block_draws(Big(), per_rank=3, length=10**6) == 12  # still at most, in whole batches
 
 
 def test_the_ranks_share_one_scan_order_in_the_object_store(train_shards):

@@ -178,3 +178,15 @@ def test_bench_arguments_reach_the_benchmarks(monkeypatch):
     run_bench(args.what, args)
     assert seen["ingest"][2:] == (3, 1.0, None)
     assert p.parse_args(["step"]).steps == 300
+
+
+def test_the_planning_bench_describes_the_shard_set_it_plans_over():
+    """bench scale's synthetic shard set: N scans in ceil(N / 16) shards, each a digest of its own,
+    read as a training run reads a manifest (scan index, digests for the node cache)."""
+    from ctray.bench.scale import SCANS_PER_SHARD, _synthetic_shard_set
+
+    shard_set = _synthetic_shard_set(100)
+    rows = shard_set.scans()
+    assert len(rows) == shard_set.scan_count == 100
+    assert len(shard_set.shards) == -(-100 // SCANS_PER_SHARD) == len(set(shard_set.digests().values()))
+    assert [r.row_group for r in rows[: SCANS_PER_SHARD + 1]] == [*range(SCANS_PER_SHARD), 0]
