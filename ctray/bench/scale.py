@@ -169,8 +169,6 @@ def _driver(n: int) -> Callable[[], dict]:
 
 def _synthetic_shard_set(n: int) -> ShardSet:
     """A shard set of `n` scans in n / SCANS_PER_SHARD shards as its manifest describes them (no files)."""
-    import dataclasses
-
     from ctray.config import StorageConfig, load_config
     from ctray.ingest.config import IngestConfig
     from ctray.ingest.shardset import SHARDS_DIR, Shard, ShardSet, ShardStats
@@ -187,7 +185,6 @@ def _synthetic_shard_set(n: int) -> ShardSet:
         )
         for s in range(0, n, SCANS_PER_SHARD)
     )
-    empty = {f.name: () for f in dataclasses.fields(ShardSet) if f.name in ("written", "quarantine", "skipped")}
     return ShardSet(
         uri="memory://plan",
         storage=StorageConfig(),
@@ -201,7 +198,9 @@ def _synthetic_shard_set(n: int) -> ShardSet:
         purged=(),
         llm_fallbacks={},
         ungrouped=0,
-        **empty,
+        written=(),
+        quarantine=(),
+        skipped=(),
     )
 
 

@@ -86,7 +86,7 @@ class NodeCache:
         with open(local + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another task of this node may be fetching it
             if not os.path.exists(local):
-                self._fetch(fs, path, local, digest)  # a derived file: no digest of its own to check
+                self._fetch(fs, path, local, digest)  # digest None: a derived file, nothing of its own to check
         return local
 
     @functools.cached_property
