@@ -131,15 +131,22 @@ class _CtrayPipeline:
         # Untimed warm-up and sizing. The first execution of each dataset also starts its
         # coordinator actor, so each is timed on its second execution: one pass and four passes over
         # the rows give the wall time per pass and per execution, which size the timed dataset to
-        # about `seconds`. All three stay referenced, so no coordinator exits during a timed run.
+        # about `seconds`. All stay referenced, so no coordinator exits during a timed run.
         self.datasets = [dataset(1), dataset(4)]
         walls = []
         for it in self.datasets:
             self._run(it)
             walls.append(self._run(it)["wall_s"])
         per_pass = max((walls[1] - walls[0]) / 3, walls[1] / 8)
-        self.datasets.append(dataset(max(1, math.ceil((seconds - max(0.0, walls[0] - per_pass)) / per_pass))))
-        self._run(self.datasets[-1])
+        passes = max(1, math.ceil((seconds - max(0.0, walls[0] - per_pass)) / per_pass))
+        # Where a pass is a block or two, or the warm-up ran slow, that estimate is coarse (runs of
+        # a third of `seconds` were seen): the sized dataset's own first execution re-sizes it.
+        for _ in range(3):
+            self.datasets.append(dataset(passes))
+            wall = self._run(self.datasets[-1])["wall_s"]
+            if wall >= 0.8 * seconds:
+                break
+            passes = max(passes + 1, math.ceil(passes * seconds / max(wall, 0.1)))
 
     def _run(self, it: ray.data.DataIterator) -> dict[str, Any]:
         before, t0, scans = self.meter.snapshot(), time.perf_counter(), 0

@@ -406,14 +406,15 @@ def block_numbers(sampler: Sampler, plan: StreamPlan) -> ray.data.Dataset:
     return ray.data.range(blocks, override_num_blocks=blocks)
 
 
-TASK_BYTES = 128 * 2**20
-"""About what one Ray Data map task samples in a row (block_draws): one block of Ray Data's
-default target size. Each task costs Ray Data tens of ms of CPU (scheduling, the split
-coordinator, the object store's bookkeeping) whatever it carries, and what a task samples waits in
-the object store until the ordered stream reaches it. Measured through the whole pipeline on 2
-cores (`ctray bench data`), CPU per draw at 4, 8, 16 and 32 draws per task: 12.2, 7.7, 4.1 and
-2.8 ms for a sampler returning nothing; 23.3, 16.8, 14.8 and 17.1 ms for 10 MB per draw; CA-GCL's
-30 MB draws: 64.5 and 76.8 ms at 4 (two runs), 85.6 at 2."""
+TASK_BYTES = 512 * 2**20
+"""About what one Ray Data map task samples in a row (block_draws). Each task and block costs Ray
+Data CPU whatever it carries (scheduling, the split coordinator, the object store's bookkeeping),
+and what a task samples waits in the object store until the ordered stream reaches it. Measured
+through the whole pipeline on 2 cores (`ctray bench data`, paired runs in one sitting): CA-GCL's
+30 MB draws (uncompressed shards) 33.5 and 30.8 ms CPU per scan at 128 MiB (4 draws a task), 27.0
+and 23.8 at 512 MiB (17 draws; the split coordinator's and Ray's own processes' share halved);
+TotalFM's 10.6 MB draws 12.1 ms at 128 MiB (12 draws), 10.4 at 512 MiB (32). Earlier, for a
+sampler returning nothing, 12.2, 7.7, 4.1 and 2.8 ms per draw at 4, 8, 16 and 32 draws a task."""
 MAX_DRAWS_PER_BLOCK = 32
 MAX_BLOCKS = 100_000
 """Beyond this many map tasks planning costs more than it saves: longer runs take more draws per block."""
