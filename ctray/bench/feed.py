@@ -140,6 +140,11 @@ def stage_figures(objective: str, shards: str, root: str, repeats: int, seconds:
     return out
 
 
+CORES_PER_GPU_GOAL = 4
+"""Cores of a GPU node's CPU one GPU's data feed may take at its target (a third of a p5's ~12
+physical cores per GPU: the rest run Ray, the training process and the object store)."""
+
+
 def cores_per_gpu(ms_per_scan: float, views_per_s: float, views_per_scan: float) -> float:
     """CPU cores one GPU's feed takes at `views_per_s`, at `ms_per_scan` of CPU per scan."""
     return ms_per_scan / 1000 * views_per_s / views_per_scan
@@ -167,7 +172,8 @@ def feed_line(objective: str, codec: str, stages: dict[str, Any], pipeline_ms: f
         f" {stages['sample_ms_per_scan']:.1f} ms (spread {100 * stages['sample_ms_per_scan_spread']:.0f}%), Ray Data"
         f" + object store {fig['ray_data_ms_per_scan']:.1f} ms; whole pipeline {pipeline_ms:.1f} ms CPU/scan\n"
         f"  at the target ({rate:g} views/s = {per_scan_rate:.0f} scans/s per GPU): "
-        f"{fig['cores_per_gpu_at_target']:.2f} cores per GPU (goal <= 4), {stages['stored_mb_per_scan']:.1f} MB"
+        f"{fig['cores_per_gpu_at_target']:.2f} cores per GPU (goal <= {CORES_PER_GPU_GOAL}),"
+        f" {stages['stored_mb_per_scan']:.1f} MB"
         f" stored per scan = {fig['storage_gb_per_s_per_node_at_target']:.1f} GB/s per {GPUS_PER_NODE}-GPU node"
         " from storage",
         flush=True,

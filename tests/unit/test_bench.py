@@ -10,6 +10,7 @@ import statistics
 import time
 from functools import partial
 
+import numpy as np
 import pytest
 
 from ctray.bench import add_bench_arguments, run_bench
@@ -190,3 +191,24 @@ def test_the_planning_bench_describes_the_shard_set_it_plans_over():
     assert len(rows) == shard_set.scan_count == 100
     assert len(shard_set.shards) == -(-100 // SCANS_PER_SHARD) == len(set(shard_set.digests().values()))
     assert [r.row_group for r in rows[: SCANS_PER_SHARD + 1]] == [*range(SCANS_PER_SHARD), 0]
+
+
+def test_stored_bytes_stand_in_copies_the_file_into_the_row_it_is_handed(tmp_path):
+    from ctray.bench.data import StoredBytes
+    from ctray.data.samplers import WritesInto, output_bytes
+
+    payload = np.random.default_rng(3).integers(0, 256, 4099, dtype=np.uint8)
+    path = tmp_path / "stored.bin"
+    payload.tofile(path)
+    sampler = StoredBytes(str(path), payload.size)
+    assert isinstance(sampler, WritesInto) and output_bytes(sampler.bulk) == sampler.draw_bytes == payload.size
+
+    block = np.zeros((3, payload.size), np.uint8)
+    out = sampler({}, np.random.default_rng(0), out={"stored": block[1:2]})
+    assert np.shares_memory(out["stored"], block)
+    np.testing.assert_array_equal(block[1], payload)
+    assert not block[0].any() and not block[2].any()
+    np.testing.assert_array_equal(sampler({}, np.random.default_rng(0))["stored"][0], payload)
+
+    with pytest.raises(ValueError, match="fewer than"):
+        StoredBytes(str(path), payload.size + 1)({}, np.random.default_rng(0))
