@@ -123,7 +123,9 @@ class StoredBytes:
         self.bulk = {"stored": ((size,), np.uint8)}
         self.draw_bytes = size
 
-    def __call__(self, batch: Any, rng: np.random.Generator, out: dict[str, np.ndarray] | None = None) -> dict:
+    def __call__(
+        self, batch: Any, rng: np.random.Generator, out: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         stored = np.empty((1, self.size), np.uint8) if out is None else out["stored"]
         with open(self.path, "rb", buffering=0) as f:
             if f.readinto(memoryview(stored[0])) != self.size:
