@@ -127,11 +127,38 @@ def bidirectional_infonce(
 
 def false_negative_targets(text_hash: torch.Tensor, abnormal: torch.Tensor) -> torch.Tensor:
     """fVLM's soft targets: samples whose texts are identical, or whose anatomy is normal in both
-    (abnormal == 0), are positives of each other, weighted equally. (N,), (N,) -> (N, N)."""
-    same = (text_hash[:, None] == text_hash[None, :]) | ((abnormal[:, None] == 0) & (abnormal[None, :] == 0))
-    same = same | torch.eye(len(same), dtype=torch.bool, device=same.device)
+    (abnormal == 0), are positives of each other, weighted equally. (..., N), (..., N) -> (..., N, N)."""
+    same = (text_hash[..., :, None] == text_hash[..., None, :]) | (
+        (abnormal[..., :, None] == 0) & (abnormal[..., None, :] == 0)
+    )
+    same = same | torch.eye(same.shape[-1], dtype=torch.bool, device=same.device)
     t = same.float()
-    return t / t.sum(1, keepdim=True)
+    return t / t.sum(-1, keepdim=True)
+
+
+@full_precision
+def masked_infonce(
+    v: torch.Tensor, r: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor, targets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """bidirectional_infonce over the rows where `keep` is True, in every leading batch position at
+    once, with no size that depends on `keep`: the step reads nothing back from the device (a
+    boolean index or a count would, once per call). Rows outside `keep` are masked out of the
+    softmax and the mean; fewer than 2 kept rows give 0 (1 row is its own only candidate: 0 with
+    zero gradient, as bidirectional_infonce on it).
+
+    v, r: (..., N, D) L2-normalised; keep: (..., N) bool; scale: scalar 1/tau; targets: optional
+    (..., N, N) soft targets (false_negative_targets), renormalised over the kept rows. -> (...)."""
+    logits = scale * _fp32(v) @ _fp32(r).transpose(-1, -2)
+    pair = keep[..., :, None] & keep[..., None, :]
+    if targets is None:
+        targets = torch.eye(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    targets = targets * pair
+    targets = targets / targets.sum(-1, keepdim=True).clamp(min=1e-12)  # rows outside `keep`: all 0
+    # A finite floor, not -inf: 0 x -inf would be nan in the weighted sums and their gradients.
+    masked = logits.masked_fill(~pair, torch.finfo(logits.dtype).min)
+    rows = -(targets * masked.log_softmax(-1)).sum(-1)
+    cols = -(targets.transpose(-1, -2) * masked.transpose(-1, -2).log_softmax(-1)).sum(-1)
+    return ((rows + cols) * keep).sum(-1) / keep.sum(-1).clamp(min=1)
 
 
 class AnatomyLocalLoss(nn.Module):
@@ -140,7 +167,8 @@ class AnatomyLocalLoss(nn.Module):
 
     For anatomy j, the N_j samples that have both its image region and a text form one two-way
     InfoNCE problem; negatives are the same anatomy in other samples only. Anatomies with fewer
-    than 2 samples have no negatives and contribute 0.
+    than 2 samples have no negatives and contribute 0. All anatomies in one masked batch
+    (masked_infonce), so the step asks the device for no N_j.
 
     Inputs: v, r (B, A, D) L2-normalised anatomy embeddings; present (B, A) bool; scale: 1/tau;
     optional text_hash (B, A) int64 and abnormal (B, A) int8 for soft targets.
@@ -160,19 +188,12 @@ class AnatomyLocalLoss(nn.Module):
         text_hash: torch.Tensor | None = None,
         abnormal: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        losses = []
-        for j in range(v.shape[1]):
-            idx = present[:, j].nonzero().squeeze(1)
-            if len(idx) < 2:  # no negatives: 0, still attached to the graph so backward() works
-                losses.append(0.0 * _fp32(v[:, j].sum()))
-                continue
-            targets = None
-            if self.soft_targets:
-                if text_hash is None or abnormal is None:
-                    raise ValueError("soft targets need text_hash and abnormal")
-                targets = false_negative_targets(text_hash[idx, j], abnormal[idx, j])
-            losses.append(bidirectional_infonce(v[idx, j], r[idx, j], scale, targets))
-        return torch.stack(losses)
+        targets = None
+        if self.soft_targets:
+            if text_hash is None or abnormal is None:
+                raise ValueError("soft targets need text_hash and abnormal")
+            targets = false_negative_targets(text_hash.T, abnormal.T)  # (A, B, B)
+        return masked_infonce(v.transpose(0, 1), r.transpose(0, 1), present.T.bool(), scale, targets)
 
 
 class CrossAnatomyGlobalLoss(nn.Module):
@@ -208,8 +229,6 @@ class CrossAnatomyGlobalLoss(nn.Module):
         w = present[perm, cols].T.float()  # (K, A): group k's anatomy j is present
         vg = (v[perm, cols].transpose(0, 1) * w[..., None]).sum(1)  # (K, D)
         rg = (r[perm, cols].transpose(0, 1) * w[..., None]).sum(1)
-        keep = w.sum(1) > 0
-        if int(keep.sum()) < 2:
-            return 0.0 * _fp32(v.sum())
-        vg, rg = F.normalize(_fp32(vg[keep]), dim=-1), F.normalize(_fp32(rg[keep]), dim=-1)
-        return bidirectional_infonce(vg, rg, scale)
+        keep = w.sum(1) > 0  # masked, not indexed: the step reads no count back from the device
+        vg, rg = F.normalize(_fp32(vg), dim=-1), F.normalize(_fp32(rg), dim=-1)
+        return masked_infonce(vg, rg, keep, scale)

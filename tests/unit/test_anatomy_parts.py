@@ -24,6 +24,7 @@ from ctray.objectives.losses import (
     AnatomyLocalLoss,
     CrossAnatomyGlobalLoss,
     LearnableTemperature,
+    bidirectional_infonce,
     false_negative_targets,
 )
 from ctray.objectives.totalfm.config import OrganInput
@@ -159,6 +160,53 @@ def test_soft_targets_make_identical_texts_positives():
     assert not torch.allclose(
         got.double(), AnatomyLocalLoss(False)(v, r, present, torch.tensor(10.0, dtype=torch.float64))[0].double()
     )
+
+
+def _local_by_subsets(v, r, present, scale, text_hash=None, abnormal=None):
+    """The per-anatomy loop AnatomyLocalLoss ran before it was masked: each anatomy's present rows
+    picked out (a nonzero per anatomy, a host read each on a GPU) and bidirectional_infonce on them."""
+    losses = []
+    for j in range(v.shape[1]):
+        idx = present[:, j].nonzero().squeeze(1)
+        if len(idx) < 2:
+            losses.append(0.0 * v[:, j].sum())
+            continue
+        targets = None if text_hash is None else false_negative_targets(text_hash[idx, j], abnormal[idx, j])
+        losses.append(bidirectional_infonce(v[idx, j], r[idx, j], scale, targets))
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_masked_local_loss_equals_the_loop_over_present_subsets_with_none_one_and_all_present(soft):
+    v, r, _ = embeddings(b=6, a=5, seed=4)
+    present = torch.zeros(6, 5, dtype=torch.bool)
+    present[:, 0] = True  # all
+    present[2, 1] = True  # one: no negatives
+    present[[0, 3, 5], 3] = True  # some; anatomy 2 none, anatomy 4 two
+    present[[1, 4], 4] = True
+    g = torch.Generator().manual_seed(5)
+    hashes = torch.randint(0, 3, (6, 5), generator=g)
+    abnormal = torch.randint(-1, 2, (6, 5), generator=g, dtype=torch.int8)
+    extra = (hashes, abnormal) if soft else ()
+    scale = torch.tensor(1 / 0.07, dtype=torch.float64)
+    got = AnatomyLocalLoss(soft)(v, r, present, scale, *extra)
+    v2, r2 = v.detach().clone().requires_grad_(True), r.detach().clone().requires_grad_(True)
+    want = _local_by_subsets(v2, r2, present, scale, *extra)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12), (got, want)
+    assert got[1] == 0 and got[2] == 0 and (got[[0, 3, 4]] > 0).all()
+    (got * torch.arange(1.0, 6.0, dtype=torch.float64)).sum().backward()  # each anatomy's gradient weighed apart
+    (want * torch.arange(1.0, 6.0, dtype=torch.float64)).sum().backward()
+    assert torch.allclose(v.grad, v2.grad, atol=1e-10) and torch.allclose(r.grad, r2.grad, atol=1e-10)
+    assert torch.isfinite(v.grad).all() and not v.grad[:, [1, 2]].any()
+
+
+def test_global_loss_with_fewer_than_two_groups_is_zero_with_zero_gradient():
+    v, r, _ = embeddings(b=4, a=3, seed=6)
+    present = torch.zeros(4, 3, dtype=torch.bool)
+    present[1, 2] = True  # one token: one group has an anatomy, the other three none
+    got = CrossAnatomyGlobalLoss()(v, r, present, torch.tensor(10.0, dtype=torch.float64), torch.Generator())
+    got.backward()
+    assert got == 0 and torch.isfinite(v.grad).all() and not v.grad.any()
 
 
 def test_learnable_temperature_is_clamped_after_the_step_not_in_forward():

@@ -1,5 +1,6 @@
 """The batch path to the device and the step on it: the training step of CT-FM and TotalFM stage 1
-asks the device for no value (counted on CPU, and with torch's own sync check on a GPU), TotalFM's
+asks the device for no value (counted on CPU, and with torch's own sync check on a GPU), those of
+TotalFM stage 2 and CA-GCL only in their text tower, TotalFM's
 index-based VideoMAE loss equals transformers' boolean-mask one, the DevicePrefetcher's order, the
 DeepSpeed settings for ZeRO 1-2 and the optimizer, and the FLOPs, TFLOP/s, MFU and memory a report
 carries.
@@ -167,16 +168,18 @@ def test_the_training_step_asks_the_device_for_nothing(name):
     assert syncs == [], "\n".join(f"{what} at {where}" for what, where in syncs)
 
 
-SHARED_WITH_CAGCL = ("anatomy_text.py", "losses.py", "masking_utils.py")
-"""Where TotalFM stage 2's step still reads the device: its text tower and local loss, shared with
-CA-GCL (anatomy_text.py: encode_slots on the report mask; losses.py: a nonzero per anatomy;
-transformers' masking_utils: whether BERT's padding mask is all ones)."""
+SHARED_TEXT_TOWER = ("anatomy_text.py", "masking_utils.py")
+"""Where the steps of TotalFM stage 2 and CA-GCL still read the device: their shared text tower
+(anatomy_text.py: encode_slots on the report mask, whose texts alone go through BERT; transformers'
+masking_utils: whether BERT's padding mask is all ones). Their losses read nothing (masked, per
+anatomy and per group: losses.masked_infonce)."""
 
 
-def test_totalfm_clip_reads_the_device_only_in_the_parts_it_shares_with_cagcl():
-    syncs = _syncs_of_a_step("totalfm_clip")
-    assert syncs, "no read left: SHARED_WITH_CAGCL and this test can go; test the step with the others"
-    outside = [(what, where) for what, where in syncs if not any(f in where for f in SHARED_WITH_CAGCL)]
+@pytest.mark.parametrize("name", ["totalfm_clip", "cagcl"])
+def test_the_text_recipes_read_the_device_only_in_their_shared_text_tower(name):
+    syncs = _syncs_of_a_step(name)
+    assert syncs, "no read left: SHARED_TEXT_TOWER and this test can go; test the step with the others"
+    outside = [(what, where) for what, where in syncs if not any(f in where for f in SHARED_TEXT_TOWER)]
     assert outside == [], "\n".join(f"{what} at {where}" for what, where in outside)
 
 
