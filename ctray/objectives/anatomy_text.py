@@ -17,7 +17,7 @@ from ctray.evaluate.zeroshot import AnatomyScans, Prompts, evaluate
 from ctray.models.text import TextEncoder
 from ctray.objectives.contrast import ContrastConfig, text_encoding
 from ctray.objectives.losses import AnatomyLocalLoss, LearnableTemperature
-from ctray.objectives.slots import anatomy_embeddings, encode_slots
+from ctray.objectives.slots import anatomy_embeddings, encode_at, slots_of
 from ctray.objectives.spec import Assets, Batch, Evaluation, ExportPart, Task, linear_part
 from ctray.run_folder import RunFolder
 
@@ -72,12 +72,16 @@ class AnatomyTextTask(Task):
         """-> (S, A, embed_dim) L2-normalised anatomy image embeddings (rows outside `region` arbitrary)."""
         raise NotImplementedError
 
-    def embed_reports(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def embed_reports(self, batch: dict[str, torch.Tensor], slots: torch.Tensor | None = None) -> torch.Tensor:
         """(S, A, embed_dim): the text embeddings of the present anatomies (zeros elsewhere); only
-        those texts go through the encoder (and one more, weighted 0: `encode_slots`)."""
+        those texts go through the encoder (and one more, weighted 0: `encode_at`). `slots`: the
+        present slots (`slots_of`) where the caller has them from the host (Task.host_fields), so
+        that their number is not read back from the device."""
         ids, mask = batch["text_ids"].flatten(0, 1), batch["text_mask"].flatten(0, 1).clone()
-        mask[:, 0] = 1  # [CLS] attended in every text, the absent slot encoded for `encode_slots` too
-        return encode_slots(batch["present"].bool(), lambda slots: self.text(ids[slots], mask[slots]))
+        mask[:, 0] = 1  # [CLS] attended in every text, the absent slot encoded for `encode_at` too
+        present = batch["present"].bool()
+        slots = slots_of(present) if slots is None else slots
+        return encode_at(slots, present.shape, lambda idx: self.text(ids[idx], mask[idx]))
 
     def gathered(self, v: torch.Tensor, r: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """The global batch: embeddings with autograd, the rest without (open_clip gather_features)."""

@@ -37,11 +37,6 @@ def encode_at(
     return flat.view(shape[0], shape[1], -1) + 0.0 * out[-1:].sum()
 
 
-def encode_slots(mask: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """(S, A) bool mask -> (S, A, D): `encode_at` the mask's True slots (found on the mask's device)."""
-    return encode_at(slots_of(mask), mask.shape, encode)
-
-
 def anatomy_embeddings(v: torch.Tensor, region: torch.Tensor) -> dict[str, torch.Tensor]:
     """(S, A, D) L2-normalised anatomy embeddings, (S, A) region -> "anatomy_embedding" (zeros
     outside the region) and "embedding" (S, D): the L2-normalised mean over the scan's anatomies."""

@@ -141,13 +141,14 @@ class TotalFMCLIPTask(AnatomyTextTask):
         return self.embed_organs(batch["organs"], slots_of(batch["region"].bool()))
 
     def host_fields(self, batch: Batch) -> Batch:
-        """The present organs' slots (`slots_of`) as "present_slots": the number of volumes is then a shape."""
+        """The present organs' slots (`slots_of`) as "present_slots": the number of organ volumes
+        and texts the step encodes is then a shape."""
         return {"present_slots": slots_of(batch["present"].bool())}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         present = batch["present"].bool()
         slots = batch["present_slots"] if "present_slots" in batch else slots_of(present)
-        g = self.gathered(self.embed_organs(batch["organs"], slots), self.embed_reports(batch), batch)
+        g = self.gathered(self.embed_organs(batch["organs"], slots), self.embed_reports(batch, slots), batch)
         scale = self.temperature()
         per_organ = self.local_losses(g, scale)
         organs_with_pairs = (g["present"].bool().sum(0) >= 2).sum().clamp(min=1)
