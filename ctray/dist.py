@@ -44,6 +44,23 @@ def max_across_workers(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands on its gradient contiguous. torch.distributed.nn's
+    all_gather, on gloo, receives the gradients of the other workers' slices (an all-to-all made
+    of scatters) into `empty_like(gradient)`, which keeps the strides of a transposed gradient,
+    and the scatter fills it as if it were contiguous: a loss that transposed the gathered batch
+    (losses.masked_infonce, anatomy-major) got other gradients than in one process (seen in
+    tests/integration/test_uneven_ranks.py)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every worker along dim 0, keeping gradients flowing to each worker's
     own slice (torch.distributed.nn.all_gather), so that a loss over the gathered batch equals
@@ -52,7 +69,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     from torch.distributed.nn import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    return torch.cat([_ContiguousGrad.apply(part) for part in all_gather(x)], dim=0)
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:

@@ -251,7 +251,9 @@ def doctor_flags_the_gpu_job(cluster: FakeCluster, shards: Path, tmp_path: Path)
     done = ctray_cli("doctor", cluster.address, *jobs, env=cluster.client_env, timeout=150)
     assert done.returncode == 2, done.stdout + done.stderr[-2000:]
     fine = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
-    (bad,) = [line for line in done.stdout.splitlines() if not line.startswith("ok ")]
+    others = [line for line in done.stdout.splitlines() if not line.startswith("ok ")]
+    assert len(others) == 1, done.stdout  # the GPU job's line alone (a loaded CI run once printed another)
+    (bad,) = others
     assert bad.startswith("!!") and "training worker (x2) (0.5 CPU, 1 GPU): fits no node type" in bad, done.stdout
     assert done.stderr.strip().splitlines()[-1] == "ctray: error: 1 problem(s) a job would meet, marked !! above"
     return "\n".join(fine)
